@@ -1,0 +1,230 @@
+"""The ``medtune`` command: parses arguments and calls the Python API. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from medtune.config import RunConfig
+from medtune.errors import MedtuneError
+
+__all__ = ["main", "build_parser"]
+
+_LIST_KEYS = {"arch", "strategy", "seeds", "train_fraction"}
+_FIELD_HELP = {
+    "data": "folder per class, CSV, MedMNIST .npz, medmnist:NAME, demo or synthetic",
+    "arch": "timm model name(s), comma-separated for sweeps",
+    "weights": "imagenet | none | FILE | efficientnet_lite0/1/2 (offline)",
+    "strategy": "strategy spec(s), e.g. scratch,linear,top_k:all,full",
+    "store": "results store folder (default ./medtune-results)",
+    "device": "cpu | cuda | auto",
+}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, *, sweep: bool) -> None:
+    """One flag per RunConfig field (``img_size`` → ``--img-size``); sweeps take lists."""
+    group = parser.add_argument_group("run configuration (each also a YAML key)")
+    for f in dataclasses.fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "seed":
+            if sweep:
+                group.add_argument("--seeds", "--seed", dest="seeds", default=None, help="comma-separated seeds")
+            else:
+                group.add_argument(flag, type=int, default=None)
+            continue
+        if f.type in ("bool", bool):
+            group.add_argument(flag, dest=f.name, default=None, type=lambda s: s.lower() in ("1", "true", "yes", "on"))
+            continue
+        conv = {"int": int, "float": float}.get(str(f.type), str)
+        if sweep and f.name in _LIST_KEYS:
+            conv = str
+        group.add_argument(flag, dest=f.name, type=conv, default=None, help=_FIELD_HELP.get(f.name))
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(RunConfig)} | {"seeds"}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medtune", description=(
+        "How deeply, and how, to fine-tune an ImageNet CNN for medical images — and is it safe against "
+        "universal adversarial perturbations?"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the whole loop offline on the built-in demo data")
+    p.add_argument("--store", default="./medtune-results")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+
+    p = sub.add_parser("run", help="train one configuration")
+    p.add_argument("config", nargs="?", help="YAML file of run keys")
+    _add_config_flags(p, sweep=False)
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+
+    p = sub.add_parser("sweep", help="archs × strategies × seeds × train fractions")
+    p.add_argument("config", nargs="?", help="YAML file of sweep keys")
+    p.add_argument("--preset", help="start from a built-in preset (see 'medtune preset list')")
+    _add_config_flags(p, sweep=True)
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+
+    p = sub.add_parser("results", help="print the runs in a store")
+    p.add_argument("--store", default="./medtune-results")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--runs", action="store_true", help="one row per run instead of per strategy")
+
+    p = sub.add_parser("blocks", help="the block/layer partition of an architecture")
+    p.add_argument("arch")
+    p.add_argument("--granularity", choices=("block", "layer"), default="block")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+
+    p = sub.add_parser("strategies", help="list the registered strategies")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+
+    p = sub.add_parser("data", help="data utilities")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    c = dsub.add_parser("check", help="counts, sizes, corrupt files, duplicates across splits")
+    c.add_argument("data")
+    c.add_argument("--img-size", type=int, default=64)
+    c.add_argument("--split-seed", type=int, default=0)
+    c.add_argument("--format", choices=("table", "json"), default="table")
+    return parser
+
+
+def _print_records(records: list[dict], fmt: str, *, per_run: bool = False) -> None:
+    from medtune.sweep import format_table, results_table
+
+    if fmt == "json":
+        for r in records:
+            print(json.dumps({k: r.get(k) for k in ("run_id", "dataset", "arch", "strategy", "strategy_params", "label",
+                                                     "seed", "train_fraction", "metrics", "trainable_params",
+                                                     "train_seconds", "config")}, sort_keys=True))
+        return
+    if per_run:
+        rows = [{"run_id": r["run_id"], "arch": r["arch"], "strategy": r["label"], "seed": r["seed"],
+                 "train_fraction": r["train_fraction"], **{f"test_{k}": v for k, v in r["metrics"].items()},
+                 "trainable_params": r["trainable_params"], "train_seconds": round(r["train_seconds"], 2)}
+                for r in records]
+    else:
+        rows = results_table(records)
+    if fmt == "csv":
+        import pandas as pd
+
+        print(pd.DataFrame(rows).to_csv(index=False), end="")
+    elif per_run:
+        import pandas as pd
+
+        print(pd.DataFrame(rows).to_string(index=False) if rows else "(no finished runs)")
+    else:
+        print(format_table(rows))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import medtune
+
+    t0 = time.perf_counter()
+    records = medtune.demo(store=args.store, seeds=args.seeds, epochs=args.epochs, device=args.device, log=_log)
+    _print_records(records, args.format)
+    print(f"\n{len(records)} runs in {time.perf_counter() - t0:.0f} s; results: {args.store}", file=sys.stderr)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import medtune
+    from medtune.config import load_yaml
+
+    data = load_yaml(args.config) if args.config else {}
+    data.update(_overrides(args))
+    record = medtune.run(RunConfig.from_dict(data, source=args.config or "command line"), log=_log)
+    _print_records([record], args.format, per_run=True)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import medtune
+
+    base: Any = args.config
+    if args.preset:
+        from medtune.presets import get_preset
+
+        base = {**get_preset(args.preset), **(medtune.load_yaml(args.config) if args.config else {})}
+    records = medtune.sweep(base, log=_log, **_overrides(args))
+    _print_records(records, args.format)
+    return 0
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from medtune.store import ResultsStore
+
+    _print_records(ResultsStore(args.store).runs(), args.format, per_run=args.runs)
+    return 0
+
+
+def _cmd_blocks(args: argparse.Namespace) -> int:
+    import torch
+
+    from medtune.models import create_model, format_blocks, get_blocks
+
+    with torch.random.fork_rng(devices=[]):
+        model = create_model(args.arch, num_classes=2, weights="none")
+    print(format_blocks(get_blocks(model, granularity=args.granularity), fmt=args.format))
+    return 0
+
+
+def _cmd_strategies(args: argparse.Namespace) -> int:
+    from medtune.strategies import get_strategy_class, list_strategies
+
+    rows = []
+    for name in list_strategies():
+        cls = get_strategy_class(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        rows.append({"name": name, "params": cls.defaults, "description": doc})
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+    else:
+        width = max(len(r["name"]) for r in rows)
+        for r in rows:
+            params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+            print(f"{r['name']:<{width}}  {r['description']}" + (f"  [{params}]" if params else ""))
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from medtune.data import check_data, format_data_report
+
+    report = check_data(args.data, img_size=args.img_size, seed=args.split_seed)
+    print(format_data_report(report, fmt=args.format))
+    return 0
+
+
+_COMMANDS = {"demo": _cmd_demo, "run": _cmd_run, "sweep": _cmd_sweep, "results": _cmd_results,
+             "blocks": _cmd_blocks, "strategies": _cmd_strategies, "data": _cmd_data}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medtune`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except MedtuneError as exc:
+        print(f"medtune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medtune: interrupted; finished runs are stored and the current one resumes from its last epoch "
+              "when you run the same command again.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Run and sweep configuration: frozen dataclasses that round-trip YAML and validate on build.
+
+Every field is also a CLI flag (``img_size`` ↔ ``--img-size``) and a Python API argument of the
+same name, so a YAML file, a command line and a ``medtune.run(...)`` call say the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medtune.errors import ConfigError, did_you_mean
+
+__all__ = [
+    "RunConfig",
+    "SweepConfig",
+    "parse_strategy_spec",
+    "format_strategy_spec",
+    "load_yaml",
+    "save_yaml",
+    "check_scalar",
+    "check_choice",
+]
+
+# Fields that do not change what a run computes; they are left out of the run id.
+NON_SEMANTIC_FIELDS = frozenset({"store", "device", "num_threads", "progress", "num_workers", "executor", "address"})
+
+
+def check_scalar(value: Any, name: str, kind: type | tuple[type, ...], *, min_val=None, max_val=None,
+                 include_min: bool = True, include_max: bool = True, owner: str = "config") -> None:
+    """Raise ConfigError unless ``value`` is of ``kind`` and inside the bounds (sklearn-style message)."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    ok_type = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok_type:
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ConfigError(f"The {name!r} parameter of {owner} must be of type {names}. Got {value!r} instead.")
+    if min_val is not None and (value < min_val or (not include_min and value == min_val)):
+        op = ">=" if include_min else ">"
+        raise ConfigError(f"The {name!r} parameter of {owner} must be {op} {min_val}. Got {value!r} instead.")
+    if max_val is not None and (value > max_val or (not include_max and value == max_val)):
+        op = "<=" if include_max else "<"
+        raise ConfigError(f"The {name!r} parameter of {owner} must be {op} {max_val}. Got {value!r} instead.")
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str], *, owner: str = "config") -> None:
+    """Raise ConfigError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(
+            f"The {name!r} parameter of {owner} must be one of {', '.join(map(str, choices))}. "
+            f"Got {value!r} instead.{did_you_mean(str(value), choices)}"
+        )
+
+
+def _parse_scalar(text: str) -> Any:
+    """'3' -> 3, '0.1' -> 0.1, 'true' -> True, anything else stays a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_strategy_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Split ``"top_k:2"`` / ``"l2_sp:alpha=0.1,beta=0.01"`` into a name and parameters.
+
+    A bare value after the colon is the strategy's main parameter (``k`` for top_k/layers_k,
+    ``block`` for surgical); ``key=value`` pairs set named parameters.
+
+    Raises:
+        ConfigError: the spec is empty or malformed.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"A strategy must be a non-empty string like 'top_k:2'. Got {spec!r} instead.")
+    name, _, rest = spec.strip().partition(":")
+    params: dict[str, Any] = {}
+    if rest:
+        for part in rest.split(";" if ";" in rest else ","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" in part:
+                key, _, value = part.partition("=")
+                params[key.strip()] = _parse_scalar(value.strip())
+            elif "_main" in params:
+                raise ConfigError(f"Strategy spec {spec!r} has two unnamed parameters; name them: 'name:key=value'.")
+            else:
+                params["_main"] = _parse_scalar(part)
+    return name.strip(), params
+
+
+def format_strategy_spec(name: str, params: Mapping[str, Any], main_key: str | None = None) -> str:
+    """Inverse of :func:`parse_strategy_spec` for display and for the results store."""
+    if not params:
+        return name
+    parts = []
+    if main_key and main_key in params:
+        parts.append(str(params[main_key]))
+    parts += [f"{k}={params[k]}" for k in sorted(params) if k != main_key]
+    return f"{name}:{','.join(parts)}"
+
+
+@dataclass(frozen=True)
+class _Base:
+    """to_dict / from_dict / YAML round-trip shared by the config classes."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config"):
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}.")
+        names = [f.name for f in fields(cls)]
+        clean = {}
+        for key, value in data.items():
+            norm = str(key).replace("-", "_")
+            if norm not in names:
+                raise ConfigError(
+                    f"{source}: unknown config key {key!r}.{did_you_mean(norm, names)} Valid keys: {', '.join(names)}."
+                )
+            clean[norm] = value
+        return cls(**clean)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _as_tuple(value: Any, convert=lambda v: v) -> tuple:
+    if isinstance(value, str):
+        value = [v for v in (p.strip() for p in value.split(",")) if v]
+    elif not isinstance(value, (list, tuple)):
+        value = [value]
+    return tuple(convert(v) for v in value)
+
+
+@dataclass(frozen=True)
+class RunConfig(_Base):
+    """Everything one training run needs. Defaults are the offline demo's.
+
+    Attributes:
+        data: a folder per class, a CSV, a MedMNIST ``.npz``, ``medmnist:NAME``, ``demo`` or ``synthetic``.
+        arch: a timm model name.
+        weights: ``imagenet`` (timm hub), ``none``, a local file, or ``efficientnet_lite0/1/2`` (offline).
+        strategy: a registered strategy spec, e.g. ``full``, ``top_k:2``, ``l2_sp:alpha=0.1``.
+        epochs: maximum number of epochs (per phase for multi-phase strategies).
+        img_size: model input size in pixels (square).
+        lr: peak learning rate.
+        warmup_epochs: linear warm-up length of the cosine schedule, in epochs (may be fractional).
+        patience: early stopping patience in epochs (0 disables early stopping).
+        monitor: validation metric used for early stopping and the best checkpoint.
+        bn_mode: ``eval`` (frozen BatchNorm layers use running statistics) or ``train``.
+        augment: ``none`` or ``flip`` (random horizontal/vertical flips; disables feature caching).
+        split_seed: seed of the train/val/test split and of the train-fraction subsample (fixed
+            across training seeds so seeds compare on the same data).
+        train_fraction: share of the training split used, in (0, 1].
+    """
+
+    data: str = "demo"
+    arch: str = "tf_efficientnet_lite0"
+    weights: str = "efficientnet_lite0"
+    strategy: str = "full"
+    epochs: int = 5
+    img_size: int = 64
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0
+    patience: int = 0
+    monitor: str = "auc"
+    bn_mode: str = "eval"
+    augment: str = "none"
+    seed: int = 0
+    split_seed: int = 0
+    train_fraction: float = 1.0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    resize: str = "resize"
+    medmnist_size: int = 28
+    label_smoothing: float = 0.0
+    eval_batch_size: int = 256
+    amp: str = "auto"
+    channels_last: str = "auto"
+    device: str = "auto"
+    num_threads: int = 0
+    store: str = "./medtune-results"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        owner = "RunConfig"
+        for name in ("data", "arch", "weights", "strategy", "store"):
+            check_scalar(getattr(self, name), name, str, owner=owner)
+            if not getattr(self, name).strip():
+                raise ConfigError(f"The {name!r} parameter of {owner} must not be empty.")
+        check_scalar(self.epochs, "epochs", int, min_val=1, owner=owner)
+        check_scalar(self.img_size, "img_size", int, min_val=16, max_val=2048, owner=owner)
+        check_scalar(self.batch_size, "batch_size", int, min_val=1, owner=owner)
+        check_scalar(self.eval_batch_size, "eval_batch_size", int, min_val=1, owner=owner)
+        check_scalar(self.lr, "lr", (float, int), min_val=0, include_min=False, owner=owner)
+        check_scalar(self.momentum, "momentum", (float, int), min_val=0, max_val=1, owner=owner)
+        check_scalar(self.weight_decay, "weight_decay", (float, int), min_val=0, owner=owner)
+        check_scalar(self.warmup_epochs, "warmup_epochs", (float, int), min_val=0, owner=owner)
+        check_scalar(self.patience, "patience", int, min_val=0, owner=owner)
+        check_scalar(self.seed, "seed", int, min_val=0, owner=owner)
+        check_scalar(self.split_seed, "split_seed", int, min_val=0, owner=owner)
+        check_scalar(self.train_fraction, "train_fraction", (float, int), min_val=0, max_val=1,
+                     include_min=False, owner=owner)
+        check_scalar(self.val_fraction, "val_fraction", (float, int), min_val=0, max_val=0.5,
+                     include_min=False, owner=owner)
+        check_scalar(self.test_fraction, "test_fraction", (float, int), min_val=0, max_val=0.5,
+                     include_min=False, owner=owner)
+        check_scalar(self.label_smoothing, "label_smoothing", (float, int), min_val=0, max_val=0.5, owner=owner)
+        check_scalar(self.num_threads, "num_threads", int, min_val=0, owner=owner)
+        check_choice(self.optimizer, "optimizer", ("adamw", "sgd"), owner=owner)
+        check_choice(self.monitor, "monitor", ("auc", "accuracy", "balanced_accuracy", "f1", "loss"), owner=owner)
+        check_choice(self.bn_mode, "bn_mode", ("eval", "train"), owner=owner)
+        check_choice(self.augment, "augment", ("none", "flip"), owner=owner)
+        check_choice(self.resize, "resize", ("resize", "pad"), owner=owner)
+        check_choice(self.amp, "amp", ("auto", "on", "off"), owner=owner)
+        check_choice(self.channels_last, "channels_last", ("auto", "on", "off"), owner=owner)
+        check_choice(self.device, "device", ("auto", "cpu", "cuda"), owner=owner)
+        check_choice(self.medmnist_size, "medmnist_size", (28, 64, 128, 224), owner=owner)
+        parse_strategy_spec(self.strategy)
+
+    def semantic_dict(self) -> dict[str, Any]:
+        """The fields that determine the result (the run id hashes these)."""
+        return {k: v for k, v in self.to_dict().items() if k not in NON_SEMANTIC_FIELDS}
+
+
+_LIST_FIELDS = {"arch": str, "strategy": str, "seeds": int, "train_fraction": float}
+
+
+@dataclass(frozen=True)
+class SweepConfig(_Base):
+    """A grid of runs: archs × strategies × seeds × train fractions over one base config.
+
+    ``strategy`` entries may use ``top_k:all`` / ``layers_k:all`` / ``surgical:all`` to expand to
+    every depth of each architecture. Every other key is a :class:`RunConfig` field.
+    """
+
+    arch: tuple[str, ...] = ("tf_efficientnet_lite0",)
+    strategy: tuple[str, ...] = ("linear", "full")
+    seeds: tuple[int, ...] = (0,)
+    train_fraction: tuple[float, ...] = (1.0,)
+    base: RunConfig = field(default_factory=RunConfig)
+    name: str = "sweep"
+
+    def __post_init__(self) -> None:
+        for key, conv in _LIST_FIELDS.items():
+            try:
+                value = _as_tuple(getattr(self, key), conv)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"The {key!r} list of the sweep has a bad entry: {exc}.") from None
+            if not value:
+                raise ConfigError(f"The {key!r} list of the sweep is empty; give at least one value.")
+            object.__setattr__(self, key, value)
+        for spec in self.strategy:
+            parse_strategy_spec(spec)
+        for frac in self.train_fraction:
+            check_scalar(frac, "train_fraction", (float, int), min_val=0, max_val=1, include_min=False, owner="sweep")
+        for seed in self.seeds:
+            check_scalar(seed, "seeds", int, min_val=0, owner="sweep")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.base.to_dict()
+        out.pop("seed")
+        out.update({k: list(getattr(self, k)) for k in _LIST_FIELDS})
+        out["name"] = self.name
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> SweepConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}.")
+        run_keys = [f.name for f in fields(RunConfig)]
+        valid = sorted(set(run_keys) | set(_LIST_FIELDS) | {"name"})
+        lists: dict[str, Any] = {}
+        base: dict[str, Any] = {}
+        name = "sweep"
+        for key, value in data.items():
+            norm = str(key).replace("-", "_")
+            if norm == "seed":
+                norm = "seeds"
+            if norm in _LIST_FIELDS:
+                lists[norm] = value
+            elif norm == "name":
+                name = str(value)
+            elif norm in run_keys:
+                base[norm] = value
+            else:
+                raise ConfigError(
+                    f"{source}: unknown config key {key!r}.{did_you_mean(norm, valid)} Valid keys: {', '.join(valid)}."
+                )
+        first = {k: _as_tuple(v)[0] for k, v in lists.items() if k != "seeds" and _as_tuple(v)}
+        base_cfg = RunConfig.from_dict({**base, **first}, source=source)
+        return cls(**lists, base=base_cfg, name=name)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a one-line error naming the file on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {str(path)!r} does not exist; give the path of a YAML file.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"Config file {str(path)!r} is not valid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {str(path)!r} must hold a mapping of keys, not a {type(data).__name__}.")
+    return data
+
+
+def save_yaml(data: Mapping[str, Any], path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dict(data), sort_keys=False))

@@ -1,0 +1,84 @@
+"""The in-memory dataset every part of medtune works on.
+
+Images are decoded once, converted to RGB and resized to the model's input size at load time,
+and kept as one uint8 tensor; batch-wise float conversion happens on the training device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["ImageSet", "TASKS", "SPLITS"]
+
+TASKS = ("binary", "multiclass", "multilabel")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(eq=False)
+class ImageSet:
+    """A decoded, labelled image set.
+
+    Attributes:
+        images: uint8 tensor (N, 3, H, W), RGB, already at the model input size.
+        labels: int64 tensor (N,) of class indices, or float32 (N, L) of 0/1 for multi-label.
+        splits: str array (N,) with values in ``SPLITS``.
+        class_names: one name per class (per label for multi-label).
+        task: one of ``TASKS``.
+        ids: one identifier per sample (a path, or ``"file.npz:train:12"``).
+        groups: optional str array (N,) of group (patient) ids; no group spans two splits.
+        name: short dataset name recorded with every run.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    splits: np.ndarray
+    class_names: list[str]
+    task: str
+    ids: list[str]
+    groups: np.ndarray | None = None
+    name: str = "data"
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def indices(self, split: str) -> np.ndarray:
+        """Integer indices of the samples in ``split``."""
+        return np.flatnonzero(self.splits == split)
+
+    def subset(self, idx: np.ndarray) -> ImageSet:
+        """A new ImageSet holding the samples at ``idx`` (views where possible)."""
+        idx_t = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        return ImageSet(
+            images=self.images[idx_t],
+            labels=self.labels[idx_t],
+            splits=self.splits[idx],
+            class_names=list(self.class_names),
+            task=self.task,
+            ids=[self.ids[i] for i in np.asarray(idx)],
+            groups=None if self.groups is None else self.groups[idx],
+            name=self.name,
+            meta=dict(self.meta),
+        )
+
+    def split(self, split: str) -> ImageSet:
+        """The samples of one split."""
+        return self.subset(self.indices(split))
+
+    def fingerprint(self) -> str:
+        """sha256 over pixels, labels, splits and class names (16 hex chars)."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.images.numpy()).tobytes())
+        h.update(np.ascontiguousarray(self.labels.numpy()).tobytes())
+        h.update("\x00".join(map(str, self.splits)).encode())
+        h.update("\x00".join(self.class_names).encode())
+        h.update(self.task.encode())
+        return h.hexdigest()[:16]

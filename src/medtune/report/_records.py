@@ -1,0 +1,182 @@
+"""Machinery shared by the report modules: turning plain record lists into tidy frames.
+
+The report never talks to the results store. It takes the plain ``list[dict]`` records that
+``ResultsStore.runs()``, ``.attacks()`` and ``.searches()`` return (schema in RECORDS.md), so a
+report can be rebuilt from a JSON dump, a store, or hand-made records in a test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medtune.errors import ConfigError, did_you_mean
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "RUN_COLUMNS",
+    "attacks_frame",
+    "check_columns",
+    "check_metric",
+    "done_runs",
+    "higher_is_better",
+    "main_fraction_runs",
+    "runs_frame",
+]
+
+DEFAULT_METRICS: tuple[str, ...] = ("auc", "accuracy", "balanced_accuracy", "f1")
+
+# Metrics where a smaller value is better; every other metric is "higher is better".
+_LOWER_IS_BETTER = frozenset({"loss", "val_loss", "train_loss"})
+
+RUN_COLUMNS: tuple[str, ...] = (
+    "run_id", "status", "dataset", "arch", "strategy", "label", "depth", "seed",
+    "train_fraction", "trainable_params", "total_params", "train_seconds", "images_per_s",
+    "num_blocks",
+)
+
+
+def higher_is_better(metric: str) -> bool:
+    """Return False for loss-like metrics (smaller is better), True otherwise."""
+    return metric not in _LOWER_IS_BETTER
+
+
+def done_runs(runs: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Keep finished runs: ``status == "done"`` (a record without a status counts as done)."""
+    return [r for r in runs if r.get("status", "done") in (None, "done")]
+
+
+def _as_float(value: Any) -> float:
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def runs_frame(runs: Iterable[Mapping[str, Any]], metrics: Iterable[str] | None = None) -> pd.DataFrame:
+    """One row per run record, with the identifying columns and one column per metric.
+
+    Args:
+        runs: run records (RECORDS.md). Every status is kept; filter with :func:`done_runs`.
+        metrics: metric names to extract from ``run["metrics"]``; None takes every metric key
+            that appears in any run.
+
+    Returns:
+        DataFrame with :data:`RUN_COLUMNS` and the metric columns (NaN where a run lacks one).
+    """
+    runs = list(runs)
+    if metrics is None:
+        seen: dict[str, None] = {}
+        for r in runs:
+            for k in (r.get("metrics") or {}):
+                seen.setdefault(k, None)
+        metrics = list(seen)
+    metrics = list(metrics)
+    rows = []
+    for r in runs:
+        row = {c: r.get(c) for c in RUN_COLUMNS}
+        if row["status"] is None:
+            row["status"] = "done"
+        if row["label"] is None:
+            row["label"] = row["strategy"]
+        for c in ("trainable_params", "total_params", "train_seconds", "images_per_s", "train_fraction"):
+            row[c] = _as_float(row[c])
+        if math.isnan(row["train_fraction"]):
+            row["train_fraction"] = 1.0
+        m = r.get("metrics") or {}
+        for k in metrics:
+            row[k] = _as_float(m.get(k))
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=[*RUN_COLUMNS, *[m for m in metrics if m not in RUN_COLUMNS]])
+    return frame
+
+
+def check_metric(runs: Sequence[Mapping[str, Any]], metric: str, where: str) -> None:
+    """Raise a ConfigError when no run has ``metric`` (only checked when there are runs).
+
+    Raises:
+        ConfigError: ``metric`` is absent from every run's ``metrics``.
+    """
+    if not runs:
+        return
+    available = sorted({k for r in runs for k in (r.get("metrics") or {})})
+    if metric not in available:
+        raise ConfigError(
+            f"The 'metric' parameter of {where} must name a metric stored in the runs. Got {metric!r}."
+            f"{did_you_mean(metric, available)} Available: {', '.join(available) or 'none'}."
+        )
+
+
+def check_columns(names: Iterable[str], allowed: Iterable[str], param: str, where: str) -> None:
+    """Raise a ConfigError when a grouping key is not a run column.
+
+    Raises:
+        ConfigError: one of ``names`` is not in ``allowed``.
+    """
+    allowed = list(allowed)
+    for name in names:
+        if name not in allowed:
+            raise ConfigError(
+                f"The {param!r} parameter of {where} got an unknown run field {name!r}."
+                f"{did_you_mean(name, allowed)} Available: {', '.join(allowed)}."
+            )
+
+
+def main_fraction_runs(runs: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], str | None]:
+    """Keep, per dataset, the runs at the largest train fraction (the main experiment).
+
+    Strategy comparisons pair runs over (dataset, arch, seed); runs of a train-size sweep
+    (Tajbakhsh) at smaller fractions would otherwise be mixed into the same cells.
+
+    Returns:
+        (kept runs, a note naming what was left out, or None when nothing was).
+    """
+    best: dict[Any, float] = {}
+    for r in runs:
+        f = _as_float(r.get("train_fraction"))
+        f = 1.0 if math.isnan(f) else f
+        best[r.get("dataset")] = max(best.get(r.get("dataset"), -math.inf), f)
+    kept = []
+    for r in runs:
+        f = _as_float(r.get("train_fraction"))
+        f = 1.0 if math.isnan(f) else f
+        if np.isclose(f, best[r.get("dataset")]):
+            kept.append(r)
+    dropped = len(runs) - len(kept)
+    note = None
+    if dropped:
+        note = (f"{dropped} run(s) at smaller train fractions are left out of the strategy comparison "
+                "(they appear in the train-size plot).")
+    return kept, note
+
+
+def attacks_frame(attacks: Iterable[Mapping[str, Any]], runs: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per attack record, joined with its run's dataset, arch and label.
+
+    Returns:
+        DataFrame with the attack fields plus ``dataset``, ``arch``, ``label`` (None when the
+        attack's run is not among ``runs``).
+    """
+    by_id = {r.get("run_id"): r for r in runs}
+    rows = []
+    for a in attacks:
+        run = by_id.get(a.get("run_id"), {})
+        row = {k: a.get(k) for k in (
+            "attack_id", "run_id", "source", "zeta", "xi", "norm", "targeted", "fooling_rate",
+            "fooling_ci_low", "fooling_ci_high", "random_fooling_rate", "random_ci_low",
+            "random_ci_high", "targeted_success", "clean_target_share", "uap_png")}
+        for k in ("zeta", "xi", "fooling_rate", "fooling_ci_low", "fooling_ci_high",
+                  "random_fooling_rate", "random_ci_low", "random_ci_high", "targeted_success",
+                  "clean_target_share"):
+            row[k] = _as_float(row[k])
+        row["dataset"] = run.get("dataset")
+        row["arch"] = run.get("arch")
+        row["label"] = run.get("label") or run.get("strategy")
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,499 @@
+"""Statistics over run records: mean ± sd and CI, Friedman, Wilcoxon + Holm, a recommendation.
+
+METHODS.md ("Metrics and statistics"): across seeds, mean ± sd and a 95% CI; comparing
+strategies, a Friedman test over (dataset, arch, seed) blocks, then Wilcoxon signed-rank tests
+with Holm's correction. :func:`recommend` turns these into one sentence a user can act on:
+the cheapest configuration not significantly worse than the best.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from medtune.errors import ConfigError, unknown_name_error
+from medtune.report._records import (
+    DEFAULT_METRICS,
+    RUN_COLUMNS,
+    attacks_frame,
+    check_columns,
+    check_metric,
+    done_runs,
+    higher_is_better,
+    main_fraction_runs,
+    runs_frame,
+)
+
+__all__ = [
+    "friedman",
+    "holm",
+    "min_wilcoxon_pvalue",
+    "pairwise_wilcoxon",
+    "recommend",
+    "summarize",
+]
+
+Record = Mapping[str, Any]
+
+
+def summarize(
+    runs: Sequence[Record],
+    metrics: Sequence[str] | None = None,
+    by: Sequence[str] = ("dataset", "arch", "label"),
+    *,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Mean, sd, n and a t-distribution CI of each metric per group of finished runs.
+
+    Args:
+        runs: run records (RECORDS.md); runs whose status is not ``"done"`` are ignored.
+        metrics: metric names; None means ``auc, accuracy, balanced_accuracy, f1`` (absent ones
+            give NaN columns). A name given explicitly must exist in at least one run.
+        by: run fields to group by. Runs at different ``train_fraction`` are pooled unless
+            ``"train_fraction"`` is one of them.
+        confidence: CI level in (0, 1).
+
+    Returns:
+        One row per group, sorted by ``by``: the ``by`` columns, ``n`` (runs), and per metric
+        ``{m}_mean``, ``{m}_sd`` (ddof=1), ``{m}_n``, ``{m}_ci_low``, ``{m}_ci_high``
+        (mean ± t_{(1+confidence)/2, n-1} · sd/√n; NaN for n < 2), then the mean
+        ``trainable_params`` and ``train_seconds``, and ``strategy``/``depth`` when the group
+        determines them. Empty input gives an empty frame with these columns.
+
+    Raises:
+        ConfigError: unknown metric, unknown ``by`` field, or ``confidence`` outside (0, 1).
+    """
+    if not 0 < confidence < 1:
+        raise ConfigError(f"The 'confidence' parameter of summarize must be in (0, 1). Got {confidence!r}.")
+    runs = done_runs(runs)
+    explicit = metrics is not None
+    metrics = list(DEFAULT_METRICS if metrics is None else metrics)
+    if explicit:
+        for m in metrics:
+            check_metric(runs, m, "summarize")
+    by = list(by)
+    check_columns(by, RUN_COLUMNS, "by", "summarize")
+    frame = runs_frame(runs, metrics)
+    extra = [c for c in ("strategy", "depth") if c not in by]
+    columns = [*by, "n"]
+    for m in metrics:
+        columns += [f"{m}_mean", f"{m}_sd", f"{m}_n", f"{m}_ci_low", f"{m}_ci_high"]
+    columns += ["trainable_params", "train_seconds", *extra]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for key, group in frame.groupby(by, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        row: dict[str, Any] = dict(zip(by, key))
+        row["n"] = len(group)
+        for m in metrics:
+            mean, sd, n, low, high = _mean_sd_ci(group[m].to_numpy(float), confidence)
+            row.update({f"{m}_mean": mean, f"{m}_sd": sd, f"{m}_n": n, f"{m}_ci_low": low, f"{m}_ci_high": high})
+        row["trainable_params"] = group["trainable_params"].mean()
+        row["train_seconds"] = group["train_seconds"].mean()
+        for c in extra:
+            values = group[c].dropna().unique()
+            row[c] = values[0] if len(values) == 1 else None
+        rows.append(row)
+    return pd.DataFrame(rows, columns=columns).reset_index(drop=True)
+
+
+def _mean_sd_ci(values: np.ndarray, confidence: float) -> tuple[float, float, int, float, float]:
+    values = values[~np.isnan(values)]
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, 0, math.nan, math.nan
+    mean = float(values.mean())
+    if n < 2:
+        return mean, math.nan, n, math.nan, math.nan
+    sd = float(values.std(ddof=1))
+    if sd == 0:
+        return mean, 0.0, n, mean, mean
+    low, high = sps.t.interval(confidence, n - 1, loc=mean, scale=sd / math.sqrt(n))
+    return mean, sd, n, float(low), float(high)
+
+
+def _block_table(
+    runs: Sequence[Record], metric: str, blocks: Sequence[str], treatment: str, where: str
+) -> tuple[pd.DataFrame, list[str]]:
+    """Blocks × treatments table of the metric (duplicates averaged) and notes on what was dropped."""
+    notes: list[str] = []
+    runs = done_runs(runs)
+    check_metric(runs, metric, where)
+    check_columns([*blocks, treatment], RUN_COLUMNS, "blocks/treatment", where)
+    runs, note = main_fraction_runs(runs)
+    if note:
+        notes.append(note)
+    frame = runs_frame(runs, [metric]).dropna(subset=[metric])
+    if frame.empty:
+        return pd.DataFrame(), notes
+    counts = frame.groupby([*blocks, treatment], dropna=False).size()
+    if (counts > 1).any():
+        notes.append(f"{int((counts > 1).sum())} cell(s) hold more than one run; their {metric} is averaged.")
+    table = frame.pivot_table(index=list(blocks), columns=treatment, values=metric, aggfunc="mean", dropna=False)
+    table.columns = [str(c) for c in table.columns]
+    return table, notes
+
+
+def friedman(
+    runs: Sequence[Record],
+    metric: str = "auc",
+    blocks: Sequence[str] = ("dataset", "arch", "seed"),
+    treatment: str = "label",
+) -> dict[str, Any]:
+    """Friedman test of ``treatment`` (strategies) over complete blocks.
+
+    Only blocks that have a value for every treatment enter the test
+    (``scipy.stats.friedmanchisquare``). Runs at smaller train fractions than the largest
+    one of their dataset are left out (see the note).
+
+    Args:
+        runs: run records; unfinished runs are ignored.
+        metric: metric name in ``run["metrics"]``.
+        blocks: run fields whose combination forms a block.
+        treatment: run field that names the compared treatments.
+
+    Returns:
+        dict with ``metric``, ``treatment``, ``blocks``, ``statistic``, ``pvalue`` (None when the
+        test cannot run), ``num_blocks`` (complete blocks used), ``num_blocks_total``,
+        ``num_treatments``, ``treatments``, ``mean_ranks`` (1 = best, over complete blocks) and
+        ``note`` (why the test did not run, or what was dropped; "" when nothing).
+
+    Raises:
+        ConfigError: unknown metric, block or treatment field.
+    """
+    table, notes = _block_table(runs, metric, blocks, treatment, "friedman")
+    result: dict[str, Any] = {
+        "metric": metric, "treatment": treatment, "blocks": list(blocks), "statistic": None,
+        "pvalue": None, "num_blocks": 0, "num_blocks_total": int(len(table)),
+        "num_treatments": int(table.shape[1]) if not table.empty else 0,
+        "treatments": list(table.columns), "mean_ranks": {}, "note": "",
+    }
+    complete = table.dropna(axis=0, how="any")
+    result["num_blocks"] = int(len(complete))
+    if len(complete) < len(table):
+        notes.append(f"{len(table) - len(complete)} of {len(table)} block(s) lack some treatment and are left out.")
+    if len(complete):
+        sign = -1.0 if higher_is_better(metric) else 1.0
+        ranks = np.apply_along_axis(sps.rankdata, 1, sign * complete.to_numpy(float))
+        result["mean_ranks"] = {c: float(v) for c, v in zip(complete.columns, ranks.mean(axis=0))}
+    if result["num_treatments"] < 3:
+        notes.insert(0, f"Friedman needs at least 3 treatments; got {result['num_treatments']}.")
+    elif len(complete) < 2:
+        notes.insert(0, f"Friedman needs at least 2 complete blocks; got {len(complete)}.")
+    else:
+        values = complete.to_numpy(float)
+        if np.all(values == values[:, :1]):
+            notes.insert(0, "Every treatment scores the same within each block; the test is undefined.")
+        else:
+            res = sps.friedmanchisquare(*values.T)
+            result["statistic"], result["pvalue"] = float(res.statistic), float(res.pvalue)
+    result["note"] = " ".join(notes)
+    return result
+
+
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+    """Holm step-down adjusted p-values (NaN entries stay NaN and do not count in m).
+
+    scipy.stats offers only ``false_discovery_control`` (Benjamini–Hochberg/Yekutieli) and
+    statsmodels is not a dependency, so Holm's step-down is written out here:
+    ``p_adj(i) = max_{j <= i} min(1, (m - j + 1) · p(j))`` over the ascending p-values.
+
+    Args:
+        pvalues: raw p-values in [0, 1].
+
+    Returns:
+        Adjusted p-values in the input order.
+    """
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    order = valid[np.argsort(p[valid], kind="stable")]
+    m = len(order)
+    running = 0.0
+    for i, idx in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[idx]))
+        out[idx] = running
+    return out
+
+
+def min_wilcoxon_pvalue(num_pairs: int) -> float:
+    """Smallest two-sided p-value the exact Wilcoxon signed-rank test can give for n pairs.
+
+    All differences of one sign give p = 2 / 2^n, so with fewer than 6 pairs no result can
+    reach p < 0.05, whatever the data.
+    """
+    return 1.0 if num_pairs < 1 else min(1.0, 2.0 / 2.0**num_pairs)
+
+
+def pairwise_wilcoxon(
+    runs: Sequence[Record],
+    metric: str = "auc",
+    *,
+    blocks: Sequence[str] = ("dataset", "arch", "seed"),
+    treatment: str = "label",
+    reference: str | None = None,
+    all_pairs: bool = False,
+    alpha: float = 0.05,
+) -> pd.DataFrame:
+    """Wilcoxon signed-rank tests of treatments over paired blocks, Holm-corrected.
+
+    Each comparison pairs the blocks where both treatments have a value. By default every
+    treatment is compared with the best one (highest mean of ``metric``; lowest for losses)
+    and the best gets a row of its own with no test.
+
+    Args:
+        runs: run records; unfinished runs are ignored.
+        metric: metric name in ``run["metrics"]``.
+        blocks: run fields whose combination forms a pairing block.
+        treatment: run field that names the treatments.
+        reference: compare with this treatment instead of the best.
+        all_pairs: compare every pair of treatments instead (Holm over all pairs).
+        alpha: family-wise error rate in (0, 1).
+
+    Returns:
+        One row per comparison: ``label``, ``reference``, ``n`` (paired blocks), ``mean``,
+        ``reference_mean``, ``mean_diff`` (label − reference), ``statistic``, ``pvalue``,
+        ``p_holm``, ``significant`` (p_holm < alpha), ``not_worse_than_best`` (True unless
+        significantly worse than the best; None for pairs without the best; for the best's own
+        row, True). Sorted best first. Empty when fewer than 2 treatments have data.
+
+    Raises:
+        ConfigError: unknown metric/field, unknown ``reference``, or ``alpha`` outside (0, 1).
+    """
+    if not 0 < alpha < 1:
+        raise ConfigError(f"The 'alpha' parameter of pairwise_wilcoxon must be in (0, 1). Got {alpha!r}.")
+    table, _ = _block_table(runs, metric, blocks, treatment, "pairwise_wilcoxon")
+    columns = ["label", "reference", "n", "mean", "reference_mean", "mean_diff", "statistic",
+               "pvalue", "p_holm", "significant", "not_worse_than_best"]
+    if table.empty or table.shape[1] < 1:
+        return pd.DataFrame(columns=columns)
+    means = table.mean(axis=0)
+    better = higher_is_better(metric)
+    ordered = list(means.sort_values(ascending=not better).index)
+    best = ordered[0]
+    if reference is not None and reference not in table.columns:
+        raise unknown_name_error(f"reference {treatment} in pairwise_wilcoxon", reference, table.columns)
+    ref = best if reference is None else reference
+    if all_pairs:
+        pairs = [(a, b) for i, a in enumerate(ordered) for b in ordered[i + 1:]]
+        pairs = [(b, a) for a, b in pairs]  # (label, reference): the better-ranked one is the reference
+    else:
+        pairs = [(a, ref) for a in ordered if a != ref]
+    rows = []
+    for a, b in pairs:
+        both = table[[a, b]].dropna()
+        x, y = both[a].to_numpy(float), both[b].to_numpy(float)
+        stat = p = math.nan
+        if len(x) and np.all(x == y):
+            stat, p = 0.0, 1.0  # no difference at all; scipy would divide by zero
+        elif len(x):
+            res = sps.wilcoxon(x, y)
+            stat, p = float(res.statistic), float(res.pvalue)
+        rows.append({"label": a, "reference": b, "n": len(x), "mean": float(means[a]),
+                     "reference_mean": float(means[b]), "mean_diff": float(means[a] - means[b]),
+                     "statistic": stat, "pvalue": p})
+    out = pd.DataFrame(rows, columns=columns[:9])
+    out["p_holm"] = holm(out["pvalue"].to_numpy(float)) if len(out) else []
+    out["significant"] = out["p_holm"] < alpha
+    worse = out["mean_diff"] < 0 if better else out["mean_diff"] > 0
+    not_worse = ~(out["significant"] & worse)
+    out["not_worse_than_best"] = [
+        (bool(nw) if not math.isnan(ph) else None) if r == best else None
+        for nw, ph, r in zip(not_worse, out["p_holm"], out["reference"])
+    ]
+    if not all_pairs:
+        head = {"label": ref, "reference": ref, "n": int(table[ref].notna().sum()), "mean": float(means[ref]),
+                "reference_mean": float(means[ref]), "mean_diff": 0.0, "statistic": math.nan,
+                "pvalue": math.nan, "p_holm": math.nan, "significant": False,
+                "not_worse_than_best": True if ref == best else None}
+        out = pd.concat([pd.DataFrame([head], columns=columns), out], ignore_index=True)
+    return out[columns]
+
+
+def recommend(
+    runs: Sequence[Record],
+    attacks: Sequence[Record] | None = None,
+    metric: str = "auc",
+    alpha: float = 0.05,
+    main_zeta: float = 0.04,
+    *,
+    tolerance: float = 0.01,
+) -> dict[str, Any]:
+    """The cheapest configuration that is not significantly worse than the best.
+
+    Configurations are run labels (``top_k:2``, ``full``, ...), compared over
+    (dataset, arch, seed) blocks at each dataset's largest train fraction. "Not worse" is
+    decided by :func:`pairwise_wilcoxon` (Holm-corrected, at ``alpha``) when the test can
+    reject at all: that needs 2+ seeds and enough paired blocks that ``holm`` of the smallest
+    attainable p-value (:func:`min_wilcoxon_pvalue`) is below ``alpha``. Otherwise the rule
+    falls back to "mean within one sd of the best's mean" (sd over the best's runs) or,
+    when that sd cannot be estimated (a single run), within ``tolerance``; the text says so.
+    Among the configurations that pass, the cheapest has the fewest trainable parameters,
+    ties broken by training time.
+
+    Args:
+        runs: run records; unfinished runs are ignored.
+        attacks: attack records (optional); the recommended configuration's mean non-targeted
+            fooling rate at ``main_zeta`` is reported per source.
+        metric: metric to compare on.
+        alpha: family-wise error rate in (0, 1).
+        main_zeta: UAP budget ζ (fraction of the mean input norm) to quote.
+        tolerance: fallback margin on the metric's scale when no sd is available.
+
+    Returns:
+        dict with ``label`` (None when there is nothing to recommend), ``best_label``, ``metric``,
+        ``mean``/``sd``/``n`` of the recommendation, ``best_mean``/``best_sd``, ``method``
+        (``"wilcoxon_holm"``, ``"within_sd"``, ``"within_tolerance"`` or ``"none"``), ``p_holm``
+        (of the recommendation vs the best, when tested), ``not_worse`` (labels that pass),
+        ``trainable_params``, ``train_seconds``, ``params_ratio``/``time_ratio`` (full ÷
+        recommended; None without ``full`` runs), ``fooling_rate`` ({source: {rate, ci_low,
+        ci_high, random_rate}} at ``main_zeta``, or None), ``notes`` and a human ``text``.
+
+    Raises:
+        ConfigError: unknown metric, or ``alpha`` outside (0, 1).
+    """
+    if not 0 < alpha < 1:
+        raise ConfigError(f"The 'alpha' parameter of recommend must be in (0, 1). Got {alpha!r}.")
+    done = done_runs(runs)
+    check_metric(done, metric, "recommend")
+    out: dict[str, Any] = {
+        "label": None, "best_label": None, "metric": metric, "mean": None, "sd": None, "n": 0,
+        "best_mean": None, "best_sd": None, "method": "none", "p_holm": None, "not_worse": [],
+        "trainable_params": None, "train_seconds": None, "params_ratio": None, "time_ratio": None,
+        "fooling_rate": None, "notes": [], "text": "",
+    }
+    main, note = main_fraction_runs(done)
+    if note:
+        out["notes"].append(note)
+    frame = runs_frame(main, [metric]).dropna(subset=[metric])
+    if frame.empty:
+        out["text"] = f"No finished runs with {metric!r}: nothing to recommend."
+        return out
+    better = higher_is_better(metric)
+    per_label = frame.groupby("label").agg(
+        mean=(metric, "mean"), sd=(metric, "std"), n=(metric, "size"),
+        params=("trainable_params", "mean"), seconds=("train_seconds", "mean"))
+    per_label = per_label.sort_values("mean", ascending=not better)
+    best = str(per_label.index[0])
+    num_seeds = frame["seed"].nunique(dropna=True)
+    tests = pairwise_wilcoxon(main, metric, alpha=alpha)
+    compared = tests[tests["label"] != best]
+    max_pairs = int(compared["n"].max()) if len(compared) else 0
+    testable = (num_seeds >= 2 and len(compared) > 0
+                and min_wilcoxon_pvalue(max_pairs) * len(compared) < alpha)
+    if len(per_label) == 1:
+        out["method"] = "single"
+        passing = [best]
+    elif testable:
+        out["method"] = "wilcoxon_holm"
+        passing = [str(r.label) for r in tests.itertuples() if r.not_worse_than_best]
+    else:
+        if num_seeds < 2:
+            out["notes"].append("Only one seed per configuration: significance can't be tested.")
+        else:
+            out["notes"].append(
+                f"At most {max_pairs} paired block(s) per comparison: the Wilcoxon test cannot reach "
+                f"p < {alpha:g} after Holm's correction over {len(compared)} comparisons with so few.")
+        best_sd = per_label.loc[best, "sd"]
+        if per_label.loc[best, "n"] >= 2 and not math.isnan(best_sd):
+            margin, out["method"] = float(best_sd), "within_sd"
+        else:
+            margin, out["method"] = float(tolerance), "within_tolerance"
+        gap = (per_label.loc[best, "mean"] - per_label["mean"]) if better else (per_label["mean"] - per_label.loc[best, "mean"])
+        passing = [str(lab) for lab, g in gap.items() if g <= margin + 1e-12]
+    cands = per_label.loc[passing].copy()
+    cands["params_key"] = cands["params"].fillna(math.inf)
+    cands["seconds_key"] = cands["seconds"].fillna(math.inf)
+    label = str(cands.sort_values(["params_key", "seconds_key", "mean"],
+                                  ascending=[True, True, not better]).index[0])
+    row = per_label.loc[label]
+    out.update({
+        "label": label, "best_label": best, "mean": float(row["mean"]),
+        "sd": None if math.isnan(row["sd"]) else float(row["sd"]), "n": int(row["n"]),
+        "best_mean": float(per_label.loc[best, "mean"]),
+        "best_sd": None if math.isnan(per_label.loc[best, "sd"]) else float(per_label.loc[best, "sd"]),
+        "not_worse": passing,
+        "trainable_params": None if math.isnan(row["params"]) else float(row["params"]),
+        "train_seconds": None if math.isnan(row["seconds"]) else float(row["seconds"]),
+    })
+    if out["method"] == "wilcoxon_holm" and label != best:
+        out["p_holm"] = float(tests.loc[tests["label"] == label, "p_holm"].iloc[0])
+    if "full" in per_label.index:
+        full = per_label.loc["full"]
+        if row["params"] > 0 and not math.isnan(full["params"]):
+            out["params_ratio"] = float(full["params"] / row["params"])
+        if row["seconds"] > 0 and not math.isnan(full["seconds"]):
+            out["time_ratio"] = float(full["seconds"] / row["seconds"])
+    else:
+        out["notes"].append("No 'full' runs: cost saving versus full fine-tuning is not available.")
+    out["fooling_rate"] = _fooling_at(attacks or (), main, label, main_zeta)
+    if attacks and out["fooling_rate"] is None:
+        out["notes"].append(f"No non-targeted UAP audit of {label} at zeta={main_zeta:g}.")
+    out["text"] = _recommend_text(out, main_zeta, alpha)
+    return out
+
+
+def _fooling_at(attacks: Sequence[Record], runs: Sequence[Record], label: str, zeta: float) -> dict | None:
+    if not attacks:
+        return None
+    frame = attacks_frame(attacks, runs)
+    if frame.empty:
+        return None
+    sel = frame[(frame["label"] == label) & frame["targeted"].isna() & np.isclose(frame["zeta"], zeta)]
+    if sel.empty:
+        return None
+    out = {}
+    for source, g in sel.groupby("source"):
+        out[str(source)] = {"rate": float(g["fooling_rate"].mean()), "ci_low": float(g["fooling_ci_low"].mean()),
+                            "ci_high": float(g["fooling_ci_high"].mean()),
+                            "random_rate": float(g["random_fooling_rate"].mean()), "num_runs": int(g["run_id"].nunique())}
+    return out
+
+
+def _fmt_params(x: float | None) -> str:
+    if x is None or math.isnan(x):
+        return "n/a"
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g} {unit}"
+    return f"{x:.0f}"
+
+
+def _recommend_text(r: dict[str, Any], zeta: float, alpha: float) -> str:
+    m = r["metric"]
+    sd = f" ± {r['sd']:.3f}" if r["sd"] is not None else ""
+    parts = [f"Recommended: {r['label']}, {m} {r['mean']:.3f}{sd} (mean ± sd over {r['n']} run(s))."]
+    if r["method"] == "single":
+        parts.append("It is the only configuration with results.")
+    elif r["label"] == r["best_label"]:
+        parts.append(f"It has the best mean {m}, and no cheaper configuration is close enough to it.")
+    else:
+        best_sd = f" ± {r['best_sd']:.3f}" if r["best_sd"] is not None else ""
+        ref = f"the best, {r['best_label']} ({r['best_mean']:.3f}{best_sd})"
+        if r["method"] == "wilcoxon_holm":
+            parts.append(f"It is not significantly worse than {ref}: Wilcoxon signed-rank, "
+                         f"Holm-corrected p = {r['p_holm']:.3g} ≥ {alpha:g}.")
+        elif r["method"] == "within_sd":
+            parts.append(f"Its mean is within one sd of {ref}; significance could not be tested.")
+        else:
+            parts.append(f"Its mean is within {abs(r['best_mean'] - r['mean']):.3g} of {ref} "
+                         "(fallback tolerance); significance could not be tested.")
+    if r["params_ratio"] is not None and r["label"] != "full":
+        time = ""
+        if r["time_ratio"] is not None:
+            time = (f" and {r['time_ratio']:.1f}× less training time" if r["time_ratio"] >= 1
+                    else f" but {1 / r['time_ratio']:.1f}× more training time")
+        parts.append(f"Compared with full fine-tuning it trains {r['params_ratio']:.1f}× fewer parameters "
+                     f"({_fmt_params(r['trainable_params'])}){time}.")
+    if r["fooling_rate"]:
+        srcs = "; ".join(f"{v['rate']:.2f} [{v['ci_low']:.2f}, {v['ci_high']:.2f}] from {s} images "
+                         f"(random control {v['random_rate']:.2f})" for s, v in sorted(r["fooling_rate"].items()))
+        parts.append(f"UAP fooling rate at ζ = {100 * zeta:.3g}% of the mean input norm: {srcs}.")
+    parts.extend(r["notes"])
+    return " ".join(parts)

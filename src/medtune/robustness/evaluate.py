@@ -1,0 +1,181 @@
+"""How much a fixed perturbation changes a model's predictions, and transfer between models."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import binomtest
+from sklearn.metrics import confusion_matrix
+from torch import nn
+
+from medtune.errors import ConfigError, DataError
+from medtune.robustness._common import (
+    check_images,
+    check_positive_int,
+    eval_mode,
+    model_device,
+    num_outputs,
+    predict,
+)
+from medtune.robustness.uap import _check_targeted
+
+__all__ = ["evaluate_perturbation", "rate_ci", "transfer_matrix"]
+
+CI_METHOD = "wilson"
+
+
+def rate_ci(successes: int, total: int, *, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (scipy ``binomtest(...).proportion_ci``).
+
+    Wilson rather than Clopper-Pearson ("exact"): it is not over-conservative and stays inside
+    [0, 1] at rates of 0 and 1, which fooling rates often are.
+    """
+    ci = binomtest(int(successes), int(total)).proportion_ci(
+        confidence_level=confidence, method=CI_METHOD
+    )
+    return float(ci.low), float(ci.high)
+
+
+def evaluate_perturbation(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    perturbation: torch.Tensor,
+    *,
+    targeted: int | None = None,
+    class_names: Sequence[str] | None = None,
+    batch_size: int = 128,
+    device: str | torch.device | None = None,
+) -> dict:
+    """Fooling rate, targeted success, accuracies and confusion of ``clip(x + v, 0, 1)``.
+
+    The fooling rate compares the prediction on x+v with the prediction on x, not with the label
+    (Moosavi-Dezfooli et al.; Hirano et al.): a model that is wrong but unchanged is not fooled.
+
+    Args:
+        model: maps float (N, 3, H, W) in [0, 1] to logits (N, K).
+        images: uint8 (N, 3, H, W) or float in [0, 1].
+        labels: int64 (N,) true classes, or None (then accuracies and per-class rates are None).
+        perturbation: float tensor (3, H, W) in [0, 1] pixel units.
+        targeted: a target class t to report the share predicted t on x+v and on x.
+        class_names: keys of ``per_class``; default the class indices as strings.
+        batch_size: images per forward pass.
+        device: default the model's device.
+
+    Returns:
+        A JSON-serialisable dict: ``num_images``, ``fooling_rate``, ``fooling_ci_low``,
+        ``fooling_ci_high`` (95% Wilson), ``ci_method``, ``targeted``, ``targeted_success`` (share
+        predicted t on x+v) with ``targeted_ci_low``/``targeted_ci_high``, ``clean_target_share``
+        (share predicted t on x), ``clean_accuracy``, ``perturbed_accuracy``, ``per_class``
+        ({class name: fooling rate among images of that true class}), ``confusion`` (K×K list, rows
+        = clean prediction, columns = prediction on x+v).
+
+    Raises:
+        DataError: bad images, labels of the wrong length or out of range, or a perturbation whose
+            shape is not (C, H, W) of the images.
+        ConfigError: bad targeted, batch_size or class_names.
+    """
+    images = check_images(images)
+    batch_size = check_positive_int(batch_size, "batch_size", "evaluate_perturbation")
+    if tuple(perturbation.shape) not in (tuple(images.shape[1:]), (1, *images.shape[1:])):
+        raise DataError(
+            f"The perturbation has shape {tuple(perturbation.shape)} but the images are "
+            f"{tuple(images.shape[1:])}; compute the UAP at the model's input size."
+        )
+    perturbation = perturbation.reshape(images.shape[1:])
+    num = int(images.shape[0])
+    dev = model_device(model, device)
+    with eval_mode(model):
+        num_classes = num_outputs(model, images, dev)
+        target = _check_targeted(targeted, num_classes, "evaluate_perturbation")
+        clean = predict(model, images, batch_size=batch_size, device=dev).numpy()
+        adv = predict(
+            model, images, perturbation=perturbation, batch_size=batch_size, device=dev
+        ).numpy()
+    if class_names is None:
+        class_names = [str(k) for k in range(num_classes)]
+    elif len(class_names) != num_classes:
+        raise ConfigError(
+            f"class_names has {len(class_names)} names but the model outputs {num_classes} classes."
+        )
+    fooled = clean != adv
+    low, high = rate_ci(int(fooled.sum()), num)
+    out: dict = {
+        "num_images": num,
+        "fooling_rate": float(fooled.mean()),
+        "fooling_ci_low": low,
+        "fooling_ci_high": high,
+        "ci_method": CI_METHOD,
+        "targeted": target,
+        "targeted_success": None,
+        "targeted_ci_low": None,
+        "targeted_ci_high": None,
+        "clean_target_share": None,
+        "clean_accuracy": None,
+        "perturbed_accuracy": None,
+        "per_class": None,
+        "confusion": confusion_matrix(clean, adv, labels=np.arange(num_classes)).tolist(),
+    }
+    if target is not None:
+        hits = adv == target
+        out["targeted_success"] = float(hits.mean())
+        out["targeted_ci_low"], out["targeted_ci_high"] = rate_ci(int(hits.sum()), num)
+        out["clean_target_share"] = float((clean == target).mean())
+    if labels is not None:
+        y = torch.as_tensor(labels).reshape(-1).cpu().numpy()
+        if y.shape[0] != num:
+            raise DataError(f"labels has {y.shape[0]} entries but there are {num} images.")
+        if y.size and (y.min() < 0 or y.max() >= num_classes or not np.issubdtype(y.dtype, np.integer)):
+            raise DataError(
+                f"labels must be integer class indices in [0, {num_classes - 1}]. Got values in "
+                f"[{y.min()}, {y.max()}] of dtype {y.dtype} instead."
+            )
+        out["clean_accuracy"] = float((clean == y).mean())
+        out["perturbed_accuracy"] = float((adv == y).mean())
+        out["per_class"] = {
+            str(class_names[k]): (float(fooled[y == k].mean()) if (y == k).any() else None)
+            for k in range(num_classes)
+        }
+    return out
+
+
+def transfer_matrix(
+    models: Mapping[str, nn.Module],
+    uaps: Mapping[str, torch.Tensor],
+    images: torch.Tensor,
+    *,
+    batch_size: int = 128,
+    device: str | torch.device | None = None,
+) -> pd.DataFrame:
+    """Fooling rate of each UAP on each model (transferability).
+
+    Args:
+        models: {name: model}; every model takes the same input size.
+        uaps: {name of the model the UAP was computed on: perturbation (3, H, W)}.
+        images: uint8 (N, 3, H, W) or float in [0, 1], the evaluation images.
+        batch_size: images per forward pass.
+        device: default each model's own device.
+
+    Returns:
+        DataFrame, index ``uap_from`` (keys of ``uaps``), columns ``evaluated_on`` (keys of
+        ``models``), values the fooling rate in [0, 1].
+
+    Raises:
+        ConfigError: ``models`` or ``uaps`` is empty.
+        DataError: as :func:`evaluate_perturbation`.
+    """
+    if not models or not uaps:
+        raise ConfigError("transfer_matrix needs at least one model and one UAP; got an empty mapping.")
+    table = pd.DataFrame(
+        index=pd.Index(list(uaps), name="uap_from"),
+        columns=pd.Index(list(models), name="evaluated_on"),
+        dtype=float,
+    )
+    for src, v in uaps.items():
+        for dst, model in models.items():
+            res = evaluate_perturbation(model, images, None, v, batch_size=batch_size, device=device)
+            table.loc[src, dst] = res["fooling_rate"]
+    return table

@@ -1,0 +1,179 @@
+"""Run one training configuration end to end and store its record: the unit a sweep repeats."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from medtune.config import RunConfig
+from medtune.data import load_data, with_train_fraction
+from medtune.data.base import ImageSet
+from medtune.errors import MedtuneError
+from medtune.models import create_model, get_blocks
+from medtune.store import ResultsStore
+from medtune.strategies import create_strategy
+from medtune.training.loop import fit, resolve_device
+
+__all__ = ["run", "run_id_of", "prepare_data", "collect_versions", "build_run"]
+
+
+def collect_versions() -> dict[str, str]:
+    """Library versions and the git revision of medtune's source, for every record."""
+    import scipy
+    import sklearn
+    import timm
+
+    import medtune
+
+    out = {"medtune": getattr(medtune, "__version__", "0"), "torch": torch.__version__, "timm": timm.__version__,
+           "numpy": np.__version__, "scipy": scipy.__version__, "sklearn": sklearn.__version__,
+           "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        if rev.returncode == 0:
+            out["git"] = rev.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+@lru_cache(maxsize=4)
+def _load_cached(data: str, img_size: int, resize: str, split_seed: int, val_fraction: float, test_fraction: float,
+                 medmnist_size: int) -> ImageSet:
+    return load_data(data, img_size=img_size, resize=resize, seed=split_seed, val_fraction=val_fraction,
+                     test_fraction=test_fraction, medmnist_size=medmnist_size)
+
+
+def prepare_data(cfg: RunConfig) -> ImageSet:
+    """Load (once per process) and subsample the data a run trains on."""
+    data = _load_cached(cfg.data, cfg.img_size, cfg.resize, cfg.split_seed, float(cfg.val_fraction),
+                        float(cfg.test_fraction), cfg.medmnist_size)
+    if cfg.train_fraction < 1.0:
+        data = with_train_fraction(data, float(cfg.train_fraction), cfg.split_seed)
+    return data
+
+
+def run_id_of(cfg: RunConfig, data_fingerprint: str) -> str:
+    """Hash of everything that determines a run's result (16 hex chars)."""
+    payload = json.dumps({"config": cfg.semantic_dict(), "data": data_fingerprint}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def build_run(cfg: RunConfig, data: ImageSet, device: torch.device):
+    """Create the strategy, the model (seeded init) and the block partition of a run."""
+    strategy = create_strategy(cfg.strategy)
+    weights = cfg.weights if strategy.pretrained else "none"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # seeds the new head / scratch init without touching the caller's RNG
+        model = create_model(cfg.arch, num_classes=data.num_classes, weights=weights)
+    model.to(device)
+    blocks = get_blocks(model, granularity=strategy.granularity)
+    strategy.check_blocks(blocks)
+    return strategy, model, blocks
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_artifacts(store: ResultsStore, run_id: str, cfg: RunConfig, model, y_true, y_prob, class_names) -> dict:
+    from safetensors.torch import save_file
+
+    folder = store.run_dir(run_id)
+    weights = folder / "best.safetensors"
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.backbone.state_dict().items()}
+    _write_atomic(weights, lambda p: save_file(state, str(p), metadata={"arch": cfg.arch}))
+    preds = folder / "predictions.npz"
+    _write_atomic(preds, lambda p: np.savez(open(p, "wb"), y_true=y_true, y_prob=y_prob,
+                                            class_names=np.array(class_names)))
+    cfg_path = folder / "config.json"
+    _write_atomic(cfg_path, lambda p: p.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True)))
+    return {"weights": str(weights), "predictions": str(preds), "config": str(cfg_path)}
+
+
+def run(cfg: RunConfig | dict, *, store: ResultsStore | None = None, log: Callable[[str], None] | None = None,
+        data: ImageSet | None = None) -> dict[str, Any]:
+    """Train one configuration and return its record; a run already in the store is not redone.
+
+    Args:
+        cfg: a RunConfig or a dict of its fields.
+        store: the results store (default: ``cfg.store``).
+        log: one-line progress messages go here (default: silent).
+        data: an already loaded ImageSet (default: loaded from ``cfg.data``).
+
+    Returns:
+        The run's record (see README, "Results store").
+
+    Raises:
+        ConfigError, DataError: bad configuration or data, before any training.
+    """
+    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
+    log = log or (lambda _m: None)
+    store = store or ResultsStore(cfg.store)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    data = data if data is not None else prepare_data(cfg)
+    fingerprint = data.fingerprint()
+    run_id = run_id_of(cfg, fingerprint)
+    done = store.get(run_id)
+    if done is not None:
+        log(f"{run_id} {cfg.arch} {cfg.strategy} seed {cfg.seed}: already done")
+        return done
+    if not store.claim(run_id, cfg.to_dict()):
+        raise MedtuneError(f"Run {run_id} is being trained by another live process; start again once it finishes.")
+    device = resolve_device(cfg.device)
+    strategy, model, blocks = build_run(cfg, data, device)
+    log(f"{run_id} {cfg.arch} {strategy.spec} seed {cfg.seed} frac {cfg.train_fraction} on {device}")
+    ckpt = store.checkpoint_path(run_id)
+
+    class _Heartbeat:
+        def on_epoch_end(self, record: dict) -> None:
+            store.heartbeat(run_id)
+
+    try:
+        result = fit(model, data, strategy, cfg, blocks=blocks, checkpoint_path=ckpt, callbacks=(_Heartbeat(),), log=log)
+    except KeyboardInterrupt:
+        store.release(run_id)
+        raise
+    artifacts = _save_artifacts(store, run_id, cfg, model, result.y_true, result.y_prob, data.class_names)
+    total = sum(p.numel() for p in model.parameters())
+    record = {
+        "run_id": run_id, "status": "done", "dataset": data.name, "data_fingerprint": fingerprint,
+        "arch": cfg.arch, "weights": cfg.weights if strategy.pretrained else "none",
+        "strategy": strategy.name, "strategy_params": strategy.params, "label": strategy.spec,
+        "depth": strategy.depth(len(blocks)),
+        "seed": cfg.seed, "train_fraction": cfg.train_fraction, "config": cfg.to_dict(),
+        "metrics": result.test_metrics, "val_metrics": result.val_metrics,
+        "trainable_params": result.trainable_params, "total_params": total,
+        "train_seconds": result.train_seconds, "images_per_s": result.images_per_s,
+        "num_blocks": len(blocks), "num_train": int((data.splits == "train").sum()),
+        "history": result.history, "extras": result.extras, "artifacts": artifacts, "device": str(device),
+        "predictions": {"y_true": result.y_true.tolist(), "y_prob": np.round(result.y_prob, 6).tolist(),
+                        "class_names": list(data.class_names)} if result.y_prob.size <= 200_000 else None,
+        "versions": collect_versions(),
+    }
+    store.finish(run_id, record)
+    ckpt.unlink(missing_ok=True)
+    m = result.test_metrics
+    log(f"{run_id} done: test auc {m.get('auc', float('nan')):.4f} acc {m.get('accuracy', float('nan')):.4f} "
+        f"({result.train_seconds:.1f}s, {result.trainable_params:,} trainable)")
+    return record

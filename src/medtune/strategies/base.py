@@ -1,0 +1,182 @@
+"""The Strategy base class: small objects the one training loop asks a few questions.
+
+The loop never branches on a strategy's name. A strategy says which parameters train
+(:meth:`Strategy.set_trainable`), how they are grouped for the optimiser and at which LR scale
+(:meth:`Strategy.param_groups`), what changes at the start of an epoch
+(:meth:`Strategy.on_epoch_start`), and what extra loss term it adds (:meth:`Strategy.extra_loss`).
+Multi-phase strategies (LP-FT) return their phases from :meth:`Strategy.phases`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from medtune.config import check_scalar, format_strategy_spec
+from medtune.errors import ConfigError
+
+__all__ = ["Strategy", "Phase", "EpochContext", "freeze_all", "set_blocks_trainable"]
+
+
+def freeze_all(blocks) -> None:
+    """Set ``requires_grad=False`` on every backbone parameter."""
+    for p in blocks.model.parameters():
+        p.requires_grad_(False)
+
+
+def set_blocks_trainable(blocks, indices, trainable: bool = True) -> None:
+    """Set ``requires_grad`` on the parameters of the blocks at ``indices``."""
+    for idx in indices:
+        for p in blocks.parameters(idx):
+            p.requires_grad_(trainable)
+
+
+@dataclass
+class EpochContext:
+    """What :meth:`Strategy.on_epoch_start` may look at and change.
+
+    Attributes:
+        model: the wrapped model being trained (input in [0, 1]).
+        blocks: the backbone's block partition.
+        optimizer: the current optimiser; a strategy may add groups or replace it.
+        lr: base learning rate of the phase.
+        weight_decay: base weight decay.
+        batches: a callable ``batches(num_batches) -> iterator of (x, y)`` over training data
+            (x float in [0, 1] on the device), for strategies that probe gradients.
+        loss_fn: ``loss_fn(logits, y) -> Tensor``.
+        build_optimizer: ``build_optimizer(param_groups) -> Optimizer`` with the run's settings.
+        record: dict the strategy may write findings into (stored with the run under ``extras``).
+    """
+
+    model: nn.Module
+    blocks: Any
+    optimizer: torch.optim.Optimizer
+    lr: float
+    weight_decay: float
+    batches: Any
+    loss_fn: Any
+    build_optimizer: Any
+    record: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of a run: the strategy that drives it, and its LR scale and epoch budget.
+
+    ``epochs=None`` means the run's ``epochs``. ``init_from_previous`` says whether the phase starts
+    from the previous phase's best weights (always true here; recorded for the log).
+    """
+
+    strategy: Strategy
+    name: str
+    lr_scale: float = 1.0
+    epochs: int | None = None
+
+
+class Strategy:
+    """Base class. Subclasses declare ``params`` (name → default) and override hooks as needed.
+
+    Class attributes:
+        name: registry name (set by ``register_strategy``).
+        main_param: the parameter a bare spec value sets (``top_k:2`` → ``k=2``).
+        pretrained: False for strategies that must start from random init (``scratch``).
+        granularity: ``block`` or ``layer``, the partition the strategy works on.
+        defaults: parameter defaults.
+    """
+
+    name: ClassVar[str] = "base"
+    main_param: ClassVar[str | None] = None
+    pretrained: ClassVar[bool] = True
+    granularity: ClassVar[str] = "block"
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **params: Any) -> None:
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            valid = ", ".join(sorted(self.defaults)) or "none"
+            raise ConfigError(
+                f"Strategy {self.name!r} got unknown parameter(s) {', '.join(sorted(unknown))}; valid: {valid}."
+            )
+        self.params = {**self.defaults, **params}
+        self.validate()
+
+    # -- description ---------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check ``self.params``; raise ConfigError with the parameter's name on bad values."""
+
+    @property
+    def spec(self) -> str:
+        """Display spec, e.g. ``top_k:2``; only parameters that differ from defaults are shown,
+        except the main parameter, which is always shown."""
+        shown = {k: v for k, v in self.params.items() if k == self.main_param or v != self.defaults.get(k)}
+        return format_strategy_spec(self.name, shown, self.main_param)
+
+    def depth(self, num_blocks: int) -> int | None:
+        """Number of trainable non-head blocks, for depth plots; None when not a depth strategy."""
+        return None
+
+    def check_blocks(self, blocks) -> None:
+        """Validate parameters that depend on the backbone (e.g. k against the block count)."""
+
+    @classmethod
+    def expand(cls, value: str, num_units: int) -> list[Any]:
+        """Values of ``main_param`` that ``'all'`` expands to for a backbone with ``num_units``."""
+        raise ConfigError(f"Strategy {cls.name!r} does not support ':all'.")
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def phases(self) -> list[Phase]:
+        """The phases of a run; most strategies have one."""
+        return [Phase(strategy=self, name=self.name)]
+
+    def set_trainable(self, blocks) -> None:
+        """Set ``requires_grad`` on the backbone's parameters (default: everything trains)."""
+        for p in blocks.model.parameters():
+            p.requires_grad_(True)
+
+    def param_groups(self, blocks, lr: float, weight_decay: float) -> list[dict]:
+        """Optimiser groups of the trainable parameters, one per block, each named.
+
+        Returns dicts with ``params``, ``name``, ``lr_scale`` and ``weight_decay``; the loop sets
+        ``lr = lr_at(step) * lr_scale`` every step.
+        """
+        groups = []
+        for idx, block in enumerate(blocks):
+            params = [p for p in blocks.parameters(idx) if p.requires_grad]
+            if params:
+                groups.append({"params": params, "name": block.name, "lr_scale": 1.0, "weight_decay": weight_decay})
+        return groups
+
+    def on_epoch_start(self, epoch: int, ctx: EpochContext) -> None:
+        """Called before each epoch of the phase (epoch counts from 0 within the phase)."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """An extra term added to the task loss, or None."""
+        return None
+
+    def frozen_prefix_is_fixed(self) -> bool:
+        """True when the set of frozen parameters never changes during the phase."""
+        return True
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume the strategy mid-run (tensors and plain values only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+
+def check_int_param(strategy: Strategy, key: str, *, min_val: int = 0) -> None:
+    check_scalar(strategy.params[key], key, int, min_val=min_val, owner=f"strategy {strategy.name!r}")
+
+
+def check_float_param(strategy: Strategy, key: str, *, min_val: float = 0.0, include_min: bool = True,
+                      max_val: float | None = None) -> None:
+    check_scalar(strategy.params[key], key, (float, int), min_val=min_val, include_min=include_min,
+                 max_val=max_val, owner=f"strategy {strategy.name!r}")

@@ -1,0 +1,142 @@
+"""Sweeps: expand a grid of runs, skip the ones already in the store, run the rest."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtune.config import RunConfig, SweepConfig, load_yaml, parse_strategy_spec
+from medtune.errors import ConfigError
+from medtune.store import ResultsStore
+
+__all__ = ["expand_sweep", "sweep", "results_table", "format_table", "load_sweep_config"]
+
+
+@lru_cache(maxsize=4)
+def _blocks_of(arch: str, granularity: str):
+    """The block partition of ``arch`` (random init; only its structure is used)."""
+    import torch
+
+    from medtune.models import create_model, get_blocks
+
+    with torch.random.fork_rng(devices=[]):
+        model = create_model(arch, num_classes=2, weights="none")
+    return get_blocks(model, granularity=granularity)
+
+
+def load_sweep_config(source: str | Path | dict | SweepConfig | None = None, **overrides: Any) -> SweepConfig:
+    """A SweepConfig from a YAML path, a dict or a SweepConfig, with keyword overrides on top."""
+    if isinstance(source, SweepConfig):
+        data = source.to_dict()
+    elif isinstance(source, dict):
+        data = dict(source)
+    elif source is None:
+        data = {}
+    else:
+        data = load_yaml(source)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return SweepConfig.from_dict(data, source=str(source) if isinstance(source, (str, Path)) else "config")
+
+
+def expand_sweep(config: SweepConfig) -> list[RunConfig]:
+    """Every RunConfig of the grid, in a stable order; ``:all`` specs expand per architecture.
+
+    Raises:
+        ConfigError: a strategy or a depth that does not fit an architecture (checked before any training).
+    """
+    from medtune.strategies import create_strategy, get_strategy_class
+
+    runs: list[RunConfig] = []
+    for arch in config.arch:
+        for spec in config.strategy:
+            name, params = parse_strategy_spec(spec)
+            cls = get_strategy_class(name)
+            if params.get("_main") == "all":
+                others = ",".join(f"{k}={v}" for k, v in params.items() if k != "_main")
+                values = cls.expand("all", len(_blocks_of(arch, cls.granularity)))
+                specs = [f"{name}:{v}" + (f",{others}" if others else "") for v in values]
+            else:
+                specs = [spec]
+            for s in specs:
+                strategy = create_strategy(s)
+                if strategy.main_param is not None:
+                    # validate the depth against the architecture before any training time is spent
+                    strategy.check_blocks(_blocks_of(arch, strategy.granularity))
+                for frac in config.train_fraction:
+                    for seed in config.seeds:
+                        runs.append(config.base.replace(arch=arch, strategy=s, seed=int(seed),
+                                                        train_fraction=float(frac)))
+    return runs
+
+
+def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: ResultsStore | None = None,
+          executor: str = "local", log: Callable[[str], None] | None = None, **overrides: Any) -> list[dict]:
+    """Run every run of a sweep that the store does not hold yet; return all the sweep's records.
+
+    Args:
+        config: a SweepConfig, a dict of its keys, or a YAML path.
+        store: the results store (default: the config's ``store``).
+        executor: ``local`` (sequential, in this process).
+        log: receives one-line progress messages.
+        **overrides: config keys that replace the config's (same names as the YAML keys).
+    """
+    from medtune.runner import run
+
+    cfg = load_sweep_config(config, **overrides)
+    if executor != "local":
+        raise ConfigError(f"Unknown executor {executor!r}; available: local.")
+    runs = expand_sweep(cfg)
+    store = store or ResultsStore(cfg.base.store)
+    log = log or (lambda _m: None)
+    log(f"sweep {cfg.name!r}: {len(runs)} runs into {store.root}")
+    records = []
+    for i, run_cfg in enumerate(runs):
+        log(f"[{i + 1}/{len(runs)}]")
+        records.append(run(run_cfg, store=store, log=log))
+    return records
+
+
+def results_table(records: Sequence[dict], metrics: Sequence[str] = ("auc", "accuracy", "balanced_accuracy", "f1"),
+                  ) -> list[dict[str, Any]]:
+    """One row per (dataset, arch, label, train_fraction): mean ± sd over seeds, params, train time."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["arch"], r["label"], r["train_fraction"]), []).append(r)
+    rows = []
+    for (dataset, arch, label, frac), recs in groups.items():
+        row: dict[str, Any] = {"dataset": dataset, "arch": arch, "strategy": label, "train_fraction": frac,
+                               "n_seeds": len(recs)}
+        for m in metrics:
+            vals = np.array([r["metrics"].get(m, math.nan) for r in recs], dtype=float)
+            row[f"{m}_mean"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
+            row[f"{m}_sd"] = float(np.nanstd(vals, ddof=1)) if np.isfinite(vals).sum() > 1 else math.nan
+        row["trainable_params"] = int(np.mean([r["trainable_params"] for r in recs]))
+        row["train_seconds"] = float(np.mean([r["train_seconds"] for r in recs]))
+        row["depth"] = recs[0].get("depth")
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: Sequence[dict], metrics: Sequence[str] = ("auc", "accuracy")) -> str:
+    """A plain-text table of :func:`results_table` rows."""
+    if not rows:
+        return "(no finished runs)"
+    header = ["arch", "strategy", "frac", "n"] + [m for m in metrics] + ["trainable", "train s"]
+    lines = []
+    for r in rows:
+        cells = [r["arch"], r["strategy"], f"{r['train_fraction']:g}", str(r["n_seeds"])]
+        for m in metrics:
+            mean, sd = r[f"{m}_mean"], r[f"{m}_sd"]
+            cells.append(f"{mean:.3f}" + (f" ± {sd:.3f}" if not math.isnan(sd) else ""))
+        cells += [f"{r['trainable_params']:,}", f"{r['train_seconds']:.1f}"]
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*c) for c in lines]
+    return "\n".join(out)
