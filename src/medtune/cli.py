@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("strategies", help="list the registered strategies")
     p.add_argument("--format", choices=("table", "json"), default="table")
 
+    p = sub.add_parser("preset", help="built-in sweep presets (plain YAML to copy and edit)")
+    psub = p.add_subparsers(dest="preset_command", required=True)
+    psub.add_parser("list", help="list the presets")
+    c = psub.add_parser("show", help="print a preset's YAML")
+    c.add_argument("name")
+
     p = sub.add_parser("data", help="data utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser("check", help="counts, sizes, corrupt files, duplicates across splits")
@@ -208,7 +214,14 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"demo": _cmd_demo, "run": _cmd_run, "sweep": _cmd_sweep, "results": _cmd_results,
+def _cmd_preset(args: argparse.Namespace) -> int:
+    from medtune.presets import list_presets, preset_text
+
+    print("\n".join(list_presets()) if args.preset_command == "list" else preset_text(args.name), end="\n")
+    return 0
+
+
+_COMMANDS = {"preset": _cmd_preset, "demo": _cmd_demo, "run": _cmd_run, "sweep": _cmd_sweep, "results": _cmd_results,
              "blocks": _cmd_blocks, "strategies": _cmd_strategies, "data": _cmd_data}
 
 
@@ -220,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MedtuneError as exc:
         print(f"medtune: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `medtune results | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("medtune: interrupted; finished runs are stored and the current one resumes from its last epoch "
               "when you run the same command again.", file=sys.stderr)

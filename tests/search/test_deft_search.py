@@ -151,9 +151,11 @@ def test_time_budget_marks_slow_trainings_infeasible():
 
 def test_head_only_fallback_when_no_evaluated_mask_is_feasible():
     # only the all-zeros mask fits a head-only budget; stop after the initial population
-    search = additive_search(max_trainable_params=HEAD_PARAMS, callback=lambda entry: True)
+    search = additive_search(max_trainable_params=HEAD_PARAMS, callback=lambda entry: True,
+                             popsize=5, seed=1)
     with pytest.warns(UserWarning, match="returning the head-only mask"):
         search.fit()
+    assert [r["source"] for r in search.evaluations_] == ["not_trained"] * 5 + ["trained"]
     assert search.fallback_used_
     assert search.best_mask_ == (0,) * 7
     assert search.best_fitness_ == AdditiveFitness.score((0,) * 7)
@@ -262,3 +264,21 @@ def test_param_count_mismatch_warns():
 def test_invalid_arguments_raise_config_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
         additive_search(**overrides)
+
+
+def test_evaluator_errors_propagate_unchanged_and_finished_trainings_stay_cached():
+    # scipy rewrites a ValueError raised inside its workers map; the search must not let it
+    from medtune.search import InMemoryGenomeCache
+
+    calls = []
+
+    def failing(mask):
+        calls.append(mask)
+        if len(calls) == 4:
+            raise ValueError("CUDA out of memory (fake)")
+        return AdditiveFitness()(mask)
+
+    cache = InMemoryGenomeCache()
+    with pytest.raises(ValueError, match="CUDA out of memory"):
+        additive_search(failing, cache=cache).fit()
+    assert len(cache) == 3

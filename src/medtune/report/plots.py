@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 Record = Mapping[str, Any]
-_SOURCE_STYLE = {"train": ("#d62728", "o"), "natural": ("#1f77b4", "s"), "random": ("#7f7f7f", "^")}
+_SOURCE_STYLE = {"train": ("#d62728", "o"), "natural": ("#1f77b4", "s"), "random": ("#ff7f0e", "^")}
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -196,7 +196,11 @@ def plot_cost(runs: Sequence[Record], metric: str = "auc") -> Figure | None:
         ax.plot(f[cost], f["mean"], color="black", linewidth=1, drawstyle="steps-post", zorder=0,
                 label="Pareto front")
         ax.scatter(f[cost], f["mean"], s=160, facecolors="none", edgecolors="black", linewidths=1.2)
+        named = set()
         for row in f.itertuples():
+            if row.label in named:
+                continue  # one name per label: the arch markers tell the points apart
+            named.add(row.label)
             ax.annotate(f"{row.label}", (getattr(row, cost), row.mean), textcoords="offset points",
                         xytext=(5, 5), fontsize=8)
         if (st[cost] > 0).all() and st[cost].max() / max(st[cost].min(), 1e-12) > 20:

@@ -103,6 +103,19 @@ class _StopSearch(Exception):
     """Raised inside the generation map when the user callback asks to stop (not a user error)."""
 
 
+class _Escaped(Exception):
+    """Carries an error out of the generation map past scipy.
+
+    scipy turns any TypeError/ValueError raised by a ``workers`` map into a RuntimeError about the
+    map's signature, which would hide the evaluator's real error (or a ConfigError); ``fit``
+    re-raises the carried error instead.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(repr(error))
+        self.error = error
+
+
 def _check_int(value: Any, name: str, *, min_val: int, hint: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < min_val:
         raise ConfigError(
@@ -432,6 +445,8 @@ class DEFTSearch:
                                   "message": str(result.message)}
         except _StopSearch:
             self.scipy_result_ = {"nit": None, "nfev": None, "message": "stopped by callback"}
+        except _Escaped as escaped:
+            raise escaped.error from None
         self.stopped_by_callback_ = run.stopped
         self.history_ = run.history
         self.evaluations_ = run.records
@@ -491,6 +506,14 @@ class _SearchRun:
 
     # ---- scipy's workers=: evaluate one generation, then score it through `func`
     def map_generation(self, func: Callable, iterable: Iterable) -> list[float]:
+        try:
+            return self._map_generation(func, iterable)
+        except (_StopSearch, _Escaped):
+            raise
+        except Exception as exc:
+            raise _Escaped(exc) from exc
+
+    def _map_generation(self, func: Callable, iterable: Iterable) -> list[float]:
         xs = [np.asarray(x) for x in iterable]
         search = self.search
         entry = {"generation": self._generation, "num_evaluations": len(xs), "num_trainings": 0,

@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny registered CNN and a synthetic image set one epoch can learn."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def synthetic_data():
+    from medtune.data import make_synthetic
+
+    return make_synthetic(num_samples=64, img_size=16, num_classes=2, seed=0)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    from medtune.config import RunConfig
+
+    return RunConfig(data="synthetic", arch="medtune_tiny_cnn", weights="none", epochs=2, img_size=16, batch_size=16,
+                     lr=1e-2, device="cpu", store=str(tmp_path / "store"), progress=False, eval_batch_size=64)
+
+
+def make_tiny(num_classes: int = 2, seed: int = 0):
+    from medtune.models import create_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_model("medtune_tiny_cnn", num_classes=num_classes, weights="none")
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny()
