@@ -27,6 +27,8 @@ __all__ = [
     "run",
     "sweep",
     "demo",
+    "search",
+    "report",
     "DEMO_SWEEP",
     "MedtuneError",
     "ConfigError",
@@ -71,3 +73,23 @@ def demo(*, store: str = "./medtune-results", seeds: str | list[int] = "0,1", ep
     """The README's main job: the demo sweep, offline, on 2 CPU cores in about 10 minutes."""
     return sweep(dict(DEMO_SWEEP), store=None, log=log, **{"store": store, "seeds": seeds, "epochs": epochs,
                                                             "device": device})
+
+
+def search(config: Any = None, **kwargs: Any) -> dict:
+    """Run a DEFT search and its full-fidelity comparison (see :func:`medtune.deft.driver.run_search`)."""
+    from medtune.deft.driver import run_search
+
+    return run_search(config if config is not None else {}, **kwargs)
+
+
+def report(store: str = "./medtune-results", *, out_path: str | None = None, fmt: str = "html", metric: str = "auc",
+           title: str = "medtune report") -> str:
+    """Write the report of a results store; returns its path (default ``STORE/report.html``)."""
+    from pathlib import Path
+
+    from medtune.reporting import build_report
+    from medtune.store import ResultsStore
+
+    db = ResultsStore(store)
+    out = out_path or str(Path(store) / f"report.{fmt}")
+    return str(build_report(db.runs(), db.attacks(), db.searches(), title=title, out_path=out, fmt=fmt, metric=metric))

@@ -89,6 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=("block", "layer"), default="block")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
+    p = sub.add_parser("report", help="a self-contained HTML (or Markdown) report of a store")
+    p.add_argument("store", nargs="?", default="./medtune-results")
+    p.add_argument("-o", "--output", default=None, help="output file (default STORE/report.html)")
+    p.add_argument("--format", choices=("html", "md"), default="html")
+    p.add_argument("--metric", default="auc")
+    p.add_argument("--title", default="medtune report")
+
+    p = sub.add_parser("search", help="DEFT: differential evolution over which blocks/layers to fine-tune")
+    p.add_argument("config", nargs="?", help="YAML file of run and search keys")
+    _add_config_flags(p, sweep=False)
+    for flag, conv in (("granularity", str), ("popsize", int), ("mutation", float), ("recombination", float),
+                       ("generations", int), ("search_seed", int), ("search_epochs", int),
+                       ("search_train_fraction", float), ("max_trainable_params", float), ("max_seconds", float),
+                       ("infeasible", str), ("seeds", str)):
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=conv, default=None)
+
     p = sub.add_parser("strategies", help="list the registered strategies")
     p.add_argument("--format", choices=("table", "json"), default="table")
 
@@ -214,6 +230,29 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import medtune
+
+    out = medtune.report(args.store, out_path=args.output, fmt=args.format, metric=args.metric, title=args.title)
+    print(Path(out).resolve())
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import medtune
+
+    own = ("granularity", "popsize", "mutation", "recombination", "generations", "search_seed", "search_epochs",
+           "search_train_fraction", "max_trainable_params", "max_seconds", "infeasible", "seeds")
+    overrides = {**_overrides(args), **{k: getattr(args, k) for k in own if getattr(args, k) is not None}}
+    overrides.pop("seed", None)
+    record = medtune.search(args.config or {}, log=_log, **overrides)
+    print(json.dumps({k: record[k] for k in ("search_id", "unit_names", "best_mask", "best_fitness", "seconds",
+                                             "num_trainings", "comparison")}, indent=2))
+    return 0
+
+
 def _cmd_preset(args: argparse.Namespace) -> int:
     from medtune.presets import list_presets, preset_text
 
@@ -221,7 +260,7 @@ def _cmd_preset(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"preset": _cmd_preset, "demo": _cmd_demo, "run": _cmd_run, "sweep": _cmd_sweep, "results": _cmd_results,
+_COMMANDS = {"preset": _cmd_preset, "report": _cmd_report, "search": _cmd_search, "demo": _cmd_demo, "run": _cmd_run, "sweep": _cmd_sweep, "results": _cmd_results,
              "blocks": _cmd_blocks, "strategies": _cmd_strategies, "data": _cmd_data}
 
 

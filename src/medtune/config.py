@@ -57,19 +57,12 @@ def check_choice(value: Any, name: str, choices: Sequence[str], *, owner: str = 
         )
 
 
-def _parse_scalar(text: str) -> Any:
-    """'3' -> 3, '0.1' -> 0.1, 'true' -> True, anything else stays a string."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def parse_strategy_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """Split ``"top_k:2"`` / ``"l2_sp:alpha=0.1,beta=0.01"`` into a name and parameters.
 
     A bare value after the colon is the strategy's main parameter (``k`` for top_k/layers_k,
-    ``block`` for surgical); ``key=value`` pairs set named parameters.
+    ``block`` for surgical); ``key=value`` pairs set named parameters. Values stay strings here;
+    the strategy converts them to the types of its defaults.
 
     Raises:
         ConfigError: the spec is empty or malformed.
@@ -85,11 +78,11 @@ def parse_strategy_spec(spec: str) -> tuple[str, dict[str, Any]]:
                 continue
             if "=" in part:
                 key, _, value = part.partition("=")
-                params[key.strip()] = _parse_scalar(value.strip())
+                params[key.strip()] = value.strip()
             elif "_main" in params:
                 raise ConfigError(f"Strategy spec {spec!r} has two unnamed parameters; name them: 'name:key=value'.")
             else:
-                params["_main"] = _parse_scalar(part)
+                params["_main"] = part
     return name.strip(), params
 
 

@@ -44,8 +44,8 @@ def test_invalid_values_are_named(field, value, match):
 
 
 def test_strategy_spec_parsing():
-    assert parse_strategy_spec("top_k:2") == ("top_k", {"_main": 2})
-    assert parse_strategy_spec("l2_sp:alpha=0.1,beta=0.5") == ("l2_sp", {"alpha": 0.1, "beta": 0.5})
+    assert parse_strategy_spec("top_k:2") == ("top_k", {"_main": "2"})
+    assert parse_strategy_spec("l2_sp:alpha=0.1,beta=0.5") == ("l2_sp", {"alpha": "0.1", "beta": "0.5"})
     assert parse_strategy_spec("full") == ("full", {})
     with pytest.raises(ConfigError, match="two unnamed"):
         parse_strategy_spec("top_k:1,2")

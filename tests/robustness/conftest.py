@@ -50,7 +50,9 @@ class TinyCNN(nn.Module):
         return self.net(x)
 
 
-def make_colour_task(num: int, *, seed: int, size: int = IMG_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def make_colour_task(
+    num: int, *, seed: int, size: int = IMG_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (num, 3, size, size) and int64 labels (num,) of the channel-dominance task."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(num) % NUM_CLASSES
@@ -63,7 +65,9 @@ def make_colour_task(num: int, *, seed: int, size: int = IMG_SIZE) -> tuple[torc
     return images, labels.long()
 
 
-def train_tiny_cnn(images: torch.Tensor, labels: torch.Tensor, *, seed: int, steps: int = 150) -> TinyCNN:
+def train_tiny_cnn(
+    images: torch.Tensor, labels: torch.Tensor, *, seed: int, steps: int = 150
+) -> TinyCNN:
     torch.manual_seed(seed)  # tests may seed globally; library code never does
     model = TinyCNN()
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
@@ -85,5 +89,53 @@ def colour_task() -> dict:
     model = train_tiny_cnn(train_x, train_y, seed=0)
     with torch.no_grad():
         acc = (model(test_x.float() / 255).argmax(1) == test_y).float().mean().item()
-    return {"model": model, "train_x": train_x, "train_y": train_y, "test_x": test_x,
-            "test_y": test_y, "test_accuracy": acc}
+    return {
+        "model": model,
+        "train_x": train_x,
+        "train_y": train_y,
+        "test_x": test_x,
+        "test_y": test_y,
+        "test_accuracy": acc,
+    }
+
+
+class ChannelMeanModel(nn.Module):
+    """Logits = 100 · per-channel mean: the prediction is the brightest channel, known by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(100.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x.mean(dim=(2, 3))
+
+
+class ConstantModel(nn.Module):
+    """Ignores its input and always predicts class 0."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.arange(num_classes, 0, -1).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(x.shape[0], -1) + 0.0 * x.sum(dim=(1, 2, 3))[:, None]
+
+
+def constant_images(colours: list[tuple[float, float, float]], size: int = 4) -> torch.Tensor:
+    """Float images (N, 3, size, size), each filled with one RGB colour."""
+    return torch.tensor(colours).float()[:, :, None, None].expand(-1, -1, size, size).contiguous()
+
+
+@pytest.fixture(scope="session")
+def helpers():
+    """The model classes and data makers above, for tests (test modules don't import conftest)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        TinyCNN=TinyCNN,
+        ChannelMeanModel=ChannelMeanModel,
+        ConstantModel=ConstantModel,
+        make_colour_task=make_colour_task,
+        train_tiny_cnn=train_tiny_cnn,
+        constant_images=constant_images,
+    )

@@ -92,12 +92,19 @@ def check_images(images: object, name: str = "images") -> torch.Tensor:
     return images
 
 
-def to_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 [0, 255] or float [0, 1] batch -> float32 [0, 1] on ``device``."""
+def to_float(
+    batch: torch.Tensor, device: torch.device, *, channels_last: bool = False
+) -> torch.Tensor:
+    """uint8 [0, 255] or float [0, 1] batch -> float32 [0, 1] on ``device``.
+
+    ``channels_last`` returns an NHWC-strided tensor: oneDNN (CPU) and cuDNN (GPU) convolutions run
+    about twice as fast on it, and the layers after a conv keep the format.
+    """
     batch = batch.to(device, non_blocking=True)
-    if batch.dtype == torch.uint8:
-        return batch.float().div_(255.0)
-    return batch.float()
+    batch = batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch.float()
+    if channels_last and batch.ndim == 4:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch
 
 
 def batches(num: int, batch_size: int) -> Iterator[slice]:
@@ -134,7 +141,7 @@ class eval_mode:
             module.training = flag
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(
     model: nn.Module,
     images: torch.Tensor,
@@ -142,6 +149,7 @@ def predict(
     perturbation: torch.Tensor | None = None,
     batch_size: int = 128,
     device: torch.device,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """Predicted classes (N,) int64 on CPU for ``clip(images + perturbation, 0, 1)``.
 
@@ -150,7 +158,7 @@ def predict(
     v = None if perturbation is None else perturbation.to(device, torch.float32)
     preds = []
     for sl in batches(images.shape[0], batch_size):
-        x = to_float(images[sl], device)
+        x = to_float(images[sl], device, channels_last=channels_last)
         if v is not None:
             x = (x + v).clamp_(0.0, 1.0)
         preds.append(model(x).argmax(dim=1).cpu())

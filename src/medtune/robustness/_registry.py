@@ -22,7 +22,9 @@ def register_attack(name: str):
 
     def decorator(cls: type) -> type:
         if name in _ATTACKS:
-            raise ValueError(f"Attack {name!r} is already registered by {_ATTACKS[name].__module__}.")
+            raise ValueError(
+                f"Attack {name!r} is already registered by {_ATTACKS[name].__module__}."
+            )
         _ATTACKS[name], cls.name = cls, name
         return cls
 

@@ -48,7 +48,11 @@ def _resolve_targets(targeted: object, num_classes: int) -> list[int | None]:
         return [None]
     if targeted == "all":
         return list(range(num_classes))
-    if isinstance(targeted, bool) or not isinstance(targeted, int) or not 0 <= targeted < num_classes:
+    if (
+        isinstance(targeted, bool)
+        or not isinstance(targeted, int)
+        or not 0 <= targeted < num_classes
+    ):
         raise ConfigError(
             f"The 'targeted' parameter of audit must be None, 'all' or a class index in "
             f"[0, {num_classes - 1}]. Got {targeted!r} instead."
@@ -125,10 +129,14 @@ def audit(
     test_images = check_images(test_images, "test_images")
     zetas = [check_fraction(z, "zetas", "audit") for z in zetas]
     if not zetas:
-        raise ConfigError("The 'zetas' parameter of audit is empty; pass e.g. zetas=(0.02, 0.04, 0.08).")
+        raise ConfigError(
+            "The 'zetas' parameter of audit is empty; pass e.g. zetas=(0.02, 0.04, 0.08)."
+        )
     sources = list(sources)
     if not sources:
-        raise ConfigError(f"The 'sources' parameter of audit is empty; choose from {', '.join(SOURCES)}.")
+        raise ConfigError(
+            f"The 'sources' parameter of audit is empty; choose from {', '.join(SOURCES)}."
+        )
     for source in sources:
         if source not in SOURCES:
             raise ConfigError(
@@ -160,7 +168,12 @@ def audit(
             )
         for zeta_idx, zeta in enumerate(zetas):
             for target in targets:
-                uap_seed = seed + 1000 * source_idx + 100 * zeta_idx + (0 if target is None else target + 1)
+                uap_seed = (
+                    seed
+                    + 1000 * source_idx
+                    + 100 * zeta_idx
+                    + (0 if target is None else target + 1)
+                )
                 step = (
                     None
                     if step_size_fraction is None
@@ -181,12 +194,24 @@ def audit(
                 )
                 control = random_control(uap.perturbation, norm, seed=uap_seed)
                 metrics = evaluate_perturbation(
-                    model, test_images, test_labels, uap.perturbation,
-                    targeted=target, class_names=class_names, batch_size=batch_size, device=dev,
+                    model,
+                    test_images,
+                    test_labels,
+                    uap.perturbation,
+                    targeted=target,
+                    class_names=class_names,
+                    batch_size=batch_size,
+                    device=dev,
                 )
                 random_metrics = evaluate_perturbation(
-                    model, test_images, test_labels, control,
-                    targeted=target, class_names=class_names, batch_size=batch_size, device=dev,
+                    model,
+                    test_images,
+                    test_labels,
+                    control,
+                    targeted=target,
+                    class_names=class_names,
+                    batch_size=batch_size,
+                    device=dev,
                 )
                 key = _perturbation_key(source, zeta, norm, target)
                 record = {
@@ -206,16 +231,20 @@ def audit(
                     "seconds": uap.seconds,
                     "seed": uap_seed,
                 }
-                record.update({k: v for k, v in metrics.items() if k not in ("num_images", "targeted")})
-                record.update({
-                    "random_fooling_rate": random_metrics["fooling_rate"],
-                    "random_ci_low": random_metrics["fooling_ci_low"],
-                    "random_ci_high": random_metrics["fooling_ci_high"],
-                    "random_targeted_success": random_metrics["targeted_success"],
-                    "random_perturbed_accuracy": random_metrics["perturbed_accuracy"],
-                    "random_per_class": random_metrics["per_class"],
-                    "random_confusion": random_metrics["confusion"],
-                })
+                record.update(
+                    {k: v for k, v in metrics.items() if k not in ("num_images", "targeted")}
+                )
+                record.update(
+                    {
+                        "random_fooling_rate": random_metrics["fooling_rate"],
+                        "random_ci_low": random_metrics["fooling_ci_low"],
+                        "random_ci_high": random_metrics["fooling_ci_high"],
+                        "random_targeted_success": random_metrics["targeted_success"],
+                        "random_perturbed_accuracy": random_metrics["perturbed_accuracy"],
+                        "random_per_class": random_metrics["per_class"],
+                        "random_confusion": random_metrics["confusion"],
+                    }
+                )
                 result.records.append(record)
                 result.perturbations[key] = uap.perturbation
                 result.random_perturbations[key] = control

@@ -128,7 +128,9 @@ def evaluate_perturbation(
         y = torch.as_tensor(labels).reshape(-1).cpu().numpy()
         if y.shape[0] != num:
             raise DataError(f"labels has {y.shape[0]} entries but there are {num} images.")
-        if y.size and (y.min() < 0 or y.max() >= num_classes or not np.issubdtype(y.dtype, np.integer)):
+        if y.size and (
+            y.min() < 0 or y.max() >= num_classes or not np.issubdtype(y.dtype, np.integer)
+        ):
             raise DataError(
                 f"labels must be integer class indices in [0, {num_classes - 1}]. Got values in "
                 f"[{y.min()}, {y.max()}] of dtype {y.dtype} instead."
@@ -168,7 +170,9 @@ def transfer_matrix(
         DataError: as :func:`evaluate_perturbation`.
     """
     if not models or not uaps:
-        raise ConfigError("transfer_matrix needs at least one model and one UAP; got an empty mapping.")
+        raise ConfigError(
+            "transfer_matrix needs at least one model and one UAP; got an empty mapping."
+        )
     table = pd.DataFrame(
         index=pd.Index(list(uaps), name="uap_from"),
         columns=pd.Index(list(models), name="evaluated_on"),
@@ -176,6 +180,8 @@ def transfer_matrix(
     )
     for src, v in uaps.items():
         for dst, model in models.items():
-            res = evaluate_perturbation(model, images, None, v, batch_size=batch_size, device=device)
+            res = evaluate_perturbation(
+                model, images, None, v, batch_size=batch_size, device=device
+            )
             table.loc[src, dst] = res["fooling_rate"]
     return table

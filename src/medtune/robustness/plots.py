@@ -16,7 +16,9 @@ from medtune.robustness._common import check_images, check_positive_int
 __all__ = ["perturbation_to_image", "save_perturbation_png", "save_examples_png"]
 
 
-def perturbation_to_image(perturbation: torch.Tensor, *, amplify: float | None = None) -> np.ndarray:
+def perturbation_to_image(
+    perturbation: torch.Tensor, *, amplify: float | None = None
+) -> np.ndarray:
     """Map v to a viewable float image (H, W, 3) in [0, 1]: 0.5 + amplify · v, clipped.
 
     Args:
@@ -28,9 +30,15 @@ def perturbation_to_image(perturbation: torch.Tensor, *, amplify: float | None =
         DataError: perturbation is not (C, H, W).
     """
     if perturbation.ndim != 3:
-        raise DataError(f"The perturbation must be (C, H, W). Got shape {tuple(perturbation.shape)}.")
-    if amplify is not None and (isinstance(amplify, bool) or not isinstance(amplify, (int, float)) or amplify <= 0):
-        raise ConfigError(f"The 'amplify' parameter must be a positive number or None. Got {amplify!r}.")
+        raise DataError(
+            f"The perturbation must be (C, H, W). Got shape {tuple(perturbation.shape)}."
+        )
+    if amplify is not None and (
+        isinstance(amplify, bool) or not isinstance(amplify, (int, float)) or amplify <= 0
+    ):
+        raise ConfigError(
+            f"The 'amplify' parameter must be a positive number or None. Got {amplify!r}."
+        )
     v = perturbation.detach().double().cpu()
     if amplify is None:
         peak = float(v.abs().max())
@@ -122,7 +130,9 @@ def save_examples_png(
             ax = fig.add_subplot(2, n, row * n + col + 1)
             ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
             ax.set_axis_off()
-            label = titles[row * n + col] if titles is not None else ("clean" if row == 0 else "x + v")
+            label = (
+                titles[row * n + col] if titles is not None else ("clean" if row == 0 else "x + v")
+            )
             ax.set_title(label, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)

@@ -51,7 +51,7 @@ def _to_chw_uint8(image: np.ndarray) -> torch.Tensor:
         image = np.repeat(image[:, :, None], 3, axis=2)
     elif image.shape[2] == 4:
         image = image[:, :, :3]
-    return torch.from_numpy(np.ascontiguousarray(image, dtype=np.uint8)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
 
 
 def _read_file(path: Path) -> torch.Tensor:
@@ -116,7 +116,9 @@ def natural_images(
     num_images = check_positive_int(num_images, "num_images", "natural_images")
     sizes = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
     if len(sizes) != 2:
-        raise ConfigError(f"The 'img_size' parameter of natural_images must be an int or (H, W). Got {img_size!r}.")
+        raise ConfigError(
+            f"The 'img_size' parameter of natural_images must be an int or (H, W). Got {img_size!r}."
+        )
     size = (
         check_positive_int(sizes[0], "img_size", "natural_images"),
         check_positive_int(sizes[1], "img_size", "natural_images"),
@@ -128,8 +130,12 @@ def natural_images(
     else:
         root = Path(folder)
         if not root.is_dir():
-            raise DataError(f"The natural-image folder {str(root)!r} does not exist or is not a folder.")
-        names = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            raise DataError(
+                f"The natural-image folder {str(root)!r} does not exist or is not a folder."
+            )
+        names = sorted(
+            p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
         if not names:
             raise DataError(
                 f"The natural-image folder {str(root)!r} holds no image file "
@@ -180,7 +186,9 @@ def mixed_source(
             f"mixed_source needs two sets of the same dtype and image shape. Got {a.dtype} "
             f"{tuple(a.shape[1:])} and {b.dtype} {tuple(b.shape[1:])}."
         )
-    total = check_positive_int(num_images if num_images is not None else a.shape[0], "num_images", "mixed_source")
+    total = check_positive_int(
+        num_images if num_images is not None else a.shape[0], "num_images", "mixed_source"
+    )
     num_b = int(round(frac * total))
     num_a = total - num_b
     for name, need, have in (("a", num_a, a.shape[0]), ("b", num_b, b.shape[0])):

@@ -130,15 +130,16 @@ def perturbation_norm(perturbation: torch.Tensor, norm: object) -> float:
 
 
 def project_perturbation(perturbation: torch.Tensor, xi: float, norm: object) -> torch.Tensor:
-    """Project v onto the Lp ball of radius ξ (new tensor; the batch dimension is not used).
+    """Project v onto the Lp ball of radius ξ (new detached tensor; the batch dimension is not used).
 
     For L2 the scaled vector is shrunk by a further 1e-6 relative so float32 rounding cannot leave
     it outside the ball.
     """
     norm = resolve_norm(norm, owner="project_perturbation")
+    perturbation = perturbation.detach()
     if norm == "inf":
         return perturbation.clamp(-xi, xi)
-    length = float(perturbation.detach().double().norm())
+    length = float(perturbation.double().norm())
     if length <= xi:
         return perturbation.clone()
     return perturbation * (xi / length * (1.0 - 1e-6))
@@ -158,6 +159,60 @@ def _fgsm_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
     return grad / length if length > 0 else torch.zeros_like(grad)
 
 
+def _mean_gradient(
+    model: nn.Module,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    labels: torch.Tensor | None,
+    target: int | None,
+    *,
+    channels_last: bool,
+    whole_batch: bool,
+) -> tuple[torch.Tensor | None, float]:
+    """Gradient (1, C, H, W) of the mean cross-entropy over the images of the batch not yet fooled.
+
+    Non-targeted (``labels`` = clean predictions): the loss of the clean prediction over the images
+    still predicted as clean. Targeted: the loss of ``target`` over the images not predicted as
+    ``target``. Returns (None, 0.0) when every image is fooled, plus the share of active images.
+
+    Two exact ways to get it: with ``whole_batch`` one forward/backward pass over the batch whose
+    logits also give the mask (cheaper when most images are active); otherwise a gradient-free
+    forward pass for the mask, then forward/backward over the active images only.
+    """
+
+    def prepare(batch: torch.Tensor) -> torch.Tensor:
+        batch = (batch + v).clamp(0.0, 1.0)
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch.requires_grad_(True)
+
+    def is_active(pred: torch.Tensor) -> torch.Tensor:
+        return pred == labels if target is None else pred != target
+
+    if whole_batch:
+        x_in = prepare(x)
+        logits = model(x_in)
+        active = is_active(logits.detach().argmax(dim=1))
+        logits = logits[active]
+    else:
+        with torch.inference_mode():
+            active = is_active(model((x + v).clamp(0.0, 1.0)).argmax(dim=1))
+        active = active.clone()  # a normal tensor again, usable outside inference mode
+        if bool(active.any()):
+            x_in = prepare(x[active])
+            logits = model(x_in)
+    share = float(active.float().mean())
+    if share == 0.0:
+        return None, 0.0
+    y = (
+        labels[active]
+        if target is None
+        else torch.full((logits.shape[0],), target, device=x.device)
+    )
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits, y), x_in)
+    return grad.sum(dim=0, keepdim=True), share
+
+
 def _check_targeted(targeted: object, num_classes: int, owner: str) -> int | None:
     if targeted is None:
         return None
@@ -166,7 +221,11 @@ def _check_targeted(targeted: object, num_classes: int, owner: str) -> int | Non
             f"The 'targeted' parameter of {owner} takes one class index; got 'all'. "
             "Use compute_targeted_uaps(...) for one UAP per class."
         )
-    if isinstance(targeted, bool) or not isinstance(targeted, int) or not 0 <= targeted < num_classes:
+    if (
+        isinstance(targeted, bool)
+        or not isinstance(targeted, int)
+        or not 0 <= targeted < num_classes
+    ):
         raise ConfigError(
             f"The 'targeted' parameter of {owner} must be None or a class index in "
             f"[0, {num_classes - 1}]. Got {targeted!r} instead."
@@ -187,6 +246,7 @@ def compute_uap(
     batch_size: int = 64,
     seed: int = 0,
     device: str | torch.device | None = None,
+    channels_last: bool = True,
 ) -> UAPResult:
     """Compute a (non-)targeted universal adversarial perturbation.
 
@@ -206,6 +266,8 @@ def compute_uap(
         batch_size: images per gradient step.
         seed: seeds the shuffling of the source images.
         device: where to run; default the model's device.
+        channels_last: feed the model NHWC-strided batches (about 2× faster convolutions on CPU
+            and GPU); set False for a model that calls ``.view`` on conv outputs.
 
     Returns:
         A :class:`UAPResult` whose ``perturbation`` is a float32 CPU tensor (3, H, W).
@@ -245,37 +307,42 @@ def compute_uap(
     v = torch.zeros((1, *images.shape[1:]), device=dev)
     history: list[float] = []
     goal_reached = False
+    active_share = 1.0
 
     with eval_mode(model):
         target = _check_targeted(targeted, num_outputs(model, images, dev), owner)
-        clean = predict(model, images, batch_size=batch_size, device=dev)
+        clean = predict(
+            model, images, batch_size=batch_size, device=dev, channels_last=channels_last
+        )
         for _ in range(max_passes):
             order = torch.randperm(num, generator=generator)
             for sl in batches(num, batch_size):
                 idx = order[sl]
-                x = to_float(images[idx], dev)
-                with torch.no_grad():
-                    pred = model((x + v).clamp(0.0, 1.0)).argmax(dim=1)
-                if target is None:
-                    active = pred == clean[idx].to(dev)
-                else:
-                    active = pred != target
-                if not bool(active.any()):
-                    continue
-                x_adv = (x[active] + v).clamp(0.0, 1.0).requires_grad_(True)
-                logits = model(x_adv)
-                if target is None:
-                    # ascend the loss of the clean prediction
-                    loss = F.cross_entropy(logits, clean[idx].to(dev)[active])
-                    sign = 1.0
-                else:
-                    # descend the loss of the target class
-                    loss = F.cross_entropy(logits, torch.full_like(pred[active], target))
-                    sign = -1.0
-                (grad,) = torch.autograd.grad(loss, x_adv)
-                direction = _fgsm_direction(grad.sum(dim=0, keepdim=True), norm)
-                v = project_perturbation(v + sign * step * direction, xi, norm).detach()
-            perturbed = predict(model, images, perturbation=v, batch_size=batch_size, device=dev)
+                x = to_float(images[idx], dev, channels_last=channels_last)
+                labels = clean[idx].to(dev) if target is None else None
+                grad, active_share = _mean_gradient(
+                    model,
+                    x,
+                    v,
+                    labels,
+                    target,
+                    channels_last=channels_last,
+                    whole_batch=active_share > 0.5,
+                )
+                if grad is not None:
+                    # non-targeted: ascend the loss of the clean prediction; targeted: descend
+                    sign = 1.0 if target is None else -1.0
+                    v = project_perturbation(
+                        v + sign * step * _fgsm_direction(grad, norm), xi, norm
+                    )
+            perturbed = predict(
+                model,
+                images,
+                perturbation=v,
+                batch_size=batch_size,
+                device=dev,
+                channels_last=channels_last,
+            )
             rate = (perturbed != clean) if target is None else (perturbed == target)
             history.append(float(rate.double().mean()))
             if history[-1] >= goal_rate:
@@ -400,7 +467,9 @@ class UAPAttack:
         owner = "UAPAttack"
         self.zeta = check_fraction(zeta, "zeta", owner)
         self.norm = resolve_norm(norm, owner=owner)
-        if targeted is not None and (isinstance(targeted, bool) or not isinstance(targeted, int) or targeted < 0):
+        if targeted is not None and (
+            isinstance(targeted, bool) or not isinstance(targeted, int) or targeted < 0
+        ):
             raise ConfigError(
                 f"The 'targeted' parameter of {owner} must be None or a class index >= 0. "
                 f"Got {targeted!r} instead."

@@ -76,6 +76,21 @@ class Phase:
     epochs: int | None = None
 
 
+def _coerce(value: Any, default: Any) -> Any:
+    """Convert a spec string to the type of the parameter's default ('2' -> 2 for an int default).
+
+    A string that does not convert is kept as is, for ``validate`` to accept or reject by name.
+    """
+    if not isinstance(value, str) or isinstance(default, str) or default is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            return {"true": True, "false": False, "1": True, "0": False}[value.lower()]
+        return type(default)(value)
+    except (KeyError, ValueError):
+        return value
+
+
 class Strategy:
     """Base class. Subclasses declare ``params`` (name → default) and override hooks as needed.
 
@@ -100,7 +115,7 @@ class Strategy:
             raise ConfigError(
                 f"Strategy {self.name!r} got unknown parameter(s) {', '.join(sorted(unknown))}; valid: {valid}."
             )
-        self.params = {**self.defaults, **params}
+        self.params = {**self.defaults, **{k: _coerce(v, self.defaults[k]) for k, v in params.items()}}
         self.validate()
 
     # -- description ---------------------------------------------------------------------------

@@ -121,3 +121,37 @@ class Surgical(Strategy):
     def set_trainable(self, blocks) -> None:
         freeze_all(blocks)
         set_blocks_trainable(blocks, [self._index(blocks), blocks.head_idx])
+
+
+@register_strategy("deft")
+class MaskStrategy(Strategy):
+    """Fine-tune the blocks (or layers) a DEFT mask selects, plus the head (Vrbančič & Podgorelec 2020).
+
+    ``mask`` is a string of 0/1, one per non-head unit from input to output (``deft:0011``);
+    ``granularity`` is ``block`` or ``layer``.
+    """
+
+    main_param = "mask"
+    defaults = {"mask": "", "granularity": "block"}
+
+    def validate(self) -> None:
+        mask, gran = self.params["mask"], self.params["granularity"]
+        if not isinstance(mask, str) or not mask or set(mask) - {"0", "1"}:
+            raise ConfigError(f"The 'mask' parameter of strategy 'deft' must be a string of 0/1 (one per non-head "
+                              f"block, input to output), e.g. 'deft:00111'. Got {mask!r}.")
+        if gran not in ("block", "layer"):
+            raise ConfigError(f"The 'granularity' parameter of strategy 'deft' must be block or layer. Got {gran!r}.")
+        self.granularity = gran
+
+    def check_blocks(self, blocks) -> None:
+        if len(self.params["mask"]) != blocks.head_idx:
+            raise ConfigError(f"deft mask {self.params['mask']!r} has {len(self.params['mask'])} bits but this model "
+                              f"has {blocks.head_idx} non-head {self.granularity}s; give one bit per {self.granularity}.")
+
+    def set_trainable(self, blocks) -> None:
+        self.check_blocks(blocks)
+        freeze_all(blocks)
+        set_blocks_trainable(blocks, [i for i, bit in enumerate(self.params["mask"]) if bit == "1"] + [blocks.head_idx])
+
+    def depth(self, num_blocks: int) -> int:
+        return self.params["mask"].count("1")

@@ -208,18 +208,21 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
             yield _to_input(train_images[idx.to(train_images.device)], device, channels_last), train_labels[idx.to(device)]
 
     state: dict[str, Any] = {"phase": 0, "epoch": 0, "history": [], "train_seconds": 0.0, "images_seen": 0,
-                             "extras": {}}
+                             "extras": {}, "trained": []}
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     resume = None
     if ckpt is not None and ckpt.exists():
         resume = torch.load(ckpt, map_location="cpu", weights_only=True)
-        for key in ("phase", "epoch", "history", "train_seconds", "images_seen", "extras"):
+        for key in ("phase", "epoch", "history", "train_seconds", "images_seen", "extras", "trained"):
             state[key] = resume[key]
         if "optimizer" not in resume:  # saved at a phase boundary: these weights start the next phase
             model.load_state_dict(resume["model"])
             resume = None
         log(f"resuming from {ckpt} at phase {state['phase']} epoch {state['epoch']}")
 
+    # every parameter any optimiser of the run updated (the run's trainable parameter count)
+    named = dict(model.named_parameters())
+    trained_ids: set[int] = {id(named[n]) for n in (state.get("trained") or [])}
     phases = strategy.phases()
     for phase_idx, phase in enumerate(phases):
         if phase_idx < state["phase"]:
@@ -261,6 +264,7 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
             t0 = time.perf_counter()
             order = torch.randperm(len(train), generator=gen)
             loss_sum = torch.zeros((), device=device)
+            trained_ids.update(id(p) for g in optimizer.param_groups for p in g["params"])
             for b in range(steps_per_epoch):
                 step = epoch * steps_per_epoch + b
                 lr = lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr)
@@ -292,7 +296,8 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
                                          channels_last=channels_last, autocast_dtype=amp_dtype)
             # .item() syncs CPU and GPU, so the loss is read once per epoch
             record = {"phase": phase.name, "epoch": epoch, "train_loss": float(loss_sum.item()) / len(train),
-                      "lr": lr, "seconds": seconds, "trainable_params": count_trainable(model),
+                      "lr": lr, "seconds": seconds,
+                      "trainable_params": sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
                       **{f"val_{k}": v for k, v in val_metrics.items()}}
             state["history"].append(record)
             score = val_metrics.get(cfg.monitor, float("nan"))
@@ -319,6 +324,7 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
                 state["epoch"] = epoch
                 _save_atomic({
                     "phase": phase_idx, "epoch": epoch, "history": state["history"],
+                    "trained": [n for n, p in named.items() if id(p) in trained_ids],
                     "train_seconds": state["train_seconds"], "images_seen": state["images_seen"],
                     "extras": state["extras"], "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "layout": _group_layout(optimizer, model),
@@ -336,10 +342,11 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
             {"name": phase.name, "best_epoch": best["epoch"], "val": best["metrics"]})
         if ckpt is not None:
             _save_atomic({"phase": phase_idx + 1, "epoch": 0, "history": state["history"],
+                          "trained": [n for n, p in named.items() if id(p) in trained_ids],
                           "train_seconds": state["train_seconds"], "images_seen": state["images_seen"],
                           "extras": state["extras"], "model": model.state_dict()}, ckpt)
 
-    trainable = count_trainable(model)
+    trainable = sum(p.numel() for p in model.parameters() if id(p) in trained_ids)
     val_metrics, _, _ = evaluate(model, val, batch_size=cfg.eval_batch_size, loss_fn=loss_fn,
                                  channels_last=channels_last, autocast_dtype=amp_dtype)
     test_metrics, y_true, y_prob = evaluate(model, test, batch_size=cfg.eval_batch_size, loss_fn=loss_fn,

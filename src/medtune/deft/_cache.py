@@ -155,7 +155,8 @@ class JsonlGenomeCache:
         if good_bytes != len(data):
             warnings.warn(
                 f"The genome cache {str(self.path)!r} ends with a cut-short line "
-                f"({len(data) - good_bytes} bytes, probably from a killed search); it was dropped.\n"
+                f"({len(data) - good_bytes} bytes, probably from a killed search); it was "
+                "dropped.\n"
                 "HINT: the genome on that line will be trained again.",
                 stacklevel=3,
             )
@@ -165,7 +166,9 @@ class JsonlGenomeCache:
                     fh.flush()
                     os.fsync(fh.fileno())
             except OSError as exc:
-                raise StoreError(f"Cannot repair the genome cache {str(self.path)!r}: {exc}.") from exc
+                raise StoreError(
+                    f"Cannot repair the genome cache {str(self.path)!r}: {exc}."
+                ) from exc
 
     @staticmethod
     def _parse(raw: bytes) -> tuple[str, dict] | bool | None:

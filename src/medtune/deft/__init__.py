@@ -1,7 +1,7 @@
 """DEFT search: differential evolution over which blocks or layers to fine-tune."""
 
-from medtune.search._cache import GenomeCache, InMemoryGenomeCache, JsonlGenomeCache, genome_key
-from medtune.search.deft import (
+from medtune.deft._cache import GenomeCache, InMemoryGenomeCache, JsonlGenomeCache, genome_key
+from medtune.deft.deft import (
     INFEASIBLE_MODES,
     DEFTSearch,
     Evaluation,

@@ -15,7 +15,7 @@ import pytest
 from deft_fakes import HEAD_PARAMS, TOTAL_PARAMS, UNIT_PARAMS, AdditiveFitness
 
 from medtune.errors import ConfigError, StoreError
-from medtune.search import (
+from medtune.deft import (
     DEFTSearch,
     Evaluation,
     GenomeCache,
@@ -130,7 +130,7 @@ def test_time_constraint_is_rechecked_on_cached_evaluations():
 KILL_SCRIPT = """
 import json, sys
 from deft_fakes import HEAD_PARAMS, TOTAL_PARAMS, UNIT_PARAMS, SlowLoggingFitness
-from medtune.search import DEFTSearch, JsonlGenomeCache
+from medtune.deft import DEFTSearch, JsonlGenomeCache
 cache_path, side_file = sys.argv[1], sys.argv[2]
 search = DEFTSearch(num_units=7, evaluator=SlowLoggingFitness(side_file, 0.05),
                     unit_params=UNIT_PARAMS, head_params=HEAD_PARAMS, total_params=TOTAL_PARAMS,

@@ -73,7 +73,7 @@ def build_runs(
                         auc = mean + jitter(block, label_idx, amplitude.get(label, 0.004)) - 0.1 * (1 - frac) * (
                             2 if strategy == "scratch" else 1)
                         run = {
-                            "run_id": f"{dataset[:2]}{arch[:3]}{seed}{label}{frac}".replace(":", ""),
+                            "run_id": f"{dataset}-{arch[:3]}-{seed}-{label}-{frac}".replace(":", ""),
                             "status": "done", "created": "2026-11-22T04:10:00Z",
                             "dataset": dataset, "data_fingerprint": f"fp-{dataset}", "arch": arch,
                             "weights": "none" if strategy == "scratch" else "imagenet",
@@ -102,7 +102,7 @@ def build_runs(
                         if predictions:
                             rng = np.random.default_rng(block)
                             y = np.array([0] * 20 + [1] * 20)
-                            p1 = np.clip(y * (mean - 0.3) + rng.uniform(0, 0.6, 40), 0, 1)
+                            p1 = np.clip(y * (mean - 0.6) + rng.uniform(0, 0.7, 40), 0, 1)  # overlapping
                             run["predictions"] = {"y_true": y.tolist(),
                                                   "y_prob": np.stack([1 - p1, p1], 1).tolist(),
                                                   "class_names": ["benign", "malignant"]}
@@ -129,7 +129,7 @@ def build_attacks(runs: list[dict], png_dir: Path | None = None) -> list[dict]:
     """Non-targeted UAP audits at ζ ∈ {0.02, 0.04, 0.08} from 3 sources, plus one targeted one.
 
     Fooling rate = 0.2 + 6·ζ for 'train', 0.1 + 5·ζ for 'natural', 0.02 + ζ for 'random',
-    minus 0.1 for linear probes (their rate is lower by construction).
+    minus 0.1 for linear probes (their rate is lower by construction), clipped at 0.
     """
     attacks = []
     base = {"train": (0.2, 6.0), "natural": (0.1, 5.0), "random": (0.02, 1.0)}
@@ -138,7 +138,7 @@ def build_attacks(runs: list[dict], png_dir: Path | None = None) -> list[dict]:
     for r in chosen:
         for source, (a, b) in base.items():
             for zeta in (0.02, 0.04, 0.08):
-                rate = a + b * zeta - (0.1 if r["label"] == "linear" else 0.0)
+                rate = max(0.0, a + b * zeta - (0.1 if r["label"] == "linear" else 0.0))
                 png = None
                 if png_dir is not None and zeta == 0.04 and r["seed"] == 0:
                     png = str(write_png(png_dir / f"uap_{r['run_id']}_{source}.png"))
@@ -192,5 +192,50 @@ def full_records(tmp_path):
     return runs, attacks, [build_search()]
 
 
-def is_finite(x) -> bool:
-    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+
+
+@pytest.fixture(scope="session")
+def built_report(tmp_path_factory):
+    """The full HTML report of ``full_records``-like data, built once per session.
+
+    Returns:
+        (path of report.html, runs, attacks, searches)
+    """
+    root = tmp_path_factory.mktemp("report")
+    runs = build_runs(STANDARD_MEANS, predictions=True, auto_rgn=True)
+    runs += build_runs({"scratch": 0.75, "full": 0.90, "top_k:1": 0.90}, fractions=(0.25, 0.5), datasets=("demo",))
+    runs.append({**runs[0], "run_id": "failed-run", "status": "failed", "metrics": {}})
+    png_dir = root / "uaps"
+    png_dir.mkdir()
+    attacks = build_attacks(runs, png_dir)
+    searches = [build_search()]
+    from medtune.reporting import build_report
+
+    path = build_report(runs, attacks, searches, title="Demo <study> & co", out_path=root / "out" / "report.html")
+    return path, runs, attacks, searches
+
+
+@pytest.fixture
+def make_runs():
+    """The :func:`build_runs` factory (tests take it as a fixture instead of importing conftest)."""
+    return build_runs
+
+
+@pytest.fixture
+def make_attacks():
+    """The :func:`build_attacks` factory."""
+    return build_attacks
+
+
+@pytest.fixture
+def make_search():
+    """The :func:`build_search` factory."""
+    return build_search
+
+
+@pytest.fixture
+def make_png():
+    """The :func:`write_png` helper."""
+    return write_png

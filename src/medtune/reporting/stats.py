@@ -17,7 +17,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from medtune.errors import ConfigError, unknown_name_error
-from medtune.report._records import (
+from medtune.reporting._records import (
     DEFAULT_METRICS,
     RUN_COLUMNS,
     attacks_frame,
@@ -132,6 +132,8 @@ def _block_table(
     frame = runs_frame(runs, [metric]).dropna(subset=[metric])
     if frame.empty:
         return pd.DataFrame(), notes
+    keys = [*blocks, treatment]
+    frame[keys] = frame[keys].astype(object).where(frame[keys].notna(), "(none)")  # pandas drops NaN keys
     counts = frame.groupby([*blocks, treatment], dropna=False).size()
     if (counts > 1).any():
         notes.append(f"{int((counts > 1).sum())} cell(s) hold more than one run; their {metric} is averaged.")
@@ -349,7 +351,8 @@ def recommend(
     Returns:
         dict with ``label`` (None when there is nothing to recommend), ``best_label``, ``metric``,
         ``mean``/``sd``/``n`` of the recommendation, ``best_mean``/``best_sd``, ``method``
-        (``"wilcoxon_holm"``, ``"within_sd"``, ``"within_tolerance"`` or ``"none"``), ``p_holm``
+        (``"wilcoxon_holm"``, ``"within_sd"``, ``"within_tolerance"``, ``"single"`` when only one
+        configuration has results, or ``"none"`` when there are no runs), ``p_holm``
         (of the recommendation vs the best, when tested), ``not_worse`` (labels that pass),
         ``trainable_params``, ``train_seconds``, ``params_ratio``/``time_ratio`` (full ÷
         recommended; None without ``full`` runs), ``fooling_rate`` ({source: {rate, ci_low,
@@ -405,7 +408,8 @@ def recommend(
             margin, out["method"] = float(best_sd), "within_sd"
         else:
             margin, out["method"] = float(tolerance), "within_tolerance"
-        gap = (per_label.loc[best, "mean"] - per_label["mean"]) if better else (per_label["mean"] - per_label.loc[best, "mean"])
+        gap = per_label.loc[best, "mean"] - per_label["mean"]
+        gap = gap if better else -gap
         passing = [str(lab) for lab, g in gap.items() if g <= margin + 1e-12]
     cands = per_label.loc[passing].copy()
     cands["params_key"] = cands["params"].fillna(math.inf)
@@ -452,7 +456,8 @@ def _fooling_at(attacks: Sequence[Record], runs: Sequence[Record], label: str, z
     for source, g in sel.groupby("source"):
         out[str(source)] = {"rate": float(g["fooling_rate"].mean()), "ci_low": float(g["fooling_ci_low"].mean()),
                             "ci_high": float(g["fooling_ci_high"].mean()),
-                            "random_rate": float(g["random_fooling_rate"].mean()), "num_runs": int(g["run_id"].nunique())}
+                            "random_rate": float(g["random_fooling_rate"].mean()),
+                            "num_runs": int(g["run_id"].nunique())}
     return out
 
 

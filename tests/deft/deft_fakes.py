@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from medtune.search import Evaluation
+from medtune.deft import Evaluation
 
 UNIT_PARAMS = (100, 200, 400, 800, 1600, 3200, 6400)
 HEAD_PARAMS = 50
@@ -19,7 +19,7 @@ TOTAL_PARAMS = HEAD_PARAMS + sum(UNIT_PARAMS)
 
 
 def count_params(mask: Sequence[int], unit_params=UNIT_PARAMS, head_params=HEAD_PARAMS) -> int:
-    return head_params + sum(p for bit, p in zip(mask, unit_params) if bit)
+    return head_params + sum(p for bit, p in zip(mask, unit_params, strict=True) if bit)
 
 
 class TargetFitness:
@@ -32,7 +32,7 @@ class TargetFitness:
 
     def __call__(self, mask):
         self.calls.append(tuple(mask))
-        agree = sum(a == b for a, b in zip(mask, self.target))
+        agree = sum(a == b for a, b in zip(mask, self.target, strict=True))
         unit_params = (100,) * len(self.target)
         return Evaluation(fitness=agree / len(self.target),
                           trainable_params=count_params(mask, unit_params),
@@ -56,7 +56,8 @@ class AdditiveFitness:
     @classmethod
     def score(cls, mask) -> float:
         (i, j), bonus = cls.INTERACTION
-        value = 0.5 + sum(w * b for w, b in zip(cls.WEIGHTS, mask)) + bonus * mask[i] * mask[j]
+        additive = sum(w * b for w, b in zip(cls.WEIGHTS, mask, strict=True))
+        value = 0.5 + additive + bonus * mask[i] * mask[j]
         return round(value, 10)
 
     def __call__(self, mask):

@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from medtune.report._records import attacks_frame, done_runs, higher_is_better, main_fraction_runs, runs_frame
+from medtune.reporting._records import attacks_frame, done_runs, higher_is_better, main_fraction_runs, runs_frame
 
 __all__ = [
     "label_colors",
@@ -109,7 +109,12 @@ def plot_depth(runs: Sequence[Record], metric: str = "auc") -> Figure | None:
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
     for ax, (dataset, family) in zip(axes, panels):
         keep = ["linear", family] + (["full"] if family == "top_k" else [])
-        sel = frame[(frame["dataset"] == dataset) & frame["strategy"].isin(keep) & frame["depth"].notna()].copy()
+        sel = frame[(frame["dataset"] == dataset) & frame["strategy"].isin(keep)].copy()
+        # older records may lack depth for the end points: linear = 0, full = all non-head blocks
+        sel.loc[sel["depth"].isna() & (sel["strategy"] == "linear"), "depth"] = 0
+        is_full = sel["depth"].isna() & (sel["strategy"] == "full")
+        sel.loc[is_full, "depth"] = sel.loc[is_full, "num_blocks"] - 1
+        sel = sel[sel["depth"].notna()]
         sel["depth"] = sel["depth"].astype(float)
         for arch, g in sel.groupby("arch", sort=True):
             st = _group_stats(g, ["depth"], metric).sort_values("depth")

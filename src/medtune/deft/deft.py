@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ from scipy.optimize import differential_evolution
 from scipy.stats import qmc
 
 from medtune.errors import ConfigError, MedtuneError, NotFittedError, unknown_name_error
-from medtune.search._cache import GenomeCache, InMemoryGenomeCache, genome_key
+from medtune.deft._cache import GenomeCache, InMemoryGenomeCache, genome_key
 
 __all__ = [
     "Mask",
@@ -129,7 +128,9 @@ def _check_float(value: Any, name: str, *, low: float, high: float, high_open: b
                  low_open: bool = False, hint: str = "") -> float:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        ok = above and below
     if not ok:
         interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise ConfigError(
@@ -230,6 +231,8 @@ class DEFTSearch:
         max_trainable_params_: the resolved absolute parameter budget, or ``None``.
         fallback_used_: whether the head-only fallback was returned.
         stopped_by_callback_: whether the callback ended the search.
+        scipy_result_: ``{"nit", "nfev", "message"}`` of scipy's run (``None`` counts when the
+            callback stopped it at generation 0).
 
     Raises:
         ConfigError: on invalid arguments (at construction).
@@ -273,7 +276,8 @@ class DEFTSearch:
         self.evaluator = evaluator
         if isinstance(unit_params, (str, bytes)) or not isinstance(unit_params, Sequence) \
                 or len(unit_params) != self.num_units:
-            got = len(unit_params) if isinstance(unit_params, Sequence) else type(unit_params).__name__
+            got = (len(unit_params) if isinstance(unit_params, Sequence)
+                   else type(unit_params).__name__)
             raise ConfigError(
                 f"The 'unit_params' parameter of DEFTSearch must be a sequence of {self.num_units} "
                 f"ints (one per unit, num_units={self.num_units}). Got {got!r} instead."
@@ -374,9 +378,24 @@ class DEFTSearch:
             )
         return budget
 
+    def _check_mask(self, mask: Sequence[int]) -> Mask:
+        bits = tuple(mask)
+        if len(bits) != self.num_units or any(bit not in (0, 1) for bit in bits):
+            raise ConfigError(
+                f"A DEFT mask must be {self.num_units} values of 0 or 1 (one per unit, head "
+                f"excluded). Got {list(bits)!r} instead."
+            )
+        return tuple(int(bit) for bit in bits)
+
     def count_trainable(self, mask: Sequence[int]) -> int:
-        """Return the trainable parameters of a mask: head + the selected units."""
-        return self.head_params + sum(p for bit, p in zip(mask, self.unit_params) if bit)
+        """Return the trainable parameters of a mask: head + the selected units.
+
+        Raises:
+            ConfigError: if ``mask`` is not ``num_units`` values of 0 or 1.
+        """
+        bits = self._check_mask(mask)
+        selected = (p for bit, p in zip(bits, self.unit_params, strict=True) if bit)
+        return self.head_params + sum(selected)
 
     def repair(self, mask: Sequence[int]) -> Mask:
         """Drop the largest selected units (ties: nearest the input) until the budget holds.
@@ -387,8 +406,11 @@ class DEFTSearch:
         Returns:
             The repaired mask; ``mask`` itself (as a tuple) if it already fits or there is no
             parameter budget. Deterministic.
+
+        Raises:
+            ConfigError: if ``mask`` is not ``num_units`` values of 0 or 1.
         """
-        repaired = [int(bit) for bit in mask]
+        repaired = list(self._check_mask(mask))
         if self.max_trainable_params_ is None:
             return tuple(repaired)
         while self.count_trainable(repaired) > self.max_trainable_params_:
@@ -501,7 +523,9 @@ class _SearchRun:
         values = np.asarray(x, dtype=float)
         bits = np.rint(values)
         if not np.all((bits == 0) | (bits == 1)) or not np.allclose(values, bits):
-            raise MedtuneError(f"scipy proposed a non-binary genome {values.tolist()}; expected 0/1.")
+            raise MedtuneError(
+                f"scipy proposed a non-binary genome {values.tolist()}; expected 0/1."
+            )
         return tuple(int(b) for b in bits)
 
     # ---- scipy's workers=: evaluate one generation, then score it through `func`
@@ -553,7 +577,7 @@ class _SearchRun:
             masks = [tuple(r["mask"]) for r in pending]
             results = (search.map_fn or map)(search.evaluator, masks)
             num_received = 0
-            for record, evaluation in zip(pending, results):
+            for record, evaluation in zip(pending, results, strict=False):  # counted below
                 num_received += 1
                 self.num_trainings += 1
                 self._check_evaluation(evaluation, record["mask"])
@@ -631,8 +655,8 @@ class _SearchRun:
         expected = self.search.count_trainable(mask)
         if int(evaluation.trainable_params) != expected:
             warnings.warn(
-                f"The DEFT evaluator reports {evaluation.trainable_params} trainable parameters for "
-                f"mask {mask}, but head_params + unit_params give {expected}; the search uses "
+                f"The DEFT evaluator reports {evaluation.trainable_params} trainable parameters "
+                f"for mask {mask}, but head_params + unit_params give {expected}; the search uses "
                 f"{expected} for the budget.\n"
                 "HINT: check unit_params/head_params against the model's block partition.",
                 stacklevel=2,

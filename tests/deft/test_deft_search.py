@@ -18,7 +18,7 @@ from deft_fakes import (
 )
 
 from medtune.errors import ConfigError, MedtuneError, NotFittedError
-from medtune.search import DEFTSearch, Evaluation, search_result_to_dict
+from medtune.deft import DEFTSearch, Evaluation, search_result_to_dict
 
 
 def additive_search(evaluator=None, **kwargs) -> DEFTSearch:
@@ -268,7 +268,7 @@ def test_invalid_arguments_raise_config_error(overrides, message):
 
 def test_evaluator_errors_propagate_unchanged_and_finished_trainings_stay_cached():
     # scipy rewrites a ValueError raised inside its workers map; the search must not let it
-    from medtune.search import InMemoryGenomeCache
+    from medtune.deft import InMemoryGenomeCache
 
     calls = []
 
@@ -282,3 +282,12 @@ def test_evaluator_errors_propagate_unchanged_and_finished_trainings_stay_cached
     with pytest.raises(ValueError, match="CUDA out of memory"):
         additive_search(failing, cache=cache).fit()
     assert len(cache) == 3
+
+
+@pytest.mark.parametrize("mask", [(1, 0), (1, 0, 2, 0, 0, 0, 0)])
+def test_public_mask_helpers_check_the_mask(mask):
+    search = additive_search()
+    with pytest.raises(ConfigError, match="must be 7 values of 0 or 1"):
+        search.count_trainable(mask)
+    with pytest.raises(ConfigError, match="must be 7 values of 0 or 1"):
+        search.repair(mask)

@@ -1,0 +1,235 @@
+"""``medtune search``: DEFT on real training runs, then the full-fidelity comparison.
+
+The engine (:class:`~medtune.deft.deft.DEFTSearch`) only searches; this module supplies its
+evaluator (a low-fidelity training of one mask through the one training loop), its persistent
+genome cache (the results store's ``genomes`` table, so a restarted search retrains nothing),
+and afterwards retrains the best mask at full fidelity beside ``full``, ``linear`` and every
+``top_k`` on the same data and seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from medtune.config import RunConfig, _Base, check_choice, check_scalar, load_yaml
+from medtune.errors import ConfigError, did_you_mean
+from medtune.deft.deft import DEFTSearch, Evaluation, search_result_to_dict
+from medtune.store import ResultsStore
+
+__all__ = ["SearchConfig", "MaskEvaluator", "StoreGenomeCache", "run_search"]
+
+
+@dataclass(frozen=True)
+class SearchConfig(_Base):
+    """A DEFT search: the base run plus the search's own settings.
+
+    Attributes:
+        granularity: ``block`` or ``layer`` — one genome bit per non-head unit.
+        popsize, mutation, recombination, generations, search_seed: differential evolution.
+        search_epochs: epochs of each low-fidelity training.
+        search_train_fraction: share of the training split each low-fidelity training uses.
+        max_trainable_params: budget, absolute (> 1) or a fraction of the model (<= 1); 0 = none.
+        max_seconds: training-time budget per evaluation in seconds; 0 = none.
+        infeasible: ``penalty`` or ``repair`` (see DEFTSearch).
+        seeds: training seeds of the full-fidelity comparison.
+        compare: also train ``full``, ``linear`` and every ``top_k`` at full fidelity.
+    """
+
+    base: RunConfig = field(default_factory=RunConfig)
+    granularity: str = "block"
+    popsize: int = 8
+    mutation: float = 0.8
+    recombination: float = 0.7
+    generations: int = 4
+    search_seed: int = 0
+    search_epochs: int = 2
+    search_train_fraction: float = 1.0
+    max_trainable_params: float = 0.0
+    max_seconds: float = 0.0
+    infeasible: str = "penalty"
+    seeds: tuple[int, ...] = (0,)
+    compare: bool = True
+
+    def __post_init__(self) -> None:
+        owner = "SearchConfig"
+        check_choice(self.granularity, "granularity", ("block", "layer"), owner=owner)
+        check_choice(self.infeasible, "infeasible", ("penalty", "repair"), owner=owner)
+        check_scalar(self.search_epochs, "search_epochs", int, min_val=1, owner=owner)
+        check_scalar(self.search_train_fraction, "search_train_fraction", (float, int), min_val=0, max_val=1,
+                     include_min=False, owner=owner)
+        check_scalar(self.max_trainable_params, "max_trainable_params", (float, int), min_val=0, owner=owner)
+        check_scalar(self.max_seconds, "max_seconds", (float, int), min_val=0, owner=owner)
+        seeds = self.seeds
+        if isinstance(seeds, str):
+            seeds = [s for s in seeds.split(",") if s.strip()]
+        try:
+            object.__setattr__(self, "seeds", tuple(int(s) for s in (seeds if isinstance(seeds, (list, tuple)) else [seeds])))
+        except ValueError:
+            raise ConfigError(f"The 'seeds' parameter of SearchConfig must be integers. Got {self.seeds!r}.") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.base.to_dict()
+        out.pop("seed")
+        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "base"})
+        out["seeds"] = list(self.seeds)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> SearchConfig:
+        own = [f.name for f in fields(cls) if f.name != "base"]
+        run_keys = [f.name for f in fields(RunConfig)]
+        valid = sorted(set(own) | set(run_keys))
+        mine, base = {}, {}
+        for key, value in data.items():
+            norm = str(key).replace("-", "_")
+            if norm == "seed":
+                norm = "seeds"
+            if norm in own:
+                mine[norm] = value
+            elif norm in run_keys:
+                base[norm] = value
+            else:
+                raise ConfigError(f"{source}: unknown config key {key!r}.{did_you_mean(norm, valid)} "
+                                  f"Valid keys: {', '.join(valid)}.")
+        return cls(base=RunConfig.from_dict(base, source=source), **mine)
+
+
+class StoreGenomeCache:
+    """The DEFT genome cache on the results store's ``genomes`` table (survives restarts)."""
+
+    def __init__(self, store: ResultsStore) -> None:
+        self.store = store
+
+    def get(self, key: str) -> dict | None:
+        return self.store.get_genome(key)
+
+    def put(self, key: str, value: dict) -> None:
+        self.store.put_genome(key, value)
+
+
+class MaskEvaluator:
+    """Train one mask at low fidelity and return its validation score (picklable for process pools).
+
+    Args:
+        cfg: the run config of a low-fidelity training (epochs, train_fraction already set).
+        granularity: ``block`` or ``layer``.
+    """
+
+    def __init__(self, cfg: RunConfig, granularity: str) -> None:
+        self.cfg, self.granularity = cfg, granularity
+
+    def __call__(self, mask) -> Evaluation:
+        from medtune.runner import build_run, prepare_data
+        from medtune.training.loop import fit, resolve_device
+
+        bits = "".join(str(int(b)) for b in mask)
+        cfg = self.cfg.replace(strategy=f"deft:mask={bits},granularity={self.granularity}")
+        data = prepare_data(cfg)
+        strategy, model, blocks = build_run(cfg, data, resolve_device(cfg.device))
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            result = fit(model, data, strategy, cfg, blocks=blocks)
+        seconds = time.perf_counter() - t0
+        score = result.val_metrics.get(cfg.monitor, float("nan"))
+        if cfg.monitor == "loss":
+            score = -score
+        return Evaluation(fitness=float(score), trainable_params=result.trainable_params, seconds=seconds,
+                          info={"val": result.val_metrics, "train_seconds": result.train_seconds})
+
+
+def run_search(config: SearchConfig | dict | str, *, store: ResultsStore | None = None,
+               log: Callable[[str], None] | None = None, map_fn=None, **overrides: Any) -> dict:
+    """Run a DEFT search, retrain its best mask and compare it; return the stored search record.
+
+    Args:
+        config: a SearchConfig, a dict of its keys, or a YAML path.
+        store: results store (default: the config's ``store``).
+        log: receives one-line progress messages.
+        map_fn: map-like used to evaluate one generation (default: sequential ``map``).
+        **overrides: config keys replacing the config's.
+    """
+    from medtune.models import get_blocks
+    from medtune.runner import build_run, prepare_data, run
+    from medtune.sweep import results_table
+
+    if isinstance(config, SearchConfig):
+        data = config.to_dict()
+    elif isinstance(config, Mapping):
+        data = dict(config)
+    else:
+        data = load_yaml(config)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = SearchConfig.from_dict(data, source=str(config) if isinstance(config, str) else "config")
+    log = log or (lambda _m: None)
+    store = store or ResultsStore(cfg.base.store)
+    base = cfg.base.replace(seed=cfg.seeds[0])
+    low = base.replace(epochs=cfg.search_epochs, train_fraction=float(cfg.search_train_fraction) * base.train_fraction)
+    full_data = prepare_data(base)
+    low_data = prepare_data(low)
+    _, model, _ = build_run(base.replace(strategy="full"), full_data, torch.device("cpu"))
+    blocks = get_blocks(model, granularity=cfg.granularity)
+    unit_params = [b.num_params for b in blocks][:-1]
+    head_params = blocks[blocks.head_idx].num_params
+    total = sum(p.numel() for p in model.parameters())
+    unit_names = [b.name for b in blocks][:-1]
+    fidelity = {"epochs": cfg.search_epochs, "train_fraction": low.train_fraction, "granularity": cfg.granularity}
+    context = json.dumps({"run": low.replace(strategy="deft:mask=0").semantic_dict(), "data": low_data.fingerprint()},
+                         sort_keys=True)
+    budget = cfg.max_trainable_params or None
+    if budget is not None and budget > 1:
+        budget = int(budget)
+    search_id = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    log(f"DEFT search {search_id}: {len(unit_names)} {cfg.granularity}s, popsize {cfg.popsize}, "
+        f"{cfg.generations} generations, {cfg.search_epochs} epochs per evaluation")
+
+    def on_generation(entry: dict) -> None:
+        log(f"generation {entry['generation']}: best {entry['best_fitness']:.4f} mask "
+            f"{''.join(map(str, entry['best_mask']))} ({entry['num_trainings']} trained, "
+            f"{entry['num_cache_hits']} cached)")
+
+    t0 = time.perf_counter()
+    search = DEFTSearch(num_units=len(unit_names), evaluator=MaskEvaluator(low, cfg.granularity),
+                        unit_params=unit_params, head_params=head_params, total_params=total,
+                        max_trainable_params=budget, max_seconds=cfg.max_seconds or None, infeasible=cfg.infeasible,
+                        popsize=cfg.popsize, mutation=cfg.mutation, recombination=cfg.recombination,
+                        generations=cfg.generations, seed=cfg.search_seed, fidelity=fidelity, context=context,
+                        cache=StoreGenomeCache(store), map_fn=map_fn, callback=on_generation).fit()
+    seconds = time.perf_counter() - t0
+    best = "".join(map(str, search.best_mask_))
+    log(f"best mask {best} (val {search.best_fitness_:.4f}) after {seconds:.0f} s, "
+        f"{search.num_trainings_} trainings")
+    result = search_result_to_dict(search)
+
+    comparison: list[dict] = []
+    specs = [f"deft:mask={best},granularity={cfg.granularity}"]
+    if cfg.compare:
+        specs += ["full", "linear"] + [f"top_k:{k}" for k in range(len(get_blocks(model)))]
+    records = []
+    for spec in specs:
+        for seed in cfg.seeds:
+            records.append(run(base.replace(strategy=spec, seed=seed), store=store, log=log))
+    rows = results_table(records)
+    best_top = max((r for r in rows if r["strategy"].startswith("top_k")), key=lambda r: r["auc_mean"], default=None)
+    for r in rows:
+        if r["strategy"].startswith("top_k") and r is not best_top:
+            continue
+        comparison.append({"label": "deft" if r["strategy"].startswith("deft") else r["strategy"],
+                           "auc": r["auc_mean"], "auc_sd": r["auc_sd"], "accuracy": r["accuracy_mean"],
+                           "trainable_params": r["trainable_params"], "train_seconds": r["train_seconds"],
+                           "n_seeds": r["n_seeds"]})
+    record = {"search_id": search_id, "dataset": full_data.name, "arch": base.arch, "granularity": cfg.granularity,
+              "unit_names": unit_names, "unit_params": unit_params, "history": result["history"],
+              "best_mask": list(search.best_mask_), "best_fitness": search.best_fitness_, "seconds": seconds,
+              "num_trainings": search.num_trainings_, "num_evaluations": len(search.evaluations_),
+              "trainable_fraction": search.count_trainable(search.best_mask_) / total,
+              "comparison": comparison, "config": cfg.to_dict(), "evaluations": result.get("evaluations")}
+    store.put_search(search_id, record)
+    return record
