@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from medtune.robustness import budget_xi, compute_uap, evaluate_perturbation, perturbation_norm
+from medtune.robustness import (
+    budget_xi,
+    compute_uap,
+    evaluate_perturbation,
+    perturbation_norm,
+)
 
 art = pytest.importorskip("art")
 

@@ -202,3 +202,40 @@ def test_registry(random_setup):
         create_attack("uap", targeted=-1)
     with pytest.raises(ConfigError, match="'zeta' parameter of UAPAttack"):
         UAPAttack(zeta=8)
+
+
+def test_registering_a_name_twice_fails():
+    from medtune.robustness import register_attack
+
+    with pytest.raises(
+        ValueError, match="Attack 'uap' is already registered by medtune.robustness.uap"
+    ):
+        register_attack("uap")(type("Other", (), {}))
+
+
+def test_uint8_and_float_images_give_the_same_uap(random_setup):
+    model, images = random_setup
+    kwargs = {"zeta": 0.1, "max_passes": 1, "batch_size": 8, "seed": 3}
+    from_uint8 = compute_uap(model, images, **kwargs)
+    from_float = compute_uap(model, images.float() / 255, **kwargs)
+    assert from_uint8.xi == pytest.approx(from_float.xi)
+    torch.testing.assert_close(from_uint8.perturbation, from_float.perturbation)
+
+
+def test_mask_and_whole_batch_gradients_agree(colour_task):
+    # the two exact ways of getting the gradient over the not-yet-fooled images (see _mean_gradient)
+    from medtune.robustness.uap import _mean_gradient
+
+    model, x = colour_task["model"], colour_task["train_x"][:32].float() / 255
+    v = torch.zeros(1, 3, 16, 16)
+    v[:, 1] = 0.05  # fools some images, not all
+    clean = model(x).argmax(1)
+    grads = [
+        _mean_gradient(model, x, v, clean, None, channels_last=cl, whole_batch=wb)
+        for wb in (True, False)
+        for cl in (True, False)
+    ]
+    assert 0 < grads[0][1] < 1
+    for grad, share in grads[1:]:
+        assert share == grads[0][1]
+        torch.testing.assert_close(grad, grads[0][0], rtol=1e-4, atol=1e-6)

@@ -324,7 +324,8 @@ class _Partitioner:
         placed = {name: gi for gi, group in enumerate(groups) for name in group}
         if not groups:
             groups, placed = [[]], {}
-        for name in (n for n in self.body if n in set(unmatched) - set(pre_logits)):
+        to_place = set(unmatched) - set(pre_logits)
+        for name in (n for n in self.body if n in to_place):
             earlier = [placed[n] for n in self.body[: self.body.index(name)] if n in placed]
             gi = earlier[-1] if earlier else 0
             groups[gi].append(name)

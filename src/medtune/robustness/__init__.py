@@ -7,7 +7,11 @@ the same units. See METHODS.md, section "UAP audit".
 from medtune.robustness._registry import create_attack, list_attacks, register_attack
 from medtune.robustness.audit import SOURCES, AuditResult, audit
 from medtune.robustness.evaluate import evaluate_perturbation, rate_ci, transfer_matrix
-from medtune.robustness.plots import perturbation_to_image, save_examples_png, save_perturbation_png
+from medtune.robustness.plots import (
+    perturbation_to_image,
+    save_examples_png,
+    save_perturbation_png,
+)
 from medtune.robustness.sources import BUILTIN_PHOTOS, mixed_source, natural_images
 from medtune.robustness.uap import (
     UAPAttack,

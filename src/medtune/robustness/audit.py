@@ -21,7 +21,12 @@ from medtune.robustness._common import (
 )
 from medtune.robustness.evaluate import evaluate_perturbation
 from medtune.robustness.sources import natural_images
-from medtune.robustness.uap import budget_xi, compute_uap, perturbation_norm, random_control
+from medtune.robustness.uap import (
+    budget_xi,
+    compute_uap,
+    perturbation_norm,
+    random_control,
+)
 
 __all__ = ["AuditResult", "audit", "SOURCES"]
 

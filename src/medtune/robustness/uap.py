@@ -5,16 +5,20 @@ with an FGSM-type inner step, as used by Hirano & Takemoto (2020) and Hirano, Mi
 (2021, BMC Med Imaging) on top of IBM ART's ``UniversalPerturbation(attacker="fgsm")``.
 
 Relation to the per-image original (ART). ART visits the source images one at a time; for an image
-where x+v still has its clean prediction it takes one FGSM step on x+v, keeps the step only if it
-changes that image's label, and projects v onto the ξ-ball. One pass therefore costs up to four
-batch-1 forward/backward passes per image. Here a pass visits the same images in seeded, shuffled
-mini-batches and takes *one* FGSM step per batch, along the mean loss gradient of the batch's images
-that are not yet fooled (mini-batch instead of per-sample updates, the way SGD relates to per-sample
-gradient steps), and always keeps it. The step is followed by the same projection, the same clipping of
-x+v to [0, 1] and the same stopping rule (the fooling / success rate on the source after each pass).
-With ``batch_size=1`` the loop is the original without its "keep the step only if the label changes"
-test. The gradient is taken w.r.t. the clipped input clip(x+v), i.e. straight through the clip, so a
-saturated pixel can still move back into range.
+where x+v still has its clean prediction (targeted: is not yet the target) it takes one FGSM step
+from x+v, keeps it only if that image's label changes, sets v to the clipped adversarial image minus
+x, and projects v onto the ξ-ball; after each pass it scores v on all source images. Every call runs
+at batch size 1. Here a pass visits the same images in seeded, shuffled mini-batches and takes *one*
+FGSM step per batch, along the mean loss gradient of the batch's images not yet fooled, and always
+keeps it (mini-batch instead of per-sample updates, as SGD relates to per-sample steps); projection,
+clipping of x+v to [0, 1] and the stopping rule are the same. Consequences: at equal passes this
+loop makes N/batch_size updates per pass where ART makes up to N, so it needs more passes or a
+larger step when N/batch_size is small; on the other hand ART moves only when one step flips one
+image, so with small steps (e.g. 0.1·ξ on easy tasks) it may never move at all, where this loop
+accumulates small consistent steps. The gradient is taken w.r.t. clip(x+v), straight through the
+clip, so a saturated pixel can still move back into range. Batches are fed channels-last and the
+mask of not-yet-fooled images costs no extra pass when most images are active (see
+``_mean_gradient``); both are exact.
 """
 
 from __future__ import annotations
