@@ -29,6 +29,7 @@ __all__ = [
     "demo",
     "search",
     "report",
+    "attack",
     "DEMO_SWEEP",
     "MedtuneError",
     "ConfigError",
@@ -93,3 +94,10 @@ def report(store: str = "./medtune-results", *, out_path: str | None = None, fmt
     db = ResultsStore(store)
     out = out_path or str(Path(store) / f"report.{fmt}")
     return str(build_report(db.runs(), db.attacks(), db.searches(), title=title, out_path=out, fmt=fmt, metric=metric))
+
+
+def attack(runs: Any = "all", **kwargs: Any) -> list[dict]:
+    """UAP audit of stored runs (see :func:`medtune.robustness.driver.attack`)."""
+    from medtune.robustness.driver import attack as _attack
+
+    return _attack(runs, **kwargs)

@@ -105,6 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
                        ("infeasible", str), ("seeds", str)):
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=conv, default=None)
 
+    p = sub.add_parser("attack", help="UAP audit of stored runs (non-targeted/targeted, train/natural/random)")
+    p.add_argument("runs", nargs="*", default=["all"], help="run ids (prefixes) or 'all'")
+    p.add_argument("--store", default="./medtune-results")
+    p.add_argument("--source", default="train,natural", help="train, natural, or a folder of natural images")
+    p.add_argument("--zeta", default="0.02,0.04,0.08", help="budgets as fractions of the mean Lp norm")
+    p.add_argument("--norm", default="2", choices=("2", "inf"))
+    p.add_argument("--targeted", default=None, help="a class index or 'all'")
+    p.add_argument("--num-source-images", type=int, default=256)
+    p.add_argument("--max-passes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--transfer", action="store_true", help="also the transferability matrix between the runs")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+
     p = sub.add_parser("strategies", help="list the registered strategies")
     p.add_argument("--format", choices=("table", "json"), default="table")
 
@@ -253,6 +267,52 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_attack(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import medtune
+
+    sources, folder = [], None
+    for s in args.source.split(","):
+        if s in ("train", "natural"):
+            sources.append(s)
+        elif Path(s).is_dir():
+            sources.append("natural")
+            folder = s
+        else:
+            raise medtune.ConfigError(f"--source {s!r} is neither train, natural nor a folder of images.")
+    try:
+        zetas = [float(z) for z in args.zeta.split(",")]
+    except ValueError:
+        raise medtune.ConfigError(f"--zeta must be comma-separated numbers like 0.02,0.04. Got {args.zeta!r}.") from None
+    targeted = args.targeted
+    if targeted not in (None, "all"):
+        try:
+            targeted = int(targeted)
+        except ValueError:
+            raise medtune.ConfigError(f"--targeted must be a class index or 'all'. Got {targeted!r}.") from None
+    records = medtune.attack(args.runs, store=args.store, sources=sources, zetas=zetas, norm=args.norm,
+                             targeted=targeted, natural_folder=folder, num_source_images=args.num_source_images,
+                             max_passes=args.max_passes, seed=args.seed, device=args.device, transfer=args.transfer,
+                             log=_log)
+    rows = [{k: r.get(k) for k in ("run_id", "label", "source", "zeta", "norm", "targeted", "fooling_rate",
+                                   "fooling_ci_low", "fooling_ci_high", "random_fooling_rate", "targeted_success",
+                                   "clean_target_share")} for r in records if r.get("source") != "transfer"]
+    if args.format == "json":
+        for r in records:
+            print(json.dumps({k: v for k, v in r.items() if k not in ("confusion", "random_confusion")}, default=str))
+    else:
+        import pandas as pd
+
+        frame = pd.DataFrame(rows)
+        print(frame.to_csv(index=False) if args.format == "csv" else frame.to_string(index=False, float_format="%.3f"))
+        for r in records:
+            if r.get("source") == "transfer":
+                print("\ntransferability (rows: UAP of run, columns: evaluated on run):")
+                print(pd.DataFrame(r["matrix"]).T.to_string(float_format="%.3f"))
+    return 0
+
+
 def _cmd_preset(args: argparse.Namespace) -> int:
     from medtune.presets import list_presets, preset_text
 
@@ -260,7 +320,7 @@ def _cmd_preset(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"preset": _cmd_preset, "report": _cmd_report, "search": _cmd_search, "demo": _cmd_demo, "run": _cmd_run, "sweep": _cmd_sweep, "results": _cmd_results,
+_COMMANDS = {"attack": _cmd_attack, "preset": _cmd_preset, "report": _cmd_report, "search": _cmd_search, "demo": _cmd_demo, "run": _cmd_run, "sweep": _cmd_sweep, "results": _cmd_results,
              "blocks": _cmd_blocks, "strategies": _cmd_strategies, "data": _cmd_data}
 
 
