@@ -63,8 +63,8 @@ def run(config: RunConfig | dict, **kwargs: Any) -> dict:
 
 
 def sweep(config: SweepConfig | dict | str | None = None, **kwargs: Any) -> list[dict]:
-    """Run a sweep (see :func:`medtune.sweep.sweep`)."""
-    from medtune.sweep import sweep as _sweep
+    """Run a sweep (see :func:`medtune.sweeps.sweep`)."""
+    from medtune.sweeps import sweep as _sweep
 
     return _sweep(config, **kwargs)
 
@@ -72,8 +72,7 @@ def sweep(config: SweepConfig | dict | str | None = None, **kwargs: Any) -> list
 def demo(*, store: str = "./medtune-results", seeds: str | list[int] = "0,1", epochs: int | None = None,
          device: str = "auto", log: Callable[[str], None] | None = None) -> list[dict]:
     """The README's main job: the demo sweep, offline, on 2 CPU cores in about 10 minutes."""
-    return sweep(dict(DEMO_SWEEP), store=None, log=log, **{"store": store, "seeds": seeds, "epochs": epochs,
-                                                            "device": device})
+    return sweep(dict(DEMO_SWEEP), store=store, log=log, seeds=seeds, epochs=epochs, device=device)
 
 
 def search(config: Any = None, **kwargs: Any) -> dict:

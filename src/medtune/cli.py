@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_records(records: list[dict], fmt: str, *, per_run: bool = False) -> None:
-    from medtune.sweep import format_table, results_table
+    from medtune.sweeps import format_table, results_table
 
     if fmt == "json":
         for r in records:

@@ -158,7 +158,7 @@ def run_search(config: SearchConfig | dict | str, *, store: ResultsStore | None 
     """
     from medtune.models import get_blocks
     from medtune.runner import build_run, prepare_data, run
-    from medtune.sweep import results_table
+    from medtune.sweeps import results_table
 
     if isinstance(config, SearchConfig):
         data = config.to_dict()

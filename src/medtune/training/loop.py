@@ -217,6 +217,8 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
             state[key] = resume[key]
         if "optimizer" not in resume:  # saved at a phase boundary: these weights start the next phase
             model.load_state_dict(resume["model"])
+            torch.set_rng_state(resume["torch_rng"])
+            gen.set_state(resume["data_rng"])
             resume = None
         log(f"resuming from {ckpt} at phase {state['phase']} epoch {state['epoch']}")
 
@@ -344,7 +346,8 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
             _save_atomic({"phase": phase_idx + 1, "epoch": 0, "history": state["history"],
                           "trained": [n for n, p in named.items() if id(p) in trained_ids],
                           "train_seconds": state["train_seconds"], "images_seen": state["images_seen"],
-                          "extras": state["extras"], "model": model.state_dict()}, ckpt)
+                          "extras": state["extras"], "model": model.state_dict(),
+                          "torch_rng": torch.get_rng_state(), "data_rng": gen.get_state()}, ckpt)
 
     trainable = sum(p.numel() for p in model.parameters() if id(p) in trained_ids)
     val_metrics, _, _ = evaluate(model, val, batch_size=cfg.eval_batch_size, loss_fn=loss_fn,

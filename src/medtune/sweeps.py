@@ -53,6 +53,7 @@ def expand_sweep(config: SweepConfig) -> list[RunConfig]:
 
     runs: list[RunConfig] = []
     for arch in config.arch:
+        _blocks_of(arch, "block")  # an unknown architecture fails here, before any training
         for spec in config.strategy:
             name, params = parse_strategy_spec(spec)
             cls = get_strategy_class(name)
@@ -74,19 +75,21 @@ def expand_sweep(config: SweepConfig) -> list[RunConfig]:
     return runs
 
 
-def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: ResultsStore | None = None,
+def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: ResultsStore | str | Path | None = None,
           executor: str = "local", log: Callable[[str], None] | None = None, **overrides: Any) -> list[dict]:
     """Run every run of a sweep that the store does not hold yet; return all the sweep's records.
 
     Args:
         config: a SweepConfig, a dict of its keys, or a YAML path.
-        store: the results store (default: the config's ``store``).
+        store: the results store or its folder (default: the config's ``store``).
         executor: ``local`` (sequential, in this process).
         log: receives one-line progress messages.
         **overrides: config keys that replace the config's (same names as the YAML keys).
     """
     from medtune.runner import run
 
+    if isinstance(store, (str, Path)):  # a folder, as from --store: it is a config key
+        overrides["store"], store = str(store), None
     cfg = load_sweep_config(config, **overrides)
     if executor != "local":
         raise ConfigError(f"Unknown executor {executor!r}; available: local.")

@@ -1,0 +1,137 @@
+"""Decoding one image file (PIL or pydicom) to an RGB uint8 array, and resizing to the model input."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from medtune.errors import DataError
+
+__all__ = ["IMAGE_EXTENSIONS", "decode_image", "to_rgb_uint8", "resize_image", "MIN_SIDE"]
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm"})
+MIN_SIDE = 8
+
+
+def to_rgb_uint8(array: np.ndarray, *, where: str) -> np.ndarray:
+    """Convert a decoded image array to (H, W, 3) uint8.
+
+    Grey → 3 channels by repetition; 16-bit (and other integer) images are scaled by their
+    dtype's full range (65535 → 255), so intensities stay comparable across images; float images
+    are taken as [0, 1] and clipped; a 4th (alpha) channel is dropped.
+
+    Raises:
+        DataError: NaN/inf pixels or an unsupported shape.
+    """
+    a = np.asarray(array)
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise DataError(f"{where}: image has NaN or infinite pixels; clean the file or drop it.")
+        a = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        info = np.iinfo(a.dtype)
+        lo = info.min if info.min < 0 else 0
+        a = ((a.astype(np.float64) - lo) / (info.max - lo) * 255.0 + 0.5).astype(np.uint8)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    elif a.ndim == 3 and a.shape[2] in (1, 2):
+        a = np.repeat(a[..., :1], 3, axis=2)
+    elif a.ndim == 3 and a.shape[2] >= 3:
+        a = a[..., :3]
+    else:
+        raise DataError(f"{where}: unsupported image shape {a.shape}; medtune reads 2-D grey or RGB images.")
+    if min(a.shape[:2]) < MIN_SIDE:
+        raise DataError(f"{where}: image is {a.shape[1]}x{a.shape[0]} px, smaller than the minimum "
+                        f"{MIN_SIDE}x{MIN_SIDE}; remove it or fix the export.")
+    return np.ascontiguousarray(a)
+
+
+def _decode_dicom(path: Path) -> tuple[np.ndarray, str]:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(str(path))
+    except (InvalidDicomError, OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable DICOM file ({exc}); check it with `medtune data check`.") from None
+    if "PixelData" not in ds:
+        raise DataError(f"{path}: DICOM file has no pixel data (PixelData); remove it from the data folder.")
+    try:
+        px = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for unsupported transfer syntaxes
+        raise DataError(f"{path}: cannot decode the DICOM pixel data ({exc}); convert it to PNG or install the "
+                        "pydicom pixel handlers (pylibjpeg).") from None
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    if px.ndim == 3 and photometric not in ("RGB", "YBR_FULL", "YBR_FULL_422"):
+        raise DataError(f"{path}: a {px.shape[0]}-frame DICOM; medtune classifies 2-D images, give one slice per file.")
+    if px.ndim == 2:
+        # window to the image's own range: DICOM bit depths (10, 12, 16 bit) vary per modality
+        px = px.astype(np.float64)
+        lo, hi = float(px.min()), float(px.max())
+        px = (px - lo) / (hi - lo) if hi > lo else np.zeros_like(px)
+        if photometric == "MONOCHROME1":
+            px = 1.0 - px
+    return px, f"DICOM {photometric}"
+
+
+def decode_image(path: str | Path) -> tuple[np.ndarray, str, tuple[int, int]]:
+    """Read an image file; return (RGB uint8 (H, W, 3), original mode, original (H, W)).
+
+    Raises:
+        DataError: unreadable, truncated, too small, or without pixel data.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; fix the path or remove the entry.")
+    if path.suffix.lower() == ".dcm":
+        px, mode = _decode_dicom(path)
+        return to_rgb_uint8(px, where=str(path)), mode, tuple(px.shape[:2])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                mode = img.mode
+                if mode in ("RGBA", "LA", "P", "PA"):
+                    # transparency is composited on black, the background of most medical images
+                    rgba = img.convert("RGBA")
+                    base = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+                    img2 = Image.alpha_composite(base, rgba).convert("RGB")
+                    array = np.asarray(img2)
+                elif mode in ("CMYK", "YCbCr", "HSV", "LAB", "1"):
+                    array = np.asarray(img.convert("RGB" if mode != "1" else "L"))
+                elif mode.startswith("I;16") or mode == "I":
+                    array = np.asarray(img)
+                    if mode == "I" and array.max(initial=0) <= 65535 and array.min(initial=0) >= 0:
+                        array = array.astype(np.uint16)
+                else:
+                    array = np.asarray(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{path}: unreadable or truncated image ({type(exc).__name__}: {exc}); "
+                        "re-export it or remove it (see `medtune data check`).") from None
+    return to_rgb_uint8(array, where=str(path)), mode, tuple(array.shape[:2])
+
+
+def resize_image(rgb: np.ndarray, size: int, policy: str) -> torch.Tensor:
+    """(H, W, 3) uint8 → (3, size, size) uint8 by ``resize`` (bilinear, antialiased) or ``pad``
+    (longer side scaled to ``size``, zero padding centred; MedMNIST+ style)."""
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+    h, w = rgb.shape[:2]
+    if policy == "resize":
+        if (h, w) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    else:
+        scale = size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (size - nh) // 2, (size - nw) // 2
+        x = F.pad(x, (left, size - nw - left, top, size - nh - top), value=0.0)
+    return x[0].round_().clamp_(0, 255).to(torch.uint8)

@@ -1,0 +1,136 @@
+"""``medtune data check``: counts, sizes and modes, unreadable files, and duplicates across splits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medtune.data._decode import decode_image
+from medtune.data.base import SPLITS
+from medtune.errors import DataError, MedtuneError
+
+__all__ = ["DataReport", "check_data", "format_data_report"]
+
+
+@dataclass
+class DataReport:
+    """What :func:`check_data` found. ``leaks`` are exact-duplicate images (same decoded pixels)
+    that sit in different splits — test images the model may have trained on."""
+
+    source: str
+    num_images: int = 0
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> count
+    sizes: dict[str, list[int]] = field(default_factory=dict)  # min_h, max_h, min_w, max_w
+    modes: dict[str, int] = field(default_factory=dict)
+    unreadable: list[dict[str, str]] = field(default_factory=list)
+    leaks: list[list[str]] = field(default_factory=list)
+    duplicates_within_split: int = 0
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def ok(self) -> bool:
+        return not self.unreadable and not self.leaks and self.error is None
+
+
+def check_data(source: str, *, img_size: int = 64, seed: int = 0, val_fraction: float = 0.15,
+               test_fraction: float = 0.15, medmnist_size: int = 28) -> DataReport:
+    """Inspect a data source without stopping at the first bad file.
+
+    Files of folder and CSV sources are decoded one by one (unreadable ones are listed, not
+    fatal); built-in and npz sources are checked after loading. Splits are those the source gives,
+    else the ones ``load_data`` would make with ``seed``.
+    """
+    from medtune.data.sources import list_folder, load_data, read_csv
+
+    report = DataReport(source=str(source))
+    path = Path(source)
+    entries: list[tuple[str, str, str | None, np.ndarray | None]] = []  # id, class, split, pixels
+    heights, widths = [], []
+    if path.is_dir() or path.suffix.lower() == ".csv":
+        if path.is_dir():
+            items, _ = list_folder(path)
+            listing = [(p, c, s) for p, c, s in items]
+        else:
+            listing = [(r["path"], r["label"], r["split"]) for r in read_csv(path)]
+        for p, c, s in listing:
+            try:
+                rgb, mode, (h, w) = decode_image(p)
+            except DataError as exc:
+                report.unreadable.append({"file": str(p), "error": str(exc)})
+                continue
+            report.modes[mode] = report.modes.get(mode, 0) + 1
+            heights.append(h)
+            widths.append(w)
+            entries.append((str(p), c, s, rgb))
+        if entries and any(s is None for _, _, s, _ in entries):
+            try:
+                data = load_data(str(source), img_size=img_size, seed=seed, val_fraction=val_fraction,
+                                 test_fraction=test_fraction)
+                split_of = dict(zip(data.ids, data.splits))
+                entries = [(i, c, split_of.get(i, "?"), px) for i, c, _, px in entries]
+            except MedtuneError as exc:
+                report.error = str(exc)
+                entries = [(i, c, "unsplit", px) for i, c, _, px in entries]
+    else:
+        data = load_data(str(source), img_size=img_size, seed=seed, val_fraction=val_fraction,
+                         test_fraction=test_fraction, medmnist_size=medmnist_size)
+        for i in range(len(data)):
+            label = data.labels[i]
+            cls = data.class_names[int(label)] if data.task != "multilabel" else "|".join(
+                n for n, v in zip(data.class_names, label.tolist()) if v)
+            entries.append((data.ids[i], cls, str(data.splits[i]), data.images[i].numpy()))
+        heights = widths = [data.images.shape[-1]]
+        report.modes["decoded"] = len(data)
+    report.num_images = len(entries)
+    counts: dict[str, Counter] = defaultdict(Counter)
+    by_hash: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for ident, cls, split, px in entries:
+        counts[split or "?"][cls] += 1
+        by_hash[hashlib.sha256(np.ascontiguousarray(px).tobytes()).hexdigest()].append((split, ident))
+    report.counts = {s: dict(sorted(c.items())) for s, c in sorted(counts.items())}
+    if heights:
+        report.sizes = {"min_h": int(min(heights)), "max_h": int(max(heights)), "min_w": int(min(widths)),
+                        "max_w": int(max(widths))}
+    for group in by_hash.values():
+        if len(group) > 1:
+            if len({s for s, _ in group}) > 1:
+                report.leaks.append([f"{s}:{i}" for s, i in group])
+            else:
+                report.duplicates_within_split += 1
+    return report
+
+
+def format_data_report(report: DataReport, fmt: str = "table") -> str:
+    """Human-readable table (default) or JSON of a :class:`DataReport`."""
+    if fmt == "json":
+        return json.dumps(report.to_dict(), indent=2)
+    lines = [f"data: {report.source}  ({report.num_images} readable images)"]
+    classes = sorted({c for split in report.counts.values() for c in split})
+    splits = [s for s in (*SPLITS, *sorted(report.counts)) if s in report.counts]
+    splits = list(dict.fromkeys(splits))
+    width = max([5] + [len(c) for c in classes])
+    lines.append(f"{'class':<{width}}  " + "  ".join(f"{s:>6}" for s in splits))
+    for c in classes:
+        lines.append(f"{c:<{width}}  " + "  ".join(f"{report.counts[s].get(c, 0):>6}" for s in splits))
+    if report.sizes:
+        s = report.sizes
+        lines.append(f"sizes: {s['min_w']}-{s['max_w']} x {s['min_h']}-{s['max_h']} px; modes: "
+                     + ", ".join(f"{m} ({n})" for m, n in sorted(report.modes.items())))
+    lines.append(f"unreadable files: {len(report.unreadable)}")
+    lines += [f"  {u['error']}" for u in report.unreadable[:20]]
+    lines.append(f"duplicates across splits (leakage): {len(report.leaks)}")
+    lines += [f"  {' = '.join(group)}" for group in report.leaks[:20]]
+    if report.duplicates_within_split:
+        lines.append(f"duplicates within a split: {report.duplicates_within_split}")
+    if report.error:
+        lines.append(f"problem: {report.error}")
+    lines.append("OK" if report.ok else "PROBLEMS FOUND")
+    return "\n".join(lines)

@@ -1,0 +1,291 @@
+"""Data sources: a folder per class, a CSV, a MedMNIST npz (or ``medmnist:NAME``), DICOM, demo, synthetic.
+
+Every source ends in one :class:`ImageSet`: each image decoded once, converted to RGB, resized to
+the model input size and stacked into one uint8 tensor.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medtune.data._decode import IMAGE_EXTENSIONS, decode_image, resize_image, to_rgb_uint8
+from medtune.data.base import SPLITS, ImageSet
+from medtune.data.splits import make_splits
+from medtune.errors import ConfigError, DataError
+
+__all__ = ["load_data", "list_folder", "read_csv", "medmnist_path"]
+
+MEDMNIST_ROOT = Path(os.environ.get("MEDMNIST_ROOT", Path.home() / ".medmnist"))
+
+
+def list_folder(root: Path) -> tuple[list[tuple[Path, str, str | None]], list[str]]:
+    """(path, class, given split or None) for every image of a folder-per-class tree; skipped files."""
+    root = Path(root)
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    given = {p.name for p in subdirs} & set(SPLITS)
+    layout = [(p, p.name) for p in subdirs] if given else [(root, None)]
+    if given and given != {p.name for p in subdirs}:
+        extra = sorted({p.name for p in subdirs} - set(SPLITS))
+        raise DataError(f"{root}: mixes split folders ({', '.join(sorted(given))}) with class folders "
+                        f"({', '.join(extra)}); put every class folder inside train/, val/ and test/.")
+    items, skipped = [], []
+    for base, split in layout:
+        classes = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise DataError(f"{base}: no class folders; put the images of each class in a subfolder named after it.")
+        for cdir in classes:
+            files = sorted(p for p in cdir.rglob("*") if p.is_file() and not p.name.startswith("."))
+            images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+            skipped += [str(p) for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+            if not images:
+                raise DataError(f"{cdir}: class folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                                "add images or remove the folder.")
+            items += [(p, cdir.name, split) for p in images]
+    return items, skipped
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a ``path,label[,split][,group]`` CSV with paths resolved inside the CSV's folder.
+
+    Raises:
+        DataError: missing columns, empty file, a path escaping the data root, a missing file,
+            a duplicate path, or a bad split name.
+    """
+    root = path.parent.resolve()
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in ("path", "label") if c not in columns]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the header must be "
+                            f"path,label[,split][,group]. Found: {', '.join(columns) or 'no header'}.")
+        rows, seen = [], {}
+        for line, raw in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in raw.items() if k}
+            full = (root / row["path"]).resolve()
+            if not full.is_relative_to(root):
+                raise DataError(f"{path}, line {line}: path {row['path']!r} points outside the data folder {root}; "
+                                "keep images under the CSV's folder.")
+            if not full.is_file():
+                raise DataError(f"{path}, line {line}: file {row['path']!r} not found; fix the path or drop the row.")
+            if full in seen:
+                raise DataError(f"{path}, line {line}: duplicate path {row['path']!r} (also on line {seen[full]}); "
+                                "list each image once.")
+            seen[full] = line
+            if not row["label"]:
+                raise DataError(f"{path}, line {line}: empty label; give every row a label.")
+            split = row.get("split") or None
+            if split is not None and split not in SPLITS:
+                raise DataError(f"{path}, line {line}: split {split!r} is not one of {', '.join(SPLITS)}.")
+            rows.append({"path": full, "label": row["label"], "split": split, "group": row.get("group") or None})
+    if not rows:
+        raise DataError(f"{path}: no rows; add one line per image.")
+    return rows
+
+
+def medmnist_path(name: str, size: int) -> Path:
+    """Where the medmnist package keeps ``name`` at ``size`` (``~/.medmnist/NAME[_SIZE].npz``)."""
+    return MEDMNIST_ROOT / (f"{name}.npz" if size == 28 else f"{name}_{size}.npz")
+
+
+def _medmnist_download(name: str, size: int) -> Path:
+    path = medmnist_path(name, size)
+    if path.exists():
+        return path
+    try:
+        import medmnist
+        from medmnist import INFO
+    except ImportError:
+        medmnist = None
+    if medmnist is not None:
+        if name not in INFO:
+            raise ConfigError(f"Unknown MedMNIST dataset {name!r}; available: {', '.join(sorted(INFO))}.")
+        try:
+            cls = getattr(medmnist, INFO[name]["python_class"])
+            MEDMNIST_ROOT.mkdir(parents=True, exist_ok=True)
+            cls(split="test", download=True, size=size, root=str(MEDMNIST_ROOT))
+        except Exception:  # offline: medmnist raises requests/urllib/RuntimeError variants
+            pass
+        if path.exists():
+            return path
+    raise DataError(f"MedMNIST file {path} is missing and cannot be downloaded here (offline"
+                    f"{'' if medmnist else ', medmnist not installed'}); download {path.name} from "
+                    f"https://zenodo.org/records/10519652 and put it at {path}, or pass --data PATH/{path.name}.")
+
+
+def _load_npz(path: Path, img_size: int, resize: str) -> ImageSet:
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc}).") from None
+    expected = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
+    missing = [k for k in expected if k not in npz.files]
+    if missing:
+        raise DataError(f"{path}: missing key(s) {', '.join(missing)}; expected the MedMNIST keys "
+                        f"{', '.join(expected)}. Found: {', '.join(npz.files) or 'none'}.")
+    images, labels, splits = [], [], []
+    for split in SPLITS:
+        x, y = npz[f"{split}_images"], npz[f"{split}_labels"]
+        if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
+            raise DataError(f"{path}: {split}_images has shape {x.shape}; expected (N, H, W) or (N, H, W, 3).")
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise DataError(f"{path}: {split}_images contains NaN or infinite values; clean the file.")
+        if y.ndim == 1:
+            y = y[:, None]
+        if y.ndim != 2 or y.shape[0] != x.shape[0]:
+            raise DataError(f"{path}: {split}_labels has shape {npz[f'{split}_labels'].shape} but {split}_images has "
+                            f"{x.shape[0]} images; expected ({x.shape[0]}, 1) or ({x.shape[0]}, num_labels).")
+        if len(x) == 0:
+            raise DataError(f"{path}: the {split} split has no images.")
+        for img in x:
+            images.append(resize_image(to_rgb_uint8(img, where=f"{path}:{split}"), img_size, resize))
+        labels.append(y)
+        splits += [split] * len(x)
+    y = np.concatenate(labels)
+    if len({lab.shape[1] for lab in labels}) != 1:
+        raise DataError(f"{path}: the splits' label arrays have different widths; every split needs the same labels.")
+    name = path.stem.split("_")[0]
+    info = _medmnist_info(name)
+    if y.shape[1] > 1:
+        if set(np.unique(y)) - {0, 1}:
+            raise DataError(f"{path}: multi-label labels must be 0/1; found values {sorted(np.unique(y))[:5]}.")
+        task, label_t = "multilabel", torch.from_numpy(y.astype(np.float32))
+        names = [info[str(i)] for i in range(y.shape[1])] if info else [str(i) for i in range(y.shape[1])]
+    else:
+        y = y[:, 0].astype(np.int64)
+        k = int(y.max()) + 1
+        if y.min() < 0:
+            raise DataError(f"{path}: negative class labels; labels must be 0 … K-1.")
+        names = [info.get(str(i), str(i)) for i in range(k)] if info else [str(i) for i in range(k)]
+        task, label_t = ("binary" if k == 2 else "multiclass"), torch.from_numpy(y)
+    return ImageSet(images=torch.stack(images), labels=label_t, splits=np.array(splits), class_names=names, task=task,
+                    ids=[f"{path.name}:{s}:{i}" for s, n in zip(SPLITS, [len(npz[f'{s}_images']) for s in SPLITS])
+                         for i in range(n)], name=name, meta={"source": str(path)})
+
+
+def _medmnist_info(name: str) -> dict | None:
+    try:
+        from medmnist import INFO
+    except ImportError:
+        return None
+    return INFO.get(name, {}).get("label")
+
+
+def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]], *, name: str, source: str,
+                img_size: int, resize: str, seed: int, val_fraction: float, test_fraction: float,
+                classes: list[str] | None) -> ImageSet:
+    multilabel = any(isinstance(lbl, list) for _, lbl, _, _ in items)
+    found = sorted({c for _, lbl, _, _ in items for c in (lbl if isinstance(lbl, list) else [lbl])})
+    if classes is not None:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise DataError(f"{source}: label(s) {', '.join(map(repr, unknown))} are not among the known classes "
+                            f"({', '.join(classes)}); fix the labels or the class list.")
+        found = list(classes)
+    if len(found) < 2:
+        raise DataError(f"{source}: only one class ({found[0] if found else 'none'}); a classifier needs at least two.")
+    index = {c: i for i, c in enumerate(found)}
+    images = []
+    for path, _, _, _ in items:
+        rgb, _, _ = decode_image(path)
+        images.append(resize_image(rgb, img_size, resize))
+    if multilabel:
+        y = np.zeros((len(items), len(found)), dtype=np.float32)
+        for i, (_, lbl, _, _) in enumerate(items):
+            for c in (lbl if isinstance(lbl, list) else [lbl]):
+                y[i, index[c]] = 1
+        labels, task = torch.from_numpy(y), "multilabel"
+    else:
+        labels = torch.tensor([index[lbl] for _, lbl, _, _ in items], dtype=torch.long)
+        task = "binary" if len(found) == 2 else "multiclass"
+    groups = [g for _, _, _, g in items]
+    groups_arr = np.array(groups, dtype=str) if all(g is not None for g in groups) else None
+    given = [s for _, _, s, _ in items]
+    if all(s is not None for s in given):
+        splits = np.array(given, dtype=str)
+    elif any(s is not None for s in given):
+        raise DataError(f"{source}: some rows have a split and some do not; give a split for every row or none.")
+    else:
+        splits = make_splits(labels.numpy(), groups=groups_arr, seed=seed, val_fraction=val_fraction,
+                             test_fraction=test_fraction)
+    return ImageSet(images=torch.stack(images), labels=labels, splits=splits, class_names=found, task=task,
+                    ids=[str(p) for p, _, _, _ in items], groups=groups_arr, name=name,
+                    meta={"source": source, "img_size": img_size, "resize": resize})
+
+
+def _validate(data: ImageSet, source: str) -> ImageSet:
+    for split in SPLITS:
+        if not (data.splits == split).any():
+            raise DataError(f"{source}: the {split} split has no images; give more images or other split fractions.")
+    if data.task != "multilabel":
+        train_classes = set(data.labels[torch.from_numpy(data.splits == "train")].tolist())
+        absent = [data.class_names[c] for c in range(data.num_classes) if c not in train_classes]
+        if absent:
+            raise DataError(f"{source}: class(es) {', '.join(absent)} have no training images (only in val/test); "
+                            "move some of their images to the training split.")
+    if data.groups is not None:
+        for g in np.unique(data.groups):
+            if len(set(data.splits[data.groups == g])) > 1:
+                raise DataError(f"{source}: group {g!r} has images in several splits; one patient must stay in one "
+                                "split.")
+    return data
+
+
+def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: int = 0, val_fraction: float = 0.15,
+              test_fraction: float = 0.15, medmnist_size: int = 28, classes: list[str] | None = None) -> ImageSet:
+    """Load any supported source into an :class:`ImageSet` at ``img_size``.
+
+    Args:
+        source: a folder per class (optionally inside train/ val/ test/), a CSV
+            ``path,label[,split][,group]`` (multi-label: ``a|b``), a MedMNIST ``.npz``,
+            ``medmnist:NAME``, a ``.dcm`` tree (as a folder), ``demo``, or ``synthetic[:K]``.
+        img_size: output side in pixels.
+        resize: ``resize`` (stretch) or ``pad`` (keep aspect, zero-pad).
+        seed: seed of the split when the source gives none.
+        val_fraction, test_fraction: split shares when the source gives none.
+        medmnist_size: 28, 64, 128 or 224 for ``medmnist:NAME``.
+        classes: the known class names; any other label is an error.
+
+    Raises:
+        DataError: any problem with the files (named in the message).
+        ConfigError: an unknown MedMNIST name.
+    """
+    from medtune.data.demo import make_demo
+    from medtune.data.synthetic import make_synthetic
+
+    if source == "demo":
+        return make_demo(img_size=img_size, seed=seed, resize=resize)
+    if source == "synthetic" or source.startswith("synthetic:"):
+        k = int(source.split(":")[1]) if ":" in source else 2
+        return make_synthetic(num_samples=64 * max(1, k // 2), img_size=img_size, num_classes=k, seed=seed)
+    if source.startswith("medmnist:"):
+        path = _medmnist_download(source.split(":", 1)[1], medmnist_size)
+        return _validate(_load_npz(path, img_size, resize), str(path))
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"Data {source!r} not found; give a folder per class, a CSV, a MedMNIST .npz, "
+                        "medmnist:NAME, demo or synthetic.")
+    kw = {"img_size": img_size, "resize": resize, "seed": seed, "val_fraction": val_fraction,
+          "test_fraction": test_fraction, "classes": classes}
+    if path.is_dir():
+        items, skipped = list_folder(path)
+        if skipped:
+            warnings.warn(f"{path}: skipped {len(skipped)} non-image file(s), e.g. {skipped[0]}.\n"
+                          "HINT: keep only images in class folders.", stacklevel=2)
+        data = _from_items([(p, c, s, None) for p, c, s in items], name=path.name, source=str(path), **kw)
+    elif path.suffix.lower() == ".csv":
+        rows = read_csv(path)
+        items = [(r["path"], r["label"].split("|") if "|" in r["label"] else r["label"], r["split"], r["group"])
+                 for r in rows]
+        data = _from_items(items, name=path.stem, source=str(path), **kw)
+    elif path.suffix.lower() == ".npz":
+        data = _load_npz(path, img_size, resize)
+    else:
+        raise DataError(f"{path}: unsupported data file; give a folder per class, a .csv or a MedMNIST .npz.")
+    return _validate(data, str(path))

@@ -1,0 +1,70 @@
+"""Stratified (and group-aware) train/val/test splits, and training-set subsampling."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+from medtune.data.base import ImageSet
+from medtune.errors import ConfigError, DataError
+
+__all__ = ["make_splits", "with_train_fraction"]
+
+
+def _strata(labels: np.ndarray) -> np.ndarray:
+    return labels if labels.ndim == 1 else labels.argmax(1)  # multi-label: stratify on the first positive label
+
+
+def make_splits(labels: np.ndarray, *, groups: np.ndarray | None, seed: int, val_fraction: float,
+                test_fraction: float) -> np.ndarray:
+    """Assign "train"/"val"/"test" per sample, stratified by label and, with groups, group-aware
+    (no group in two splits; sklearn's StratifiedGroupKFold picks the folds)."""
+    n = len(labels)
+    strata = _strata(np.asarray(labels))
+    idx = np.arange(n)
+    out = np.empty(n, dtype=object)
+    if groups is None:
+        counts = np.bincount(strata)
+        stratify = strata if counts[counts > 0].min() >= 3 else None
+        rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=stratify)
+        stratify_rest = strata[rest] if stratify is not None else None
+        train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction), random_state=seed,
+                                      stratify=stratify_rest)
+    else:
+        def take(ids: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+            k = max(2, round(1 / fraction))
+            if len(np.unique(groups[ids])) < k:
+                raise DataError(f"Only {len(np.unique(groups[ids]))} groups (patients): too few for a group-aware "
+                                f"split of {fraction:.0%}; give a 'split' column instead.")
+            cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+            keep, held = next(cv.split(ids, strata[ids], groups[ids]))
+            return ids[keep], ids[held]
+
+        rest, test = take(idx, test_fraction)
+        train, val = take(rest, val_fraction / (1 - test_fraction))
+    out[train], out[val], out[test] = "train", "val", "test"
+    return out.astype(str)
+
+
+def with_train_fraction(data: ImageSet, fraction: float, seed: int) -> ImageSet:
+    """Keep a stratified ``fraction`` of the training split (at least one image per class); val/test untouched.
+
+    Raises:
+        ConfigError: fraction outside (0, 1].
+    """
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"The 'train_fraction' parameter must be in (0, 1]. Got {fraction!r}.")
+    if fraction == 1:
+        return data
+    rng = np.random.default_rng(seed)
+    train = data.indices("train")
+    strata = _strata(data.labels.numpy()[train])
+    keep = []
+    for c in np.unique(strata):
+        members = train[strata == c]
+        k = max(1, int(round(fraction * len(members))))
+        keep.append(rng.choice(members, size=k, replace=False))
+    others = np.flatnonzero(data.splits != "train")
+    out = data.subset(np.sort(np.concatenate(keep + [others])))
+    out.meta["train_fraction"] = fraction
+    return out

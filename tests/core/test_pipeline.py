@@ -1,0 +1,95 @@
+"""End to end through the public API and the CLI on synthetic data and the tiny CNN."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import medtune
+from medtune.cli import main
+from medtune.store import ResultsStore
+
+BASE = {"data": "synthetic", "arch": "medtune_tiny_cnn", "weights": "none", "epochs": 2, "img_size": 16,
+        "batch_size": 16, "lr": 0.01, "device": "cpu", "num_threads": 1}
+
+
+def test_sweep_runs_the_grid_once_and_skips_done_runs(tmp_path):
+    store = ResultsStore(tmp_path)
+    cfg = {**BASE, "strategy": ["linear", "top_k:all"], "seeds": [0, 1]}
+    records = medtune.sweep(cfg, store=store)
+    labels = sorted({r["label"] for r in records})
+    assert labels == ["linear", "top_k:0", "top_k:1", "top_k:2", "top_k:3", "top_k:4"]
+    assert len(records) == 12 and len({r["run_id"] for r in records}) == 12
+    again = medtune.sweep(cfg, store=store)
+    assert [r["run_id"] for r in again] == [r["run_id"] for r in records]
+    assert [r["metrics"] for r in again] == [r["metrics"] for r in records]
+    r = records[0]
+    for key in ("config", "versions", "data_fingerprint", "history", "metrics", "val_metrics", "trainable_params",
+                "total_params", "train_seconds", "images_per_s", "predictions"):
+        assert key in r, key
+    assert (tmp_path / "artifacts" / r["run_id"] / "best.safetensors").exists()
+    by_label = {x["label"]: x["trainable_params"] for x in records}
+    assert by_label["linear"] == by_label["top_k:0"] < by_label["top_k:1"] < by_label["top_k:4"]
+
+
+def test_same_config_same_result_on_cpu(tmp_path):
+    a = medtune.run({**BASE, "strategy": "full"}, store=ResultsStore(tmp_path / "a"))
+    b = medtune.run({**BASE, "strategy": "full"}, store=ResultsStore(tmp_path / "b"))
+    assert a["run_id"] == b["run_id"] and a["metrics"] == b["metrics"]
+
+
+def test_cli_results_json_is_one_parseable_record_per_run(tmp_path, capsys):
+    store = tmp_path / "s"
+    assert main(["sweep", "--data", "synthetic", "--arch", "medtune_tiny_cnn", "--weights", "none", "--strategy",
+                 "linear,full", "--epochs", "1", "--img-size", "16", "--device", "cpu", "--store", str(store)]) == 0
+    capsys.readouterr()
+    assert main(["results", "--store", str(store), "--format", "json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["strategy"] for r in lines} == {"linear", "full"}
+    assert all({"run_id", "config", "metrics", "strategy"} <= set(r) for r in lines)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["sweep", "--data", "synthetic", "--arch", "resnet5"], "Unknown arch 'resnet5'"),
+    (["sweep", "--data", "synthetic", "--arch", "medtune_tiny_cnn", "--strategy", "top_k:9"], "top_k k=9 is out of range"),
+    (["sweep", "--data", "synthetic", "--strategy", "lpft"], "Did you mean 'lp_ft'"),
+    (["run", "--data", "/nonexistent/folder"], "nonexistent"),
+])
+def test_cli_bad_input_is_one_line_exit_2(argv, match, capsys, tmp_path):
+    assert main(argv + ["--store", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("medtune: error:")]
+    assert len(errors) == 1 and err[-1] == errors[0] and "Traceback" not in "\n".join(err)
+    import re
+
+    assert re.search(match, errors[0])
+
+
+def test_config_key_typo_in_yaml(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("strategy: [full]\nepohcs: 3\n")
+    assert main(["sweep", str(cfg), "--store", str(tmp_path)]) == 2
+    assert "unknown config key 'epohcs'. Did you mean 'epochs'" in capsys.readouterr().err
+
+
+def test_attack_and_report_on_a_stored_run(tmp_path):
+    store = ResultsStore(tmp_path)
+    rec = medtune.run({**BASE, "strategy": "full", "epochs": 3}, store=store)
+    attacks = medtune.attack([rec["run_id"][:8]], store=store, sources=("train", "natural"), zetas=(0.08,),
+                             num_source_images=32, max_passes=3, device="cpu")
+    assert {a["source"] for a in attacks} == {"train", "natural"}
+    for a in attacks:
+        assert a["xi"] > 0 and 0 <= a["fooling_rate"] <= 1
+        from safetensors.torch import load_file
+
+        v = load_file(a["perturbation_file"])["v"]
+        assert float(v.flatten().norm()) <= a["xi"] + 1e-6
+    # stored, and not recomputed
+    assert len(store.attacks(rec["run_id"])) == 2
+    again = medtune.attack([rec["run_id"]], store=store, sources=("train", "natural"), zetas=(0.08,),
+                           num_source_images=32, max_passes=3, device="cpu")
+    assert [a["attack_id"] for a in again] == [a["attack_id"] for a in attacks]
+    out = medtune.report(str(tmp_path), out_path=str(tmp_path / "r.html"))
+    html = open(out).read()
+    assert "<img" in html and "full" in html
