@@ -122,7 +122,7 @@ def decode_image(path: str | Path) -> tuple[np.ndarray, str, tuple[int, int]]:
 def resize_image(rgb: np.ndarray, size: int, policy: str) -> torch.Tensor:
     """(H, W, 3) uint8 → (3, size, size) uint8 by ``resize`` (bilinear, antialiased) or ``pad``
     (longer side scaled to ``size``, zero padding centred; MedMNIST+ style)."""
-    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(rgb if rgb.flags.writeable else rgb.copy()).permute(2, 0, 1)[None].float()
     h, w = rgb.shape[:2]
     if policy == "resize":
         if (h, w) != (size, size):
