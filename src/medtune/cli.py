@@ -172,7 +172,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     records = medtune.demo(store=args.store, seeds=args.seeds, epochs=args.epochs, device=args.device, log=_log)
     _print_records(records, args.format)
-    print(f"\n{len(records)} runs in {time.perf_counter() - t0:.0f} s; results: {args.store}", file=sys.stderr)
+    report = medtune.report(args.store)
+    print(f"\n{len(records)} runs in {time.perf_counter() - t0:.0f} s; results: {args.store}; report: {report}",
+          file=sys.stderr)
     return 0
 
 

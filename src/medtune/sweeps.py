@@ -97,10 +97,18 @@ def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: Resul
     store = store or ResultsStore(cfg.base.store)
     log = log or (lambda _m: None)
     log(f"sweep {cfg.name!r}: {len(runs)} runs into {store.root}")
+    import sys
+
+    from tqdm import tqdm
+
     records = []
+    bar = tqdm(total=len(runs), desc=cfg.name, unit="run", file=sys.stderr,
+               disable=not (cfg.base.progress and sys.stderr.isatty()))
     for i, run_cfg in enumerate(runs):
         log(f"[{i + 1}/{len(runs)}]")
         records.append(run(run_cfg, store=store, log=log))
+        bar.update(1)
+    bar.close()
     return records
 
 

@@ -93,3 +93,37 @@ def test_attack_and_report_on_a_stored_run(tmp_path):
     out = medtune.report(str(tmp_path), out_path=str(tmp_path / "r.html"))
     html = open(out).read()
     assert "<img" in html and "full" in html
+
+
+def test_presets_are_plain_yaml_sweeps_that_expand(capsys):
+    from medtune.presets import get_preset, list_presets
+    from medtune.sweeps import load_sweep_config
+
+    assert list_presets() == ["davila2024", "kandel2020", "tajbakhsh2016"]
+    davila = load_sweep_config(get_preset("davila2024"))
+    assert set(davila.strategy) == {"full", "linear", "gradual_lf", "gradual_fl", "lp_ft", "l1_sp", "l2_sp", "auto_rgn"}
+    assert davila.arch == ("resnet50", "densenet121", "vgg19")
+    assert load_sweep_config(get_preset("tajbakhsh2016")).train_fraction == (0.1, 0.25, 0.5, 1.0)
+    assert main(["preset", "show", "kandel2020"]) == 0
+    assert "top_k:all" in capsys.readouterr().out
+    assert main(["preset", "show", "kandel"]) == 2
+    assert "Did you mean 'kandel2020'" in capsys.readouterr().err
+
+
+def test_deft_mask_strategy_trains_exactly_the_masked_blocks(tiny_cfg, synthetic_data):
+    import torch
+
+    from medtune.models import get_blocks
+    from medtune.strategies import create_strategy
+    from medtune.training.loop import fit
+    from tests.conftest import make_tiny
+
+    model = make_tiny()
+    blocks = get_blocks(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fit(model, synthetic_data, create_strategy("deft:1010"), tiny_cfg, blocks=blocks)
+    for idx, block in enumerate(blocks):
+        changed = any(not torch.equal(p, before[f"backbone.{n}"]) for n, p in zip(block.param_names, blocks.parameters(idx)))
+        assert changed == (idx in (0, 2, blocks.head_idx)), block.name
+    with pytest.raises(medtune.ConfigError, match="has 3 bits but this model has 4 non-head blocks"):
+        create_strategy("deft:101").set_trainable(blocks)
