@@ -29,7 +29,8 @@ __all__ = [
 ]
 
 # Fields that do not change what a run computes; they are left out of the run id.
-NON_SEMANTIC_FIELDS = frozenset({"store", "device", "num_threads", "progress", "num_workers", "executor", "address"})
+NON_SEMANTIC_FIELDS = frozenset({"store", "device", "num_threads", "progress", "num_workers", "executor", "address",
+                                 "feature_cache"})
 
 
 def check_scalar(value: Any, name: str, kind: type | tuple[type, ...], *, min_val=None, max_val=None,
@@ -159,6 +160,8 @@ class RunConfig(_Base):
         monitor: validation metric used for early stopping and the best checkpoint.
         bn_mode: ``eval`` (frozen BatchNorm layers use running statistics) or ``train``.
         augment: ``none`` or ``flip`` (random horizontal/vertical flips; disables feature caching).
+        feature_cache: ``auto`` computes a fixed frozen prefix once and trains the rest on its
+            features (results equal to float tolerance); ``off`` always runs the whole network.
         split_seed: seed of the train/val/test split and of the train-fraction subsample (fixed
             across training seeds so seeds compare on the same data).
         train_fraction: share of the training split used, in (0, 1].
@@ -191,6 +194,7 @@ class RunConfig(_Base):
     eval_batch_size: int = 256
     amp: str = "auto"
     channels_last: str = "auto"
+    feature_cache: str = "auto"
     device: str = "auto"
     num_threads: int = 0
     store: str = "./medtune-results"
@@ -227,6 +231,7 @@ class RunConfig(_Base):
         check_choice(self.augment, "augment", ("none", "flip"), owner=owner)
         check_choice(self.resize, "resize", ("resize", "pad"), owner=owner)
         check_choice(self.amp, "amp", ("auto", "on", "off"), owner=owner)
+        check_choice(self.feature_cache, "feature_cache", ("auto", "off"), owner=owner)
         check_choice(self.channels_last, "channels_last", ("auto", "on", "off"), owner=owner)
         check_choice(self.device, "device", ("auto", "cpu", "cuda"), owner=owner)
         check_choice(self.medmnist_size, "medmnist_size", (28, 64, 128, 224), owner=owner)

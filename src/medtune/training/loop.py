@@ -25,6 +25,7 @@ from torch import nn
 from medtune.config import RunConfig
 from medtune.data.base import ImageSet
 from medtune.strategies.base import EpochContext
+from medtune.training.cache import build_chain, cache_unusable_reason, cached_features, frozen_prefix_length
 from medtune.training.metrics import HIGHER_IS_BETTER, compute_metrics
 
 __all__ = ["fit", "evaluate", "predict_proba", "lr_at", "FitResult", "resolve_device", "set_train_mode",
@@ -98,9 +99,11 @@ def _loss_fn(task: str, label_smoothing: float) -> Callable:
     return lambda logits, y: ce(logits.float(), y)
 
 
-def _to_input(images_u8: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = images_u8.to(device, non_blocking=True).float().div_(255.0)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+def _to_input(batch: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 images → float in [0, 1] on ``device``; float tensors (cached features) are moved as they are."""
+    x = batch.to(device, non_blocking=True)
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
 
 
 @torch.no_grad()
@@ -126,10 +129,15 @@ def predict_proba(model: nn.Module, images: torch.Tensor, *, task: str, batch_si
 
 
 def evaluate(model: nn.Module, data: ImageSet, *, batch_size: int = 256, loss_fn: Callable | None = None,
-             channels_last: bool = False, autocast_dtype: torch.dtype | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Metrics of ``model`` on ``data``; returns (metrics, y_true, y_prob)."""
+             channels_last: bool = False, autocast_dtype: torch.dtype | None = None,
+             inputs: torch.Tensor | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics of ``model`` on ``data``; returns (metrics, y_true, y_prob).
+
+    ``inputs`` replaces ``data.images`` (e.g. cached prefix features, with ``model`` the suffix).
+    """
     loss_fn = loss_fn or _loss_fn(data.task, 0.0)
-    prob, loss = predict_proba(model, data.images, task=data.task, batch_size=batch_size, labels=data.labels,
+    prob, loss = predict_proba(model, data.images if inputs is None else inputs, task=data.task,
+                               batch_size=batch_size, labels=data.labels,
                                loss_fn=loss_fn, channels_last=channels_last, autocast_dtype=autocast_dtype)
     y_true = data.labels.numpy()
     return compute_metrics(y_true, prob, task=data.task, class_names=data.class_names, loss=loss), y_true, prob
@@ -200,12 +208,28 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
             return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
         return torch.optim.AdamW(groups, lr=cfg.lr)
 
+    feats: dict[str, torch.Tensor] = {}  # cached prefix features of the current phase, by split
+
     def probe_batches(num_batches: int, epoch_key: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch_key)
         order = torch.randperm(len(train), generator=g)
+        source = feats.get("train", train_images)
         for b in range(min(num_batches, steps_per_epoch)):
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            yield _to_input(train_images[idx.to(train_images.device)], device, channels_last), train_labels[idx.to(device)]
+            yield _to_input(source[idx.to(source.device)], device, channels_last), train_labels[idx.to(device)]
+
+    chain = None
+    if cfg.feature_cache == "auto":
+        probe = _to_input(train.images[:2], device, False)
+        chain = build_chain(model, probe)
+        block_of = {id(p): i for i in range(len(blocks)) for p in blocks.parameters(i)}
+        starts, last = [], -1
+        for i, (_, module) in enumerate(chain or []):
+            ids = [block_of[id(p)] for p in module.parameters() if id(p) in block_of]
+            if ids and min(ids) != last:
+                starts.append(i)
+                last = min(ids)
+        fingerprints = {"train": train.fingerprint(), "val": val.fingerprint(), "test": test.fingerprint()}
 
     state: dict[str, Any] = {"phase": 0, "epoch": 0, "history": [], "train_seconds": 0.0, "images_seen": 0,
                              "extras": {}, "trained": []}
@@ -252,7 +276,26 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
                 scaler.load_state_dict(resume["scaler"])
         resume = None
         _log_groups(log, phase.name, optimizer, model)
-        ctx = EpochContext(model=model, blocks=blocks, optimizer=optimizer, lr=base_lr, weight_decay=cfg.weight_decay,
+        feats.clear()
+        net = model
+        if cfg.feature_cache == "auto":
+            cut = frozen_prefix_length(chain, cfg.bn_mode) if chain is not None else 0
+            reason = cache_unusable_reason(augment=cfg.augment, prefix_fixed=s.frozen_prefix_is_fixed(),
+                                           prefix_len=cut, chain_ok=chain is not None)
+            if reason is None:
+                for name, split in (("train", train), ("val", val), ("test", test)):
+                    feats[name] = cached_features(
+                        chain, cut, split.images, salt=f"{fingerprints[name]}:{cfg.bn_mode}", device=device,
+                        batch_size=cfg.eval_batch_size, boundaries=starts,
+                        to_input=lambda b: _to_input(b, device, channels_last))
+                    if device.type == "cuda":
+                        feats[name] = feats[name].to(device)
+                net = nn.Sequential(*[m for _, m in chain[cut:]])
+                log(f"[{phase.name}] feature cache: frozen prefix of {cut} modules ({chain[cut - 1][0]}) "
+                    f"computed once; training on {tuple(feats['train'].shape[1:])} features")
+            else:
+                log(f"[{phase.name}] feature cache off: {reason}")
+        ctx = EpochContext(model=net, blocks=blocks, optimizer=optimizer, lr=base_lr, weight_decay=cfg.weight_decay,
                            batches=None, loss_fn=loss_fn, build_optimizer=build_optimizer, record=state["extras"])
         epoch = state["epoch"]
         stop = False
@@ -273,14 +316,15 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                x = _to_input(train_images[idx.to(train_images.device)], device, channels_last)
+                source = feats.get("train", train_images)
+                x = _to_input(source[idx.to(source.device)], device, channels_last)
                 if cfg.augment == "flip":
                     flips = torch.rand(2, generator=gen)
                     x = torch.flip(x, dims=[3]) if flips[0] < 0.5 else x
                     x = torch.flip(x, dims=[2]) if flips[1] < 0.5 else x
                 y = train_labels[idx.to(device)]
                 with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                    loss = loss_fn(model(x), y)
+                    loss = loss_fn(net(x), y)
                 extra = s.extra_loss(model)
                 if extra is not None:
                     loss = loss + extra
@@ -294,8 +338,9 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
             seconds = time.perf_counter() - t0
             state["train_seconds"] += seconds
             state["images_seen"] += len(train)
-            val_metrics, _, _ = evaluate(model, val, batch_size=cfg.eval_batch_size, loss_fn=loss_fn,
-                                         channels_last=channels_last, autocast_dtype=amp_dtype)
+            val_metrics, _, _ = evaluate(net, val, batch_size=cfg.eval_batch_size, loss_fn=loss_fn,
+                                         channels_last=channels_last, autocast_dtype=amp_dtype,
+                                         inputs=feats.get("val"))
             # .item() syncs CPU and GPU, so the loss is read once per epoch
             record = {"phase": phase.name, "epoch": epoch, "train_loss": float(loss_sum.item()) / len(train),
                       "lr": lr, "seconds": seconds,

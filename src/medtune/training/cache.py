@@ -1,0 +1,191 @@
+"""Frozen-prefix feature cache.
+
+When a phase's frozen prefix is fixed and its inputs are deterministic (no random augmentation,
+frozen BatchNorm in eval mode), the prefix computes the same features every epoch and in every
+run that shares its weights: compute them once, train the rest of the network on them.
+
+The model is cut into a *chain*: the normalisation, then the backbone's top-level children with
+plain ``nn.Sequential`` containers expanded (timm CNNs run their children in order). The chain is
+accepted only if running it reproduces ``model(x)`` on a probe batch, so a model whose forward
+does more than chain its children is never cached wrongly. No library offers this cut, hence
+the hand-written chain.
+
+Cached features are shared through a process-wide store keyed by a fingerprint of the prefix's
+weights and buffers, the data, and the cut position; one pass through the network fills the
+features of every block boundary it crosses (memory budget permitting), so a top-k sweep pays
+one forward pass for all its depths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["build_chain", "frozen_prefix_length", "FeatureCache", "FEATURE_CACHE", "cache_unusable_reason"]
+
+_NORM = (nn.modules.batchnorm._BatchNorm,)
+
+
+class _Normalize(nn.Module):
+    """The wrapper's normalisation as a chain element (copies of its constant mean/std buffers)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.register_buffer("mean", model.mean.detach().clone())
+        self.register_buffer("std", model.std.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _expand(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    if type(module) is nn.Sequential:
+        out = []
+        for name, child in module.named_children():
+            out += _expand(child, f"{prefix}.{name}" if prefix else name)
+        return out
+    return [(prefix, module)]
+
+
+@torch.no_grad()
+def build_chain(model: nn.Module, sample: torch.Tensor) -> list[tuple[str, nn.Module]] | None:
+    """The model as an ordered list of (name, module) whose composition equals ``model(x)``, or None.
+
+    Args:
+        model: a ``NormalizedModel`` (``.backbone``, ``.normalize``).
+        sample: a small float batch in [0, 1] used to check the chain against ``model``.
+    """
+    backbone = getattr(model, "backbone", None)
+    if backbone is None or not hasattr(model, "normalize"):
+        return None
+    chain: list[tuple[str, nn.Module]] = [("normalize", _Normalize(model))]
+    for name, child in backbone.named_children():
+        chain += _expand(child, name)
+    was_training = model.training
+    model.eval()
+    try:
+        x = sample
+        for _, module in chain:
+            x = module(x)
+        ok = x.shape == model(sample).shape and torch.allclose(x, model(sample), rtol=1e-4, atol=1e-5)
+    except (RuntimeError, TypeError, ValueError):
+        ok = False
+    finally:
+        model.train(was_training)
+    return chain if ok else None
+
+
+def frozen_prefix_length(chain: list[tuple[str, nn.Module]], bn_mode: str) -> int:
+    """Number of leading chain elements that are entirely frozen (no trainable parameter; with
+    ``bn_mode="train"`` also no BatchNorm, whose statistics would still move)."""
+    n = 0
+    for _, module in chain:
+        params = list(module.parameters())
+        if any(p.requires_grad for p in params):
+            break
+        if bn_mode == "train" and any(isinstance(m, _NORM) for m in module.modules()):
+            break
+        n += 1
+    # trailing parameter-free modules belong to the suffix only if nothing frozen follows; keep them in the prefix
+    return n
+
+
+def cache_unusable_reason(*, augment: str, prefix_fixed: bool, prefix_len: int, chain_ok: bool) -> str | None:
+    """Why the feature cache cannot serve a phase, or None when it can."""
+    if not chain_ok:
+        return "the model's forward is not a plain chain of its children"
+    if augment != "none":
+        return f"random augmentation ({augment}) changes the prefix's inputs every epoch"
+    if not prefix_fixed:
+        return "the strategy changes which layers are frozen during the phase"
+    if prefix_len <= 1:
+        return "nothing before the first trainable layer is frozen"
+    return None
+
+
+class FeatureCache:
+    """Process-wide store of prefix outputs, LRU-evicted beyond ``budget_bytes``."""
+
+    def __init__(self, budget_bytes: int = 2 << 30) -> None:
+        self.budget_bytes = budget_bytes
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._items.values())
+
+    def get(self, key: str) -> torch.Tensor | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: torch.Tensor) -> bool:
+        size = value.numel() * value.element_size()
+        if size > self.budget_bytes:
+            return False
+        self._items[key] = value
+        while self.nbytes() > self.budget_bytes:
+            self._items.popitem(last=False)
+        return True
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.hits = self.misses = 0
+
+
+FEATURE_CACHE = FeatureCache()
+
+
+def _prefix_fingerprint(chain: list[tuple[str, nn.Module]], upto: int, salt: str) -> str:
+    h = hashlib.sha256(salt.encode())
+    for name, module in chain[:upto]:
+        h.update(name.encode())
+        h.update(type(module).__name__.encode())
+        for t in (*module.parameters(), *module.buffers()):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+@torch.no_grad()
+def cached_features(chain: list[tuple[str, nn.Module]], upto: int, images: torch.Tensor, *, salt: str,
+                    device: torch.device, batch_size: int, to_input: Callable[[torch.Tensor], torch.Tensor],
+                    cache: FeatureCache = FEATURE_CACHE, boundaries: list[int] | None = None) -> torch.Tensor:
+    """Outputs of ``chain[:upto]`` for uint8 ``images`` (all in eval mode), from the cache when possible.
+
+    On a miss, one pass computes them and also stores the outputs at each index in ``boundaries``
+    (< ``upto``) so other cuts of the same prefix hit later.
+    """
+    key = _prefix_fingerprint(chain, upto, salt)
+    hit = cache.get(key)
+    if hit is not None:
+        cache.hits += 1
+        return hit
+    cache.misses += 1
+    wanted = sorted({b for b in (boundaries or []) if 1 < b < upto} | {upto})
+    keys = {b: (key if b == upto else _prefix_fingerprint(chain, b, salt)) for b in wanted}
+    wanted = [b for b in wanted if b == upto or cache.get(keys[b]) is None]
+    outs: dict[int, list[torch.Tensor]] = {b: [] for b in wanted}
+    modes = [m.training for _, m in chain[:upto]]
+    for _, m in chain[:upto]:
+        m.eval()
+    try:
+        for start in range(0, len(images), batch_size):
+            x = to_input(images[start:start + batch_size])
+            for i, (_, module) in enumerate(chain[:upto], start=1):
+                x = module(x)
+                if i in outs:
+                    outs[i].append(x.float().cpu() if device.type == "cuda" else x.float())
+    finally:
+        for (_, m), mode in zip(chain[:upto], modes):
+            m.train(mode)
+    for b in wanted[:-1]:
+        cache.put(keys[b], torch.cat(outs[b]))
+    result = torch.cat(outs[upto])
+    cache.put(key, result)
+    return result
