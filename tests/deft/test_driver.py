@@ -34,3 +34,16 @@ def test_search_end_to_end_is_constrained_cached_and_compared(tmp_path):
     again = medtune.search(cfg, store=store)
     assert again["num_trainings"] == 0, "every genome comes from the store's cache on a restart"
     assert again["best_mask"] == record["best_mask"]
+
+
+def test_search_cli_with_store_flag(tmp_path, capsys):
+    from medtune.cli import main
+
+    argv = ["search", "--data", "synthetic", "--arch", "medtune_tiny_cnn", "--weights", "none", "--epochs", "1",
+            "--img-size", "16", "--device", "cpu", "--popsize", "5", "--generations", "0", "--search-epochs", "1",
+            "--store", str(tmp_path)]
+    assert main(argv + ["--seeds", "0"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["best_mask"]) == 4 and out["num_trainings"] >= 1

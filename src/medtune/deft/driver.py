@@ -145,7 +145,7 @@ class MaskEvaluator:
                           info={"val": result.val_metrics, "train_seconds": result.train_seconds})
 
 
-def run_search(config: SearchConfig | dict | str, *, store: ResultsStore | None = None,
+def run_search(config: SearchConfig | dict | str, *, store: ResultsStore | str | None = None,
                log: Callable[[str], None] | None = None, map_fn=None, **overrides: Any) -> dict:
     """Run a DEFT search, retrain its best mask and compare it; return the stored search record.
 
@@ -160,6 +160,8 @@ def run_search(config: SearchConfig | dict | str, *, store: ResultsStore | None 
     from medtune.runner import build_run, prepare_data, run
     from medtune.sweeps import results_table
 
+    if isinstance(store, str):  # a folder, as from --store: it is a config key
+        overrides["store"], store = store, None
     if isinstance(config, SearchConfig):
         data = config.to_dict()
     elif isinstance(config, Mapping):
