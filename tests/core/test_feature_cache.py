@@ -72,3 +72,21 @@ def test_a_model_whose_forward_is_not_a_chain_is_never_cached():
 
     model.backbone.forward_features = lambda t: original(t) * 2  # forward now does more than its children
     assert build_chain(model, x) is None
+
+
+def test_features_over_the_memory_budget_go_to_a_disk_memmap(tiny_cfg, synthetic_data, tmp_path, monkeypatch):
+    import numpy as np
+
+    from medtune.training import cache as cache_mod
+
+    small = cache_mod.FeatureCache(budget_bytes=1024, spill_dir=str(tmp_path))
+    monkeypatch.setattr(cache_mod, "FEATURE_CACHE", small)
+    m_on, r_on, log = _fit("top_k:1", tiny_cfg, synthetic_data)
+    assert "feature cache: frozen prefix" in log
+    spilled = list(tmp_path.glob("medtune-features-*/features.npy"))
+    assert spilled, "features larger than the budget are written to disk"
+    assert small.nbytes() <= 1024
+    assert np.load(spilled[0], mmap_mode="r").shape[0] in (32, 16)
+    m_off, r_off, _ = _fit("top_k:1", tiny_cfg.replace(feature_cache="off"), synthetic_data)
+    for key, value in r_off.test_metrics.items():
+        assert r_on.test_metrics[key] == pytest.approx(value, abs=1e-5), key

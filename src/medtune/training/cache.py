@@ -19,9 +19,12 @@ one forward pass for all its depths.
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -110,24 +113,31 @@ def cache_unusable_reason(*, augment: str, prefix_fixed: bool, prefix_len: int, 
 class FeatureCache:
     """Process-wide store of prefix outputs, LRU-evicted beyond ``budget_bytes``."""
 
-    def __init__(self, budget_bytes: int = 2 << 30) -> None:
+    def __init__(self, budget_bytes: int = 2 << 30, spill_dir: str | None = None) -> None:
         self.budget_bytes = budget_bytes
+        self.spill_dir = spill_dir
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._disk: dict[str, torch.Tensor] = {}
         self.hits = 0
         self.misses = 0
 
     def nbytes(self) -> int:
+        """Bytes held in memory (memmapped features live on disk and are not counted)."""
         return sum(t.numel() * t.element_size() for t in self._items.values())
 
     def get(self, key: str) -> torch.Tensor | None:
         value = self._items.get(key)
         if value is not None:
             self._items.move_to_end(key)
-        return value
+            return value
+        return self._disk.get(key)
 
-    def put(self, key: str, value: torch.Tensor) -> bool:
-        size = value.numel() * value.element_size()
-        if size > self.budget_bytes:
+    def put(self, key: str, value: torch.Tensor, *, on_disk: bool = False) -> bool:
+        """Keep ``value`` (memmapped ``on_disk`` values are kept without counting against the budget)."""
+        if on_disk:
+            self._disk[key] = value
+            return True
+        if value.numel() * value.element_size() > self.budget_bytes:
             return False
         self._items[key] = value
         while self.nbytes() > self.budget_bytes:
@@ -136,6 +146,7 @@ class FeatureCache:
 
     def clear(self) -> None:
         self._items.clear()
+        self._disk.clear()
         self.hits = self.misses = 0
 
 
@@ -152,15 +163,49 @@ def _prefix_fingerprint(chain: list[tuple[str, nn.Module]], upto: int, salt: str
     return h.hexdigest()[:24]
 
 
+class _Sink:
+    """Collects one cut's batches: in memory, or straight into a disk memmap when the whole
+    output would exceed the cache's memory budget (so it never has to fit in RAM)."""
+
+    def __init__(self, total: int, budget_bytes: int, spill_dir: str | None) -> None:
+        self.total, self.budget, self.spill_dir = total, budget_bytes, spill_dir
+        self.parts: list[torch.Tensor] = []
+        self.memmap: np.memmap | None = None
+        self.filled = 0
+
+    def add(self, batch: torch.Tensor) -> None:
+        batch = batch.detach().float().cpu()
+        if self.memmap is None and not self.parts and batch.numel() * 4 * self.total / len(batch) > self.budget:
+            folder = tempfile.mkdtemp(prefix="medtune-features-", dir=self.spill_dir)
+            self.memmap = np.lib.format.open_memmap(os.path.join(folder, "features.npy"), mode="w+",
+                                                    dtype=np.float32, shape=(self.total, *batch.shape[1:]))
+        if self.memmap is not None:
+            self.memmap[self.filled:self.filled + len(batch)] = batch.numpy()
+        else:
+            self.parts.append(batch)
+        self.filled += len(batch)
+
+    def store(self, cache: FeatureCache, key: str) -> torch.Tensor:
+        if self.memmap is not None:
+            self.memmap.flush()
+            value = torch.from_numpy(self.memmap)
+        else:
+            value = torch.cat(self.parts)
+        cache.put(key, value, on_disk=self.memmap is not None)
+        return value
+
+
 @torch.no_grad()
 def cached_features(chain: list[tuple[str, nn.Module]], upto: int, images: torch.Tensor, *, salt: str,
                     device: torch.device, batch_size: int, to_input: Callable[[torch.Tensor], torch.Tensor],
-                    cache: FeatureCache = FEATURE_CACHE, boundaries: list[int] | None = None) -> torch.Tensor:
+                    cache: FeatureCache | None = None, boundaries: list[int] | None = None) -> torch.Tensor:
     """Outputs of ``chain[:upto]`` for uint8 ``images`` (all in eval mode), from the cache when possible.
 
     On a miss, one pass computes them and also stores the outputs at each index in ``boundaries``
-    (< ``upto``) so other cuts of the same prefix hit later.
+    (< ``upto``) so other cuts of the same prefix hit later. Outputs larger than the cache's
+    memory budget go to a disk memmap (``cache.spill_dir``, default the system temp folder).
     """
+    cache = cache if cache is not None else FEATURE_CACHE
     key = _prefix_fingerprint(chain, upto, salt)
     hit = cache.get(key)
     if hit is not None:
@@ -170,7 +215,7 @@ def cached_features(chain: list[tuple[str, nn.Module]], upto: int, images: torch
     wanted = sorted({b for b in (boundaries or []) if 1 < b < upto} | {upto})
     keys = {b: (key if b == upto else _prefix_fingerprint(chain, b, salt)) for b in wanted}
     wanted = [b for b in wanted if b == upto or cache.get(keys[b]) is None]
-    outs: dict[int, list[torch.Tensor]] = {b: [] for b in wanted}
+    sinks = {b: _Sink(len(images), cache.budget_bytes, cache.spill_dir) for b in wanted}
     modes = [m.training for _, m in chain[:upto]]
     for _, m in chain[:upto]:
         m.eval()
@@ -179,13 +224,11 @@ def cached_features(chain: list[tuple[str, nn.Module]], upto: int, images: torch
             x = to_input(images[start:start + batch_size])
             for i, (_, module) in enumerate(chain[:upto], start=1):
                 x = module(x)
-                if i in outs:
-                    outs[i].append(x.float().cpu() if device.type == "cuda" else x.float())
+                if i in sinks:
+                    sinks[i].add(x)
     finally:
         for (_, m), mode in zip(chain[:upto], modes):
             m.train(mode)
     for b in wanted[:-1]:
-        cache.put(keys[b], torch.cat(outs[b]))
-    result = torch.cat(outs[upto])
-    cache.put(key, result)
-    return result
+        sinks[b].store(cache, keys[b])
+    return sinks[upto].store(cache, key)
