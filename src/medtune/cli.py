@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML file of sweep keys")
     p.add_argument("--preset", help="start from a built-in preset (see 'medtune preset list')")
     _add_config_flags(p, sweep=True)
+    ex = p.add_argument_group("execution")
+    ex.add_argument("--executor", choices=("local", "ray"), default="local")
+    ex.add_argument("--workers", type=int, default=1, help="processes of the local executor")
+    ex.add_argument("--address", default=None, help="Ray cluster: auto or HOST:PORT (default: start a local Ray)")
+    ex.add_argument("--cpus-per-run", type=float, default=1)
+    ex.add_argument("--gpus-per-run", type=float, default=0)
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     p = sub.add_parser("results", help="print the runs in a store")
@@ -197,7 +203,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         from medtune.presets import get_preset
 
         base = {**get_preset(args.preset), **(medtune.load_yaml(args.config) if args.config else {})}
-    records = medtune.sweep(base, log=_log, **_overrides(args))
+    records = medtune.sweep(base, log=_log, executor=args.executor, workers=args.workers, address=args.address,
+                            cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, **_overrides(args))
     _print_records(records, args.format)
     return 0
 

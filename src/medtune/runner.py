@@ -19,13 +19,13 @@ import torch
 from medtune.config import RunConfig
 from medtune.data import load_data, with_train_fraction
 from medtune.data.base import ImageSet
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, StoreError
 from medtune.models import create_model, get_blocks
 from medtune.store import ResultsStore
 from medtune.strategies import create_strategy
 from medtune.training.loop import fit, resolve_device
 
-__all__ = ["run", "run_id_of", "prepare_data", "collect_versions", "build_run"]
+__all__ = ["run", "run_id_of", "prepare_data", "collect_versions", "build_run", "execute_run", "store_result"]
 
 
 def collect_versions() -> dict[str, str]:
@@ -90,17 +90,21 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(Path(tmp))
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise StoreError(f"Cannot write {path} ({exc.strerror or exc}); free disk space or fix permissions and run "
+                         "the same command again: the run resumes from its last epoch checkpoint.") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _save_artifacts(store: ResultsStore, run_id: str, cfg: RunConfig, model, y_true, y_prob, class_names) -> dict:
+def _save_artifacts(store: ResultsStore, run_id: str, cfg: RunConfig, state: dict, y_true, y_prob,
+                    class_names) -> dict:
     from safetensors.torch import save_file
 
     folder = store.run_dir(run_id)
     weights = folder / "best.safetensors"
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.backbone.state_dict().items()}
     _write_atomic(weights, lambda p: save_file(state, str(p), metadata={"arch": cfg.arch}))
     preds = folder / "predictions.npz"
     _write_atomic(preds, lambda p: np.savez(open(p, "wb"), y_true=y_true, y_prob=y_prob,
@@ -108,6 +112,67 @@ def _save_artifacts(store: ResultsStore, run_id: str, cfg: RunConfig, model, y_t
     cfg_path = folder / "config.json"
     _write_atomic(cfg_path, lambda p: p.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True)))
     return {"weights": str(weights), "predictions": str(preds), "config": str(cfg_path)}
+
+
+def execute_run(cfg_dict: dict[str, Any], checkpoint_path: str | None, heartbeat: Callable[[], None] | None = None,
+                log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train one run without touching the results store: the worker side of every executor.
+
+    Returns a payload (plain tensors and values, picklable for process pools and Ray) that
+    :func:`store_result` writes to the store on the driver: the record without artifact paths,
+    the best backbone weights, and the test labels/probabilities.
+    """
+    cfg = RunConfig.from_dict(cfg_dict)
+    log = log or (lambda _m: None)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    data = prepare_data(cfg)
+    fingerprint = data.fingerprint()
+    run_id = run_id_of(cfg, fingerprint)
+    device = resolve_device(cfg.device)
+    strategy, model, blocks = build_run(cfg, data, device)
+    log(f"{run_id} {cfg.arch} {strategy.spec} seed {cfg.seed} frac {cfg.train_fraction} on {device}")
+
+    class _Heartbeat:
+        def on_epoch_end(self, record: dict) -> None:
+            if heartbeat is not None:
+                heartbeat()
+
+    result = fit(model, data, strategy, cfg, blocks=blocks, checkpoint_path=checkpoint_path,
+                 callbacks=(_Heartbeat(),), log=log)
+    record = {
+        "run_id": run_id, "status": "done", "dataset": data.name, "data_fingerprint": fingerprint,
+        "arch": cfg.arch, "weights": cfg.weights if strategy.pretrained else "none",
+        "strategy": strategy.name, "strategy_params": strategy.params, "label": strategy.spec,
+        "depth": strategy.depth(len(blocks)),
+        "seed": cfg.seed, "train_fraction": cfg.train_fraction, "config": cfg.to_dict(),
+        "metrics": result.test_metrics, "val_metrics": result.val_metrics,
+        "trainable_params": result.trainable_params, "total_params": sum(p.numel() for p in model.parameters()),
+        "train_seconds": result.train_seconds, "images_per_s": result.images_per_s,
+        "num_blocks": len(blocks), "num_train": int((data.splits == "train").sum()),
+        "history": result.history, "extras": result.extras, "device": str(device),
+        "predictions": {"y_true": result.y_true.tolist(), "y_prob": np.round(result.y_prob, 6).tolist(),
+                        "class_names": list(data.class_names)} if result.y_prob.size <= 200_000 else None,
+        "versions": collect_versions(),
+    }
+    m = result.test_metrics
+    log(f"{run_id} done: test auc {m.get('auc', float('nan')):.4f} acc {m.get('accuracy', float('nan')):.4f} "
+        f"({result.train_seconds:.1f}s, {result.trainable_params:,} trainable)")
+    weights = {k: v.detach().cpu().contiguous().clone() for k, v in model.backbone.state_dict().items()}
+    return {"record": record, "weights": weights, "y_true": result.y_true, "y_prob": result.y_prob,
+            "class_names": list(data.class_names)}
+
+
+def store_result(store: ResultsStore, payload: dict[str, Any]) -> dict[str, Any]:
+    """The driver side: write a finished run's artifacts (temp file + rename) and record (one transaction)."""
+    record = dict(payload["record"])
+    run_id = record["run_id"]
+    cfg = RunConfig.from_dict(record["config"])
+    record["artifacts"] = _save_artifacts(store, run_id, cfg, payload["weights"], payload["y_true"],
+                                          payload["y_prob"], payload["class_names"])
+    store.finish(run_id, record)
+    store.checkpoint_path(run_id).unlink(missing_ok=True)
+    return record
 
 
 def run(cfg: RunConfig | dict, *, store: ResultsStore | None = None, log: Callable[[str], None] | None = None,
@@ -118,7 +183,8 @@ def run(cfg: RunConfig | dict, *, store: ResultsStore | None = None, log: Callab
         cfg: a RunConfig or a dict of its fields.
         store: the results store (default: ``cfg.store``).
         log: one-line progress messages go here (default: silent).
-        data: an already loaded ImageSet (default: loaded from ``cfg.data``).
+        data: an already loaded ImageSet (default: loaded from ``cfg.data``); only used to
+            compute the run id here, the worker side loads (and caches) the data itself.
 
     Returns:
         The run's record (see README, "Results store").
@@ -129,51 +195,18 @@ def run(cfg: RunConfig | dict, *, store: ResultsStore | None = None, log: Callab
     cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
     log = log or (lambda _m: None)
     store = store or ResultsStore(cfg.store)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     data = data if data is not None else prepare_data(cfg)
-    fingerprint = data.fingerprint()
-    run_id = run_id_of(cfg, fingerprint)
+    run_id = run_id_of(cfg, data.fingerprint())
     done = store.get(run_id)
     if done is not None:
         log(f"{run_id} {cfg.arch} {cfg.strategy} seed {cfg.seed}: already done")
         return done
     if not store.claim(run_id, cfg.to_dict()):
         raise MedtuneError(f"Run {run_id} is being trained by another live process; start again once it finishes.")
-    device = resolve_device(cfg.device)
-    strategy, model, blocks = build_run(cfg, data, device)
-    log(f"{run_id} {cfg.arch} {strategy.spec} seed {cfg.seed} frac {cfg.train_fraction} on {device}")
-    ckpt = store.checkpoint_path(run_id)
-
-    class _Heartbeat:
-        def on_epoch_end(self, record: dict) -> None:
-            store.heartbeat(run_id)
-
     try:
-        result = fit(model, data, strategy, cfg, blocks=blocks, checkpoint_path=ckpt, callbacks=(_Heartbeat(),), log=log)
-    except KeyboardInterrupt:
-        store.release(run_id)
+        payload = execute_run(cfg.to_dict(), str(store.checkpoint_path(run_id)),
+                              heartbeat=lambda: store.heartbeat(run_id), log=log)
+    except BaseException:
+        store.release(run_id)  # Ctrl-C or an error: the next start resumes from the epoch checkpoint
         raise
-    artifacts = _save_artifacts(store, run_id, cfg, model, result.y_true, result.y_prob, data.class_names)
-    total = sum(p.numel() for p in model.parameters())
-    record = {
-        "run_id": run_id, "status": "done", "dataset": data.name, "data_fingerprint": fingerprint,
-        "arch": cfg.arch, "weights": cfg.weights if strategy.pretrained else "none",
-        "strategy": strategy.name, "strategy_params": strategy.params, "label": strategy.spec,
-        "depth": strategy.depth(len(blocks)),
-        "seed": cfg.seed, "train_fraction": cfg.train_fraction, "config": cfg.to_dict(),
-        "metrics": result.test_metrics, "val_metrics": result.val_metrics,
-        "trainable_params": result.trainable_params, "total_params": total,
-        "train_seconds": result.train_seconds, "images_per_s": result.images_per_s,
-        "num_blocks": len(blocks), "num_train": int((data.splits == "train").sum()),
-        "history": result.history, "extras": result.extras, "artifacts": artifacts, "device": str(device),
-        "predictions": {"y_true": result.y_true.tolist(), "y_prob": np.round(result.y_prob, 6).tolist(),
-                        "class_names": list(data.class_names)} if result.y_prob.size <= 200_000 else None,
-        "versions": collect_versions(),
-    }
-    store.finish(run_id, record)
-    ckpt.unlink(missing_ok=True)
-    m = result.test_metrics
-    log(f"{run_id} done: test auc {m.get('auc', float('nan')):.4f} acc {m.get('accuracy', float('nan')):.4f} "
-        f"({result.train_seconds:.1f}s, {result.trainable_params:,} trainable)")
-    return record
+    return store_result(store, payload)

@@ -75,41 +75,87 @@ def expand_sweep(config: SweepConfig) -> list[RunConfig]:
     return runs
 
 
+def _log_to_stderr(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _execute_in_worker(cfg_dict: dict, checkpoint: str) -> dict:
+    """Module-level (picklable) worker entry for process pools and Ray."""
+    from medtune.runner import execute_run
+
+    return execute_run(cfg_dict, checkpoint, log=_log_to_stderr)
+
+
 def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: ResultsStore | str | Path | None = None,
-          executor: str = "local", log: Callable[[str], None] | None = None, **overrides: Any) -> list[dict]:
+          executor: Any = "local", workers: int = 1, address: str | None = None, cpus_per_run: float = 1,
+          gpus_per_run: float = 0, log: Callable[[str], None] | None = None, **overrides: Any) -> list[dict]:
     """Run every run of a sweep that the store does not hold yet; return all the sweep's records.
+
+    The driver (this process) claims each pending run in the store, sends it to the executor, and
+    writes each returned result to the store itself (artifacts by temp file + rename, the record in
+    one transaction). Runs another live process has claimed are skipped; runs whose owner died are
+    reclaimed and resume from their epoch checkpoint.
 
     Args:
         config: a SweepConfig, a dict of its keys, or a YAML path.
         store: the results store or its folder (default: the config's ``store``).
-        executor: ``local`` (sequential, in this process).
+        executor: ``local``, ``ray`` or an executor object (``medtune.executors``).
+        workers: processes of the local executor (1 = in this process).
+        address: Ray cluster address (``auto`` or ``HOST:PORT``); None starts a local Ray.
+        cpus_per_run, gpus_per_run: Ray resources per run.
         log: receives one-line progress messages.
         **overrides: config keys that replace the config's (same names as the YAML keys).
     """
-    from medtune.runner import run
-
-    if isinstance(store, (str, Path)):  # a folder, as from --store: it is a config key
-        overrides["store"], store = str(store), None
-    cfg = load_sweep_config(config, **overrides)
-    if executor != "local":
-        raise ConfigError(f"Unknown executor {executor!r}; available: local.")
-    runs = expand_sweep(cfg)
-    store = store or ResultsStore(cfg.base.store)
-    log = log or (lambda _m: None)
-    log(f"sweep {cfg.name!r}: {len(runs)} runs into {store.root}")
+    import functools
     import sys
 
     from tqdm import tqdm
 
-    records = []
-    bar = tqdm(total=len(runs), desc=cfg.name, unit="run", file=sys.stderr,
-               disable=not (cfg.base.progress and sys.stderr.isatty()))
+    from medtune.executors import LocalExecutor, create_executor
+    from medtune.runner import execute_run, prepare_data, run_id_of, store_result
+
+    if isinstance(store, (str, Path)):  # a folder, as from --store: it is a config key
+        overrides["store"], store = str(store), None
+    cfg = load_sweep_config(config, **overrides)
+    runs = expand_sweep(cfg)
+    store = store or ResultsStore(cfg.base.store)
+    log = log or (lambda _m: None)
+    if isinstance(executor, str):
+        executor = create_executor(executor, workers=workers, address=address, num_cpus=cpus_per_run,
+                                   num_gpus=gpus_per_run)
+    log(f"sweep {cfg.name!r}: {len(runs)} runs into {store.root}")
+    records: list[dict | None] = [None] * len(runs)
+    todo: list[tuple[int, str]] = []
     for i, run_cfg in enumerate(runs):
-        log(f"[{i + 1}/{len(runs)}]")
-        records.append(run(run_cfg, store=store, log=log))
-        bar.update(1)
-    bar.close()
-    return records
+        run_id = run_id_of(run_cfg, prepare_data(run_cfg).fingerprint())
+        records[i] = store.get(run_id)
+        if records[i] is not None:
+            continue
+        if store.claim(run_id, run_cfg.to_dict()):
+            todo.append((i, run_id))
+        else:
+            log(f"{run_id} is being trained by another live process; skipped here")
+    log(f"{len(runs) - len(todo)} runs already in the store, {len(todo)} to train")
+    in_process = isinstance(executor, LocalExecutor) and executor.workers == 1
+    worker = functools.partial(execute_run, log=log) if in_process else _execute_in_worker
+    items = [(runs[i].to_dict(), str(store.checkpoint_path(run_id))) for i, run_id in todo]
+    bar = tqdm(total=len(todo), desc=cfg.name, unit="run", file=sys.stderr,
+               disable=not (cfg.base.progress and sys.stderr.isatty()))
+    try:
+        for j, payload in executor.map_unordered(worker, items):
+            i, run_id = todo[j]
+            records[i] = store_result(store, payload)
+            bar.update(1)
+    except BaseException:
+        for i, run_id in todo:
+            if records[i] is None:
+                store.release(run_id)  # the next start resumes these from their epoch checkpoints
+        raise
+    finally:
+        bar.close()
+    return [r for r in records if r is not None]
 
 
 def results_table(records: Sequence[dict], metrics: Sequence[str] = ("auc", "accuracy", "balanced_accuracy", "f1"),
