@@ -104,6 +104,8 @@ def _save_artifacts(store: ResultsStore, run_id: str, cfg: RunConfig, state: dic
     from safetensors.torch import save_file
 
     folder = store.run_dir(run_id)
+    for stale in folder.glob("*.tmp"):  # left by a driver killed mid-write
+        stale.unlink(missing_ok=True)
     weights = folder / "best.safetensors"
     _write_atomic(weights, lambda p: save_file(state, str(p), metadata={"arch": cfg.arch}))
     preds = folder / "predictions.npz"

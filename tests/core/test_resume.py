@@ -115,3 +115,34 @@ def test_sweep_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path)
     rows = sqlite3.connect(store / "medtune.sqlite").execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall()
     assert rows == [("done", 6)]
     assert "resuming from" in again.stderr, "the interrupted run resumed from its checkpoint"
+
+
+@pytest.mark.slow
+def test_sweep_killed_at_five_random_moments_ends_with_every_run_once(tmp_path):
+    import random
+    import sqlite3
+
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(SWEEP_YAML.replace("strategy: [linear, full, lp_ft]", "strategy: [linear, full, lp_ft, top_k:1]")
+                   .replace("epochs: 4", "epochs: 8"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    ref = subprocess.run(_sweep_cmd(cfg, tmp_path / "ref"), capture_output=True, text=True, env=env, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    expected = _metrics(tmp_path / "ref")
+    assert len(expected) == 8
+    store = tmp_path / "killed"
+    rng = random.Random(1234)
+    progress = []
+    for _ in range(5):
+        proc = subprocess.Popen(_sweep_cmd(cfg, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        time.sleep(rng.uniform(2.0, 7.0))  # import time included: some kills land before any claim, most mid-run
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        progress.append(len(_metrics(store)) if (store / "medtune.sqlite").exists() else 0)
+    final = subprocess.run(_sweep_cmd(cfg, store), capture_output=True, text=True, env=env, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert any(0 < p < 8 for p in progress), f"kills must land mid-sweep (finished runs after each: {progress})"
+    assert _metrics(store) == expected
+    rows = sqlite3.connect(store / "medtune.sqlite").execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall()
+    assert rows == [("done", 8)]
+    assert not list((store / "checkpoints").iterdir()), "no stale checkpoint is left behind"

@@ -235,6 +235,9 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
                              "extras": {}, "trained": []}
     ckpt = Path(checkpoint_path) if checkpoint_path else None
     resume = None
+    if ckpt is not None:
+        for stale in ckpt.parent.glob(ckpt.name + ".tmp*"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
     if ckpt is not None and ckpt.exists():
         resume = torch.load(ckpt, map_location="cpu", weights_only=True)
         for key in ("phase", "epoch", "history", "train_seconds", "images_seen", "extras", "trained"):
