@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from medtune.models import get_blocks
+from medtune.store import ResultsStore
 from medtune.strategies import create_strategy
 from medtune.training.loop import fit
 from tests.conftest import make_tiny
@@ -78,15 +79,13 @@ def _sweep_cmd(cfg, store):
 
 
 def _metrics(store):
-    from medtune.store import ResultsStore
-
     return {r["run_id"]: r["metrics"] for r in ResultsStore(store).runs()}
 
 
 @pytest.mark.slow
 def test_sweep_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
     cfg = tmp_path / "sweep.yaml"
-    cfg.write_text(SWEEP_YAML)
+    cfg.write_text(SWEEP_YAML.replace("epochs: 4", "epochs: 20"))  # runs long enough to be killed mid-training
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     ref = subprocess.run(_sweep_cmd(cfg, tmp_path / "ref"), capture_output=True, text=True, env=env, timeout=300)
     assert ref.returncode == 0, ref.stderr
@@ -99,9 +98,10 @@ def test_sweep_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path)
     # kill during the second run, after at least one epoch checkpoint of it exists
     deadline = time.time() + 120
     while time.time() < deadline:
-        if len(_metrics(store) if (store / "medtune.sqlite").exists() else {}) >= 1 and ckpts.exists() and any(ckpts.iterdir()):
+        if (len(_metrics(store) if (store / "medtune.sqlite").exists() else {}) >= 1 and ckpts.exists()
+                and any(p.suffix == ".pt" for p in ckpts.iterdir())):
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = len(_metrics(store))
@@ -135,13 +135,18 @@ def test_sweep_killed_at_five_random_moments_ends_with_every_run_once(tmp_path):
     progress = []
     for _ in range(5):
         proc = subprocess.Popen(_sweep_cmd(cfg, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        time.sleep(rng.uniform(2.0, 7.0))  # import time included: some kills land before any claim, most mid-run
+        time.sleep(rng.uniform(4.0, 12.0))  # start-up (imports) included, so some kills may land before any claim
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        progress.append(len(_metrics(store)) if (store / "medtune.sqlite").exists() else 0)
+        if (store / "medtune.sqlite").exists():
+            statuses = [r["status"] for r in ResultsStore(store).runs(status=None)]
+            progress.append((statuses.count("done"), statuses.count("running")))
+        else:
+            progress.append((0, 0))
     final = subprocess.run(_sweep_cmd(cfg, store), capture_output=True, text=True, env=env, timeout=300)
     assert final.returncode == 0, final.stderr
-    assert any(0 < p < 8 for p in progress), f"kills must land mid-sweep (finished runs after each: {progress})"
+    # (finished, interrupted-in-training) after each kill: at least two kills must hit a run mid-training
+    assert sum(1 for _, running in progress if running) >= 2, progress
     assert _metrics(store) == expected
     rows = sqlite3.connect(store / "medtune.sqlite").execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall()
     assert rows == [("done", 8)]
