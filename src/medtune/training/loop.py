@@ -286,6 +286,7 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
             reason = cache_unusable_reason(augment=cfg.augment, prefix_fixed=s.frozen_prefix_is_fixed(),
                                            prefix_len=cut, chain_ok=chain is not None)
             if reason is None:
+                t_cache = time.perf_counter()
                 for name, split in (("train", train), ("val", val), ("test", test)):
                     feats[name] = cached_features(
                         chain, cut, split.images, salt=f"{fingerprints[name]}:{cfg.bn_mode}", device=device,
@@ -293,6 +294,8 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
                         to_input=lambda b: _to_input(b, device, channels_last))
                     if device.type == "cuda":
                         feats[name] = feats[name].to(device)
+                # extracting (or fetching) the features is part of this run's training time
+                state["train_seconds"] += time.perf_counter() - t_cache
                 net = nn.Sequential(*[m for _, m in chain[cut:]])
                 log(f"[{phase.name}] feature cache: frozen prefix of {cut} modules ({chain[cut - 1][0]}) "
                     f"computed once; training on {tuple(feats['train'].shape[1:])} features")
