@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targeted", default=None, help="a class index or 'all'")
     p.add_argument("--num-source-images", type=int, default=256)
     p.add_argument("--max-passes", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32, help="images per UAP gradient step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--transfer", action="store_true", help="also the transferability matrix between the runs")
@@ -302,7 +303,8 @@ def _cmd_attack(args: argparse.Namespace) -> int:
             raise medtune.ConfigError(f"--targeted must be a class index or 'all'. Got {targeted!r}.") from None
     records = medtune.attack(args.runs, store=args.store, sources=sources, zetas=zetas, norm=args.norm,
                              targeted=targeted, natural_folder=folder, num_source_images=args.num_source_images,
-                             max_passes=args.max_passes, seed=args.seed, device=args.device, transfer=args.transfer,
+                             max_passes=args.max_passes, batch_size=args.batch_size, seed=args.seed,
+                             device=args.device, transfer=args.transfer,
                              log=_log)
     rows = [{k: r.get(k) for k in ("run_id", "label", "source", "zeta", "norm", "targeted", "fooling_rate",
                                    "fooling_ci_low", "fooling_ci_high", "random_fooling_rate", "targeted_success",

@@ -71,7 +71,7 @@ def _attack_id(run_id: str, params: dict) -> str:
 def attack(runs: str | Sequence[str] = "all", *, store: ResultsStore | str = "./medtune-results",
            sources: Sequence[str] = ("train", "natural"), zetas: Sequence[float] = (0.02, 0.04, 0.08),
            norm: str | int = 2, targeted: int | str | None = None, natural_folder: str | None = None,
-           num_source_images: int = 256, max_passes: int = 10, goal_rate: float = 0.8, batch_size: int = 64,
+           num_source_images: int = 256, max_passes: int = 10, goal_rate: float = 0.8, batch_size: int = 32,
            seed: int = 0, device: str = "auto", transfer: bool = False,
            log: Callable[[str], None] | None = None) -> list[dict]:
     """Audit stored runs with UAPs; return the attack records (also written to the store).
