@@ -183,13 +183,13 @@ class ResultsStore:
     def runs(self, status: str | None = "done") -> list[dict[str, Any]]:
         """Finished run records (or, with ``status=None``, one status row per run)."""
         if status == "done":
-            rows = self._conn.execute("SELECT record FROM runs WHERE status='done' ORDER BY created, run_id").fetchall()
+            rows = self._conn.execute("SELECT record FROM runs WHERE status='done' ORDER BY rowid").fetchall()
             return [json.loads(r[0]) for r in rows]
         query = "SELECT run_id, status, owner, created, updated, error, config FROM runs"
         args: tuple = ()
         if status is not None:
             query, args = query + " WHERE status=?", (status,)
-        rows = self._conn.execute(query + " ORDER BY created, run_id", args).fetchall()
+        rows = self._conn.execute(query + " ORDER BY rowid", args).fetchall()
         keys = ("run_id", "status", "owner", "created", "updated", "error", "config")
         return [{**dict(zip(keys, r)), "config": json.loads(r[6])} for r in rows]
 
@@ -201,10 +201,9 @@ class ResultsStore:
 
     def attacks(self, run_id: str | None = None) -> list[dict[str, Any]]:
         if run_id is None:
-            rows = self._conn.execute("SELECT record FROM attacks ORDER BY created, attack_id").fetchall()
+            rows = self._conn.execute("SELECT record FROM attacks ORDER BY rowid").fetchall()
         else:
-            rows = self._conn.execute("SELECT record FROM attacks WHERE run_id=? ORDER BY created, attack_id",
-                                      (run_id,)).fetchall()
+            rows = self._conn.execute("SELECT record FROM attacks WHERE run_id=? ORDER BY rowid", (run_id,)).fetchall()
         return [json.loads(r[0]) for r in rows]
 
     def put_search(self, search_id: str, record: dict[str, Any]) -> None:
@@ -213,7 +212,7 @@ class ResultsStore:
                          (search_id, json.dumps(record, sort_keys=True), _now()))
 
     def searches(self) -> list[dict[str, Any]]:
-        return [json.loads(r[0]) for r in self._conn.execute("SELECT record FROM searches ORDER BY created").fetchall()]
+        return [json.loads(r[0]) for r in self._conn.execute("SELECT record FROM searches ORDER BY rowid").fetchall()]
 
     def get_genome(self, key: str) -> dict[str, Any] | None:
         row = self._conn.execute("SELECT value FROM genomes WHERE key=?", (key,)).fetchone()

@@ -76,3 +76,12 @@ def test_unwritable_folder(tmp_path):
         ro.mkdir(); ro.chmod(0o500)
         with pytest.raises(StoreError):
             ResultsStore(ro / "sub")
+
+
+def test_records_come_back_in_insertion_order_within_one_second(tmp_path):
+    store = ResultsStore(tmp_path)
+    ids = ["f", "a", "c", "b", "e", "d"]  # not sorted: a timestamp+id order would reorder them
+    for aid in ids:
+        store.put_attack(aid, "run", {"attack_id": aid})
+    assert [a["attack_id"] for a in store.attacks()] == ids
+    assert [a["attack_id"] for a in store.attacks("run")] == ids
