@@ -126,6 +126,8 @@ def test_with_train_fraction_is_stratified_and_keeps_val_test():
     assert set(sub.labels[torch.from_numpy(sub.splits == "train")].tolist()) == {0, 1}
     with pytest.raises(ConfigError, match="train_fraction"):
         with_train_fraction(data, 0.0, seed=0)
+    quarter, half = (set(with_train_fraction(data, f, seed=0).ids) for f in (0.25, 0.5))
+    assert quarter < half, "subsets of one seed are nested, so learning curves add images"
 
 
 def test_demo_is_deterministic_balanced_and_splits_share_no_pixels():

@@ -49,6 +49,8 @@ def make_splits(labels: np.ndarray, *, groups: np.ndarray | None, seed: int, val
 def with_train_fraction(data: ImageSet, fraction: float, seed: int) -> ImageSet:
     """Keep a stratified ``fraction`` of the training split (at least one image per class); val/test untouched.
 
+    For one seed the subsets are nested across fractions.
+
     Raises:
         ConfigError: fraction outside (0, 1].
     """
@@ -63,7 +65,9 @@ def with_train_fraction(data: ImageSet, fraction: float, seed: int) -> ImageSet:
     for c in np.unique(strata):
         members = train[strata == c]
         k = max(1, int(round(fraction * len(members))))
-        keep.append(rng.choice(members, size=k, replace=False))
+        # one seeded order per class, cut at k: the subsets of one seed are nested (0.25 ⊂ 0.5 ⊂ 1),
+        # so a learning curve adds images instead of drawing new ones
+        keep.append(members[rng.permutation(len(members))[:k]])
     others = np.flatnonzero(data.splits != "train")
     out = data.subset(np.sort(np.concatenate(keep + [others])))
     out.meta["train_fraction"] = fraction
