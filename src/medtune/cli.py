@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("search_train_fraction", float), ("max_trainable_params", float), ("max_seconds", float),
                        ("infeasible", str), ("seeds", str)):
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=conv, default=None)
+    p.add_argument("--executor", choices=("local", "ray"), default="local", help="evaluates one generation in parallel")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--address", default=None)
 
     p = sub.add_parser("attack", help="UAP audit of stored runs (non-targeted/targeted, train/natural/random)")
     p.add_argument("runs", nargs="*", default=["all"], help="run ids (prefixes) or 'all'")
@@ -271,7 +274,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
            "search_train_fraction", "max_trainable_params", "max_seconds", "infeasible", "seeds")
     overrides = {**_overrides(args), **{k: getattr(args, k) for k in own if getattr(args, k) is not None}}
     overrides.pop("seed", None)
-    record = medtune.search(args.config or {}, log=_log, **overrides)
+    record = medtune.search(args.config or {}, log=_log, executor=args.executor, workers=args.workers,
+                            address=args.address, **overrides)
     print(json.dumps({k: record[k] for k in ("search_id", "unit_names", "best_mask", "best_fitness", "seconds",
                                              "num_trainings", "comparison")}, indent=2))
     return 0

@@ -18,7 +18,22 @@ from medtune.errors import ConfigError, unknown_name_error
 __all__ = ["LocalExecutor", "RayExecutor", "create_executor", "EXECUTORS"]
 
 
-class LocalExecutor:
+class _Executor:
+    """What every executor offers: ``map_unordered`` (its own) and an ordered ``map`` on top."""
+
+    def map_unordered(self, fn: Callable, items: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
+        raise NotImplementedError
+
+    def map(self, fn: Callable, iterable) -> list:
+        """Ordered map, e.g. DEFT's ``map_fn`` for one generation."""
+        items = [(x,) for x in iterable]
+        out: list = [None] * len(items)
+        for i, value in self.map_unordered(fn, items):
+            out[i] = value
+        return out
+
+
+class LocalExecutor(_Executor):
     """Run calls in this process (``workers=1``) or in a pool of spawned processes.
 
     Args:
@@ -41,16 +56,9 @@ class LocalExecutor:
             for fut in cf.as_completed(futures):
                 yield futures[fut], fut.result()
 
-    def map(self, fn: Callable, iterable) -> list:
-        """Ordered map (DEFT's ``map_fn``)."""
-        items = [(x,) for x in iterable]
-        out: list = [None] * len(items)
-        for i, value in self.map_unordered(fn, items):
-            out[i] = value
-        return out
 
 
-class RayExecutor:
+class RayExecutor(_Executor):
     """Run calls as Ray tasks.
 
     Args:
@@ -89,12 +97,6 @@ class RayExecutor:
             for ref in pending:
                 ray.cancel(ref, force=True)
 
-    def map(self, fn: Callable, iterable) -> list:
-        items = [(x,) for x in iterable]
-        out: list = [None] * len(items)
-        for i, value in self.map_unordered(fn, items):
-            out[i] = value
-        return out
 
 
 EXECUTORS = {"local": LocalExecutor, "ray": RayExecutor}

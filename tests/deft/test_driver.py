@@ -47,3 +47,11 @@ def test_search_cli_with_store_flag(tmp_path, capsys):
 
     out = json.loads(capsys.readouterr().out)
     assert len(out["best_mask"]) == 4 and out["num_trainings"] >= 1
+
+
+def test_search_evaluates_a_generation_in_worker_processes_with_the_same_result(tmp_path):
+    cfg = {**BASE, "popsize": 5, "generations": 1, "search_epochs": 1, "compare": False, "seeds": [0]}
+    serial = medtune.search(cfg, store=ResultsStore(tmp_path / "a"))
+    parallel = medtune.search(cfg, store=ResultsStore(tmp_path / "b"), workers=2)
+    assert parallel["best_mask"] == serial["best_mask"]
+    assert parallel["history"] == serial["history"]

@@ -146,14 +146,16 @@ class MaskEvaluator:
 
 
 def run_search(config: SearchConfig | dict | str, *, store: ResultsStore | str | None = None,
-               log: Callable[[str], None] | None = None, map_fn=None, **overrides: Any) -> dict:
+               log: Callable[[str], None] | None = None, map_fn=None, executor: str = "local", workers: int = 1,
+               address: str | None = None, **overrides: Any) -> dict:
     """Run a DEFT search, retrain its best mask and compare it; return the stored search record.
 
     Args:
         config: a SearchConfig, a dict of its keys, or a YAML path.
         store: results store (default: the config's ``store``).
         log: receives one-line progress messages.
-        map_fn: map-like used to evaluate one generation (default: sequential ``map``).
+        map_fn: map-like used to evaluate one generation; default: the executor's ``map``
+            (``local`` with ``workers`` processes, or ``ray`` at ``address``), sequential for one worker.
         **overrides: config keys replacing the config's.
     """
     from medtune.models import get_blocks
@@ -172,6 +174,10 @@ def run_search(config: SearchConfig | dict | str, *, store: ResultsStore | str |
     cfg = SearchConfig.from_dict(data, source=str(config) if isinstance(config, str) else "config")
     log = log or (lambda _m: None)
     store = store or ResultsStore(cfg.base.store)
+    if map_fn is None and (executor != "local" or workers > 1):
+        from medtune.executors import create_executor
+
+        map_fn = create_executor(executor, workers=workers, address=address).map
     base = cfg.base.replace(seed=cfg.seeds[0])
     low = base.replace(epochs=cfg.search_epochs, train_fraction=float(cfg.search_train_fraction) * base.train_fraction)
     full_data = prepare_data(base)
