@@ -124,7 +124,7 @@ def test_sweep_killed_at_five_random_moments_ends_with_every_run_once(tmp_path):
 
     cfg = tmp_path / "sweep.yaml"
     cfg.write_text(SWEEP_YAML.replace("strategy: [linear, full, lp_ft]", "strategy: [linear, full, lp_ft, top_k:1]")
-                   .replace("epochs: 4", "epochs: 8"))
+                   .replace("epochs: 4", "epochs: 20"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     ref = subprocess.run(_sweep_cmd(cfg, tmp_path / "ref"), capture_output=True, text=True, env=env, timeout=300)
     assert ref.returncode == 0, ref.stderr
@@ -134,8 +134,18 @@ def test_sweep_killed_at_five_random_moments_ends_with_every_run_once(tmp_path):
     rng = random.Random(1234)
     progress = []
     for _ in range(5):
+        started = time.time()
         proc = subprocess.Popen(_sweep_cmd(cfg, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        time.sleep(rng.uniform(4.0, 12.0))  # start-up (imports) included, so some kills may land before any claim
+        # a random moment during training: once this process has written an epoch checkpoint, plus a random delay
+        deadline = started + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if any(p.stat().st_mtime > started for p in (store / "checkpoints").glob("*.pt")):
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if (store / "medtune.sqlite").exists():
