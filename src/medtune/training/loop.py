@@ -29,7 +29,7 @@ from medtune.training.cache import build_chain, cache_unusable_reason, cached_fe
 from medtune.training.metrics import HIGHER_IS_BETTER, compute_metrics
 
 __all__ = ["fit", "evaluate", "predict_proba", "lr_at", "FitResult", "resolve_device", "set_train_mode",
-           "StopTraining", "count_trainable"]
+           "StopTraining"]
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -85,10 +85,6 @@ def set_train_mode(model: nn.Module, bn_mode: str) -> None:
             params = list(module.parameters(recurse=False))
             if params and not any(p.requires_grad for p in params):
                 module.eval()
-
-
-def count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _loss_fn(task: str, label_smoothing: float) -> Callable:
