@@ -56,13 +56,18 @@ def _load_cached(data: str, img_size: int, resize: str, split_seed: int, val_fra
                      test_fraction=test_fraction, medmnist_size=medmnist_size)
 
 
+@lru_cache(maxsize=16)
+def _subsample_cached(key: tuple, train_fraction: float) -> ImageSet:
+    data = _load_cached(*key)
+    return data if train_fraction >= 1.0 else with_train_fraction(data, train_fraction, key[3])
+
+
 def prepare_data(cfg: RunConfig) -> ImageSet:
-    """Load (once per process) and subsample the data a run trains on."""
-    data = _load_cached(cfg.data, cfg.img_size, cfg.resize, cfg.split_seed, float(cfg.val_fraction),
-                        float(cfg.test_fraction), cfg.medmnist_size)
-    if cfg.train_fraction < 1.0:
-        data = with_train_fraction(data, float(cfg.train_fraction), cfg.split_seed)
-    return data
+    """Load (once per process) and subsample the data a run trains on; the same config gives the
+    same ImageSet object, so its fingerprint is computed once."""
+    key = (cfg.data, cfg.img_size, cfg.resize, cfg.split_seed, float(cfg.val_fraction), float(cfg.test_fraction),
+           cfg.medmnist_size)
+    return _subsample_cached(key, float(cfg.train_fraction))
 
 
 def run_id_of(cfg: RunConfig, data_fingerprint: str) -> str:
@@ -152,6 +157,7 @@ def execute_run(cfg_dict: dict[str, Any], checkpoint_path: str | None, heartbeat
         "trainable_params": result.trainable_params, "total_params": sum(p.numel() for p in model.parameters()),
         "train_seconds": result.train_seconds, "images_per_s": result.images_per_s,
         "num_blocks": len(blocks), "num_train": int((data.splits == "train").sum()),
+        "num_classes": data.num_classes,
         "history": result.history, "extras": result.extras, "device": str(device),
         "predictions": {"y_true": result.y_true.tolist(), "y_prob": np.round(result.y_prob, 6).tolist(),
                         "class_names": list(data.class_names)} if result.y_prob.size <= 200_000 else None,

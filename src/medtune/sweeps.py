@@ -8,7 +8,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from medtune.config import RunConfig, SweepConfig, load_yaml, parse_strategy_spec
 from medtune.errors import ConfigError
@@ -160,23 +159,25 @@ def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: Resul
 
 def results_table(records: Sequence[dict], metrics: Sequence[str] = ("auc", "accuracy", "balanced_accuracy", "f1"),
                   ) -> list[dict[str, Any]]:
-    """One row per (dataset, arch, label, train_fraction): mean ± sd over seeds, params, train time."""
-    groups: dict[tuple, list[dict]] = {}
+    """One row per (dataset, arch, label, train_fraction), in order of first appearance: mean ± sd over
+    seeds, params, train time — :func:`medtune.reporting.summarize` under the CLI's column names."""
+    from medtune.reporting import summarize
+
+    by = ("dataset", "arch", "label", "train_fraction")
+    frame = summarize(records, metrics=None if tuple(metrics) == ("auc", "accuracy", "balanced_accuracy", "f1")
+                      else list(metrics), by=by)
+    first_seen: dict[tuple, int] = {}
     for r in records:
-        groups.setdefault((r["dataset"], r["arch"], r["label"], r["train_fraction"]), []).append(r)
+        first_seen.setdefault(tuple(r[k] for k in by), len(first_seen))
     rows = []
-    for (dataset, arch, label, frac), recs in groups.items():
-        row: dict[str, Any] = {"dataset": dataset, "arch": arch, "strategy": label, "train_fraction": frac,
-                               "n_seeds": len(recs)}
-        for m in metrics:
-            vals = np.array([r["metrics"].get(m, math.nan) for r in recs], dtype=float)
-            row[f"{m}_mean"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
-            row[f"{m}_sd"] = float(np.nanstd(vals, ddof=1)) if np.isfinite(vals).sum() > 1 else math.nan
-        row["trainable_params"] = int(np.mean([r["trainable_params"] for r in recs]))
-        row["train_seconds"] = float(np.mean([r["train_seconds"] for r in recs]))
-        row["depth"] = recs[0].get("depth")
-        rows.append(row)
-    return rows
+    for row in frame.to_dict("records"):
+        out = {"dataset": row["dataset"], "arch": row["arch"], "strategy": row["label"],
+               "train_fraction": row["train_fraction"], "n_seeds": int(row["n"])}
+        out.update({f"{m}_{stat}": float(row[f"{m}_{stat}"]) for m in metrics for stat in ("mean", "sd")})
+        out.update(trainable_params=int(row["trainable_params"]), train_seconds=float(row["train_seconds"]),
+                   depth=row.get("depth"))
+        rows.append(out)
+    return sorted(rows, key=lambda r: first_seen[(r["dataset"], r["arch"], r["strategy"], r["train_fraction"])])
 
 
 def format_table(rows: Sequence[dict], metrics: Sequence[str] = ("auc", "accuracy")) -> str:

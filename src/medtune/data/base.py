@@ -42,6 +42,7 @@ class ImageSet:
     groups: np.ndarray | None = None
     name: str = "data"
     meta: dict = field(default_factory=dict)
+    _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -74,11 +75,18 @@ class ImageSet:
         return self.subset(self.indices(split))
 
     def fingerprint(self) -> str:
-        """sha256 over pixels, labels, splits and class names (16 hex chars)."""
+        """sha256 over pixels, labels, splits and class names (16 hex chars).
+
+        Computed once per object: an ImageSet's tensors are treated as immutable (``subset`` and
+        ``split`` build new objects).
+        """
+        if self._fingerprint is not None:
+            return self._fingerprint
         h = hashlib.sha256()
         h.update(np.ascontiguousarray(self.images.numpy()).tobytes())
         h.update(np.ascontiguousarray(self.labels.numpy()).tobytes())
         h.update("\x00".join(map(str, self.splits)).encode())
         h.update("\x00".join(self.class_names).encode())
         h.update(self.task.encode())
-        return h.hexdigest()[:16]
+        self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint

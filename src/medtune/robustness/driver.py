@@ -54,10 +54,8 @@ def load_run_model(store: ResultsStore, record: dict, device: torch.device):
     path = store.run_dir(record["run_id"]) / "best.safetensors"
     if not path.exists():
         raise ConfigError(f"Run {record['run_id']} has no stored weights at {path}; re-run it to audit it.")
-    num_classes = len(record["predictions"]["class_names"]) if record.get("predictions") else None
+    num_classes = record.get("num_classes") or len(record["predictions"]["class_names"])
     state = load_file(str(path))
-    if num_classes is None:
-        num_classes = int(state[[k for k in state if k.endswith("weight")][-1]].shape[0])
     with torch.random.fork_rng(devices=[]):
         model = create_model(record["arch"], num_classes=num_classes, weights="none")
     model.backbone.load_state_dict(state)

@@ -225,7 +225,7 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
             if ids and min(ids) != last:
                 starts.append(i)
                 last = min(ids)
-        fingerprints = {"train": train.fingerprint(), "val": val.fingerprint(), "test": test.fingerprint()}
+        data_fingerprint = data.fingerprint()  # covers pixels and splits, so it identifies each split too
 
     state: dict[str, Any] = {"phase": 0, "epoch": 0, "history": [], "train_seconds": 0.0, "images_seen": 0,
                              "extras": {}, "trained": []}
@@ -285,7 +285,7 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
                 t_cache = time.perf_counter()
                 for name, split in (("train", train), ("val", val), ("test", test)):
                     feats[name] = cached_features(
-                        chain, cut, split.images, salt=f"{fingerprints[name]}:{cfg.bn_mode}", device=device,
+                        chain, cut, split.images, salt=f"{data_fingerprint}:{name}:{cfg.bn_mode}", device=device,
                         batch_size=cfg.eval_batch_size, boundaries=starts,
                         to_input=lambda b: _to_input(b, device, channels_last))
                     if device.type == "cuda":
