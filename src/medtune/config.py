@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from medtune._checks import check_choice, check_scalar
 from medtune.errors import ConfigError, did_you_mean
 
 __all__ = [
@@ -24,38 +25,11 @@ __all__ = [
     "format_strategy_spec",
     "load_yaml",
     "save_yaml",
-    "check_scalar",
-    "check_choice",
 ]
 
 # Fields that do not change what a run computes; they are left out of the run id.
 NON_SEMANTIC_FIELDS = frozenset({"store", "device", "num_threads", "progress", "num_workers", "executor", "address",
                                  "feature_cache"})
-
-
-def check_scalar(value: Any, name: str, kind: type | tuple[type, ...], *, min_val=None, max_val=None,
-                 include_min: bool = True, include_max: bool = True, owner: str = "config") -> None:
-    """Raise ConfigError unless ``value`` is of ``kind`` and inside the bounds (sklearn-style message)."""
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    ok_type = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-    if not ok_type:
-        names = " or ".join(k.__name__ for k in kinds)
-        raise ConfigError(f"The {name!r} parameter of {owner} must be of type {names}. Got {value!r} instead.")
-    if min_val is not None and (value < min_val or (not include_min and value == min_val)):
-        op = ">=" if include_min else ">"
-        raise ConfigError(f"The {name!r} parameter of {owner} must be {op} {min_val}. Got {value!r} instead.")
-    if max_val is not None and (value > max_val or (not include_max and value == max_val)):
-        op = "<=" if include_max else "<"
-        raise ConfigError(f"The {name!r} parameter of {owner} must be {op} {max_val}. Got {value!r} instead.")
-
-
-def check_choice(value: Any, name: str, choices: Sequence[str], *, owner: str = "config") -> None:
-    """Raise ConfigError unless ``value`` is one of ``choices``."""
-    if value not in choices:
-        raise ConfigError(
-            f"The {name!r} parameter of {owner} must be one of {', '.join(map(str, choices))}. "
-            f"Got {value!r} instead.{did_you_mean(str(value), choices)}"
-        )
 
 
 def parse_strategy_spec(spec: str) -> tuple[str, dict[str, Any]]:

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from medtune.config import RunConfig, _Base, check_choice, check_scalar, load_yaml
+from medtune._checks import check_choice, check_scalar
+from medtune.config import RunConfig, _Base, load_yaml
 from medtune.errors import ConfigError, did_you_mean
 from medtune.deft.deft import DEFTSearch, Evaluation, search_result_to_dict
 from medtune.store import ResultsStore

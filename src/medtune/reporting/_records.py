@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from medtune.errors import ConfigError, did_you_mean
+from medtune.training.metrics import higher_is_better
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -30,19 +31,12 @@ __all__ = [
 
 DEFAULT_METRICS: tuple[str, ...] = ("auc", "accuracy", "balanced_accuracy", "f1")
 
-# Metrics where a smaller value is better; every other metric is "higher is better".
-_LOWER_IS_BETTER = frozenset({"loss", "val_loss", "train_loss"})
 
 RUN_COLUMNS: tuple[str, ...] = (
     "run_id", "status", "dataset", "arch", "strategy", "label", "depth", "seed",
     "train_fraction", "trainable_params", "total_params", "train_seconds", "images_per_s",
     "num_blocks",
 )
-
-
-def higher_is_better(metric: str) -> bool:
-    """Return False for loss-like metrics (smaller is better), True otherwise."""
-    return metric not in _LOWER_IS_BETTER
 
 
 def done_runs(runs: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from medtune.config import check_scalar, format_strategy_spec
+from medtune._checks import check_scalar
+from medtune.config import format_strategy_spec
 from medtune.errors import ConfigError
 
 __all__ = ["Strategy", "Phase", "EpochContext", "freeze_all", "set_blocks_trainable"]

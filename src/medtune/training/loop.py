@@ -26,7 +26,7 @@ from medtune.config import RunConfig
 from medtune.data.base import ImageSet
 from medtune.strategies.base import EpochContext
 from medtune.training.cache import build_chain, cache_unusable_reason, cached_features, frozen_prefix_length
-from medtune.training.metrics import HIGHER_IS_BETTER, compute_metrics
+from medtune.training.metrics import compute_metrics, higher_is_better
 
 __all__ = ["fit", "evaluate", "predict_proba", "lr_at", "FitResult", "resolve_device", "set_train_mode",
            "StopTraining"]
@@ -190,7 +190,7 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
 
     train, val, test = data.split("train"), data.split("val"), data.split("test")
     loss_fn = _loss_fn(data.task, cfg.label_smoothing)
-    higher = HIGHER_IS_BETTER[cfg.monitor]
+    higher = higher_is_better(cfg.monitor)
     gen = torch.Generator().manual_seed(cfg.seed)
     train_labels = train.labels.to(device)
     train_images = train.images.to(device) if device.type == "cuda" else train.images

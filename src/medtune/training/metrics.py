@@ -7,9 +7,22 @@ import warnings
 import numpy as np
 from sklearn import metrics as skm
 
-__all__ = ["compute_metrics", "HIGHER_IS_BETTER"]
+__all__ = ["compute_metrics", "MONITOR_METRICS", "higher_is_better"]
 
-HIGHER_IS_BETTER = {"auc": True, "accuracy": True, "balanced_accuracy": True, "f1": True, "loss": False}
+#: The metrics every record carries and a run can monitor (early stopping, best checkpoint).
+MONITOR_METRICS: tuple[str, ...] = ("auc", "accuracy", "balanced_accuracy", "f1", "loss")
+
+# Metrics where a smaller value is better; every other metric is "higher is better".
+_LOWER_IS_BETTER = frozenset({"loss"})
+
+
+def higher_is_better(metric: str) -> bool:
+    """False for loss-like metrics (``loss``, ``val_loss``, ``train_loss``), True otherwise."""
+    for prefix in ("val_", "train_", "test_"):
+        if metric.startswith(prefix):
+            metric = metric[len(prefix):]
+            break
+    return metric not in _LOWER_IS_BETTER
 
 
 def _macro_auc(y_true: np.ndarray, prob: np.ndarray, class_names: list[str]) -> float:
