@@ -23,6 +23,7 @@ __all__ = [
     "SweepConfig",
     "parse_strategy_spec",
     "format_strategy_spec",
+    "load_config",
     "load_yaml",
     "save_yaml",
 ]
@@ -216,11 +217,59 @@ class RunConfig(_Base):
         return {k: v for k, v in self.to_dict().items() if k not in NON_SEMANTIC_FIELDS}
 
 
+@dataclass(frozen=True)
+class _WithBase(_Base):
+    """A config that is a base :class:`RunConfig` plus fields of its own, written as one flat mapping
+    (YAML, CLI, store): ``seed`` is read as ``seeds``; every other key is the config's own or a
+    RunConfig field."""
+
+    base: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def own_fields(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "base"]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.base.to_dict()
+        out.pop("seed")
+        for name in self.own_fields():
+            value = getattr(self, name)
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def split_keys(cls, data: Mapping[str, Any], *, source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(own keys, RunConfig keys) of a flat mapping; an unknown key raises with the closest match."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}.")
+        own, run_keys = cls.own_fields(), [f.name for f in fields(RunConfig)]
+        valid = sorted(set(own) | set(run_keys))
+        mine: dict[str, Any] = {}
+        base: dict[str, Any] = {}
+        for key, value in data.items():
+            norm = str(key).replace("-", "_")
+            norm = "seeds" if norm == "seed" and "seeds" in own else norm
+            if norm in own:
+                mine[norm] = value
+            elif norm in run_keys:
+                base[norm] = value
+            else:
+                raise ConfigError(
+                    f"{source}: unknown config key {key!r}.{did_you_mean(norm, valid)} Valid keys: {', '.join(valid)}."
+                )
+        return mine, base
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config"):
+        mine, base = cls.split_keys(data, source=source)
+        return cls(base=RunConfig.from_dict(base, source=source), **mine)
+
+
 _LIST_FIELDS = {"arch": str, "strategy": str, "seeds": int, "train_fraction": float}
 
 
 @dataclass(frozen=True)
-class SweepConfig(_Base):
+class SweepConfig(_WithBase):
     """A grid of runs: archs × strategies × seeds × train fractions over one base config.
 
     ``strategy`` entries may use ``top_k:all`` / ``layers_k:all`` / ``surgical:all`` to expand to
@@ -231,7 +280,6 @@ class SweepConfig(_Base):
     strategy: tuple[str, ...] = ("linear", "full")
     seeds: tuple[int, ...] = (0,)
     train_fraction: tuple[float, ...] = (1.0,)
-    base: RunConfig = field(default_factory=RunConfig)
     name: str = "sweep"
 
     def __post_init__(self) -> None:
@@ -250,39 +298,35 @@ class SweepConfig(_Base):
         for seed in self.seeds:
             check_scalar(seed, "seeds", int, min_val=0, owner="sweep")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = self.base.to_dict()
-        out.pop("seed")
-        out.update({k: list(getattr(self, k)) for k in _LIST_FIELDS})
-        out["name"] = self.name
-        return out
-
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> SweepConfig:
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}.")
-        run_keys = [f.name for f in fields(RunConfig)]
-        valid = sorted(set(run_keys) | set(_LIST_FIELDS) | {"name"})
-        lists: dict[str, Any] = {}
-        base: dict[str, Any] = {}
-        name = "sweep"
-        for key, value in data.items():
-            norm = str(key).replace("-", "_")
-            if norm == "seed":
-                norm = "seeds"
-            if norm in _LIST_FIELDS:
-                lists[norm] = value
-            elif norm == "name":
-                name = str(value)
-            elif norm in run_keys:
-                base[norm] = value
-            else:
-                raise ConfigError(
-                    f"{source}: unknown config key {key!r}.{did_you_mean(norm, valid)} Valid keys: {', '.join(valid)}."
-                )
-        first = {k: _as_tuple(v)[0] for k, v in lists.items() if k != "seeds" and _as_tuple(v)}
-        base_cfg = RunConfig.from_dict({**base, **first}, source=source)
-        return cls(**lists, base=base_cfg, name=name)
+        mine, base = cls.split_keys(data, source=source)
+        # the base run takes the first entry of each list, so it validates like any run
+        first = {k: _as_tuple(v)[0] for k, v in mine.items() if k in _LIST_FIELDS and k != "seeds" and _as_tuple(v)}
+        return cls(base=RunConfig.from_dict({**base, **first}, source=source), **mine)
+
+
+def load_config(cls: type, source: Any = None, **overrides: Any):
+    """A config of class ``cls`` from an instance, a mapping, a YAML path or None (defaults), with
+    keyword overrides (same names as the YAML keys; None leaves a key as it is) on top.
+
+    Raises:
+        ConfigError: unreadable YAML, an unknown key or an invalid value (naming the file).
+    """
+    if isinstance(source, cls):
+        if not any(v is not None for v in overrides.values()):
+            return source
+        data = source.to_dict()
+    elif isinstance(source, Mapping):
+        data = dict(source)
+    elif source is None:
+        data = {}
+    elif isinstance(source, (str, Path)):
+        data = load_yaml(source)
+    else:
+        raise ConfigError(f"Expected a {cls.__name__}, a mapping or a YAML path; got {type(source).__name__}.")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return cls.from_dict(data, source=str(source) if isinstance(source, (str, Path)) else "config")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 
-from medtune.config import RunConfig, SweepConfig, load_yaml, parse_strategy_spec
+from medtune.config import RunConfig, SweepConfig, load_config, parse_strategy_spec
 from medtune.errors import ConfigError
 from medtune.store import ResultsStore
 
@@ -30,16 +30,7 @@ def _blocks_of(arch: str, granularity: str):
 
 def load_sweep_config(source: str | Path | dict | SweepConfig | None = None, **overrides: Any) -> SweepConfig:
     """A SweepConfig from a YAML path, a dict or a SweepConfig, with keyword overrides on top."""
-    if isinstance(source, SweepConfig):
-        data = source.to_dict()
-    elif isinstance(source, dict):
-        data = dict(source)
-    elif source is None:
-        data = {}
-    else:
-        data = load_yaml(source)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return SweepConfig.from_dict(data, source=str(source) if isinstance(source, (str, Path)) else "config")
+    return load_config(SweepConfig, source, **overrides)
 
 
 def expand_sweep(config: SweepConfig) -> list[RunConfig]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from medtune._checks import check_choice, check_scalar
-from medtune.config import RunConfig, _Base, load_yaml
+from medtune.config import RunConfig, _WithBase, load_config
 from medtune.errors import ConfigError, did_you_mean
 from medtune.deft.deft import DEFTSearch, Evaluation, search_result_to_dict
 from medtune.store import ResultsStore
@@ -28,7 +28,7 @@ __all__ = ["SearchConfig", "MaskEvaluator", "StoreGenomeCache", "run_search"]
 
 
 @dataclass(frozen=True)
-class SearchConfig(_Base):
+class SearchConfig(_WithBase):
     """A DEFT search: the base run plus the search's own settings.
 
     Attributes:
@@ -43,7 +43,6 @@ class SearchConfig(_Base):
         compare: also train ``full``, ``linear`` and every ``top_k`` at full fidelity.
     """
 
-    base: RunConfig = field(default_factory=RunConfig)
     granularity: str = "block"
     popsize: int = 8
     mutation: float = 0.8
@@ -74,32 +73,6 @@ class SearchConfig(_Base):
             object.__setattr__(self, "seeds", tuple(int(s) for s in (seeds if isinstance(seeds, (list, tuple)) else [seeds])))
         except ValueError:
             raise ConfigError(f"The 'seeds' parameter of SearchConfig must be integers. Got {self.seeds!r}.") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = self.base.to_dict()
-        out.pop("seed")
-        out.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "base"})
-        out["seeds"] = list(self.seeds)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> SearchConfig:
-        own = [f.name for f in fields(cls) if f.name != "base"]
-        run_keys = [f.name for f in fields(RunConfig)]
-        valid = sorted(set(own) | set(run_keys))
-        mine, base = {}, {}
-        for key, value in data.items():
-            norm = str(key).replace("-", "_")
-            if norm == "seed":
-                norm = "seeds"
-            if norm in own:
-                mine[norm] = value
-            elif norm in run_keys:
-                base[norm] = value
-            else:
-                raise ConfigError(f"{source}: unknown config key {key!r}.{did_you_mean(norm, valid)} "
-                                  f"Valid keys: {', '.join(valid)}.")
-        return cls(base=RunConfig.from_dict(base, source=source), **mine)
 
 
 class StoreGenomeCache:
@@ -165,14 +138,7 @@ def run_search(config: SearchConfig | dict | str, *, store: ResultsStore | str |
 
     if isinstance(store, str):  # a folder, as from --store: it is a config key
         overrides["store"], store = store, None
-    if isinstance(config, SearchConfig):
-        data = config.to_dict()
-    elif isinstance(config, Mapping):
-        data = dict(config)
-    else:
-        data = load_yaml(config)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = SearchConfig.from_dict(data, source=str(config) if isinstance(config, str) else "config")
+    cfg = load_config(SearchConfig, config, **overrides)
     log = log or (lambda _m: None)
     store = store or ResultsStore(cfg.base.store)
     if map_fn is None and (executor != "local" or workers > 1):
