@@ -18,7 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from medtune.config import RunConfig
 from medtune.models import create_model, get_blocks
 from medtune.strategies import create_strategy
-from medtune.training.loop import fit, resolve_device
+from medtune._tensors import resolve_device
+from medtune.training.loop import fit
 
 from bench_loop_vs_plain import make_data  # noqa: E402  (same in-memory data as the loop benchmark)
 

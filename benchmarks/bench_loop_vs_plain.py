@@ -17,7 +17,8 @@ from medtune.config import RunConfig
 from medtune.data.base import ImageSet
 from medtune.models import create_model, get_blocks
 from medtune.strategies import create_strategy
-from medtune.training.loop import fit, resolve_device
+from medtune._tensors import resolve_device
+from medtune.training.loop import fit
 
 
 def make_data(n: int, size: int) -> ImageSet:

@@ -50,6 +50,24 @@ def _add_config_flags(parser: argparse.ArgumentParser, *, sweep: bool) -> None:
         group.add_argument(flag, dest=f.name, type=conv, default=None, help=_FIELD_HELP.get(f.name))
 
 
+def _search_config_class() -> type:
+    from medtune.deft.driver import SearchConfig
+
+    return SearchConfig
+
+
+def _add_own_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per own field of a config with a base run (``search_epochs`` → ``--search-epochs``)."""
+    group = parser.add_argument_group(f"{cls.__name__} (each also a YAML key)")
+    for f in dataclasses.fields(cls):
+        if f.name == "base":
+            continue
+        conv = {"int": int, "float": float}.get(str(f.type), str)
+        if str(f.type) in ("bool", "<class 'bool'>"):
+            conv = lambda s: s.lower() in ("1", "true", "yes", "on")  # noqa: E731
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=conv, default=None)
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(RunConfig)} | {"seeds"}
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
@@ -105,28 +123,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="DEFT: differential evolution over which blocks/layers to fine-tune")
     p.add_argument("config", nargs="?", help="YAML file of run and search keys")
     _add_config_flags(p, sweep=False)
-    for flag, conv in (("granularity", str), ("popsize", int), ("mutation", float), ("recombination", float),
-                       ("generations", int), ("search_seed", int), ("search_epochs", int),
-                       ("search_train_fraction", float), ("max_trainable_params", float), ("max_seconds", float),
-                       ("infeasible", str), ("seeds", str)):
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=conv, default=None)
+    _add_own_flags(p, _search_config_class())
     p.add_argument("--executor", choices=("local", "ray"), default="local", help="evaluates one generation in parallel")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--address", default=None)
 
     p = sub.add_parser("attack", help="UAP audit of stored runs (non-targeted/targeted, train/natural/random)")
     p.add_argument("runs", nargs="*", default=["all"], help="run ids (prefixes) or 'all'")
-    p.add_argument("--store", default="./medtune-results")
-    p.add_argument("--source", default="train,natural", help="train, natural, or a folder of natural images")
-    p.add_argument("--zeta", default="0.02,0.04,0.08", help="budgets as fractions of the mean Lp norm")
-    p.add_argument("--norm", default="2", choices=("2", "inf"))
+    # one flag per AuditConfig field; None leaves the field to the --config file or the default
+    p.add_argument("--config", default=None, help="YAML file of AuditConfig keys; flags override it")
+    p.add_argument("--store", default=None)
+    p.add_argument("--sources", "--source", dest="sources", default=None,
+                   help="comma-separated: train, natural, or a folder of natural images")
+    p.add_argument("--zetas", "--zeta", dest="zetas", default=None,
+                   help="comma-separated budgets ζ, fractions of the mean Lp norm of the source images")
+    p.add_argument("--norm", default=None, choices=("2", "inf"))
     p.add_argument("--targeted", default=None, help="a class index or 'all'")
-    p.add_argument("--num-source-images", type=int, default=256)
-    p.add_argument("--max-passes", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32, help="images per UAP gradient step")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--transfer", action="store_true", help="also the transferability matrix between the runs")
+    p.add_argument("--natural-folder", default=None, help="folder of natural photos for the natural source")
+    p.add_argument("--num-source-images", type=int, default=None)
+    p.add_argument("--max-passes", type=int, default=None)
+    p.add_argument("--goal-rate", type=float, default=None, help="stop a UAP once it fools this share of its images")
+    p.add_argument("--batch-size", type=int, default=None, help="images per UAP gradient step")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--transfer", action="store_true", default=None,
+                   help="also the transferability matrix between the runs")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     p = sub.add_parser("strategies", help="list the registered strategies")
@@ -190,11 +211,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     import medtune
-    from medtune.config import load_yaml
+    from medtune.config import load_config
 
-    data = load_yaml(args.config) if args.config else {}
-    data.update(_overrides(args))
-    record = medtune.run(RunConfig.from_dict(data, source=args.config or "command line"), log=_log)
+    record = medtune.run(load_config(RunConfig, args.config, **_overrides(args)), log=_log)
     _print_records([record], args.format, per_run=True)
     return 0
 
@@ -270,8 +289,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     import medtune
 
-    own = ("granularity", "popsize", "mutation", "recombination", "generations", "search_seed", "search_epochs",
-           "search_train_fraction", "max_trainable_params", "max_seconds", "infeasible", "seeds")
+    own = _search_config_class().own_fields()
     overrides = {**_overrides(args), **{k: getattr(args, k) for k in own if getattr(args, k) is not None}}
     overrides.pop("seed", None)
     record = medtune.search(args.config or {}, log=_log, executor=args.executor, workers=args.workers,
@@ -285,31 +303,18 @@ def _cmd_attack(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import medtune
+    from medtune.config import load_config
+    from medtune.robustness.config import SOURCES, AuditConfig
 
-    sources, folder = [], None
-    for s in args.source.split(","):
-        if s in ("train", "natural"):
-            sources.append(s)
-        elif Path(s).is_dir():
-            sources.append("natural")
-            folder = s
-        else:
-            raise medtune.ConfigError(f"--source {s!r} is neither train, natural nor a folder of images.")
-    try:
-        zetas = [float(z) for z in args.zeta.split(",")]
-    except ValueError:
-        raise medtune.ConfigError(f"--zeta must be comma-separated numbers like 0.02,0.04. Got {args.zeta!r}.") from None
-    targeted = args.targeted
-    if targeted not in (None, "all"):
-        try:
-            targeted = int(targeted)
-        except ValueError:
-            raise medtune.ConfigError(f"--targeted must be a class index or 'all'. Got {targeted!r}.") from None
-    records = medtune.attack(args.runs, store=args.store, sources=sources, zetas=zetas, norm=args.norm,
-                             targeted=targeted, natural_folder=folder, num_source_images=args.num_source_images,
-                             max_passes=args.max_passes, batch_size=args.batch_size, seed=args.seed,
-                             device=args.device, transfer=args.transfer,
-                             log=_log)
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(AuditConfig)}
+    if args.sources is not None:  # a folder among the sources stands for natural with --natural-folder FOLDER
+        names = [s.strip() for s in args.sources.split(",") if s.strip()]
+        folders = [s for s in names if s not in SOURCES and Path(s).is_dir()]
+        flags["sources"] = ["natural" if s in folders else s for s in names]
+        if folders:
+            flags["natural_folder"] = folders[-1]
+    config = load_config(AuditConfig, args.config, **flags)  # every flag is checked here, before any run is read
+    records = medtune.attack(args.runs, config=config, log=_log)
     rows = [{k: r.get(k) for k in ("run_id", "label", "source", "zeta", "norm", "targeted", "fooling_rate",
                                    "fooling_ci_low", "fooling_ci_high", "random_fooling_rate", "targeted_success",
                                    "clean_target_share")} for r in records if r.get("source") != "transfer"]

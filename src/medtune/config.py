@@ -17,12 +17,11 @@ import yaml
 
 from medtune._checks import check_choice, check_scalar
 from medtune.errors import ConfigError, did_you_mean
+from medtune.strategies.spec import StrategySpec
 
 __all__ = [
     "RunConfig",
     "SweepConfig",
-    "parse_strategy_spec",
-    "format_strategy_spec",
     "load_config",
     "load_yaml",
     "save_yaml",
@@ -31,46 +30,6 @@ __all__ = [
 # Fields that do not change what a run computes; they are left out of the run id.
 NON_SEMANTIC_FIELDS = frozenset({"store", "device", "num_threads", "progress", "num_workers", "executor", "address",
                                  "feature_cache"})
-
-
-def parse_strategy_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """Split ``"top_k:2"`` / ``"l2_sp:alpha=0.1,beta=0.01"`` into a name and parameters.
-
-    A bare value after the colon is the strategy's main parameter (``k`` for top_k/layers_k,
-    ``block`` for surgical); ``key=value`` pairs set named parameters. Values stay strings here;
-    the strategy converts them to the types of its defaults.
-
-    Raises:
-        ConfigError: the spec is empty or malformed.
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(f"A strategy must be a non-empty string like 'top_k:2'. Got {spec!r} instead.")
-    name, _, rest = spec.strip().partition(":")
-    params: dict[str, Any] = {}
-    if rest:
-        for part in rest.split(";" if ";" in rest else ","):
-            part = part.strip()
-            if not part:
-                continue
-            if "=" in part:
-                key, _, value = part.partition("=")
-                params[key.strip()] = value.strip()
-            elif "_main" in params:
-                raise ConfigError(f"Strategy spec {spec!r} has two unnamed parameters; name them: 'name:key=value'.")
-            else:
-                params["_main"] = part
-    return name.strip(), params
-
-
-def format_strategy_spec(name: str, params: Mapping[str, Any], main_key: str | None = None) -> str:
-    """Inverse of :func:`parse_strategy_spec` for display and for the results store."""
-    if not params:
-        return name
-    parts = []
-    if main_key and main_key in params:
-        parts.append(str(params[main_key]))
-    parts += [f"{k}={params[k]}" for k in sorted(params) if k != main_key]
-    return f"{name}:{','.join(parts)}"
 
 
 @dataclass(frozen=True)
@@ -82,7 +41,9 @@ class _Base:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, tuple):
-                value = list(value)
+                value = [str(v) if isinstance(v, StrategySpec) else v for v in value]
+            elif isinstance(value, StrategySpec):
+                value = str(value)
             elif isinstance(value, Mapping):
                 value = dict(value)
             out[f.name] = value
@@ -126,7 +87,8 @@ class RunConfig(_Base):
         data: a folder per class, a CSV, a MedMNIST ``.npz``, ``medmnist:NAME``, ``demo`` or ``synthetic``.
         arch: a timm model name.
         weights: ``imagenet`` (timm hub), ``none``, a local file, or ``efficientnet_lite0/1/2`` (offline).
-        strategy: a registered strategy spec, e.g. ``full``, ``top_k:2``, ``l2_sp:alpha=0.1``.
+        strategy: a registered strategy spec, e.g. ``full``, ``top_k:2``, ``l2_sp:alpha=0.1`` (parsed
+            into a :class:`~medtune.strategies.StrategySpec` when the config is built).
         epochs: maximum number of epochs (per phase for multi-phase strategies).
         img_size: model input size in pixels (square).
         lr: peak learning rate.
@@ -145,7 +107,7 @@ class RunConfig(_Base):
     data: str = "demo"
     arch: str = "tf_efficientnet_lite0"
     weights: str = "efficientnet_lite0"
-    strategy: str = "full"
+    strategy: StrategySpec | str = "full"
     epochs: int = 5
     img_size: int = 64
     batch_size: int = 32
@@ -178,9 +140,13 @@ class RunConfig(_Base):
     def __post_init__(self) -> None:
         owner = "RunConfig"
         for name in ("data", "arch", "weights", "strategy", "store"):
+            if name == "strategy" and isinstance(self.strategy, StrategySpec):
+                continue
             check_scalar(getattr(self, name), name, str, owner=owner)
             if not getattr(self, name).strip():
                 raise ConfigError(f"The {name!r} parameter of {owner} must not be empty.")
+        # the one place a strategy's text is parsed: from here on the run holds a typed spec
+        object.__setattr__(self, "strategy", StrategySpec.parse(self.strategy))
         check_scalar(self.epochs, "epochs", int, min_val=1, owner=owner)
         check_scalar(self.img_size, "img_size", int, min_val=16, max_val=2048, owner=owner)
         check_scalar(self.batch_size, "batch_size", int, min_val=1, owner=owner)
@@ -210,7 +176,6 @@ class RunConfig(_Base):
         check_choice(self.channels_last, "channels_last", ("auto", "on", "off"), owner=owner)
         check_choice(self.device, "device", ("auto", "cpu", "cuda"), owner=owner)
         check_choice(self.medmnist_size, "medmnist_size", (28, 64, 128, 224), owner=owner)
-        parse_strategy_spec(self.strategy)
 
     def semantic_dict(self) -> dict[str, Any]:
         """The fields that determine the result (the run id hashes these)."""
@@ -265,7 +230,8 @@ class _WithBase(_Base):
         return cls(base=RunConfig.from_dict(base, source=source), **mine)
 
 
-_LIST_FIELDS = {"arch": str, "strategy": str, "seeds": int, "train_fraction": float}
+_LIST_FIELDS = {"arch": str, "strategy": lambda v: StrategySpec.parse(v, allow_all=True), "seeds": int,
+                "train_fraction": float}
 
 
 @dataclass(frozen=True)
@@ -277,7 +243,7 @@ class SweepConfig(_WithBase):
     """
 
     arch: tuple[str, ...] = ("tf_efficientnet_lite0",)
-    strategy: tuple[str, ...] = ("linear", "full")
+    strategy: tuple[StrategySpec, ...] = ("linear", "full")
     seeds: tuple[int, ...] = (0,)
     train_fraction: tuple[float, ...] = (1.0,)
     name: str = "sweep"
@@ -286,13 +252,13 @@ class SweepConfig(_WithBase):
         for key, conv in _LIST_FIELDS.items():
             try:
                 value = _as_tuple(getattr(self, key), conv)
+            except ConfigError:
+                raise
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"The {key!r} list of the sweep has a bad entry: {exc}.") from None
             if not value:
                 raise ConfigError(f"The {key!r} list of the sweep is empty; give at least one value.")
             object.__setattr__(self, key, value)
-        for spec in self.strategy:
-            parse_strategy_spec(spec)
         for frac in self.train_fraction:
             check_scalar(frac, "train_fraction", (float, int), min_val=0, max_val=1, include_min=False, owner="sweep")
         for seed in self.seeds:
@@ -301,8 +267,9 @@ class SweepConfig(_WithBase):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> SweepConfig:
         mine, base = cls.split_keys(data, source=source)
-        # the base run takes the first entry of each list, so it validates like any run
-        first = {k: _as_tuple(v)[0] for k, v in mine.items() if k in _LIST_FIELDS and k != "seeds" and _as_tuple(v)}
+        # the base run takes the first arch and train fraction, so it validates like any run (its strategy
+        # may be a template such as top_k:all and is replaced per run anyway)
+        first = {k: _as_tuple(v)[0] for k, v in mine.items() if k in ("arch", "train_fraction") and _as_tuple(v)}
         return cls(base=RunConfig.from_dict({**base, **first}, source=source), **mine)
 
 

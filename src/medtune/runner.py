@@ -16,16 +16,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from medtune.config import RunConfig
+from medtune.config import RunConfig, load_config
 from medtune.data import load_data, with_train_fraction
 from medtune.data.base import ImageSet
 from medtune.errors import MedtuneError, StoreError
 from medtune.models import create_model, get_blocks
 from medtune.store import ResultsStore
-from medtune.strategies import create_strategy
-from medtune.training.loop import fit, resolve_device
+from medtune._tensors import resolve_device
+from medtune.training.loop import fit
 
-__all__ = ["run", "run_id_of", "prepare_data", "collect_versions", "build_run", "execute_run", "store_result"]
+__all__ = ["run", "run_all", "run_id_of", "prepare_data", "collect_versions", "build_run", "execute_run",
+           "store_result"]
 
 
 def collect_versions() -> dict[str, str]:
@@ -78,7 +79,7 @@ def run_id_of(cfg: RunConfig, data_fingerprint: str) -> str:
 
 def build_run(cfg: RunConfig, data: ImageSet, device: torch.device):
     """Create the strategy, the model (seeded init) and the block partition of a run."""
-    strategy = create_strategy(cfg.strategy)
+    strategy = cfg.strategy.create()
     weights = cfg.weights if strategy.pretrained else "none"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # seeds the new head / scratch init without touching the caller's RNG
@@ -104,7 +105,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def _save_artifacts(store: ResultsStore, run_id: str, cfg: RunConfig, state: dict, y_true, y_prob,
+def _save_artifacts(store: ResultsStore, run_id: str, config: dict, state: dict, y_true, y_prob,
                     class_names) -> dict:
     from safetensors.torch import save_file
 
@@ -112,24 +113,24 @@ def _save_artifacts(store: ResultsStore, run_id: str, cfg: RunConfig, state: dic
     for stale in folder.glob("*.tmp"):  # left by a driver killed mid-write
         stale.unlink(missing_ok=True)
     weights = folder / "best.safetensors"
-    _write_atomic(weights, lambda p: save_file(state, str(p), metadata={"arch": cfg.arch}))
+    _write_atomic(weights, lambda p: save_file(state, str(p), metadata={"arch": config["arch"]}))
     preds = folder / "predictions.npz"
     _write_atomic(preds, lambda p: np.savez(open(p, "wb"), y_true=y_true, y_prob=y_prob,
                                             class_names=np.array(class_names)))
     cfg_path = folder / "config.json"
-    _write_atomic(cfg_path, lambda p: p.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True)))
+    _write_atomic(cfg_path, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
     return {"weights": str(weights), "predictions": str(preds), "config": str(cfg_path)}
 
 
-def execute_run(cfg_dict: dict[str, Any], checkpoint_path: str | None, heartbeat: Callable[[], None] | None = None,
+def execute_run(cfg: RunConfig, checkpoint_path: str | None, heartbeat: Callable[[], None] | None = None,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train one run without touching the results store: the worker side of every executor.
 
     Returns a payload (plain tensors and values, picklable for process pools and Ray) that
     :func:`store_result` writes to the store on the driver: the record without artifact paths,
-    the best backbone weights, and the test labels/probabilities.
+    the best backbone weights, and the test labels/probabilities. ``cfg`` arrives built (its
+    strategy already a typed spec): nothing is parsed again on the worker.
     """
-    cfg = RunConfig.from_dict(cfg_dict)
     log = log or (lambda _m: None)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -175,46 +176,106 @@ def store_result(store: ResultsStore, payload: dict[str, Any]) -> dict[str, Any]
     """The driver side: write a finished run's artifacts (temp file + rename) and record (one transaction)."""
     record = dict(payload["record"])
     run_id = record["run_id"]
-    cfg = RunConfig.from_dict(record["config"])
-    record["artifacts"] = _save_artifacts(store, run_id, cfg, payload["weights"], payload["y_true"],
+    record["artifacts"] = _save_artifacts(store, run_id, record["config"], payload["weights"], payload["y_true"],
                                           payload["y_prob"], payload["class_names"])
     store.finish(run_id, record)
     store.checkpoint_path(run_id).unlink(missing_ok=True)
     return record
 
 
-def run(cfg: RunConfig | dict, *, store: ResultsStore | None = None, log: Callable[[str], None] | None = None,
-        data: ImageSet | None = None) -> dict[str, Any]:
-    """Train one configuration and return its record; a run already in the store is not redone.
+def _log_to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _execute_in_worker(cfg: RunConfig, checkpoint: str) -> dict:
+    """Module-level (picklable) worker entry for process pools and Ray."""
+    return execute_run(cfg, checkpoint, log=_log_to_stderr)
+
+
+def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: Callable[[str], None],
+            progress: str | None = None) -> list[dict | None]:
+    """Claim → execute → store → release for a list of runs; the one path of ``run`` and ``sweep``.
+
+    Runs already in the store are returned as stored; runs another live process has claimed are
+    skipped (None in the result); the rest are claimed, trained on ``executor`` and written by this
+    process (artifacts by temp file + rename, the record in one transaction). On any exception —
+    Ctrl-C included — the runs not yet stored are released, so the next start resumes them from
+    their epoch checkpoints.
 
     Args:
-        cfg: a RunConfig or a dict of its fields.
+        runs: the runs, in the order of the returned records.
+        store: the results store (the only writer is this process).
+        executor: a ``medtune.executors`` executor.
+        log: receives one-line progress messages.
+        progress: a progress-bar title, or None for none.
+
+    Returns:
+        One record per run (None for a run another process is training).
+    """
+    from tqdm import tqdm
+
+    from medtune.executors import LocalExecutor
+
+    records: list[dict | None] = [None] * len(runs)
+    todo: list[tuple[int, str]] = []
+    for i, run_cfg in enumerate(runs):
+        run_id = run_id_of(run_cfg, prepare_data(run_cfg).fingerprint())
+        records[i] = store.get(run_id)
+        if records[i] is not None:
+            log(f"{run_id} {run_cfg.arch} {run_cfg.strategy} seed {run_cfg.seed}: already done")
+        elif store.claim(run_id, run_cfg.to_dict()):
+            todo.append((i, run_id))
+        else:
+            log(f"{run_id} is being trained by another live process; skipped here")
+    if len(runs) > 1:
+        log(f"{len(runs) - len(todo)} runs already in the store, {len(todo)} to train")
+    in_process = isinstance(executor, LocalExecutor) and executor.workers == 1
+    if in_process:  # the driver trains: it can keep each claim's heartbeat fresh itself
+        def worker(cfg: RunConfig, checkpoint: str) -> dict:
+            run_id = run_id_of(cfg, prepare_data(cfg).fingerprint())
+            return execute_run(cfg, checkpoint, heartbeat=lambda: store.heartbeat(run_id), log=log)
+    else:
+        worker = _execute_in_worker
+    items = [(runs[i], str(store.checkpoint_path(run_id))) for i, run_id in todo]
+    bar = tqdm(total=len(todo), desc=progress, unit="run", file=sys.stderr,
+               disable=progress is None or not sys.stderr.isatty())
+    try:
+        for j, payload in executor.map_unordered(worker, items):
+            records[todo[j][0]] = store_result(store, payload)
+            bar.update(1)
+    except BaseException:
+        for i, run_id in todo:
+            if records[i] is None:
+                store.release(run_id)
+        raise
+    finally:
+        bar.close()
+    return records
+
+
+def run(cfg: RunConfig | dict | str | Path, *, store: ResultsStore | None = None, log: Callable[[str], None] | None = None,
+        ) -> dict[str, Any]:
+    """Train one configuration and return its record: a sweep of one cell (a run already in the
+    store is not redone).
+
+    Args:
+        cfg: a RunConfig, a dict of its fields, or a YAML path.
         store: the results store (default: ``cfg.store``).
         log: one-line progress messages go here (default: silent).
-        data: an already loaded ImageSet (default: loaded from ``cfg.data``); only used to
-            compute the run id here, the worker side loads (and caches) the data itself.
 
     Returns:
         The run's record (see README, "Results store").
 
     Raises:
         ConfigError, DataError: bad configuration or data, before any training.
+        MedtuneError: another live process is training this run.
     """
-    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
-    log = log or (lambda _m: None)
+    from medtune.executors import LocalExecutor
+
+    cfg = load_config(RunConfig, cfg)
     store = store or ResultsStore(cfg.store)
-    data = data if data is not None else prepare_data(cfg)
-    run_id = run_id_of(cfg, data.fingerprint())
-    done = store.get(run_id)
-    if done is not None:
-        log(f"{run_id} {cfg.arch} {cfg.strategy} seed {cfg.seed}: already done")
-        return done
-    if not store.claim(run_id, cfg.to_dict()):
+    [record] = run_all([cfg], store=store, executor=LocalExecutor(1), log=log or (lambda _m: None))
+    if record is None:
+        run_id = run_id_of(cfg, prepare_data(cfg).fingerprint())
         raise MedtuneError(f"Run {run_id} is being trained by another live process; start again once it finishes.")
-    try:
-        payload = execute_run(cfg.to_dict(), str(store.checkpoint_path(run_id)),
-                              heartbeat=lambda: store.heartbeat(run_id), log=log)
-    except BaseException:
-        store.release(run_id)  # Ctrl-C or an error: the next start resumes from the epoch checkpoint
-        raise
-    return store_result(store, payload)
+    return record

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 
-from medtune.config import RunConfig, SweepConfig, load_config, parse_strategy_spec
-from medtune.errors import ConfigError
+from medtune.config import RunConfig, SweepConfig, load_config
 from medtune.store import ResultsStore
 
 __all__ = ["expand_sweep", "sweep", "results_table", "format_table", "load_sweep_config"]
@@ -39,43 +38,21 @@ def expand_sweep(config: SweepConfig) -> list[RunConfig]:
     Raises:
         ConfigError: a strategy or a depth that does not fit an architecture (checked before any training).
     """
-    from medtune.strategies import create_strategy, get_strategy_class
-
     runs: list[RunConfig] = []
     for arch in config.arch:
         _blocks_of(arch, "block")  # an unknown architecture fails here, before any training
-        for spec in config.strategy:
-            name, params = parse_strategy_spec(spec)
-            cls = get_strategy_class(name)
-            if params.get("_main") == "all":
-                others = ",".join(f"{k}={v}" for k, v in params.items() if k != "_main")
-                values = cls.expand("all", len(_blocks_of(arch, cls.granularity)))
-                specs = [f"{name}:{v}" + (f",{others}" if others else "") for v in values]
-            else:
-                specs = [spec]
-            for s in specs:
-                strategy = create_strategy(s)
-                if strategy.main_param is not None:
+        for template in config.strategy:
+            num_units = len(_blocks_of(arch, template.strategy_class.granularity)) if template.expand_all else 0
+            for spec in template.expand(num_units):
+                checker = spec.create()
+                if checker.main_param is not None:
                     # validate the depth against the architecture before any training time is spent
-                    strategy.check_blocks(_blocks_of(arch, strategy.granularity))
+                    checker.check_blocks(_blocks_of(arch, checker.granularity))
                 for frac in config.train_fraction:
                     for seed in config.seeds:
-                        runs.append(config.base.replace(arch=arch, strategy=s, seed=int(seed),
+                        runs.append(config.base.replace(arch=arch, strategy=spec, seed=int(seed),
                                                         train_fraction=float(frac)))
     return runs
-
-
-def _log_to_stderr(msg: str) -> None:
-    import sys
-
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _execute_in_worker(cfg_dict: dict, checkpoint: str) -> dict:
-    """Module-level (picklable) worker entry for process pools and Ray."""
-    from medtune.runner import execute_run
-
-    return execute_run(cfg_dict, checkpoint, log=_log_to_stderr)
 
 
 def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: ResultsStore | str | Path | None = None,
@@ -84,9 +61,9 @@ def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: Resul
     """Run every run of a sweep that the store does not hold yet; return all the sweep's records.
 
     The driver (this process) claims each pending run in the store, sends it to the executor, and
-    writes each returned result to the store itself (artifacts by temp file + rename, the record in
-    one transaction). Runs another live process has claimed are skipped; runs whose owner died are
-    reclaimed and resume from their epoch checkpoint.
+    writes each returned result to the store itself (:func:`medtune.runner.run_all`). Runs another
+    live process has claimed are skipped; runs whose owner died are reclaimed and resume from their
+    epoch checkpoint.
 
     Args:
         config: a SweepConfig, a dict of its keys, or a YAML path.
@@ -98,13 +75,8 @@ def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: Resul
         log: receives one-line progress messages.
         **overrides: config keys that replace the config's (same names as the YAML keys).
     """
-    import functools
-    import sys
-
-    from tqdm import tqdm
-
-    from medtune.executors import LocalExecutor, create_executor
-    from medtune.runner import execute_run, prepare_data, run_id_of, store_result
+    from medtune.executors import create_executor
+    from medtune.runner import run_all
 
     if isinstance(store, (str, Path)):  # a folder, as from --store: it is a config key
         overrides["store"], store = str(store), None
@@ -116,35 +88,7 @@ def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: Resul
         executor = create_executor(executor, workers=workers, address=address, num_cpus=cpus_per_run,
                                    num_gpus=gpus_per_run)
     log(f"sweep {cfg.name!r}: {len(runs)} runs into {store.root}")
-    records: list[dict | None] = [None] * len(runs)
-    todo: list[tuple[int, str]] = []
-    for i, run_cfg in enumerate(runs):
-        run_id = run_id_of(run_cfg, prepare_data(run_cfg).fingerprint())
-        records[i] = store.get(run_id)
-        if records[i] is not None:
-            continue
-        if store.claim(run_id, run_cfg.to_dict()):
-            todo.append((i, run_id))
-        else:
-            log(f"{run_id} is being trained by another live process; skipped here")
-    log(f"{len(runs) - len(todo)} runs already in the store, {len(todo)} to train")
-    in_process = isinstance(executor, LocalExecutor) and executor.workers == 1
-    worker = functools.partial(execute_run, log=log) if in_process else _execute_in_worker
-    items = [(runs[i].to_dict(), str(store.checkpoint_path(run_id))) for i, run_id in todo]
-    bar = tqdm(total=len(todo), desc=cfg.name, unit="run", file=sys.stderr,
-               disable=not (cfg.base.progress and sys.stderr.isatty()))
-    try:
-        for j, payload in executor.map_unordered(worker, items):
-            i, run_id = todo[j]
-            records[i] = store_result(store, payload)
-            bar.update(1)
-    except BaseException:
-        for i, run_id in todo:
-            if records[i] is None:
-                store.release(run_id)  # the next start resumes these from their epoch checkpoints
-        raise
-    finally:
-        bar.close()
+    records = run_all(runs, store=store, executor=executor, log=log, progress=cfg.name if cfg.base.progress else None)
     return [r for r in records if r is not None]
 
 

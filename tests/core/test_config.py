@@ -2,7 +2,8 @@ import dataclasses
 
 import pytest
 
-from medtune.config import RunConfig, SweepConfig, parse_strategy_spec, save_yaml, load_yaml
+from medtune.config import RunConfig, SweepConfig, save_yaml, load_yaml
+from medtune.strategies.spec import parse_strategy_spec
 from medtune.errors import ConfigError
 
 

@@ -101,7 +101,7 @@ def test_presets_are_plain_yaml_sweeps_that_expand(capsys):
 
     assert list_presets() == ["davila2024", "kandel2020", "tajbakhsh2016"]
     davila = load_sweep_config(get_preset("davila2024"))
-    assert set(davila.strategy) == {"full", "linear", "gradual_lf", "gradual_fl", "lp_ft", "l1_sp", "l2_sp", "auto_rgn"}
+    assert {str(s) for s in davila.strategy} == {"full", "linear", "gradual_lf", "gradual_fl", "lp_ft", "l1_sp", "l2_sp", "auto_rgn"}
     assert davila.arch == ("resnet50", "densenet121", "vgg19")
     assert load_sweep_config(get_preset("tajbakhsh2016")).train_fraction == (0.1, 0.25, 0.5, 1.0)
     assert main(["preset", "show", "kandel2020"]) == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
-from medtune.config import parse_strategy_spec
 from medtune.errors import ConfigError, unknown_name_error
 
 __all__ = ["register_strategy", "create_strategy", "list_strategies", "get_strategy_class"]
@@ -43,18 +42,14 @@ def get_strategy_class(name: str) -> type:
         raise unknown_name_error("strategy", name, _STRATEGIES) from None
 
 
-def create_strategy(spec: str, **params: Any):
-    """Build a strategy from a spec like ``"top_k:2"`` plus keyword parameters.
+def create_strategy(spec, **params: Any):
+    """Build a strategy from a spec (``"top_k:2"`` or a :class:`~medtune.strategies.spec.StrategySpec`),
+    with keyword parameters on top.
 
     Raises:
         ConfigError: unknown strategy or invalid parameters.
     """
-    name, spec_params = parse_strategy_spec(spec)
-    cls = get_strategy_class(name)
-    main = spec_params.pop("_main", None)
-    if main is not None:
-        if cls.main_param is None:
-            raise ConfigError(f"Strategy {name!r} takes no positional parameter; got {spec!r}.")
-        spec_params[cls.main_param] = main
-    merged = {**spec_params, **params}
-    return cls(**merged)
+    from medtune.strategies.spec import StrategySpec
+
+    spec = StrategySpec.parse(spec)
+    return spec.create() if not params else get_strategy_class(spec.name)(**{**spec.param_dict, **params})

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from medtune._checks import check_scalar
-from medtune.config import format_strategy_spec
 from medtune.errors import ConfigError
+from medtune.strategies.spec import format_strategy_spec
 
 __all__ = ["Strategy", "Phase", "EpochContext", "freeze_all", "set_blocks_trainable"]
 

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["build_chain", "frozen_prefix_length", "FeatureCache", "FEATURE_CACHE", "cache_unusable_reason"]
+from medtune.models._norm import BATCH_STAT_LAYERS
 
-_NORM = (nn.modules.batchnorm._BatchNorm,)
+__all__ = ["build_chain", "frozen_prefix_length", "FeatureCache", "FEATURE_CACHE", "cache_unusable_reason"]
 
 
 class _Normalize(nn.Module):
@@ -84,13 +84,13 @@ def build_chain(model: nn.Module, sample: torch.Tensor) -> list[tuple[str, nn.Mo
 
 def frozen_prefix_length(chain: list[tuple[str, nn.Module]], bn_mode: str) -> int:
     """Number of leading chain elements that are entirely frozen (no trainable parameter; with
-    ``bn_mode="train"`` also no BatchNorm, whose statistics would still move)."""
+    ``bn_mode="train"`` also no batch-statistics layer, whose running statistics would still move)."""
     n = 0
     for _, module in chain:
         params = list(module.parameters())
         if any(p.requires_grad for p in params):
             break
-        if bn_mode == "train" and any(isinstance(m, _NORM) for m in module.modules()):
+        if bn_mode == "train" and any(isinstance(m, BATCH_STAT_LAYERS) for m in module.modules()):
             break
         n += 1
     # trailing parameter-free modules belong to the suffix only if nothing frozen follows; keep them in the prefix

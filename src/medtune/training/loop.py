@@ -1,17 +1,21 @@
 """The one training loop every strategy runs through.
 
-``fit`` drives the strategy's phases; each phase trains epochs with ``train_one_epoch`` and
-scores the validation split with ``evaluate``. The loop knows nothing of strategy names: it asks
-the strategy which parameters train, how they are grouped, what happens at each epoch start and
-which extra loss to add. An epoch checkpoint (written atomically, loaded with
-``weights_only=True``) makes an interrupted run resume to the same weights as an uninterrupted one.
+``fit`` drives the strategy's phases; each phase is set up once (:func:`_start_phase`: which
+parameters train, the optimiser, the frozen-prefix cut, a resumed state) and then trains epochs
+with :func:`train_one_epoch` and scores the validation split with :func:`evaluate`. The loop knows
+nothing of strategy names: it asks the strategy which parameters train, how they are grouped, what
+happens at each epoch start and which extra loss to add. A :class:`Checkpoint` (written atomically
+after every epoch and at every phase boundary, loaded with ``weights_only=True``) makes an
+interrupted run resume to the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,16 +26,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from medtune._tensors import to_float
 from medtune.config import RunConfig
 from medtune.data.base import ImageSet
+from medtune.errors import StoreError
+from medtune.models._norm import BATCH_STAT_LAYERS
 from medtune.strategies.base import EpochContext
 from medtune.training.cache import build_chain, cache_unusable_reason, cached_features, frozen_prefix_length
 from medtune.training.metrics import compute_metrics, higher_is_better
 
-__all__ = ["fit", "evaluate", "predict_proba", "lr_at", "FitResult", "resolve_device", "set_train_mode",
-           "StopTraining"]
-
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+__all__ = ["fit", "train_one_epoch", "evaluate", "predict_proba", "lr_at", "FitResult", "Checkpoint",
+           "set_train_mode", "StopTraining"]
 
 
 class StopTraining(Exception):
@@ -58,13 +63,6 @@ class FitResult:
         return self.images_seen / self.train_seconds if self.train_seconds > 0 else float("nan")
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def lr_at(step: int, *, total_steps: int, warmup_steps: int, base_lr: float, min_ratio: float = 0.01) -> float:
     """Cosine schedule with linear warm-up, a pure function of the step (no hidden scheduler state)."""
     if warmup_steps > 0 and step < warmup_steps:
@@ -75,13 +73,13 @@ def lr_at(step: int, *, total_steps: int, warmup_steps: int, base_lr: float, min
 
 
 def set_train_mode(model: nn.Module, bn_mode: str) -> None:
-    """``model.train()``, then BatchNorm layers whose parameters are all frozen go to eval mode
-    (running statistics frozen) unless ``bn_mode == "train"``."""
+    """``model.train()``, then batch-statistics layers (BatchNorm) whose parameters are all frozen go
+    to eval mode (running statistics frozen) unless ``bn_mode == "train"``."""
     model.train()
     if bn_mode == "train":
         return
     for module in model.modules():
-        if isinstance(module, _NORM_TYPES):
+        if isinstance(module, BATCH_STAT_LAYERS):
             params = list(module.parameters(recurse=False))
             if params and not any(p.requires_grad for p in params):
                 module.eval()
@@ -95,13 +93,6 @@ def _loss_fn(task: str, label_smoothing: float) -> Callable:
     return lambda logits, y: ce(logits.float(), y)
 
 
-def _to_input(batch: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """uint8 images → float in [0, 1] on ``device``; float tensors (cached features) are moved as they are."""
-    x = batch.to(device, non_blocking=True)
-    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
-
-
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: torch.Tensor, *, task: str, batch_size: int = 256,
                   device: torch.device | None = None, labels: torch.Tensor | None = None,
@@ -113,7 +104,7 @@ def predict_proba(model: nn.Module, images: torch.Tensor, *, task: str, batch_si
     model.eval()
     probs, loss_sum = [], 0.0
     for start in range(0, len(images), batch_size):
-        x = _to_input(images[start:start + batch_size], device, channels_last)
+        x = to_float(images[start:start + batch_size], device, channels_last=channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             logits = model(x).float()
         if labels is not None and loss_fn is not None:
@@ -139,19 +130,55 @@ def evaluate(model: nn.Module, data: ImageSet, *, batch_size: int = 256, loss_fn
     return compute_metrics(y_true, prob, task=data.task, class_names=data.class_names, loss=loss), y_true, prob
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+# -- checkpoints ---------------------------------------------------------------------------------
 
+@dataclass
+class Checkpoint:
+    """The one checkpoint format, written after every epoch and at every phase boundary.
 
-def _param_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in model.named_parameters()}
+    ``phase``/``epoch`` say where training continues. At a phase boundary (``epoch == 0`` and
+    ``optimizer is None``) ``model`` holds the weights the next phase starts from; mid-phase the
+    optimiser, its group layout, the trainable set, the strategy's state, the phase's best so far
+    and the AMP scaler come along. Only tensors and plain values, so ``weights_only=True`` loads it.
+    """
+
+    phase: int
+    epoch: int
+    history: list[dict]
+    trained: list[str]  # every parameter an optimiser of the run has updated (the trainable count)
+    train_seconds: float
+    images_seen: int
+    extras: dict
+    model: dict
+    torch_rng: torch.Tensor
+    data_rng: torch.Tensor
+    optimizer: dict | None = None
+    layout: list[dict] | None = None
+    trainable: list[str] | None = None
+    strategy: dict | None = None
+    best: dict | None = None
+    scaler: dict | None = None
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        torch.save(dataclasses.asdict(self), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Checkpoint:
+        """Read a checkpoint; an unreadable or foreign file is one StoreError naming it."""
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            return cls(**data)
+        except (RuntimeError, EOFError, OSError, TypeError, ValueError, KeyError, AttributeError,
+                pickle.UnpicklingError) as exc:  # what torch.load raises for a truncated or foreign file
+            raise StoreError(f"Epoch checkpoint {path} is unreadable ({type(exc).__name__}); delete it and run "
+                             "the same command again: the run then starts from its first epoch.") from None
 
 
 def _group_layout(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[dict]:
-    """The optimiser's groups as names (for rebuilding the same optimiser on resume)."""
-    names = _param_names(model)
+    """The optimiser's groups as parameter names (for rebuilding the same optimiser on resume)."""
+    names = {id(p): n for n, p in model.named_parameters()}
     return [{"name": g.get("name", ""), "lr_scale": g.get("lr_scale", 1.0), "weight_decay": g["weight_decay"],
              "params": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
 
@@ -160,6 +187,212 @@ def _groups_from_layout(layout: list[dict], model: nn.Module) -> list[dict]:
     params = dict(model.named_parameters())
     return [{**{k: v for k, v in g.items() if k != "params"}, "params": [params[n] for n in g["params"]]}
             for g in layout]
+
+
+# -- the run's fixed set-up ----------------------------------------------------------------------
+
+@dataclass
+class _Setup:
+    """What stays fixed for a whole run: device, precision, the splits, the loss, the optimiser factory."""
+
+    cfg: RunConfig
+    model: nn.Module
+    blocks: Any
+    device: torch.device
+    channels_last: bool
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    loss_fn: Callable
+    steps_per_epoch: int
+    gen: torch.Generator  # the data order and augmentation RNG
+    chain: list | None  # the model as a chain of modules, for the frozen-prefix cut (None: not cacheable)
+    chain_starts: list[int]  # chain indices where a new block begins
+    data_fingerprint: str
+
+    @classmethod
+    def create(cls, model: nn.Module, data: ImageSet, cfg: RunConfig, blocks) -> _Setup:
+        device = next(model.parameters()).device
+        channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+        use_amp = cfg.amp == "on" or (cfg.amp == "auto" and device.type == "cuda")
+        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+        amp_dtype = (torch.bfloat16 if bf16 else torch.float16) if use_amp else None
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        train, val, test = data.split("train"), data.split("val"), data.split("test")
+        gen = torch.Generator().manual_seed(cfg.seed)
+        chain, starts, fingerprint = None, [], ""
+        if cfg.feature_cache == "auto":
+            chain = build_chain(model, to_float(train.images[:2], device))
+            block_of = {id(p): i for i in range(len(blocks)) for p in blocks.parameters(i)}
+            last = -1
+            for i, (_, module) in enumerate(chain or []):
+                ids = [block_of[id(p)] for p in module.parameters() if id(p) in block_of]
+                if ids and min(ids) != last:
+                    starts.append(i)
+                    last = min(ids)
+            fingerprint = data.fingerprint()  # covers pixels and splits, so it identifies each split too
+        return cls(cfg=cfg, model=model, blocks=blocks, device=device, channels_last=channels_last,
+                   amp_dtype=amp_dtype, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+                   train=train, val=val, test=test,
+                   train_images=train.images.to(device) if device.type == "cuda" else train.images,
+                   train_labels=train.labels.to(device), loss_fn=_loss_fn(data.task, cfg.label_smoothing),
+                   steps_per_epoch=max(1, math.ceil(len(train) / cfg.batch_size)), gen=gen, chain=chain,
+                   chain_starts=starts, data_fingerprint=fingerprint)
+
+    def to_input(self, batch: torch.Tensor) -> torch.Tensor:
+        return to_float(batch, self.device, channels_last=self.channels_last)
+
+    def build_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        groups = [g for g in groups if g["params"]]
+        if not groups:  # nothing trains yet (cannot happen with a head): keep a valid optimiser
+            groups = [{"params": [], "name": "empty", "lr_scale": 1.0, "weight_decay": 0.0}]
+        if self.cfg.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=self.cfg.lr, momentum=self.cfg.momentum)
+        return torch.optim.AdamW(groups, lr=self.cfg.lr)
+
+
+# -- one phase -----------------------------------------------------------------------------------
+
+@dataclass
+class _Phase:
+    """A phase being trained: its strategy, optimiser, the network the batches go through (the whole
+    model, or the suffix after a cached frozen prefix), the cached features and the best epoch."""
+
+    idx: int
+    name: str
+    strategy: Any
+    base_lr: float
+    num_epochs: int
+    total_steps: int
+    warmup_steps: int
+    optimizer: torch.optim.Optimizer
+    net: nn.Module
+    feats: dict[str, torch.Tensor]
+    best: dict
+    epoch: int = 0
+
+
+def _cache_prefix(run: _Setup, phase: _Phase, log: Callable[[str], None]) -> float:
+    """Train this phase on cached features of its frozen prefix when that is exact; returns the seconds spent."""
+    cfg = run.cfg
+    cut = frozen_prefix_length(run.chain, cfg.bn_mode) if run.chain is not None else 0
+    reason = cache_unusable_reason(augment=cfg.augment, prefix_fixed=phase.strategy.frozen_prefix_is_fixed(),
+                                   prefix_len=cut, chain_ok=run.chain is not None)
+    if reason is not None:
+        log(f"[{phase.name}] feature cache off: {reason}")
+        return 0.0
+    t0 = time.perf_counter()
+    for name, split in (("train", run.train), ("val", run.val), ("test", run.test)):
+        feats = cached_features(run.chain, cut, split.images, salt=f"{run.data_fingerprint}:{name}:{cfg.bn_mode}",
+                                device=run.device, batch_size=cfg.eval_batch_size, boundaries=run.chain_starts,
+                                to_input=run.to_input)
+        phase.feats[name] = feats.to(run.device) if run.device.type == "cuda" else feats
+    phase.net = nn.Sequential(*[m for _, m in run.chain[cut:]])
+    log(f"[{phase.name}] feature cache: frozen prefix of {cut} modules ({run.chain[cut - 1][0]}) "
+        f"computed once; training on {tuple(phase.feats['train'].shape[1:])} features")
+    return time.perf_counter() - t0
+
+
+def _start_phase(run: _Setup, idx: int, spec, state: dict, resume: Checkpoint | None,
+                 log: Callable[[str], None]) -> _Phase:
+    """Set up phase ``idx``: trainable parameters, optimiser, a resumed mid-phase state, the prefix cut."""
+    cfg, model, blocks = run.cfg, run.model, run.blocks
+    s = spec.strategy
+    base_lr = cfg.lr * spec.lr_scale
+    num_epochs = spec.epochs or cfg.epochs
+    s.set_trainable(blocks)
+    phase = _Phase(idx=idx, name=spec.name, strategy=s, base_lr=base_lr, num_epochs=num_epochs,
+                   total_steps=num_epochs * run.steps_per_epoch,
+                   warmup_steps=int(round(cfg.warmup_epochs * run.steps_per_epoch)),
+                   optimizer=run.build_optimizer(s.param_groups(blocks, base_lr, cfg.weight_decay)),
+                   net=model, feats={}, best={"score": None, "state": None, "epoch": -1, "metrics": {}, "bad": 0})
+    if resume is not None and resume.phase == idx and resume.optimizer is not None:
+        # after set_trainable, so strategies that keep the starting point (L2-SP) keep the pretrained one
+        model.load_state_dict(resume.model)
+        trainable = set(resume.trainable)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in trainable)
+        phase.optimizer = run.build_optimizer(_groups_from_layout(resume.layout, model))
+        phase.optimizer.load_state_dict(resume.optimizer)
+        s.load_state_dict(resume.strategy)
+        phase.best, phase.epoch = resume.best, resume.epoch
+        torch.set_rng_state(resume.torch_rng)
+        run.gen.set_state(resume.data_rng)
+        if resume.scaler is not None:
+            run.scaler.load_state_dict(resume.scaler)
+    _log_groups(log, phase.name, phase.optimizer, model)
+    if cfg.feature_cache == "auto":
+        # extracting (or fetching) the features is part of this run's training time
+        state["train_seconds"] += _cache_prefix(run, phase, log)
+    return phase
+
+
+def _probe_batches(run: _Setup, phase: _Phase, epoch: int, num_batches: int,
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches for strategies that probe gradients at an epoch start, from their own RNG (the data
+    order of training is untouched)."""
+    g = torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + phase.idx * 10_000 + epoch)
+    order = torch.randperm(len(run.train), generator=g)
+    source = phase.feats.get("train", run.train_images)
+    bs = run.cfg.batch_size
+    for b in range(min(num_batches, run.steps_per_epoch)):
+        idx = order[b * bs:(b + 1) * bs]
+        yield run.to_input(source[idx.to(source.device)]), run.train_labels[idx.to(run.device)]
+
+
+def train_one_epoch(run: _Setup, phase: _Phase) -> tuple[float, float]:
+    """One pass over the training split in the order drawn from ``run.gen``; returns (mean loss, last LR)."""
+    cfg, opt, bs = run.cfg, phase.optimizer, run.cfg.batch_size
+    order = torch.randperm(len(run.train), generator=run.gen)
+    source = phase.feats.get("train", run.train_images)
+    loss_sum = torch.zeros((), device=run.device)
+    lr = phase.base_lr
+    for b in range(run.steps_per_epoch):
+        lr = lr_at(phase.epoch * run.steps_per_epoch + b, total_steps=phase.total_steps,
+                   warmup_steps=phase.warmup_steps, base_lr=phase.base_lr)
+        for g in opt.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        idx = order[b * bs:(b + 1) * bs]
+        x = run.to_input(source[idx.to(source.device)])
+        if cfg.augment == "flip":
+            flips = torch.rand(2, generator=run.gen)
+            x = torch.flip(x, dims=[3]) if flips[0] < 0.5 else x
+            x = torch.flip(x, dims=[2]) if flips[1] < 0.5 else x
+        y = run.train_labels[idx.to(run.device)]
+        with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.bfloat16, enabled=run.amp_dtype is not None):
+            loss = run.loss_fn(phase.net(x), y)
+        extra = phase.strategy.extra_loss(run.model)
+        if extra is not None:
+            loss = loss + extra
+        opt.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(opt)
+        run.scaler.update()
+        loss_sum += loss.detach() * len(idx)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    # .item() syncs CPU and GPU, so the loss is read once per epoch
+    return float(loss_sum.item()) / len(run.train), lr
+
+
+def _update_best(phase: _Phase, model: nn.Module, val_metrics: dict, monitor: str) -> None:
+    """Keep the best epoch's weights by the monitored validation metric (strict improvement; the
+    validation loss stands in where the metric is undefined)."""
+    higher = higher_is_better(monitor)
+    score = val_metrics.get(monitor, float("nan"))
+    if math.isnan(score):
+        score = -val_metrics["loss"] if higher else val_metrics["loss"]
+    best = phase.best
+    if best["score"] is None or (score > best["score"] if higher else score < best["score"]):
+        phase.best = {"score": score, "state": copy.deepcopy(model.state_dict()), "epoch": phase.epoch,
+                      "metrics": val_metrics, "bad": 0}
+    else:
+        best["bad"] += 1
 
 
 def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, checkpoint_path: str | Path | None = None,
@@ -178,232 +411,112 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
 
     Returns:
         FitResult with the best weights loaded, history, val/test metrics and test probabilities.
+
+    Raises:
+        StoreError: the checkpoint file exists but cannot be read.
     """
     log = log or (lambda _msg: None)
-    device = next(model.parameters()).device
-    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
-    use_amp = cfg.amp == "on" or (cfg.amp == "auto" and device.type == "cuda")
-    amp_dtype = (torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16) if use_amp else None
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    run = _Setup.create(model, data, cfg, blocks)
+    state: dict[str, Any] = {"phase": 0, "history": [], "train_seconds": 0.0, "images_seen": 0, "extras": {},
+                             "trained": set()}
+    ckpt, resume = _open_checkpoint(checkpoint_path, run, state, log)
 
-    train, val, test = data.split("train"), data.split("val"), data.split("test")
-    loss_fn = _loss_fn(data.task, cfg.label_smoothing)
-    higher = higher_is_better(cfg.monitor)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train_labels = train.labels.to(device)
-    train_images = train.images.to(device) if device.type == "cuda" else train.images
-    steps_per_epoch = max(1, math.ceil(len(train) / cfg.batch_size))
+    def save(phase: _Phase | None, next_phase: int, epoch: int) -> None:
+        if ckpt is None:
+            return
+        named = model.named_parameters()
+        mid = {} if phase is None else {
+            "optimizer": phase.optimizer.state_dict(), "layout": _group_layout(phase.optimizer, model),
+            "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+            "strategy": phase.strategy.state_dict(), "best": phase.best, "scaler": run.scaler.state_dict()}
+        Checkpoint(phase=next_phase, epoch=epoch, history=state["history"],
+                   trained=[n for n, p in named if id(p) in state["trained"]], train_seconds=state["train_seconds"],
+                   images_seen=state["images_seen"], extras=state["extras"], model=model.state_dict(),
+                   torch_rng=torch.get_rng_state(), data_rng=run.gen.get_state(), **mid).save(ckpt)
 
-    def build_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
-        groups = [g for g in groups if g["params"]]
-        if not groups:  # nothing trains yet (cannot happen with a head): keep a valid optimiser
-            groups = [{"params": [], "name": "empty", "lr_scale": 1.0, "weight_decay": 0.0}]
-        if cfg.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-
-    feats: dict[str, torch.Tensor] = {}  # cached prefix features of the current phase, by split
-
-    def probe_batches(num_batches: int, epoch_key: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch_key)
-        order = torch.randperm(len(train), generator=g)
-        source = feats.get("train", train_images)
-        for b in range(min(num_batches, steps_per_epoch)):
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            yield _to_input(source[idx.to(source.device)], device, channels_last), train_labels[idx.to(device)]
-
-    chain = None
-    if cfg.feature_cache == "auto":
-        probe = _to_input(train.images[:2], device, False)
-        chain = build_chain(model, probe)
-        block_of = {id(p): i for i in range(len(blocks)) for p in blocks.parameters(i)}
-        starts, last = [], -1
-        for i, (_, module) in enumerate(chain or []):
-            ids = [block_of[id(p)] for p in module.parameters() if id(p) in block_of]
-            if ids and min(ids) != last:
-                starts.append(i)
-                last = min(ids)
-        data_fingerprint = data.fingerprint()  # covers pixels and splits, so it identifies each split too
-
-    state: dict[str, Any] = {"phase": 0, "epoch": 0, "history": [], "train_seconds": 0.0, "images_seen": 0,
-                             "extras": {}, "trained": []}
-    ckpt = Path(checkpoint_path) if checkpoint_path else None
-    resume = None
-    if ckpt is not None:
-        for stale in ckpt.parent.glob(ckpt.name + ".tmp*"):  # left by a process killed mid-write
-            stale.unlink(missing_ok=True)
-    if ckpt is not None and ckpt.exists():
-        resume = torch.load(ckpt, map_location="cpu", weights_only=True)
-        for key in ("phase", "epoch", "history", "train_seconds", "images_seen", "extras", "trained"):
-            state[key] = resume[key]
-        if "optimizer" not in resume:  # saved at a phase boundary: these weights start the next phase
-            model.load_state_dict(resume["model"])
-            torch.set_rng_state(resume["torch_rng"])
-            gen.set_state(resume["data_rng"])
-            resume = None
-        log(f"resuming from {ckpt} at phase {state['phase']} epoch {state['epoch']}")
-
-    # every parameter any optimiser of the run updated (the run's trainable parameter count)
-    named = dict(model.named_parameters())
-    trained_ids: set[int] = {id(named[n]) for n in (state.get("trained") or [])}
-    phases = strategy.phases()
-    for phase_idx, phase in enumerate(phases):
-        if phase_idx < state["phase"]:
+    for idx, spec in enumerate(strategy.phases()):
+        if idx < state["phase"]:
             continue
-        s = phase.strategy
-        base_lr = cfg.lr * phase.lr_scale
-        num_epochs = phase.epochs or cfg.epochs
-        total_steps, warmup_steps = num_epochs * steps_per_epoch, int(round(cfg.warmup_epochs * steps_per_epoch))
-        s.set_trainable(blocks)
-        optimizer = build_optimizer(s.param_groups(blocks, base_lr, cfg.weight_decay))
-        best = {"score": None, "state": None, "epoch": -1, "metrics": {}, "bad": 0}
-        if resume is not None and resume["phase"] == phase_idx:
-            # after set_trainable, so strategies that keep the starting point (L2-SP) keep the pretrained one
-            model.load_state_dict(resume["model"])
-            trainable = set(resume["trainable"])
-            for name, p in model.named_parameters():
-                p.requires_grad_(name in trainable)
-            optimizer = build_optimizer(_groups_from_layout(resume["layout"], model))
-            optimizer.load_state_dict(resume["optimizer"])
-            s.load_state_dict(resume["strategy"])
-            best = resume["best"]
-            torch.set_rng_state(resume["torch_rng"])
-            gen.set_state(resume["data_rng"])
-            if "scaler" in resume:
-                scaler.load_state_dict(resume["scaler"])
+        phase = _start_phase(run, idx, spec, state, resume, log)
         resume = None
-        _log_groups(log, phase.name, optimizer, model)
-        feats.clear()
-        net = model
-        if cfg.feature_cache == "auto":
-            cut = frozen_prefix_length(chain, cfg.bn_mode) if chain is not None else 0
-            reason = cache_unusable_reason(augment=cfg.augment, prefix_fixed=s.frozen_prefix_is_fixed(),
-                                           prefix_len=cut, chain_ok=chain is not None)
-            if reason is None:
-                t_cache = time.perf_counter()
-                for name, split in (("train", train), ("val", val), ("test", test)):
-                    feats[name] = cached_features(
-                        chain, cut, split.images, salt=f"{data_fingerprint}:{name}:{cfg.bn_mode}", device=device,
-                        batch_size=cfg.eval_batch_size, boundaries=starts,
-                        to_input=lambda b: _to_input(b, device, channels_last))
-                    if device.type == "cuda":
-                        feats[name] = feats[name].to(device)
-                # extracting (or fetching) the features is part of this run's training time
-                state["train_seconds"] += time.perf_counter() - t_cache
-                net = nn.Sequential(*[m for _, m in chain[cut:]])
-                log(f"[{phase.name}] feature cache: frozen prefix of {cut} modules ({chain[cut - 1][0]}) "
-                    f"computed once; training on {tuple(feats['train'].shape[1:])} features")
-            else:
-                log(f"[{phase.name}] feature cache off: {reason}")
-        ctx = EpochContext(model=net, blocks=blocks, optimizer=optimizer, lr=base_lr, weight_decay=cfg.weight_decay,
-                           batches=None, loss_fn=loss_fn, build_optimizer=build_optimizer, record=state["extras"])
-        epoch = state["epoch"]
+        ctx = EpochContext(model=phase.net, blocks=blocks, optimizer=phase.optimizer, lr=phase.base_lr,
+                           weight_decay=cfg.weight_decay, batches=None, loss_fn=run.loss_fn,
+                           build_optimizer=run.build_optimizer, record=state["extras"])
         stop = False
-        while epoch < num_epochs and not stop:
-            ctx.optimizer = optimizer
-            ctx.batches = lambda n, _e=epoch: probe_batches(n, phase_idx * 10_000 + _e)
+        while phase.epoch < phase.num_epochs and not stop:
+            ctx.optimizer = phase.optimizer
+            ctx.batches = lambda n, _e=phase.epoch: _probe_batches(run, phase, _e, n)
             set_train_mode(model, cfg.bn_mode)
-            s.on_epoch_start(epoch, ctx)
-            optimizer = ctx.optimizer
+            phase.strategy.on_epoch_start(phase.epoch, ctx)
+            phase.optimizer = ctx.optimizer
             set_train_mode(model, cfg.bn_mode)  # again: the hook may have changed which layers are frozen
+            state["trained"].update(id(p) for g in phase.optimizer.param_groups for p in g["params"])
             t0 = time.perf_counter()
-            order = torch.randperm(len(train), generator=gen)
-            loss_sum = torch.zeros((), device=device)
-            trained_ids.update(id(p) for g in optimizer.param_groups for p in g["params"])
-            for b in range(steps_per_epoch):
-                step = epoch * steps_per_epoch + b
-                lr = lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps, base_lr=base_lr)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr * g.get("lr_scale", 1.0)
-                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                source = feats.get("train", train_images)
-                x = _to_input(source[idx.to(source.device)], device, channels_last)
-                if cfg.augment == "flip":
-                    flips = torch.rand(2, generator=gen)
-                    x = torch.flip(x, dims=[3]) if flips[0] < 0.5 else x
-                    x = torch.flip(x, dims=[2]) if flips[1] < 0.5 else x
-                y = train_labels[idx.to(device)]
-                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                    loss = loss_fn(net(x), y)
-                extra = s.extra_loss(model)
-                if extra is not None:
-                    loss = loss + extra
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                loss_sum += loss.detach() * len(idx)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            train_loss, lr = train_one_epoch(run, phase)
             seconds = time.perf_counter() - t0
             state["train_seconds"] += seconds
-            state["images_seen"] += len(train)
-            val_metrics, _, _ = evaluate(net, val, batch_size=cfg.eval_batch_size, loss_fn=loss_fn,
-                                         channels_last=channels_last, autocast_dtype=amp_dtype,
-                                         inputs=feats.get("val"))
-            # .item() syncs CPU and GPU, so the loss is read once per epoch
-            record = {"phase": phase.name, "epoch": epoch, "train_loss": float(loss_sum.item()) / len(train),
-                      "lr": lr, "seconds": seconds,
-                      "trainable_params": sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
+            state["images_seen"] += len(run.train)
+            val_metrics, _, _ = evaluate(phase.net, run.val, batch_size=cfg.eval_batch_size, loss_fn=run.loss_fn,
+                                         channels_last=run.channels_last, autocast_dtype=run.amp_dtype,
+                                         inputs=phase.feats.get("val"))
+            record = {"phase": phase.name, "epoch": phase.epoch, "train_loss": train_loss, "lr": lr, "seconds": seconds,
+                      "trainable_params": sum(p.numel() for g in phase.optimizer.param_groups for p in g["params"]),
                       **{f"val_{k}": v for k, v in val_metrics.items()}}
             state["history"].append(record)
-            score = val_metrics.get(cfg.monitor, float("nan"))
-            if math.isnan(score):
-                score = -val_metrics["loss"] if higher else val_metrics["loss"]
-            improved = best["score"] is None or (score > best["score"] if higher else score < best["score"])
-            if improved:
-                best = {"score": score, "state": copy.deepcopy(model.state_dict()), "epoch": epoch,
-                        "metrics": val_metrics, "bad": 0}
-            else:
-                best["bad"] += 1
-            log(f"[{phase.name}] epoch {epoch + 1}/{num_epochs} loss {record['train_loss']:.4f} "
+            _update_best(phase, model, val_metrics, cfg.monitor)
+            log(f"[{phase.name}] epoch {phase.epoch + 1}/{phase.num_epochs} loss {train_loss:.4f} "
                 f"val_{cfg.monitor} {val_metrics.get(cfg.monitor, float('nan')):.4f} ({seconds:.1f}s)")
-            epoch += 1
+            phase.epoch += 1
             try:
                 for cb in callbacks:
                     if hasattr(cb, "on_epoch_end"):
                         cb.on_epoch_end(record)
             except StopTraining:
                 stop = True
-            if cfg.patience and best["bad"] >= cfg.patience:
-                stop = True
-            if ckpt is not None:
-                state["epoch"] = epoch
-                _save_atomic({
-                    "phase": phase_idx, "epoch": epoch, "history": state["history"],
-                    "trained": [n for n, p in named.items() if id(p) in trained_ids],
-                    "train_seconds": state["train_seconds"], "images_seen": state["images_seen"],
-                    "extras": state["extras"], "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "layout": _group_layout(optimizer, model),
-                    "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
-                    "strategy": s.state_dict(), "best": best, "torch_rng": torch.get_rng_state(),
-                    "data_rng": gen.get_state(), "scaler": scaler.state_dict(),
-                }, ckpt)
-            if stop:
-                break
-        if stop and epoch < num_epochs:
-            log(f"[{phase.name}] early stop after epoch {epoch} (best epoch {best['epoch'] + 1})")
-        model.load_state_dict(best["state"])
-        state["phase"], state["epoch"] = phase_idx + 1, 0
-        state.setdefault("extras", {}).setdefault("phases", []).append(
-            {"name": phase.name, "best_epoch": best["epoch"], "val": best["metrics"]})
-        if ckpt is not None:
-            _save_atomic({"phase": phase_idx + 1, "epoch": 0, "history": state["history"],
-                          "trained": [n for n, p in named.items() if id(p) in trained_ids],
-                          "train_seconds": state["train_seconds"], "images_seen": state["images_seen"],
-                          "extras": state["extras"], "model": model.state_dict(),
-                          "torch_rng": torch.get_rng_state(), "data_rng": gen.get_state()}, ckpt)
+            stop = stop or bool(cfg.patience and phase.best["bad"] >= cfg.patience)
+            save(phase, idx, phase.epoch)
+        if stop and phase.epoch < phase.num_epochs:
+            log(f"[{phase.name}] early stop after epoch {phase.epoch} (best epoch {phase.best['epoch'] + 1})")
+        model.load_state_dict(phase.best["state"])
+        state["phase"] = idx + 1
+        state["extras"].setdefault("phases", []).append(
+            {"name": phase.name, "best_epoch": phase.best["epoch"], "val": phase.best["metrics"]})
+        save(None, idx + 1, 0)
 
-    trainable = sum(p.numel() for p in model.parameters() if id(p) in trained_ids)
-    val_metrics, _, _ = evaluate(model, val, batch_size=cfg.eval_batch_size, loss_fn=loss_fn,
-                                 channels_last=channels_last, autocast_dtype=amp_dtype)
-    test_metrics, y_true, y_prob = evaluate(model, test, batch_size=cfg.eval_batch_size, loss_fn=loss_fn,
-                                            channels_last=channels_last, autocast_dtype=amp_dtype)
+    trainable = sum(p.numel() for p in model.parameters() if id(p) in state["trained"])
+    kw = dict(batch_size=cfg.eval_batch_size, loss_fn=run.loss_fn, channels_last=run.channels_last,
+              autocast_dtype=run.amp_dtype)
+    val_metrics, _, _ = evaluate(model, run.val, **kw)
+    test_metrics, y_true, y_prob = evaluate(model, run.test, **kw)
     return FitResult(model=model, history=state["history"], val_metrics=val_metrics, test_metrics=test_metrics,
                      y_true=y_true, y_prob=y_prob, train_seconds=state["train_seconds"],
                      images_seen=state["images_seen"], trainable_params=trainable, extras=state["extras"])
+
+
+def _open_checkpoint(path: str | Path | None, run: _Setup, state: dict, log: Callable[[str], None],
+                     ) -> tuple[Path | None, Checkpoint | None]:
+    """Clean temp files of killed writers; load an existing checkpoint into ``state``. A phase-boundary
+    checkpoint is applied here (its weights start the next phase); a mid-phase one is returned for
+    :func:`_start_phase` to apply after the phase's ``set_trainable``."""
+    if path is None:
+        return None, None
+    ckpt = Path(path)
+    for stale in ckpt.parent.glob(ckpt.name + ".tmp*"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
+    if not ckpt.exists():
+        return ckpt, None
+    resume = Checkpoint.load(ckpt)
+    named = dict(run.model.named_parameters())
+    state.update(phase=resume.phase, history=resume.history, train_seconds=resume.train_seconds,
+                 images_seen=resume.images_seen, extras=resume.extras,
+                 trained={id(named[n]) for n in resume.trained})
+    log(f"resuming from {ckpt} at phase {resume.phase} epoch {resume.epoch}")
+    if resume.optimizer is None:
+        run.model.load_state_dict(resume.model)
+        torch.set_rng_state(resume.torch_rng)
+        run.gen.set_state(resume.data_rng)
+        return ckpt, None
+    return ckpt, resume
 
 
 def _log_groups(log: Callable[[str], None], phase: str, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
