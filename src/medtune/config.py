@@ -107,7 +107,7 @@ class RunConfig(_Base):
     data: str = "demo"
     arch: str = "tf_efficientnet_lite0"
     weights: str = "efficientnet_lite0"
-    strategy: StrategySpec | str = "full"
+    strategy: StrategySpec | str = StrategySpec(name="full", text="full")
     epochs: int = 5
     img_size: int = 64
     batch_size: int = 32

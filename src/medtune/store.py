@@ -22,7 +22,7 @@ from typing import Any
 
 from medtune.errors import StoreError
 
-__all__ = ["ResultsStore", "open_store"]
+__all__ = ["ResultsStore"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -222,7 +222,3 @@ class ResultsStore:
         with self._transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO genomes VALUES (?, ?, ?)", (key, json.dumps(value, sort_keys=True), _now()))
 
-
-def open_store(root: str | Path) -> ResultsStore:
-    """Open (or create) the results store at ``root``."""
-    return ResultsStore(root)

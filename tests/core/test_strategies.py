@@ -51,8 +51,8 @@ def test_param_groups_cover_exactly_the_trainable_params_and_are_named(name, tin
         assert all(g["name"] for g in groups)
         trainable = {id(p) for p in tiny_model.parameters() if p.requires_grad}
         if name == "auto_rgn":  # norm layers are left out of the optimiser, by design
-            from medtune.strategies.zoo import is_norm_parameter
-            trainable -= is_norm_parameter(tiny_model)
+            from medtune.models._norm import norm_param_ids
+            trainable -= norm_param_ids(tiny_model)
         assert set(ids) == trainable
 
 
@@ -63,8 +63,8 @@ def test_frozen_params_bit_identical_trainable_changed(name, tiny_cfg, synthetic
     params = dict(model.named_parameters())
     trained = {n for n, p in params.items() if not torch.equal(p, before[n])}
     if name == "auto_rgn":
-        from medtune.strategies.zoo import is_norm_parameter
-        norm = is_norm_parameter(model)
+        from medtune.models._norm import norm_param_ids
+        norm = norm_param_ids(model)
         untouched = {n for n, p in params.items() if id(p) in norm}
         assert untouched and not (trained & untouched), "norm params are outside Auto-RGN's optimiser"
     head = {f"backbone.{n}" for n in blocks[blocks.head_idx].param_names}
@@ -203,7 +203,7 @@ def test_sp_penalty_equals_formula_and_gradient_equals_autograd(name, tiny_model
 
 def test_auto_rgn_weights_equal_a_direct_computation(tiny_cfg, synthetic_data):
     from medtune.strategies.base import EpochContext
-    from medtune.strategies.zoo import is_norm_parameter
+    from medtune.models._norm import norm_param_ids
 
     model = make_tiny()
     blocks = get_blocks(model)
@@ -213,7 +213,7 @@ def test_auto_rgn_weights_equal_a_direct_computation(tiny_cfg, synthetic_data):
     y = synthetic_data.labels
     batches = [(x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8]) for i in range(3)]
     loss_fn = torch.nn.functional.cross_entropy
-    norm = is_norm_parameter(model)
+    norm = norm_param_ids(model)
     params = [(n, p) for n, p in model.named_parameters() if id(p) not in norm]
     # direct computation
     ratios = {n: 0.0 for n, _ in params}

@@ -1,7 +1,7 @@
 """Block and layer partitions of a timm backbone: what "fine-tune the top k blocks" refers to.
 
 A *block partition* is the ordered list ``stem, stage_1, ..., stage_S, [pre_head], head``
-(METHODS.md, "Blocks and layers"); a *layer partition* is the fine version with one entry per
+(README, "Methods"); a *layer partition* is the fine version with one entry per
 conv / residual unit. Every parameter belongs to exactly one block and exactly one layer.
 
 How the partition is built, on top of timm's parameter grouping (``group_matcher`` and
@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from timm.models._manipulate import group_with_matcher
 from torch import nn
 
+from medtune.models._norm import NORM_LAYERS
+
 from medtune.errors import ConfigError, did_you_mean, unknown_name_error
 
 from ._builder import NormalizedModel
@@ -80,7 +82,6 @@ _CHECKED_ARCHS = {
 }
 
 _UNMATCHED_PROBE = "~medtune~unmatched~probe~"
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
 @dataclass(frozen=True)
@@ -333,7 +334,7 @@ class _Partitioner:
         groups = [sorted(g, key=self.order.__getitem__) for g in groups if g]
         merged: list[list[str]] = []
         for group in groups:
-            if merged and all(isinstance(self.owner[n], _NORM_TYPES) for n in group):
+            if merged and all(isinstance(self.owner[n], NORM_LAYERS) for n in group):
                 merged[-1].extend(group)
             else:
                 merged.append(list(group))
@@ -406,7 +407,7 @@ class _Partitioner:
                 layers: list[list[str]] = []
                 for name in pre_logits:
                     same_module = layers and _module_path(layers[-1][-1]) == _module_path(name)
-                    if layers and (same_module or isinstance(self.owner[name], _NORM_TYPES)):
+                    if layers and (same_module or isinstance(self.owner[name], NORM_LAYERS)):
                         layers[-1].append(name)
                     else:
                         layers.append([name])

@@ -1,4 +1,4 @@
-"""Fine-tuning strategies behind one registry (names as in METHODS.md)."""
+"""Fine-tuning strategies behind one registry (names and citations in the README's "Methods" section)."""
 
 from medtune.strategies import depth as _depth  # noqa: F401  (registers scratch, linear, full, top_k, ...)
 from medtune.strategies import zoo as _zoo  # noqa: F401  (registers lp_ft, gradual_*, l2_sp, auto_rgn, ...)

@@ -6,15 +6,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medtune.models._norm import norm_param_ids
 from medtune.strategies._registry import register_strategy
 from medtune.strategies.base import (EpochContext, Phase, Strategy, check_float_param, check_int_param, freeze_all,
                                      set_blocks_trainable)
 from medtune.strategies.depth import Full, Linear
 
-__all__ = ["LPFT", "GradualLF", "GradualFL", "Discriminative", "L2SP", "L1SP", "AutoRGN", "is_norm_parameter"]
-
-_NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
-
+__all__ = ["LPFT", "GradualLF", "GradualFL", "Discriminative", "L2SP", "L1SP", "AutoRGN"]
 
 @register_strategy("lp_ft")
 class LPFT(Strategy):
@@ -168,11 +166,6 @@ class L1SP(_StartingPoint):
         return torch.stack([d.abs().sum() for d in diffs]).sum()
 
 
-def is_norm_parameter(model: nn.Module) -> set[int]:
-    """ids of the parameters of normalisation layers (BatchNorm, GroupNorm, LayerNorm, InstanceNorm)."""
-    return {id(p) for m in model.modules() if isinstance(m, _NORM_MODULES) for p in m.parameters(recurse=False)}
-
-
 @register_strategy("auto_rgn")
 class AutoRGN(Strategy):
     """Per-tensor LR scaled by the relative gradient norm (Lee et al. 2023, official algorithm).
@@ -190,7 +183,7 @@ class AutoRGN(Strategy):
         check_int_param(self, "num_batches", min_val=1)
 
     def param_groups(self, blocks, lr: float, weight_decay: float) -> list[dict]:
-        norm = is_norm_parameter(blocks.model)
+        norm = norm_param_ids(blocks.model)
         return [{**g, "params": [p for p in g["params"] if id(p) not in norm]}
                 for g in super().param_groups(blocks, lr, weight_decay)]
 
