@@ -420,20 +420,6 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
     state: dict[str, Any] = {"phase": 0, "history": [], "train_seconds": 0.0, "images_seen": 0, "extras": {},
                              "trained": set()}
     ckpt, resume = _open_checkpoint(checkpoint_path, run, state, log)
-
-    def save(phase: _Phase | None, next_phase: int, epoch: int) -> None:
-        if ckpt is None:
-            return
-        named = model.named_parameters()
-        mid = {} if phase is None else {
-            "optimizer": phase.optimizer.state_dict(), "layout": _group_layout(phase.optimizer, model),
-            "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
-            "strategy": phase.strategy.state_dict(), "best": phase.best, "scaler": run.scaler.state_dict()}
-        Checkpoint(phase=next_phase, epoch=epoch, history=state["history"],
-                   trained=[n for n, p in named if id(p) in state["trained"]], train_seconds=state["train_seconds"],
-                   images_seen=state["images_seen"], extras=state["extras"], model=model.state_dict(),
-                   torch_rng=torch.get_rng_state(), data_rng=run.gen.get_state(), **mid).save(ckpt)
-
     for idx, spec in enumerate(strategy.phases()):
         if idx < state["phase"]:
             continue
@@ -444,29 +430,7 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
                            build_optimizer=run.build_optimizer, record=state["extras"])
         stop = False
         while phase.epoch < phase.num_epochs and not stop:
-            ctx.optimizer = phase.optimizer
-            ctx.batches = lambda n, _e=phase.epoch: _probe_batches(run, phase, _e, n)
-            set_train_mode(model, cfg.bn_mode)
-            phase.strategy.on_epoch_start(phase.epoch, ctx)
-            phase.optimizer = ctx.optimizer
-            set_train_mode(model, cfg.bn_mode)  # again: the hook may have changed which layers are frozen
-            state["trained"].update(id(p) for g in phase.optimizer.param_groups for p in g["params"])
-            t0 = time.perf_counter()
-            train_loss, lr = train_one_epoch(run, phase)
-            seconds = time.perf_counter() - t0
-            state["train_seconds"] += seconds
-            state["images_seen"] += len(run.train)
-            val_metrics, _, _ = evaluate(phase.net, run.val, batch_size=cfg.eval_batch_size, loss_fn=run.loss_fn,
-                                         channels_last=run.channels_last, autocast_dtype=run.amp_dtype,
-                                         inputs=phase.feats.get("val"))
-            record = {"phase": phase.name, "epoch": phase.epoch, "train_loss": train_loss, "lr": lr, "seconds": seconds,
-                      "trainable_params": sum(p.numel() for g in phase.optimizer.param_groups for p in g["params"]),
-                      **{f"val_{k}": v for k, v in val_metrics.items()}}
-            state["history"].append(record)
-            _update_best(phase, model, val_metrics, cfg.monitor)
-            log(f"[{phase.name}] epoch {phase.epoch + 1}/{phase.num_epochs} loss {train_loss:.4f} "
-                f"val_{cfg.monitor} {val_metrics.get(cfg.monitor, float('nan')):.4f} ({seconds:.1f}s)")
-            phase.epoch += 1
+            record = _run_epoch(run, phase, ctx, state, log)
             try:
                 for cb in callbacks:
                     if hasattr(cb, "on_epoch_end"):
@@ -474,23 +438,75 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
             except StopTraining:
                 stop = True
             stop = stop or bool(cfg.patience and phase.best["bad"] >= cfg.patience)
-            save(phase, idx, phase.epoch)
+            _save_checkpoint(ckpt, run, state, phase, idx, phase.epoch)
         if stop and phase.epoch < phase.num_epochs:
             log(f"[{phase.name}] early stop after epoch {phase.epoch} (best epoch {phase.best['epoch'] + 1})")
         model.load_state_dict(phase.best["state"])
         state["phase"] = idx + 1
         state["extras"].setdefault("phases", []).append(
             {"name": phase.name, "best_epoch": phase.best["epoch"], "val": phase.best["metrics"]})
-        save(None, idx + 1, 0)
+        _save_checkpoint(ckpt, run, state, None, idx + 1, 0)
+    return _final_result(run, state)
 
-    trainable = sum(p.numel() for p in model.parameters() if id(p) in state["trained"])
+
+def _run_epoch(run: _Setup, phase: _Phase, ctx: EpochContext, state: dict, log: Callable[[str], None]) -> dict:
+    """The strategy's epoch-start hook, one training epoch, validation, the best-epoch update; the history row."""
+    cfg, model = run.cfg, run.model
+    ctx.optimizer = phase.optimizer
+    ctx.batches = lambda n, _e=phase.epoch: _probe_batches(run, phase, _e, n)
+    set_train_mode(model, cfg.bn_mode)
+    phase.strategy.on_epoch_start(phase.epoch, ctx)
+    phase.optimizer = ctx.optimizer
+    set_train_mode(model, cfg.bn_mode)  # again: the hook may have changed which layers are frozen
+    state["trained"].update(id(p) for g in phase.optimizer.param_groups for p in g["params"])
+    t0 = time.perf_counter()
+    train_loss, lr = train_one_epoch(run, phase)
+    seconds = time.perf_counter() - t0
+    state["train_seconds"] += seconds
+    state["images_seen"] += len(run.train)
+    val_metrics, _, _ = evaluate(phase.net, run.val, batch_size=cfg.eval_batch_size, loss_fn=run.loss_fn,
+                                 channels_last=run.channels_last, autocast_dtype=run.amp_dtype,
+                                 inputs=phase.feats.get("val"))
+    record = {"phase": phase.name, "epoch": phase.epoch, "train_loss": train_loss, "lr": lr, "seconds": seconds,
+              "trainable_params": sum(p.numel() for g in phase.optimizer.param_groups for p in g["params"]),
+              **{f"val_{k}": v for k, v in val_metrics.items()}}
+    state["history"].append(record)
+    _update_best(phase, model, val_metrics, cfg.monitor)
+    log(f"[{phase.name}] epoch {phase.epoch + 1}/{phase.num_epochs} loss {train_loss:.4f} "
+        f"val_{cfg.monitor} {val_metrics.get(cfg.monitor, float('nan')):.4f} ({seconds:.1f}s)")
+    phase.epoch += 1
+    return record
+
+
+def _save_checkpoint(path: Path | None, run: _Setup, state: dict, phase: _Phase | None, next_phase: int,
+                     epoch: int) -> None:
+    """Write the :class:`Checkpoint` training continues from (mid-phase when ``phase`` is given)."""
+    if path is None:
+        return
+    model = run.model
+    mid = {} if phase is None else {
+        "optimizer": phase.optimizer.state_dict(), "layout": _group_layout(phase.optimizer, model),
+        "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+        "strategy": phase.strategy.state_dict(), "best": phase.best, "scaler": run.scaler.state_dict()}
+    Checkpoint(phase=next_phase, epoch=epoch, history=state["history"],
+               trained=[n for n, p in model.named_parameters() if id(p) in state["trained"]],
+               train_seconds=state["train_seconds"], images_seen=state["images_seen"], extras=state["extras"],
+               model=model.state_dict(), torch_rng=torch.get_rng_state(), data_rng=run.gen.get_state(),
+               **mid).save(path)
+
+
+def _final_result(run: _Setup, state: dict) -> FitResult:
+    """Validation and test metrics of the best weights, and what the run cost."""
+    model, cfg = run.model, run.cfg
     kw = dict(batch_size=cfg.eval_batch_size, loss_fn=run.loss_fn, channels_last=run.channels_last,
               autocast_dtype=run.amp_dtype)
     val_metrics, _, _ = evaluate(model, run.val, **kw)
     test_metrics, y_true, y_prob = evaluate(model, run.test, **kw)
     return FitResult(model=model, history=state["history"], val_metrics=val_metrics, test_metrics=test_metrics,
                      y_true=y_true, y_prob=y_prob, train_seconds=state["train_seconds"],
-                     images_seen=state["images_seen"], trainable_params=trainable, extras=state["extras"])
+                     images_seen=state["images_seen"],
+                     trainable_params=sum(p.numel() for p in model.parameters() if id(p) in state["trained"]),
+                     extras=state["extras"])
 
 
 def _open_checkpoint(path: str | Path | None, run: _Setup, state: dict, log: Callable[[str], None],
