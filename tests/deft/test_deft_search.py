@@ -235,24 +235,27 @@ def test_param_count_mismatch_warns():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"num_units": 0}, "'num_units' parameter of DEFTSearch must be an int >= 1"),
+        ({"num_units": 0}, "'num_units' parameter of DEFTSearch must be >= 1. Got 0 instead"),
         ({"evaluator": "train"}, "'evaluator' parameter .* must be callable"),
         ({"unit_params": [1, 2]}, "'unit_params' .* sequence of 7 ints"),
-        ({"unit_params": [1, 2, 3, 4, 5, 6, -7]}, "'unit_params' .* int >= 0"),
-        ({"head_params": 1.5}, "'head_params' .* int >= 0"),
+        ({"unit_params": [1, 2, 3, 4, 5, 6, -7]}, "'unit_params' .* >= 0. Got -7"),
+        ({"head_params": 1.5}, "'head_params' .* of type Integral. Got 1.5"),
         ({"total_params": 100}, "'total_params' .* It must count at least the head"),
         ({"max_trainable_params": 10}, "resolves to 10 parameters, fewer than the head alone"),
-        ({"max_trainable_params": 1.5}, r"'max_trainable_params' .* float in \(0.0, 1.0\]"),
+        ({"max_trainable_params": 1.5}, r"'max_trainable_params' .* float in \(0, 1\]"),
         ({"max_trainable_params": "half"}, "'max_trainable_params' .* an int \\(absolute\\)"),
-        ({"max_seconds": 0}, "'max_seconds' .* float in \\(0.0, inf\\)"),
-        ({"infeasible": "penalti"}, "Unknown infeasible mode 'penalti'. Did you mean 'penalty'"),
+        ({"max_seconds": 0}, "'max_seconds' .* > 0.0. Got 0 instead"),
+        ({"max_seconds": float("inf")}, "'max_seconds' .* < inf. Got inf instead"),
+        ({"max_seconds": float("nan")}, "'max_seconds' .* a number. Got nan instead"),
+        ({"infeasible": "penalti"}, "'infeasible' .* one of penalty, repair. Got 'penalti' instead. Did you mean 'penalty'"),
         ({"popsize": 4}, "'popsize' .* int >= 5. Got 4 instead. It is the total number"),
-        ({"mutation": 2.5}, "'mutation' .* float in \\[0.0, 2.0\\)"),
-        ({"mutation": (0.9, 0.5)}, "'mutation' .* needs min < max"),
+        ({"popsize": 8.0}, "'popsize' .* of type Integral. Got 8.0"),
+        ({"mutation": 2.5}, "'mutation' .* < 2.0. Got 2.5"),
+        ({"mutation": (0.9, 0.5)}, "'mutation' .* pair with min < max"),
         ({"mutation": (0.1, 0.2, 0.3)}, "'mutation' .* or a \\(min, max\\) pair"),
-        ({"recombination": 1.5}, "'recombination' .* float in \\[0.0, 1.0\\]"),
-        ({"generations": -1}, "'generations' .* int >= 0"),
-        ({"seed": True}, "'seed' .* int >= 0"),
+        ({"recombination": 1.5}, "'recombination' .* <= 1.0. Got 1.5"),
+        ({"generations": -1}, "'generations' .* >= 0. Got -1"),
+        ({"seed": True}, "'seed' .* of type Integral. Got True"),
         ({"fidelity": ["epochs", 2]}, "'fidelity' .* must be a dict"),
         ({"fidelity": {"epochs": object()}}, "'fidelity' .* JSON-serialisable"),
         ({"context": 3}, "'context' .* must be a str"),
@@ -291,3 +294,15 @@ def test_public_mask_helpers_check_the_mask(mask):
         search.count_trainable(mask)
     with pytest.raises(ConfigError, match="must be 7 values of 0 or 1"):
         search.repair(mask)
+
+
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    import numpy as np
+
+    plain = additive_search(max_trainable_params=0.5, seed=3, generations=2).fit()
+    numpy = additive_search(unit_params=[np.int64(p) for p in UNIT_PARAMS], head_params=np.int64(HEAD_PARAMS),
+                            total_params=np.int64(TOTAL_PARAMS), max_trainable_params=np.float64(0.5),
+                            seed=np.int64(3), generations=np.int64(2), popsize=np.int64(10),
+                            mutation=np.float64(0.8), recombination=np.float64(0.7)).fit()
+    assert numpy.history_ == plain.history_ and numpy.evaluations_ == plain.evaluations_
+    assert numpy.max_trainable_params_ == plain.max_trainable_params_

@@ -1,4 +1,4 @@
-"""Hand-made record lists (RECORDS.md schema) with known metric values, for the report tests.
+"""Hand-made records, under the keys the results store writes, with known metrics, for the report tests.
 
 ``build_runs`` makes strategies × seeds × archs × datasets with AUC = the label's mean plus a
 fixed, sign-balanced per-block jitter, so which configuration a test expects is known by
@@ -190,10 +190,6 @@ def full_records(tmp_path):
     png_dir.mkdir()
     attacks = build_attacks(runs, png_dir)
     return runs, attacks, [build_search()]
-
-
-
-
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import pytest
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from medtune.reporting import (
+from medtune.reporting.plots import (
     pareto_front,
     plot_auto_rgn,
     plot_confusion,

@@ -9,8 +9,8 @@ import pytest
 import scipy.stats as sps
 
 from medtune.errors import ConfigError
-from medtune.reporting import friedman, holm, pairwise_wilcoxon, recommend, summarize
-from medtune.reporting.stats import min_wilcoxon_pvalue
+from medtune.reporting import friedman, pairwise_wilcoxon, recommend, summarize
+from medtune.reporting.stats import holm, min_wilcoxon_pvalue
 
 
 def _run(label, auc, *, seed=0, dataset="d", arch="a", params=100, seconds=1.0, status="done", **extra):

@@ -1,9 +1,10 @@
 """Genome caches for the DEFT search: a mask is never trained twice at the same fidelity.
 
 A cache maps a :func:`genome_key` (a SHA-256 hex digest of the mask, the fidelity dict and a
-caller-provided context string) to a JSON-serialisable dict holding the raw evaluation. The
-results store implements the same two-method protocol on top of SQLite; the two classes here
-cover tests, notebooks and single-machine runs that want a plain file.
+caller-provided context string) to a JSON-serialisable dict holding the raw evaluation.
+:class:`~medtune.deft.driver.StoreGenomeCache` implements the same two-method protocol on the
+results store's SQLite ``genomes`` table; the two classes here cover tests, notebooks and
+single-machine runs that want a plain file.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from medtune.errors import ConfigError, StoreError
+from medtune._checks import param_error
+from medtune.errors import StoreError
 
 __all__ = ["GenomeCache", "InMemoryGenomeCache", "JsonlGenomeCache", "genome_key"]
 
@@ -59,10 +61,8 @@ def genome_key(mask: Sequence[int], fidelity: Mapping[str, Any] | None, context:
     try:
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"The 'fidelity' parameter of DEFTSearch must be a JSON-serialisable dict of finite "
-            f"values; got {fidelity!r} ({exc}). Use plain numbers, strings, lists and dicts."
-        ) from exc
+        raise param_error("fidelity", "DEFTSearch", "a JSON-serialisable dict of finite values", fidelity,
+                          f" ({exc}) Use plain numbers, strings, lists and dicts.") from exc
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

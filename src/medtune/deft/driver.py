@@ -1,6 +1,6 @@
 """``medtune search``: DEFT on real training runs, then the full-fidelity comparison.
 
-The engine (:class:`~medtune.deft.deft.DEFTSearch`) only searches; this module supplies its
+The engine (:class:`~medtune.deft.DEFTSearch`) only searches; this module supplies its
 evaluator (a low-fidelity training of one mask through the one training loop), its persistent
 genome cache (the results store's ``genomes`` table, so a restarted search retrains nothing),
 and afterwards retrains the best mask at full fidelity beside ``full``, ``linear`` and every
@@ -12,19 +12,22 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from medtune._checks import check_choice, check_scalar
+from medtune._checks import check_choice, check_scalar, param_error
+from medtune._tensors import resolve_device
 from medtune.config import RunConfig, _WithBase, load_config
-from medtune.errors import ConfigError, did_you_mean
-from medtune.deft.deft import DEFTSearch, Evaluation, search_result_to_dict
+from medtune.deft._constraints import budget_from_setting
+from medtune.deft._records import Evaluation
+from medtune.deft.deft import INFEASIBLE_MODES, DEFTSearch, search_result_to_dict
 from medtune.store import ResultsStore
+from medtune.training.metrics import higher_is_better
 
-__all__ = ["SearchConfig", "MaskEvaluator", "StoreGenomeCache", "run_search"]
+__all__ = ["SearchConfig", "run_search"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class SearchConfig(_WithBase):
     def __post_init__(self) -> None:
         owner = "SearchConfig"
         check_choice(self.granularity, "granularity", ("block", "layer"), owner=owner)
-        check_choice(self.infeasible, "infeasible", ("penalty", "repair"), owner=owner)
+        check_choice(self.infeasible, "infeasible", INFEASIBLE_MODES, owner=owner)
         check_scalar(self.search_epochs, "search_epochs", int, min_val=1, owner=owner)
         check_scalar(self.search_train_fraction, "search_train_fraction", (float, int), min_val=0, max_val=1,
                      include_min=False, owner=owner)
@@ -72,7 +75,7 @@ class SearchConfig(_WithBase):
         try:
             object.__setattr__(self, "seeds", tuple(int(s) for s in (seeds if isinstance(seeds, (list, tuple)) else [seeds])))
         except ValueError:
-            raise ConfigError(f"The 'seeds' parameter of SearchConfig must be integers. Got {self.seeds!r}.") from None
+            raise param_error("seeds", owner, "integers", self.seeds) from None
 
 
 class StoreGenomeCache:
@@ -101,7 +104,7 @@ class MaskEvaluator:
 
     def __call__(self, mask) -> Evaluation:
         from medtune.runner import build_run, prepare_data
-        from medtune.training.loop import fit, resolve_device
+        from medtune.training.loop import fit
 
         bits = "".join(str(int(b)) for b in mask)
         cfg = self.cfg.replace(strategy=f"deft:mask={bits},granularity={self.granularity}")
@@ -113,7 +116,7 @@ class MaskEvaluator:
             result = fit(model, data, strategy, cfg, blocks=blocks)
         seconds = time.perf_counter() - t0
         score = result.val_metrics.get(cfg.monitor, float("nan"))
-        if cfg.monitor == "loss":
+        if not higher_is_better(cfg.monitor):  # DEFT maximises its fitness
             score = -score
         return Evaluation(fitness=float(score), trainable_params=result.trainable_params, seconds=seconds,
                           info={"val": result.val_metrics, "train_seconds": result.train_seconds})
@@ -128,9 +131,19 @@ def run_search(config: SearchConfig | dict | str, *, store: ResultsStore | str |
         config: a SearchConfig, a dict of its keys, or a YAML path.
         store: results store (default: the config's ``store``).
         log: receives one-line progress messages.
-        map_fn: map-like used to evaluate one generation; default: the executor's ``map``
-            (``local`` with ``workers`` processes, or ``ray`` at ``address``), sequential for one worker.
+        map_fn: map-like used to evaluate one generation; default: the executor's ``map``, or
+            the builtin ``map`` (in this process) for ``local`` with one worker.
+        executor: ``local`` (``workers`` processes) or ``ray`` (at ``address``); see
+            :func:`medtune.executors.create_executor`.
+        workers: processes of the ``local`` executor.
+        address: a running Ray cluster (``auto`` or ``HOST:PORT``), or ``None`` to start a local one.
         **overrides: config keys replacing the config's.
+
+    Returns:
+        The search record as stored (``store.searches()``): ``search_id``, ``dataset``, ``arch``,
+        ``granularity``, ``unit_names``, ``unit_params``, ``history``, ``best_mask``,
+        ``best_fitness``, ``seconds``, ``num_trainings``, ``num_evaluations``,
+        ``trainable_fraction``, ``comparison``, ``config`` and ``evaluations``.
     """
     from medtune.models import get_blocks
     from medtune.runner import build_run, prepare_data, run
@@ -158,9 +171,7 @@ def run_search(config: SearchConfig | dict | str, *, store: ResultsStore | str |
     fidelity = {"epochs": cfg.search_epochs, "train_fraction": low.train_fraction, "granularity": cfg.granularity}
     context = json.dumps({"run": low.replace(strategy="deft:mask=0").semantic_dict(), "data": low_data.fingerprint()},
                          sort_keys=True)
-    budget = cfg.max_trainable_params or None
-    if budget is not None and budget > 1:
-        budget = int(budget)
+    budget = budget_from_setting(cfg.max_trainable_params)
     search_id = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
     log(f"DEFT search {search_id}: {len(unit_names)} {cfg.granularity}s, popsize {cfg.popsize}, "
         f"{cfg.generations} generations, {cfg.search_epochs} epochs per evaluation")

@@ -1,8 +1,11 @@
 """Machinery shared by the report modules: turning plain record lists into tidy frames.
 
 The report never talks to the results store. It takes the plain ``list[dict]`` records that
-``ResultsStore.runs()``, ``.attacks()`` and ``.searches()`` return (schema in RECORDS.md), so a
-report can be rebuilt from a JSON dump, a store, or hand-made records in a test.
+``ResultsStore.runs()``, ``.attacks()`` and ``.searches()`` return (written by
+``medtune.runner``, ``medtune.robustness.driver`` and ``medtune.deft.driver``), so a report can
+be rebuilt from a JSON dump, a store, or hand-made records in a test. The run keys it reads are
+:data:`RUN_COLUMNS` plus ``metrics``, ``config``, ``versions``, ``data_fingerprint``,
+``predictions`` and ``extras``; the attack keys are those :func:`attacks_frame` lists.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medtune.errors import ConfigError, did_you_mean
-from medtune.training.metrics import higher_is_better
+from medtune._checks import check_choice, param_error
+from medtune.errors import did_you_mean
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -23,8 +26,8 @@ __all__ = [
     "attacks_frame",
     "check_columns",
     "check_metric",
+    "check_open_fraction",
     "done_runs",
-    "higher_is_better",
     "main_fraction_runs",
     "runs_frame",
 ]
@@ -57,7 +60,7 @@ def runs_frame(runs: Iterable[Mapping[str, Any]], metrics: Iterable[str] | None 
     """One row per run record, with the identifying columns and one column per metric.
 
     Args:
-        runs: run records (RECORDS.md). Every status is kept; filter with :func:`done_runs`.
+        runs: run records. Every status is kept; filter with :func:`done_runs`.
         metrics: metric names to extract from ``run["metrics"]``; None takes every metric key
             that appears in any run.
 
@@ -101,10 +104,8 @@ def check_metric(runs: Sequence[Mapping[str, Any]], metric: str, where: str) -> 
         return
     available = sorted({k for r in runs for k in (r.get("metrics") or {})})
     if metric not in available:
-        raise ConfigError(
-            f"The 'metric' parameter of {where} must name a metric stored in the runs. Got {metric!r}."
-            f"{did_you_mean(metric, available)} Available: {', '.join(available) or 'none'}."
-        )
+        raise param_error("metric", where, "a metric stored in the runs", metric,
+                          f"{did_you_mean(metric, available)} Available: {', '.join(available) or 'none'}.")
 
 
 def check_columns(names: Iterable[str], allowed: Iterable[str], param: str, where: str) -> None:
@@ -115,11 +116,17 @@ def check_columns(names: Iterable[str], allowed: Iterable[str], param: str, wher
     """
     allowed = list(allowed)
     for name in names:
-        if name not in allowed:
-            raise ConfigError(
-                f"The {param!r} parameter of {where} got an unknown run field {name!r}."
-                f"{did_you_mean(name, allowed)} Available: {', '.join(allowed)}."
-            )
+        check_choice(name, param, allowed, owner=where)
+
+
+def check_open_fraction(value: float, name: str, where: str) -> None:
+    """Raise a ConfigError unless ``0 < value < 1`` (a level or an error rate).
+
+    Raises:
+        ConfigError: ``value`` is outside (0, 1).
+    """
+    if not 0 < value < 1:
+        raise param_error(name, where, "in (0, 1)", value)
 
 
 def main_fraction_runs(runs: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], str | None]:

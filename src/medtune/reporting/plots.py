@@ -19,10 +19,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from medtune.reporting._records import attacks_frame, done_runs, higher_is_better, main_fraction_runs, runs_frame
+from medtune.reporting._records import attacks_frame, done_runs, main_fraction_runs, runs_frame
+from medtune.training.metrics import higher_is_better
 
 __all__ = [
-    "label_colors",
     "pareto_front",
     "plot_auto_rgn",
     "plot_confusion",
@@ -45,7 +45,7 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def label_colors(labels: Sequence[str]) -> dict[str, Any]:
+def _label_colors(labels: Sequence[str]) -> dict[str, Any]:
     """A stable colour per label (sorted, tab10 then tab20), the same in every figure."""
     from matplotlib import colormaps
 
@@ -154,7 +154,7 @@ def plot_train_fraction(runs: Sequence[Record], metric: str = "auc") -> Figure |
     nrows = math.ceil(len(panels) / ncols)
     fig = _figure(5.0 * ncols, 3.6 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    colors = label_colors([k[2] for k in keys])
+    colors = _label_colors([k[2] for k in keys])
     for ax, (dataset, arch) in zip(axes, panels):
         for d, a, label in keys:
             if (d, a) != (dataset, arch):
@@ -187,7 +187,7 @@ def plot_cost(runs: Sequence[Record], metric: str = "auc") -> Figure | None:
     if frame.empty:
         return None
     st = _group_stats(frame, ["arch", "label"], metric)
-    colors = label_colors(st["label"])
+    colors = _label_colors(st["label"])
     markers = dict(zip(sorted(st["arch"].astype(str).unique()), "osD^vP*X"))
     fig = _figure(10.0, 4.0)
     axes = fig.subplots(1, 2)

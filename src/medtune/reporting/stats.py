@@ -1,9 +1,9 @@
 """Statistics over run records: mean ± sd and CI, Friedman, Wilcoxon + Holm, a recommendation.
 
-METHODS.md ("Metrics and statistics"): across seeds, mean ± sd and a 95% CI; comparing
-strategies, a Friedman test over (dataset, arch, seed) blocks, then Wilcoxon signed-rank tests
-with Holm's correction. :func:`recommend` turns these into one sentence a user can act on:
-the cheapest configuration not significantly worse than the best.
+The protocol: across seeds, mean ± sd and a 95% CI; comparing strategies, a Friedman test over
+(dataset, arch, seed) blocks, then Wilcoxon signed-rank tests with Holm's correction.
+:func:`recommend` turns these into one sentence a user can act on: the cheapest configuration
+not significantly worse than the best.
 """
 
 from __future__ import annotations
@@ -16,18 +16,20 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from medtune.errors import ConfigError, unknown_name_error
+from medtune.errors import unknown_name_error
+from medtune.reporting._format import fmt_count
 from medtune.reporting._records import (
     DEFAULT_METRICS,
     RUN_COLUMNS,
     attacks_frame,
     check_columns,
     check_metric,
+    check_open_fraction,
     done_runs,
-    higher_is_better,
     main_fraction_runs,
     runs_frame,
 )
+from medtune.training.metrics import higher_is_better
 
 __all__ = [
     "friedman",
@@ -51,7 +53,7 @@ def summarize(
     """Mean, sd, n and a t-distribution CI of each metric per group of finished runs.
 
     Args:
-        runs: run records (RECORDS.md); runs whose status is not ``"done"`` are ignored.
+        runs: run records; runs whose status is not ``"done"`` are ignored.
         metrics: metric names; None means ``auc, accuracy, balanced_accuracy, f1`` (absent ones
             give NaN columns). A name given explicitly must exist in at least one run.
         by: run fields to group by. Runs at different ``train_fraction`` are pooled unless
@@ -68,8 +70,7 @@ def summarize(
     Raises:
         ConfigError: unknown metric, unknown ``by`` field, or ``confidence`` outside (0, 1).
     """
-    if not 0 < confidence < 1:
-        raise ConfigError(f"The 'confidence' parameter of summarize must be in (0, 1). Got {confidence!r}.")
+    check_open_fraction(confidence, "confidence", "summarize")
     runs = done_runs(runs)
     explicit = metrics is not None
     metrics = list(DEFAULT_METRICS if metrics is None else metrics)
@@ -268,8 +269,7 @@ def pairwise_wilcoxon(
     Raises:
         ConfigError: unknown metric/field, unknown ``reference``, or ``alpha`` outside (0, 1).
     """
-    if not 0 < alpha < 1:
-        raise ConfigError(f"The 'alpha' parameter of pairwise_wilcoxon must be in (0, 1). Got {alpha!r}.")
+    check_open_fraction(alpha, "alpha", "pairwise_wilcoxon")
     table, _ = _block_table(runs, metric, blocks, treatment, "pairwise_wilcoxon")
     columns = ["label", "reference", "n", "mean", "reference_mean", "mean_diff", "statistic",
                "pvalue", "p_holm", "significant", "not_worse_than_best"]
@@ -361,8 +361,7 @@ def recommend(
     Raises:
         ConfigError: unknown metric, or ``alpha`` outside (0, 1).
     """
-    if not 0 < alpha < 1:
-        raise ConfigError(f"The 'alpha' parameter of recommend must be in (0, 1). Got {alpha!r}.")
+    check_open_fraction(alpha, "alpha", "recommend")
     done = done_runs(runs)
     check_metric(done, metric, "recommend")
     out: dict[str, Any] = {
@@ -461,15 +460,6 @@ def _fooling_at(attacks: Sequence[Record], runs: Sequence[Record], label: str, z
     return out
 
 
-def _fmt_params(x: float | None) -> str:
-    if x is None or math.isnan(x):
-        return "n/a"
-    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.3g} {unit}"
-    return f"{x:.0f}"
-
-
 def _recommend_text(r: dict[str, Any], zeta: float, alpha: float) -> str:
     m = r["metric"]
     sd = f" ± {r['sd']:.3f}" if r["sd"] is not None else ""
@@ -495,7 +485,7 @@ def _recommend_text(r: dict[str, Any], zeta: float, alpha: float) -> str:
             time = (f" and {r['time_ratio']:.1f}× less training time" if r["time_ratio"] >= 1
                     else f" but {1 / r['time_ratio']:.1f}× more training time")
         parts.append(f"Compared with full fine-tuning it trains {r['params_ratio']:.1f}× fewer parameters "
-                     f"({_fmt_params(r['trainable_params'])}){time}.")
+                     f"({fmt_count(r['trainable_params'], missing='n/a')}){time}.")
     if r["fooling_rate"]:
         srcs = "; ".join(f"{v['rate']:.2f} [{v['ci_low']:.2f}, {v['ci_high']:.2f}] from {s} images "
                          f"(random control {v['random_rate']:.2f})" for s, v in sorted(r["fooling_rate"].items()))

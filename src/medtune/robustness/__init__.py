@@ -1,11 +1,13 @@
 """Robustness of fine-tuned classifiers to universal adversarial perturbations (UAPs).
 
 Perturbations live in the model's input space before normalisation: pixels in [0, 1], budgets in
-the same units. See METHODS.md, section "UAP audit".
+the same units. See README.md, section "DEFT and the UAP audit". ``medtune.attack`` (the
+store-side driver, :mod:`medtune.robustness.driver`) audits stored runs with an :class:`AuditConfig`.
 """
 
 from medtune.robustness._registry import create_attack, list_attacks, register_attack
-from medtune.robustness.audit import SOURCES, AuditResult, audit
+from medtune.robustness.audit import audit
+from medtune.robustness.config import AuditConfig
 from medtune.robustness.evaluate import evaluate_perturbation, rate_ci, transfer_matrix
 from medtune.robustness.plots import (
     perturbation_to_image,
@@ -15,7 +17,6 @@ from medtune.robustness.plots import (
 from medtune.robustness.sources import BUILTIN_PHOTOS, mixed_source, natural_images
 from medtune.robustness.uap import (
     UAPAttack,
-    UAPResult,
     apply_perturbation,
     budget_xi,
     compute_targeted_uaps,
@@ -26,11 +27,9 @@ from medtune.robustness.uap import (
 )
 
 __all__ = [
-    "AuditResult",
+    "AuditConfig",
     "BUILTIN_PHOTOS",
-    "SOURCES",
     "UAPAttack",
-    "UAPResult",
     "apply_perturbation",
     "audit",
     "budget_xi",

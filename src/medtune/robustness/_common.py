@@ -1,21 +1,21 @@
-"""Shared machinery of the robustness package: argument checks, norms, batching, prediction.
+"""Machinery of the robustness package only: norms, targets, image checks, prediction.
 
-Private: the public names live in :mod:`medtune.robustness.uap` and friends.
+Private: the public names live in :mod:`medtune.robustness.uap` and friends. Checks and tensor
+helpers shared with the rest of medtune live in :mod:`medtune._checks` and :mod:`medtune._tensors`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from medtune._checks import param_error
+from medtune._tensors import batches, to_float
 from medtune.errors import ConfigError, DataError
 
 __all__: list[str] = []
-
-NORMS = ("2", "inf")
 
 
 def resolve_norm(norm: object, *, owner: str = "compute_uap") -> str:
@@ -33,32 +33,28 @@ def resolve_norm(norm: object, *, owner: str = "compute_uap") -> str:
             return "2"
         if key in ("inf", "linf", "l_inf", "infinity", "np.inf"):
             return "inf"
-    raise ConfigError(
-        f"The 'norm' parameter of {owner} must be 2 or 'inf'. Got {norm!r} instead. "
-        "Use norm=2 for an L2 budget or norm='inf' for an L-infinity budget."
-    )
+    raise param_error("norm", owner, "2 or 'inf'", norm,
+                      " Use norm=2 for an L2 budget or norm='inf' for an L-infinity budget.")
 
 
-def check_fraction(value: object, name: str, owner: str, *, low_open: bool = True) -> float:
-    """Validate a float in (0, 1] (or [0, 1] when ``low_open`` is False)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (0 < value <= 1) if low_open else (0 <= value <= 1)
-    if not ok:
-        interval = "(0, 1]" if low_open else "[0, 1]"
-        raise ConfigError(
-            f"The {name!r} parameter of {owner} must be a float in {interval}. Got {value!r} instead."
-        )
-    return float(value)
+def check_target(targeted: object, owner: str, *, num_classes: int | None = None,
+                 allow_all: bool = False) -> int | str | None:
+    """Return ``targeted`` as None, a class index, or ``"all"`` (only when ``allow_all``).
 
-
-def check_positive_int(value: object, name: str, owner: str) -> int:
-    """Validate an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(
-            f"The {name!r} parameter of {owner} must be an int >= 1. Got {value!r} instead."
-        )
-    return int(value)
+    Without ``num_classes`` (the model is not known yet) an index only has to be >= 0.
+    """
+    expected = ("None, 'all' or " if allow_all else "None or ") + (
+        "a class index >= 0" if num_classes is None else f"a class index in [0, {num_classes - 1}]")
+    is_all = isinstance(targeted, str) and targeted == "all"
+    if targeted is None or (allow_all and is_all):
+        return targeted
+    if is_all:
+        raise param_error("targeted", owner, expected, targeted,
+                          " Use compute_targeted_uaps(...) for one UAP per class.")
+    if (isinstance(targeted, bool) or not isinstance(targeted, int) or targeted < 0
+            or (num_classes is not None and targeted >= num_classes)):
+        raise param_error("targeted", owner, expected, targeted)
+    return int(targeted)
 
 
 def check_images(images: object, name: str = "images") -> torch.Tensor:
@@ -90,55 +86,6 @@ def check_images(images: object, name: str = "images") -> torch.Tensor:
             "Pass uint8 images or divide by 255; normalisation belongs inside the model."
         )
     return images
-
-
-def to_float(
-    batch: torch.Tensor, device: torch.device, *, channels_last: bool = False
-) -> torch.Tensor:
-    """uint8 [0, 255] or float [0, 1] batch -> float32 [0, 1] on ``device``.
-
-    ``channels_last`` returns an NHWC-strided tensor: oneDNN (CPU) and cuDNN (GPU) convolutions run
-    about twice as fast on it, and the layers after a conv keep the format.
-    """
-    batch = batch.to(device, non_blocking=True)
-    batch = batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch.float()
-    if channels_last and batch.ndim == 4:
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    return batch
-
-
-def batches(num: int, batch_size: int) -> Iterator[slice]:
-    """Consecutive slices covering range(num)."""
-    for start in range(0, num, batch_size):
-        yield slice(start, min(start + batch_size, num))
-
-
-def model_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    """The requested device, or the device of the model's first parameter/buffer, or CPU."""
-    if device is not None:
-        return torch.device(device)
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-class eval_mode:
-    """Context manager: put ``model`` in eval mode and restore each module's flag on exit."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self._flags: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self) -> nn.Module:
-        self._flags = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        for module, flag in self._flags:
-            module.training = flag
 
 
 @torch.inference_mode()

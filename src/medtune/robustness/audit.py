@@ -9,28 +9,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medtune.errors import ConfigError, did_you_mean
-from medtune.robustness._common import (
-    check_fraction,
-    check_images,
-    check_positive_int,
-    eval_mode,
-    model_device,
-    num_outputs,
-    resolve_norm,
-)
+from medtune._checks import check_fraction, check_positive_int
+from medtune._tensors import eval_mode, model_device
+from medtune.errors import ConfigError
+from medtune.robustness._common import check_images, check_target, num_outputs, resolve_norm
+from medtune.robustness._registry import create_attack
+from medtune.robustness.config import SOURCES, check_sources, check_zetas
 from medtune.robustness.evaluate import evaluate_perturbation
 from medtune.robustness.sources import natural_images
-from medtune.robustness.uap import (
-    budget_xi,
-    compute_uap,
-    perturbation_norm,
-    random_control,
-)
+from medtune.robustness.uap import budget_xi, perturbation_norm, random_control
 
-__all__ = ["AuditResult", "audit", "SOURCES"]
-
-SOURCES = ("train", "natural")
+__all__ = ["AuditResult", "audit"]
 
 
 @dataclass
@@ -49,20 +38,8 @@ class AuditResult:
 
 
 def _resolve_targets(targeted: object, num_classes: int) -> list[int | None]:
-    if targeted is None:
-        return [None]
-    if targeted == "all":
-        return list(range(num_classes))
-    if (
-        isinstance(targeted, bool)
-        or not isinstance(targeted, int)
-        or not 0 <= targeted < num_classes
-    ):
-        raise ConfigError(
-            f"The 'targeted' parameter of audit must be None, 'all' or a class index in "
-            f"[0, {num_classes - 1}]. Got {targeted!r} instead."
-        )
-    return [int(targeted)]
+    target = check_target(targeted, "audit", num_classes=num_classes, allow_all=True)
+    return list(range(num_classes)) if target == "all" else [target]
 
 
 def _perturbation_key(source: str, zeta: float, norm: str, target: int | None) -> str:
@@ -126,28 +103,14 @@ def audit(
         ``random_per_class``, ``random_confusion``).
 
     Raises:
-        ConfigError: unknown source, "train" without train_images, empty zetas, bad targeted, or
-            any parameter :func:`compute_uap` rejects.
+        ConfigError: unknown source, "train" without train_images, empty zetas or sources, bad
+            targeted, or any parameter the registered ``uap`` attack (``UAPAttack``) rejects.
         DataError: bad images or labels, or an unreadable natural-image file.
     """
     norm = resolve_norm(norm, owner="audit")
     test_images = check_images(test_images, "test_images")
-    zetas = [check_fraction(z, "zetas", "audit") for z in zetas]
-    if not zetas:
-        raise ConfigError(
-            "The 'zetas' parameter of audit is empty; pass e.g. zetas=(0.02, 0.04, 0.08)."
-        )
-    sources = list(sources)
-    if not sources:
-        raise ConfigError(
-            f"The 'sources' parameter of audit is empty; choose from {', '.join(SOURCES)}."
-        )
-    for source in sources:
-        if source not in SOURCES:
-            raise ConfigError(
-                f"Unknown UAP source {source!r}.{did_you_mean(source, SOURCES)} "
-                f"Available: {', '.join(SOURCES)}."
-            )
+    zetas = check_zetas(zetas, "audit")
+    sources = check_sources(sources, "audit")
     if "train" in sources and train_images is None:
         raise ConfigError(
             "The 'train' UAP source needs train_images; pass them or use sources=('natural',)."
@@ -184,9 +147,8 @@ def audit(
                     if step_size_fraction is None
                     else step_size_fraction * budget_xi(attack_images, zeta, norm)
                 )
-                uap = compute_uap(
-                    model,
-                    attack_images,
+                uap = create_attack(
+                    "uap",
                     zeta=zeta,
                     norm=norm,
                     targeted=target,
@@ -196,7 +158,7 @@ def audit(
                     batch_size=batch_size,
                     seed=uap_seed,
                     device=dev,
-                )
+                ).compute(model, attack_images)
                 control = random_control(uap.perturbation, norm, seed=uap_seed)
                 metrics = evaluate_perturbation(
                     model,

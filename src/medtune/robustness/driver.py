@@ -1,26 +1,30 @@
-"""``medtune attack``: UAP audits of stored runs, written back to the results store.
+"""``medtune attack``: UAP audits of stored runs, read from and written back to the results store.
 
-Loads each run's best weights (safetensors) and data from its stored config, calls
-:func:`medtune.robustness.audit.audit`, and stores one record per (source, ζ, target) with the
-perturbation (``.safetensors``) and PNGs (the UAP amplified for visibility; clean vs perturbed
-examples). An audit already in the store is not recomputed. ``transfer`` evaluates the train-image
-UAP of every audited run on every other audited run (same input size) — the transferability matrix.
+The store side of :func:`medtune.robustness.audit.audit`: resolve the runs, load each run's best
+weights (safetensors) and data from its stored config, and store one record per (source, ζ,
+target) with the perturbation and its random control (``.safetensors``) and two PNGs (the UAP
+amplified for visibility; clean vs perturbed examples) in ``artifacts/RUN_ID/uap/``. A run whose
+audit (same :meth:`AuditConfig.semantic_dict`) is already stored is read back, not recomputed.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from medtune.config import RunConfig
+from medtune._tensors import resolve_device
+from medtune.config import RunConfig, load_config
 from medtune.errors import ConfigError
+from medtune.robustness.config import AuditConfig
 from medtune.store import ResultsStore
 
 __all__ = ["attack", "load_run_model", "resolve_runs"]
+
+# Keys of the run record copied into each of its attack records (``seed`` is the run's, not the UAP's).
+_RUN_KEYS = ("run_id", "label", "arch", "strategy", "seed", "dataset")
 
 
 def resolve_runs(store: ResultsStore, runs: str | Sequence[str]) -> list[dict]:
@@ -62,108 +66,136 @@ def load_run_model(store: ResultsStore, record: dict, device: torch.device):
     return model.to(device).eval()
 
 
-def _attack_id(run_id: str, params: dict) -> str:
-    return hashlib.sha256(json.dumps({"run": run_id, **params}, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def attack(runs: str | Sequence[str] = "all", *, store: ResultsStore | str = "./medtune-results",
-           sources: Sequence[str] = ("train", "natural"), zetas: Sequence[float] = (0.02, 0.04, 0.08),
-           norm: str | int = 2, targeted: int | str | None = None, natural_folder: str | None = None,
-           num_source_images: int = 256, max_passes: int = 10, goal_rate: float = 0.8, batch_size: int = 32,
-           seed: int = 0, device: str = "auto", transfer: bool = False,
-           log: Callable[[str], None] | None = None) -> list[dict]:
+def attack(runs: str | Sequence[str] = "all", config: AuditConfig | Mapping | str | None = None, *,
+           store: ResultsStore | str | Path | None = None, log: Callable[[str], None] | None = None,
+           **overrides: Any) -> list[dict]:
     """Audit stored runs with UAPs; return the attack records (also written to the store).
 
     Args:
-        runs: run ids (prefixes) or ``"all"``.
-        store: the results store or its folder.
-        sources: ``train`` (the run's training images) and/or ``natural`` (photos; ``natural_folder``
-            or scikit-image's built-in ones).
-        zetas: budgets ζ as fractions of the mean Lp norm of the source images.
-        norm: 2 or ``inf``.
-        targeted: None, a class index or ``all``.
-        transfer: also evaluate each run's train-image UAP at the middle ζ on every other run.
+        runs: run ids (unique prefixes) or ``"all"``.
+        config: an :class:`AuditConfig`, a dict of its keys or a YAML path; default its defaults.
+        store: the results store or its folder (default: the config's ``store``).
+        log: receives one-line progress messages.
+        **overrides: AuditConfig keys replacing the config's (``sources``, ``zetas``, ``norm``, ...).
+
+    Returns:
+        Per run, one record per (source, ζ, target) in the audit's order; with ``transfer`` and
+        more than one run with a train-image UAP, last the transfer record (``matrix``: {run of the
+        UAP: {run evaluated on: fooling rate}}).
+
+    Raises:
+        ConfigError: an invalid or unknown config key (before any run is read), a run id that
+            matches no finished run or several, no finished runs, or a run without stored weights.
     """
-    from medtune.robustness.audit import audit as run_audit
-    from medtune.robustness.plots import save_examples_png, save_perturbation_png
-    from medtune.robustness.uap import apply_perturbation
-    from medtune.runner import prepare_data
-    from medtune.training.loop import resolve_device
-
-    from safetensors.torch import save_file
-
+    if isinstance(store, (str, Path)):  # a folder, as from --store: it is a config key
+        overrides["store"], store = str(store), None
+    cfg = load_config(AuditConfig, config, **overrides)
+    store = store or ResultsStore(cfg.store)
     log = log or (lambda _m: None)
-    store = store if isinstance(store, ResultsStore) else ResultsStore(store)
-    dev = resolve_device(device)
     records = resolve_runs(store, runs)
     if not records:
         raise ConfigError(f"No finished runs in {store.root} to attack; run `medtune sweep` first.")
-    params = {"sources": list(sources), "zetas": [float(z) for z in zetas], "norm": str(norm), "targeted": targeted,
-              "natural_folder": natural_folder, "num_source_images": num_source_images, "max_passes": max_passes,
-              "goal_rate": goal_rate, "batch_size": batch_size, "seed": seed}
+    device = resolve_device(cfg.device)
     out: list[dict] = []
     uaps: dict[str, torch.Tensor] = {}
     for record in records:
-        run_id = record["run_id"]
-        done = [a for a in store.attacks(run_id) if a.get("params") == params]
-        if done:
-            log(f"{run_id} {record['label']}: audit already stored")
-            out += done
-            main = [a for a in done if a["source"] == "train" and a.get("perturbation_file")]
-            if main:
-                from safetensors.torch import load_file
-
-                uaps[run_id] = load_file(main[len(main) // 2]["perturbation_file"])["v"]
-            continue
-        cfg = RunConfig.from_dict(record["config"])
-        data = prepare_data(cfg)
-        model = load_run_model(store, record, dev)
-        test = data.split("test")
-        log(f"{run_id} {record['label']}: UAP audit ({', '.join(sources)}; ζ={', '.join(map(str, zetas))}; L{norm})")
-        result = run_audit(model, test_images=test.images, test_labels=test.labels,
-                           train_images=data.split("train").images, class_names=data.class_names, zetas=zetas,
-                           norm=norm, sources=sources, targeted=targeted, natural_folder=natural_folder,
-                           num_source_images=num_source_images, max_passes=max_passes, goal_rate=goal_rate,
-                           batch_size=batch_size, seed=seed, device=dev)
-        folder = store.run_dir(run_id) / "uap"
-        folder.mkdir(exist_ok=True)
-        for rec in result.records:
-            key = rec["perturbation_key"]
-            aid = _attack_id(run_id, {**params, "key": key})
-            v = result.perturbations[key]
-            vfile = folder / f"{aid}.safetensors"
-            save_file({"v": v.contiguous(), "random": result.random_perturbations[key].contiguous()}, str(vfile))
-            png = save_perturbation_png(v, folder / f"{aid}.png", title=f"{rec['source']} ζ={rec['zeta']}")
-            examples = save_examples_png(test.images[:4], apply_perturbation(test.images[:4], v), folder / f"{aid}_examples.png")
-            full = {**rec, "attack_id": aid, "run_id": run_id, "label": record["label"], "arch": record["arch"],
-                    "strategy": record["strategy"], "seed": record["seed"], "dataset": record["dataset"],
-                    "params": params, "perturbation_file": str(vfile), "uap_png": str(png),
-                    "examples_png": str(examples)}
-            store.put_attack(aid, run_id, full)
-            out.append(full)
-            if rec["source"] == "train" and rec.get("targeted") is None and rec["zeta"] == sorted(zetas)[len(zetas) // 2]:
-                uaps[run_id] = v
-        best = max((r for r in result.records if r.get("targeted") is None), key=lambda r: r["zeta"], default=None)
-        if best is not None:
-            log(f"{run_id}: fooling {best['fooling_rate']:.3f} at ζ={best['zeta']} ({best['source']}) vs random "
-                f"{best['random_fooling_rate']:.3f}")
-    if transfer and len(uaps) > 1:
-        from medtune.robustness.evaluate import evaluate_perturbation
-
-        by_id = {r["run_id"]: r for r in records}
-        matrix: dict[str, dict[str, float]] = {}
-        for target_id in uaps:
-            rec = by_id[target_id]
-            model = load_run_model(store, rec, dev)
-            test = prepare_data(RunConfig.from_dict(rec["config"])).split("test")
-            for source_id, v in uaps.items():
-                if v.shape[-2:] != test.images.shape[-2:]:
-                    continue
-                ev = evaluate_perturbation(model, test.images, test.labels, v, device=dev)
-                matrix.setdefault(source_id, {})[target_id] = ev["fooling_rate"]
-        tid = _attack_id("transfer", {**params, "runs": sorted(uaps)})
-        trecord = {"attack_id": tid, "run_id": "transfer", "source": "transfer", "matrix": matrix, "params": params,
-                   "labels": {k: by_id[k]["label"] for k in uaps}}
-        store.put_attack(tid, "transfer", trecord)
-        out.append(trecord)
+        attacks = _stored_audit(store, record, cfg, log) or _audit_run(store, record, cfg, device, log)
+        out += attacks
+        v = _transfer_uap(attacks, cfg)
+        if v is not None:
+            uaps[record["run_id"]] = v
+    if cfg.transfer and len(uaps) > 1:
+        out.append(_transfer(store, records, uaps, cfg, device))
     return out
+
+
+def _load_run(store: ResultsStore, record: dict, device: torch.device):
+    """(model, data) of a stored run: its best weights and the data of its stored config."""
+    from medtune.runner import prepare_data
+
+    data = prepare_data(RunConfig.from_dict(record["config"]))
+    return load_run_model(store, record, device), data
+
+
+def _stored_audit(store: ResultsStore, record: dict, cfg: AuditConfig, log: Callable[[str], None]) -> list[dict]:
+    done = [a for a in store.attacks(record["run_id"]) if a.get("params") == cfg.semantic_dict()]
+    if done:
+        log(f"{record['run_id']} {record['label']}: audit already stored")
+    return done
+
+
+def _audit_run(store: ResultsStore, record: dict, cfg: AuditConfig, device: torch.device,
+               log: Callable[[str], None]) -> list[dict]:
+    """Audit one run and store its records and artifacts."""
+    from medtune.robustness.audit import audit
+
+    run_id = record["run_id"]
+    model, data = _load_run(store, record, device)
+    test = data.split("test")
+    log(f"{run_id} {record['label']}: UAP audit ({', '.join(cfg.sources)}; ζ={', '.join(map(str, cfg.zetas))}; "
+        f"L{cfg.norm})")
+    result = audit(model, test_images=test.images, test_labels=test.labels, train_images=data.split("train").images,
+                   class_names=data.class_names, device=device, **cfg.semantic_dict())
+    folder = store.run_dir(run_id) / "uap"
+    folder.mkdir(exist_ok=True)
+    attacks = []
+    for rec in result.records:
+        key = rec["perturbation_key"]
+        aid = cfg.attack_id(run_id, key=key)
+        files = _write_artifacts(folder, aid, rec, result.perturbations[key], result.random_perturbations[key],
+                                 test.images[:4])
+        full = {**rec, "attack_id": aid, **{k: record[k] for k in _RUN_KEYS}, "params": cfg.semantic_dict(), **files}
+        store.put_attack(aid, run_id, full)
+        attacks.append(full)
+    best = max((r for r in result.records if r.get("targeted") is None), key=lambda r: r["zeta"], default=None)
+    if best is not None:
+        log(f"{run_id}: fooling {best['fooling_rate']:.3f} at ζ={best['zeta']} ({best['source']}) vs random "
+            f"{best['random_fooling_rate']:.3f}")
+    return attacks
+
+
+def _write_artifacts(folder: Path, aid: str, rec: dict, v: torch.Tensor, control: torch.Tensor,
+                     examples: torch.Tensor) -> dict[str, str]:
+    """Write ``AID.safetensors`` (v and its random control), ``AID.png`` and ``AID_examples.png``."""
+    from safetensors.torch import save_file
+
+    from medtune.robustness.plots import save_examples_png, save_perturbation_png
+    from medtune.robustness.uap import apply_perturbation
+
+    vfile = folder / f"{aid}.safetensors"
+    save_file({"v": v.contiguous(), "random": control.contiguous()}, str(vfile))
+    png = save_perturbation_png(v, folder / f"{aid}.png", title=f"{rec['source']} ζ={rec['zeta']}")
+    shown = save_examples_png(examples, apply_perturbation(examples, v), folder / f"{aid}_examples.png")
+    return {"perturbation_file": str(vfile), "uap_png": str(png), "examples_png": str(shown)}
+
+
+def _transfer_uap(attacks: Sequence[dict], cfg: AuditConfig) -> torch.Tensor | None:
+    """The run's UAP for the transfer matrix: train images, non-targeted, the middle ζ."""
+    from safetensors.torch import load_file
+
+    middle = cfg.zetas[len(cfg.zetas) // 2]
+    for a in attacks:
+        if a["source"] == "train" and a.get("targeted") is None and a["zeta"] == middle:
+            return load_file(a["perturbation_file"])["v"]
+    return None
+
+
+def _transfer(store: ResultsStore, records: Sequence[dict], uaps: Mapping[str, torch.Tensor], cfg: AuditConfig,
+              device: torch.device) -> dict:
+    """Fooling rate of each run's UAP on each run's test set (same input size); store the record."""
+    from medtune.robustness.evaluate import transfer_matrix
+
+    by_id = {r["run_id"]: r for r in records}
+    matrix: dict[str, dict[str, float]] = {}
+    for target_id in uaps:
+        model, data = _load_run(store, by_id[target_id], device)
+        test = data.split("test")
+        same_size = {k: v for k, v in uaps.items() if v.shape[-2:] == test.images.shape[-2:]}
+        rates = transfer_matrix({target_id: model}, same_size, test.images, device=device)[target_id]
+        for source_id, rate in rates.items():
+            matrix.setdefault(source_id, {})[target_id] = float(rate)
+    tid = cfg.attack_id("transfer", runs=sorted(uaps))
+    record = {"attack_id": tid, "run_id": "transfer", "source": "transfer", "matrix": matrix,
+              "params": cfg.semantic_dict(), "labels": {k: by_id[k]["label"] for k in uaps}}
+    store.put_attack(tid, "transfer", record)
+    return record

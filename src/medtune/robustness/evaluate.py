@@ -11,16 +11,10 @@ from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix
 from torch import nn
 
+from medtune._checks import check_positive_int
+from medtune._tensors import eval_mode, model_device
 from medtune.errors import ConfigError, DataError
-from medtune.robustness._common import (
-    check_images,
-    check_positive_int,
-    eval_mode,
-    model_device,
-    num_outputs,
-    predict,
-)
-from medtune.robustness.uap import _check_targeted
+from medtune.robustness._common import check_images, check_target, num_outputs, predict
 
 __all__ = ["evaluate_perturbation", "rate_ci", "transfer_matrix"]
 
@@ -90,7 +84,7 @@ def evaluate_perturbation(
     dev = model_device(model, device)
     with eval_mode(model):
         num_classes = num_outputs(model, images, dev)
-        target = _check_targeted(targeted, num_classes, "evaluate_perturbation")
+        target = check_target(targeted, "evaluate_perturbation", num_classes=num_classes)
         clean = predict(model, images, batch_size=batch_size, device=dev).numpy()
         adv = predict(
             model, images, perturbation=perturbation, batch_size=batch_size, device=dev

@@ -10,8 +10,9 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from medtune._checks import check_positive_int
 from medtune.errors import ConfigError, DataError
-from medtune.robustness._common import check_images, check_positive_int
+from medtune.robustness._common import check_images
 
 __all__ = ["perturbation_to_image", "save_perturbation_png", "save_examples_png"]
 

@@ -13,8 +13,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
+from medtune._checks import check_fraction, check_positive_int
 from medtune.errors import ConfigError, DataError
-from medtune.robustness._common import check_fraction, check_images, check_positive_int
+from medtune.robustness._common import check_images
 
 __all__ = ["natural_images", "mixed_source", "BUILTIN_PHOTOS", "IMAGE_SUFFIXES"]
 

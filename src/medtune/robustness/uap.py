@@ -31,19 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medtune._checks import check_fraction, check_positive_int, param_error
+from medtune._tensors import batches, eval_mode, model_device, to_float
 from medtune.errors import ConfigError
 from medtune.robustness._common import (
-    batches,
-    check_fraction,
     check_images,
-    check_positive_int,
-    eval_mode,
+    check_target,
     lp_norms,
-    model_device,
     num_outputs,
     predict,
     resolve_norm,
-    to_float,
 )
 from medtune.robustness._registry import register_attack
 
@@ -217,24 +214,14 @@ def _mean_gradient(
     return grad.sum(dim=0, keepdim=True), share
 
 
-def _check_targeted(targeted: object, num_classes: int, owner: str) -> int | None:
-    if targeted is None:
+def _check_step_size(step_size: object, owner: str) -> float | None:
+    if step_size is None:
         return None
-    if isinstance(targeted, str) and targeted == "all":
-        raise ConfigError(
-            f"The 'targeted' parameter of {owner} takes one class index; got 'all'. "
-            "Use compute_targeted_uaps(...) for one UAP per class."
-        )
-    if (
-        isinstance(targeted, bool)
-        or not isinstance(targeted, int)
-        or not 0 <= targeted < num_classes
-    ):
-        raise ConfigError(
-            f"The 'targeted' parameter of {owner} must be None or a class index in "
-            f"[0, {num_classes - 1}]. Got {targeted!r} instead."
-        )
-    return int(targeted)
+    if (isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not math.isfinite(step_size)
+            or step_size <= 0):
+        raise param_error("step_size", owner, "a positive float (pixel units on the [0, 1] scale) or None",
+                          step_size)
+    return float(step_size)
 
 
 def compute_uap(
@@ -291,21 +278,12 @@ def compute_uap(
     max_passes = check_positive_int(max_passes, "max_passes", owner)
     batch_size = check_positive_int(batch_size, "batch_size", owner)
     goal_rate = check_fraction(goal_rate, "goal_rate", owner)
-    if step_size is not None and (
-        isinstance(step_size, bool)
-        or not isinstance(step_size, (int, float))
-        or not math.isfinite(step_size)
-        or step_size <= 0
-    ):
-        raise ConfigError(
-            f"The 'step_size' parameter of {owner} must be a positive float (pixel units on the "
-            f"[0, 1] scale) or None. Got {step_size!r} instead."
-        )
+    step_size = _check_step_size(step_size, owner)
     images = check_images(images)
     dev = model_device(model, device)
     start = time.perf_counter()
     xi = float(zeta * lp_norms(images, norm).mean())
-    step = float(step_size) if step_size is not None else DEFAULT_STEP_FRACTION * xi
+    step = step_size if step_size is not None else DEFAULT_STEP_FRACTION * xi
     num = images.shape[0]
     generator = torch.Generator().manual_seed(int(seed))
     v = torch.zeros((1, *images.shape[1:]), device=dev)
@@ -314,7 +292,7 @@ def compute_uap(
     active_share = 1.0
 
     with eval_mode(model):
-        target = _check_targeted(targeted, num_outputs(model, images, dev), owner)
+        target = check_target(targeted, owner, num_classes=num_outputs(model, images, dev))
         clean = predict(
             model, images, batch_size=batch_size, device=dev, channels_last=channels_last
         )
@@ -446,7 +424,8 @@ class UAPAttack:
     on the given images (labels are not used: fooling is measured against the clean prediction)
     and stores it in ``perturbation_`` and the full :class:`UAPResult` in ``result_``.
 
-    Args: the keyword arguments of :func:`compute_uap`, validated on construction.
+    Args: the keyword arguments of :func:`compute_uap` but ``channels_last``, validated on
+    construction.
 
     Raises:
         ConfigError: a parameter is out of range.
@@ -466,30 +445,21 @@ class UAPAttack:
         goal_rate: float = 0.8,
         batch_size: int = 64,
         seed: int = 0,
-        device: str | None = None,
+        device: str | torch.device | None = None,
     ) -> None:
         owner = "UAPAttack"
         self.zeta = check_fraction(zeta, "zeta", owner)
         self.norm = resolve_norm(norm, owner=owner)
-        if targeted is not None and (
-            isinstance(targeted, bool) or not isinstance(targeted, int) or targeted < 0
-        ):
-            raise ConfigError(
-                f"The 'targeted' parameter of {owner} must be None or a class index >= 0. "
-                f"Got {targeted!r} instead."
-            )
-        self.targeted = targeted
-        self.step_size = step_size
+        self.targeted = check_target(targeted, owner)
+        self.step_size = _check_step_size(step_size, owner)
         self.max_passes = check_positive_int(max_passes, "max_passes", owner)
         self.goal_rate = check_fraction(goal_rate, "goal_rate", owner)
         self.batch_size = check_positive_int(batch_size, "batch_size", owner)
         self.seed = seed
         self.device = device
 
-    def __call__(
-        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Compute v on ``images`` and return clip(images + v, 0, 1), float32 (N, 3, H, W)."""
+    def compute(self, model: nn.Module, images: torch.Tensor) -> UAPResult:
+        """Compute v on ``images`` (see :func:`compute_uap`); also kept in ``result_`` and ``perturbation_``."""
         self.result_ = compute_uap(
             model,
             images,
@@ -504,4 +474,10 @@ class UAPAttack:
             device=self.device,
         )
         self.perturbation_ = self.result_.perturbation
-        return apply_perturbation(images, self.perturbation_)
+        return self.result_
+
+    def __call__(
+        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Compute v on ``images`` and return clip(images + v, 0, 1), float32 (N, 3, H, W)."""
+        return apply_perturbation(images, self.compute(model, images).perturbation)

@@ -12,6 +12,8 @@ from PIL import Image
 
 from medtune.errors import ConfigError
 from medtune.reporting import build_report
+from medtune.reporting._data import build_report_data
+from medtune.reporting.report import format_report
 
 MEANS = {"linear": 0.80, "top_k:1": 0.90, "full": 0.901}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -120,3 +122,20 @@ def test_report_rejects_bad_arguments(make_runs, tmp_path):
     with pytest.raises(ConfigError, match="'alpha' parameter of build_report"):
         build_report(runs, out_path=tmp_path / "r.html", alpha=5)
     assert not (tmp_path / "r.html").exists()
+
+
+def test_report_data_holds_the_numbers_the_blocks_show(runs):
+    data = build_report_data(runs, [], [], metric="auc", alpha=0.05, main_zeta=0.04)
+    assert data.recommendation["label"] == "top_k:1"
+    assert {r["label"] for r in data.summary.rows if r["recommended"]} == {"top_k:1"}
+    assert not any(r["not_worse"] for r in data.summary.rows if r["label"] in ("linear", "scratch"))
+    # the cheapest run per dataset (by construction: linear on the 0.4x-cost arch) is marked best
+    cheapest = {(r["dataset"], r["arch"], r["label"]) for r in data.summary.rows if "trainable_params" in r["best"]}
+    assert cheapest == {(d, "tf_efficientnet_lite0", "linear") for d in ("demo", "derm")}
+    assert data.counts.num_done == len(runs) and data.counts.num_seeds == 3
+    assert data.robustness is None and data.searches == [] and data.appendix.runs.shape[0] == len(runs)
+    assert [fr["metric"] for fr in data.statistics.friedman] == ["auc", "accuracy", "balanced_accuracy", "f1"]
+    assert set(data.csv) == {"summary", "friedman", "wilcoxon", "runs"}
+    report = format_report(data, "t")
+    assert [s.anchor for s in report.sections] == ["summary", "plots", "statistics", "robustness", "deft", "runs",
+                                                   "reproducibility"]

@@ -1,0 +1,276 @@
+"""What the report says, as plain data: every number, table and figure, computed once.
+
+:func:`build_report_data` reads the records and returns a :class:`ReportData` of numbers,
+dicts, DataFrames and matplotlib figures. ``report.py`` formats it into blocks and computes
+nothing further, so the HTML and the Markdown report show the same numbers.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from medtune.reporting import plots
+from medtune.reporting._records import DEFAULT_METRICS, attacks_frame, done_runs, main_fraction_runs, runs_frame
+from medtune.reporting.stats import friedman, pairwise_wilcoxon, recommend, summarize
+from medtune.training.metrics import higher_is_better
+
+__all__ = ["ReportData", "build_report_data", "fingerprint"]
+
+Record = Mapping[str, Any]
+
+
+def fingerprint(obj: Any) -> str:
+    """The first 12 hex digits of the sha256 of ``obj`` as sorted-key JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class RunCounts:
+    """How many records the report covers; datasets, archs, configurations and seeds count finished runs."""
+
+    num_done: int
+    num_failed: int
+    num_datasets: int
+    num_archs: int
+    num_configs: int
+    num_seeds: int
+    num_attacks: int
+    num_searches: int
+
+
+@dataclass(frozen=True)
+class SummaryData:
+    """The summary table at each dataset's largest train fraction.
+
+    ``rows`` are :func:`~medtune.reporting.stats.summarize` rows per (dataset, arch, label),
+    sorted by dataset, arch and the ranking metric (best first), each with three more keys:
+    ``best`` (the columns, metric names or ``trainable_params``/``train_seconds``, in which
+    the row is the best of its dataset), ``recommended`` and ``not_worse`` (not significantly
+    worse than the best, when that was decided).
+    """
+
+    rows: list[dict[str, Any]]
+    metrics: list[str]
+
+
+@dataclass(frozen=True)
+class StatisticsData:
+    """Friedman results per stored metric, the ranking metric's mean ranks (best first), Wilcoxon tests."""
+
+    friedman: list[dict[str, Any]]
+    mean_ranks: list[tuple[str, float]]
+    wilcoxon: pd.DataFrame
+
+
+@dataclass(frozen=True)
+class RobustnessData:
+    """UAP audits: figures, and the mean non-targeted results per (label, source, ζ) and the targeted rows.
+
+    ``non_targeted`` has columns ``label, source, zeta, runs, xi, rate, low, high, rnd``
+    (means over runs; ``rnd`` is the random control); ``targeted`` is the attacks frame's
+    targeted rows. Each is None when there are no such attacks.
+    """
+
+    fooling_figure: Figure | None
+    non_targeted: pd.DataFrame | None
+    targeted: pd.DataFrame | None
+    uap_figure: Figure | None
+
+
+@dataclass(frozen=True)
+class SearchData:
+    """One DEFT search: its facts, figure and comparison rows (``fine_tuned_units`` is None without a mask)."""
+
+    search_id: Any
+    dataset: Any
+    arch: Any
+    granularity: Any
+    best_fitness: Any
+    num_generations: int
+    seconds: Any
+    fine_tuned_units: list[str] | None
+    figure: Figure | None
+    comparison: list[dict[str, Any]]
+    comparison_keys: list[str]
+
+
+@dataclass(frozen=True)
+class AppendixData:
+    """Every run (``runs_frame`` plus ``config_sha``), sorted, and the report metrics it has."""
+
+    runs: pd.DataFrame
+    metrics: list[str]
+
+
+@dataclass(frozen=True)
+class ReproducibilityData:
+    """When and from what the report was built: ``versions`` maps a package-version set to its run count."""
+
+    generated: _dt.datetime
+    medtune_version: str
+    input_fingerprint: str
+    num_configs: int
+    versions: dict[str, int]
+    data_fingerprints: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """Everything a report shows. Parts are None when their records are missing.
+
+    ``metrics`` is the ranking metric followed by the default ones; ``recommendation`` is the
+    :func:`~medtune.reporting.stats.recommend` dict and ``headline_fooling`` its first
+    (source, fooling-rate dict) among natural, train, random; ``figures`` holds the plots
+    ``depth, cost, train_fraction, auto_rgn, roc, confusion`` (None when not drawable);
+    ``csv`` holds the tables written beside the report.
+    """
+
+    metric: str
+    alpha: float
+    main_zeta: float
+    metrics: list[str]
+    counts: RunCounts
+    recommendation: dict[str, Any]
+    headline_fooling: tuple[str, dict[str, float]] | None
+    fraction_note: str | None
+    summary: SummaryData | None
+    figures: dict[str, Figure | None]
+    statistics: StatisticsData | None
+    robustness: RobustnessData | None
+    searches: list[SearchData]
+    appendix: AppendixData | None
+    reproducibility: ReproducibilityData
+    csv: dict[str, pd.DataFrame]
+
+
+def build_report_data(runs: Sequence[Record], attacks: Sequence[Record], searches: Sequence[Record], *,
+                      metric: str, alpha: float, main_zeta: float) -> ReportData:
+    """Compute every number, table and figure of the report from the records (arguments as :func:`build_report`)."""
+    runs, attacks, searches = list(runs), list(attacks), list(searches)
+    done = done_runs(runs)
+    main, fraction_note = main_fraction_runs(done)
+    metrics = [metric, *[m for m in DEFAULT_METRICS if m != metric]]
+    rec = recommend(done, attacks, metric, alpha=alpha, main_zeta=main_zeta)
+    fool = rec.get("fooling_rate") or {}
+    headline_fooling = next(((s, fool[s]) for s in ("natural", "train", "random") if s in fool), None)
+    csv = {"summary": summarize(done, by=("dataset", "arch", "label", "train_fraction"))}
+    statistics = None
+    if done:
+        statistics = _statistics(done, metric, metrics, alpha)
+        csv["friedman"] = pd.DataFrame([{k: v for k, v in fr.items() if k not in ("mean_ranks", "treatments", "blocks")}
+                                        for fr in statistics.friedman])
+        csv["wilcoxon"] = statistics.wilcoxon
+    robustness = None
+    if attacks:
+        csv["attacks"] = attacks_frame(attacks, runs)
+        robustness = _robustness(csv["attacks"], attacks, runs)
+    search_data = [_search(s, i) for i, s in enumerate(searches)]
+    comparisons = [{"search_id": s.search_id, **c} for s in search_data for c in s.comparison]
+    if comparisons:
+        csv["deft"] = pd.DataFrame(comparisons)
+    frame = runs_frame(runs, None)
+    frame["config_sha"] = [fingerprint(r.get("config")) for r in runs]
+    csv["runs"] = frame
+    appendix = None
+    if not frame.empty:
+        order = ["dataset", "arch", "label", "train_fraction", "seed"]
+        appendix = AppendixData(frame.sort_values(order, kind="stable"), [m for m in metrics if m in frame.columns])
+    figures = {"depth": plots.plot_depth(done, metric), "cost": plots.plot_cost(done, metric),
+               "train_fraction": plots.plot_train_fraction(done, metric), "auto_rgn": plots.plot_auto_rgn(done),
+               "roc": plots.plot_roc(done, metric), "confusion": plots.plot_confusion(done, metric)}
+    return ReportData(
+        metric=metric, alpha=alpha, main_zeta=main_zeta, metrics=metrics, counts=_counts(runs, done, attacks, searches),
+        recommendation=rec, headline_fooling=headline_fooling, fraction_note=fraction_note,
+        summary=_summary(main, metric, metrics, rec) if done else None, figures=figures, statistics=statistics,
+        robustness=robustness, searches=search_data, appendix=appendix,
+        reproducibility=_reproducibility(runs, attacks, searches), csv=csv)
+
+
+def _counts(runs: list[Record], done: list[Record], attacks: list[Record], searches: list[Record]) -> RunCounts:
+    failed = sum(1 for r in runs if r.get("status", "done") not in (None, "done"))
+    f = runs_frame(done, [])
+    if len(f):
+        num_datasets, num_archs = f["dataset"].nunique(), f["arch"].nunique()
+        num_configs, num_seeds = f["label"].nunique(), f["seed"].nunique()
+    else:
+        num_datasets = num_archs = num_configs = num_seeds = 0
+    return RunCounts(num_done=len(done), num_failed=failed, num_datasets=num_datasets, num_archs=num_archs,
+                     num_configs=num_configs, num_seeds=num_seeds, num_attacks=len(attacks),
+                     num_searches=len(searches))
+
+
+def _summary(main: list[Record], metric: str, metrics: list[str], rec: dict[str, Any]) -> SummaryData:
+    table = summarize(main, by=("dataset", "arch", "label"))
+    table = table.sort_values(["dataset", "arch", f"{metric}_mean"],
+                              ascending=[True, True, not higher_is_better(metric)], kind="stable")
+    metrics = [m for m in metrics if table[f"{m}_mean"].notna().any()]
+    marked = set(rec.get("not_worse") or []) if rec.get("method") not in ("none", "single") else set()
+    per_dataset = table.groupby("dataset")
+    best_of = {m: (f"{m}_mean", "max" if higher_is_better(m) else "min") for m in metrics}
+    best_of.update(trainable_params=("trainable_params", "min"), train_seconds=("train_seconds", "min"))
+    best = pd.DataFrame({name: table[col] == per_dataset[col].transform(how) for name, (col, how) in best_of.items()})
+    rows = []
+    for row, is_best in zip(table.itertuples(index=False), best.itertuples(index=False, name=None)):
+        d = row._asdict()
+        label = str(d["label"])
+        d.update(best=frozenset(name for name, b in zip(best.columns, is_best) if b),
+                 recommended=label == rec.get("label"), not_worse=label in marked)
+        rows.append(d)
+    return SummaryData(rows, metrics)
+
+
+def _statistics(done: list[Record], metric: str, metrics: list[str], alpha: float) -> StatisticsData:
+    results = [friedman(done, m) for m in metrics if any(m in (r.get("metrics") or {}) for r in done)]
+    main = next((fr for fr in results if fr["metric"] == metric), {"mean_ranks": {}})
+    return StatisticsData(friedman=results, mean_ranks=sorted(main["mean_ranks"].items(), key=lambda kv: kv[1]),
+                          wilcoxon=pairwise_wilcoxon(done, metric, alpha=alpha))
+
+
+def _robustness(frame: pd.DataFrame, attacks: list[Record], runs: list[Record]) -> RobustnessData:
+    frame = frame.assign(label=frame["label"].fillna("(run not in records)"))
+    nt = frame[frame["targeted"].isna()]
+    non_targeted = None
+    if len(nt):
+        non_targeted = nt.groupby(["label", "source", "zeta"], dropna=False).agg(
+            runs=("run_id", "nunique"), xi=("xi", "mean"), rate=("fooling_rate", "mean"),
+            low=("fooling_ci_low", "mean"), high=("fooling_ci_high", "mean"),
+            rnd=("random_fooling_rate", "mean")).reset_index()
+    tg = frame[frame["targeted"].notna()]
+    return RobustnessData(fooling_figure=plots.plot_fooling(attacks, runs), non_targeted=non_targeted,
+                          targeted=tg if len(tg) else None, uap_figure=plots.plot_uaps(attacks, runs))
+
+
+def _search(s: Record, idx: int) -> SearchData:
+    names = [str(n) for n in (s.get("unit_names") or [])]
+    mask = list(s.get("best_mask") or [])
+    comparison = list(s.get("comparison") or [])
+    return SearchData(
+        search_id=s.get("search_id", idx), dataset=s.get("dataset"), arch=s.get("arch"),
+        granularity=s.get("granularity", "block"), best_fitness=s.get("best_fitness"),
+        num_generations=len(s.get("history") or []), seconds=s.get("seconds"),
+        fine_tuned_units=[n for n, b in zip(names, mask) if b] if mask else None, figure=plots.plot_deft(s),
+        comparison=comparison, comparison_keys=list(dict.fromkeys(k for c in comparison for k in c)))
+
+
+def _reproducibility(runs: list[Record], attacks: list[Record], searches: list[Record]) -> ReproducibilityData:
+    import medtune
+
+    versions: dict[str, int] = {}
+    for r in runs:
+        v = r.get("versions") or {}
+        key = ", ".join(f"{k} {v[k]}" for k in sorted(v)) or "(not recorded)"
+        versions[key] = versions.get(key, 0) + 1
+    records = {"runs": runs, "attacks": attacks, "searches": searches}
+    return ReproducibilityData(
+        generated=_dt.datetime.now(_dt.timezone.utc), medtune_version=str(getattr(medtune, "__version__", "?")),
+        input_fingerprint=fingerprint(records), num_configs=len({fingerprint(r.get("config")) for r in runs}),
+        versions=versions,
+        data_fingerprints=sorted({(str(r.get("dataset")), str(r.get("data_fingerprint"))) for r in runs}))

@@ -1,0 +1,344 @@
+"""One self-contained report file (HTML or Markdown) built from plain run/attack/search records.
+
+The HTML file needs nothing else: figures are embedded as base64 PNG data URIs, the CSS is
+inline, there is no JavaScript, and a Content-Security-Policy meta tag forbids the browser any
+network fetch. Markdown reports write their PNGs beside the ``.md`` file. Both formats also
+write the tables as CSV beside the report.
+
+Three steps, so both formats always say the same: :func:`~medtune.reporting._data.build_report_data`
+computes every number as plain data; the functions here format it into sections of blocks
+(:mod:`medtune.reporting._blocks`), computing nothing; each block renders itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from medtune._checks import check_choice
+from medtune.reporting._blocks import (
+    Block,
+    Card,
+    Facts,
+    Figure,
+    Note,
+    Paragraph,
+    Recommendation,
+    Report,
+    Section,
+    Table,
+)
+from medtune.reporting._data import ReportData, build_report_data
+from medtune.reporting._format import fmt_count, fmt_number, fmt_pvalue
+from medtune.reporting._records import check_metric, check_open_fraction, done_runs
+
+__all__ = ["build_report"]
+
+Record = Mapping[str, Any]
+_FORMATS = ("html", "md")
+
+
+def build_report(
+    runs: Sequence[Record],
+    attacks: Sequence[Record] = (),
+    searches: Sequence[Record] = (),
+    *,
+    title: str = "medtune report",
+    out_path: str | Path,
+    fmt: str = "html",
+    metric: str = "auc",
+    alpha: float = 0.05,
+    main_zeta: float = 0.04,
+) -> Path:
+    """Write the report of a set of records, plus its tables as CSV beside it.
+
+    Sections: a headline recommendation (:func:`~medtune.reporting.stats.recommend`), a summary
+    table (best value per column per dataset highlighted, configurations not significantly
+    worse than the best marked ≈), the plots, the statistics (Friedman, Wilcoxon + Holm),
+    robustness (UAP audit), DEFT searches, a per-run appendix and reproducibility facts
+    (package versions, config and data fingerprints). Parts without records are skipped with
+    a short note.
+
+    Args:
+        runs: run records, as ``ResultsStore.runs()`` returns them.
+        attacks: attack records (``ResultsStore.attacks()``).
+        searches: DEFT search records (``ResultsStore.searches()``).
+        title: report title.
+        out_path: the ``.html``/``.md`` file to write; parent folders are created. CSV files
+            ``<stem>_summary.csv``, ``<stem>_runs.csv``, ``<stem>_wilcoxon.csv``,
+            ``<stem>_friedman.csv`` (and ``_attacks.csv``, ``_deft.csv`` when there are any)
+            go beside it; Markdown also writes ``<stem>_<figure>.png`` files.
+        fmt: ``"html"`` (self-contained, images inline) or ``"md"``.
+        metric: the metric that ranks configurations.
+        alpha: family-wise error rate of the strategy comparison.
+        main_zeta: UAP budget ζ quoted in the headline.
+
+    Returns:
+        Path of the written report.
+
+    Raises:
+        ConfigError: unknown ``fmt``, a ``metric`` that no run stores, or ``alpha`` outside (0, 1).
+    """
+    check_choice(fmt, "fmt", _FORMATS, owner="build_report")
+    check_open_fraction(alpha, "alpha", "build_report")
+    runs, attacks, searches = list(runs), list(attacks or ()), list(searches or ())
+    check_metric(done_runs(runs), metric, "build_report")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    data = build_report_data(runs, attacks, searches, metric=metric, alpha=alpha, main_zeta=main_zeta)
+    for name, frame in data.csv.items():
+        frame.to_csv(out_path.with_name(f"{out_path.stem}_{name}.csv"), index=False)
+    report = format_report(data, title)
+    text = report.to_html() if fmt == "html" else report.to_markdown(out_path)
+    out_path.write_text(text, encoding="utf-8")
+    return out_path
+
+
+# --------------------------------------------------------------------------- headline
+
+
+def _counts_text(data: ReportData) -> str:
+    c = data.counts
+    parts = [f"{c.num_done} finished run(s)"]
+    if c.num_failed:
+        parts.append(f"{c.num_failed} unfinished or failed")
+    if c.num_done:
+        parts.append(f"{c.num_datasets} dataset(s), {c.num_archs} arch(s), "
+                     f"{c.num_configs} configuration(s), {c.num_seeds} seed(s)")
+    parts.append(f"{c.num_attacks} UAP audit(s), {c.num_searches} DEFT search(es)")
+    return "; ".join(parts)
+
+
+def _recommendation(data: ReportData) -> Recommendation:
+    r = data.recommendation
+    return Recommendation(r.get("text", ""), _cards(data))
+
+
+def _cards(data: ReportData) -> list[Card]:
+    """Key numbers for the headline box."""
+    r = data.recommendation
+    if r.get("label") is None:
+        return []
+    sd = f" ± {r['sd']:.3f}" if r.get("sd") is not None else ""
+    cards = [Card(str(r["label"]), "recommended configuration"),
+             Card(f"{r['mean']:.3f}{sd}", f"test {data.metric} (best: {r['best_label']} {r['best_mean']:.3f})")]
+    if r.get("params_ratio") is not None:
+        cards.append(Card(f"{r['params_ratio']:.1f}×", "fewer trainable parameters than full fine-tuning"))
+    if r.get("time_ratio") is not None:
+        cards.append(Card(f"{r['time_ratio']:.1f}×", "faster training than full fine-tuning"))
+    if data.headline_fooling is not None:
+        source, fool = data.headline_fooling
+        cards.append(Card(f"{fool['rate']:.0%}",
+                          f"UAP fooling rate, ζ = {100 * data.main_zeta:.3g}%, {source}-image source "
+                          f"(random control {fool['random_rate']:.0%})"))
+    return cards
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _rule_text(data: ReportData) -> str:
+    return {"wilcoxon_holm": f"Wilcoxon signed-rank over (dataset, arch, seed) blocks, Holm, α = {data.alpha:g}",
+            "within_sd": "fallback: mean within one sd of the best, significance not testable",
+            "within_tolerance": "fallback: mean within a fixed tolerance of the best, significance not testable",
+            }.get(data.recommendation.get("method", ""), "no comparison")
+
+
+def _summary(data: ReportData) -> list[Block]:
+    if data.summary is None:
+        return [Note("No finished runs: there is nothing to summarise.")]
+    metrics = data.summary.metrics
+    header = ["dataset", "arch", "configuration", "n", *metrics, "trainable params", "train time (s)"]
+    rows, classes = [], []
+    for d in data.summary.rows:
+        mark = " ≈" if d["not_worse"] else ""
+        rec_mark = " ★" if d["recommended"] else ""
+        cells = [str(d["dataset"]), str(d["arch"]), f"{d['label']}{mark}{rec_mark}", str(d["n"])]
+        cls = ["", "", "rec" if rec_mark else ("nw" if mark else ""), ""]
+        for m in metrics:
+            sd = d[f"{m}_sd"]
+            ci = (f" [{fmt_number(d[f'{m}_ci_low'])}, {fmt_number(d[f'{m}_ci_high'])}]"
+                  if m == data.metric and not math.isnan(d[f"{m}_ci_low"]) else "")
+            cells.append(f"{fmt_number(d[f'{m}_mean'])} ± {fmt_number(sd)}{ci}" if not math.isnan(sd)
+                         else fmt_number(d[f"{m}_mean"]))
+            cls.append("best" if m in d["best"] else "")
+        cells += [fmt_count(d["trainable_params"]), fmt_number(d["train_seconds"], 1)]
+        cls += ["best" if c in d["best"] else "" for c in ("trainable_params", "train_seconds")]
+        rows.append(cells)
+        classes.append(cls)
+    caption = (f"Mean ± sd over seeds, [95% t-interval] for {data.metric}. Highlighted: best per column "
+               "within a dataset. ★ recommended; ≈ not significantly worse than the best "
+               f"({_rule_text(data)}).")
+    blocks: list[Block] = [Table(header, rows, classes, caption)]
+    if data.fraction_note:
+        blocks.append(Note(data.fraction_note + " The summary CSV keeps every train fraction."))
+    return blocks
+
+
+# figure name, caption ({m}: the ranking metric), note when the figure is missing (None: say nothing)
+_PLOTS = (
+    ("depth", "How deeply to fine-tune: test {m} vs the number of trainable top blocks (mean ± sd over seeds; "
+              "0 = linear probe, the last point = full fine-tuning), after Kandel & Castelli 2020.",
+     "No top_k/layers_k runs: the depth plot is skipped."),
+    ("cost", "Test {m} vs cost. The black step line and circles mark the Pareto front: no other configuration "
+             "is both cheaper and better.", "No runs with the metric: the cost plot is skipped."),
+    ("train_fraction",
+     "Test {m} vs training-set size, from scratch (dashed) vs fine-tuned, after Tajbakhsh et al. 2016.",
+     "A single train fraction: the train-size plot is skipped."),
+    ("auto_rgn", "Auto-RGN: mean learning-rate weight per block and epoch (1 = the block with the largest relative "
+                 "gradient norm).", "No auto_rgn runs with per-block weights: the Auto-RGN plot is skipped."),
+    ("roc", "ROC curves of the best run of the best configurations (test split; legend: per-class AUC).",
+     "No run stores test predictions: ROC curves and confusion matrices are skipped."),
+    ("confusion", "Confusion matrices of the same runs (rows: true class, columns: predicted, argmax).", None),
+)
+
+
+def _plots(data: ReportData) -> list[Block]:
+    blocks: list[Block] = []
+    for name, caption, missing in _PLOTS:
+        fig = data.figures[name]
+        if fig is not None:
+            blocks.append(Figure(name, fig, caption.format(m=data.metric)))
+        elif missing:
+            blocks.append(Note(missing))
+    return blocks
+
+
+def _verdict(label: str, reference: str, not_worse: bool | None) -> str:
+    if label == reference:
+        return "best"
+    return "not worse" if not_worse else "worse" if not_worse is False else "–"
+
+
+def _statistics(data: ReportData) -> list[Block]:
+    st = data.statistics
+    if st is None:
+        return [Note("No finished runs: no statistics.")]
+    fr_rows = [[fr["metric"], fmt_number(fr["statistic"], 2), fmt_pvalue(fr["pvalue"]), str(fr["num_blocks"]),
+                str(fr["num_treatments"]),
+                fr["note"].replace(data.fraction_note or "\0", "").strip()]  # said once, below the summary table
+               for fr in st.friedman]
+    blocks: list[Block] = [
+        Paragraph("Strategies are compared over blocks of (dataset, arch, seed) at each dataset's largest train "
+                  "fraction: a Friedman test over complete blocks, then Wilcoxon signed-rank tests against the "
+                  "best configuration with Holm's correction."),
+        Table(["metric", "χ²", "p", "complete blocks", "treatments", "note"], fr_rows,
+              caption="Friedman test per metric.")]
+    if st.mean_ranks:
+        blocks.append(Table(["configuration", f"mean rank ({data.metric}, 1 = best)"],
+                            [[k, f"{v:.2f}"] for k, v in st.mean_ranks],
+                            caption="Mean Friedman ranks over complete blocks."))
+    tests = st.wilcoxon
+    if len(tests) > 1:
+        rows = [[str(t.label), str(t.reference), str(t.n), fmt_number(t.mean), fmt_number(t.mean_diff, 4),
+                 fmt_number(t.statistic, 1), fmt_pvalue(t.pvalue), fmt_pvalue(t.p_holm),
+                 _verdict(t.label, t.reference, t.not_worse_than_best)] for t in tests.itertuples()]
+        classes = [[""] * 8 + ["nw" if t.not_worse_than_best else ""] for t in tests.itertuples()]
+        blocks.append(Table(
+            ["configuration", "vs", "pairs", f"mean {data.metric}", "difference", "W", "p", "p (Holm)", "verdict"],
+            rows, classes, caption=f"Wilcoxon signed-rank vs the best configuration; verdict at α = {data.alpha:g}."))
+    else:
+        blocks.append(Note("Fewer than two configurations: no pairwise tests."))
+    blocks.extend(Note(n) for n in data.recommendation.get("notes") or [])
+    return blocks
+
+
+def _robustness(data: ReportData) -> list[Block]:
+    rb = data.robustness
+    if rb is None:
+        return [Note("No UAP audits recorded: the robustness section is skipped (run `medtune attack RUN`).")]
+    blocks: list[Block] = [Paragraph(
+        "Fooling rate: share of test images whose prediction changes under the UAP. ζ is the perturbation norm "
+        "as a fraction of the mean input norm (ξ = ζ·mean‖x‖, pixels in [0, 1]); the random control is a random "
+        "vector of the same norm.")]
+    if rb.fooling_figure is not None:
+        blocks.append(Figure("fooling", rb.fooling_figure,
+                             "Fooling rate vs ζ per UAP source (mean over audited runs; bars: 95% CI)."))
+    if rb.non_targeted is not None:
+        rows = [[str(r.label), str(r.source), f"{100 * r.zeta:.3g}%", fmt_number(r.xi, 2), str(r.runs),
+                 f"{fmt_number(r.rate, 2)} [{fmt_number(r.low, 2)}, {fmt_number(r.high, 2)}]", fmt_number(r.rnd, 2)]
+                for r in rb.non_targeted.itertuples()]
+        blocks.append(Table(["configuration", "source", "ζ", "ξ (pixel units)", "runs", "fooling rate [95% CI]",
+                             "random control"], rows, caption="Non-targeted UAPs (means over runs)."))
+    if rb.targeted is not None:
+        rows = [[str(r.label), str(r.source), f"{100 * r.zeta:.3g}%", fmt_number(r.targeted, 0),
+                 fmt_number(r.targeted_success, 2), fmt_number(r.clean_target_share, 2)]
+                for r in rb.targeted.itertuples()]
+        blocks.append(Table(["configuration", "source", "ζ", "target class", "success rate",
+                             "clean share of target"], rows, caption="Targeted UAPs."))
+    if rb.uap_figure is not None:
+        blocks.append(Figure("uaps", rb.uap_figure, "UAPs (amplified for visibility)."))
+    else:
+        blocks.append(Note("No UAP image files found (uap_png missing or not on disk)."))
+    return blocks
+
+
+def _deft(data: ReportData) -> list[Block]:
+    if not data.searches:
+        return [Note("No DEFT searches recorded: this section is skipped (run `medtune search`).")]
+    blocks: list[Block] = []
+    for i, s in enumerate(data.searches):
+        units = s.fine_tuned_units
+        blocks.append(Facts([
+            ("search", str(s.search_id)), ("data / arch", f"{s.dataset} / {s.arch}"),
+            ("granularity", str(s.granularity)), ("best fitness", fmt_number(s.best_fitness)),
+            ("generations", str(s.num_generations)), ("search time (s)", fmt_number(s.seconds, 0)),
+            ("fine-tuned units", ", ".join(units) + (" + head" if "head" not in units else "")
+             if units is not None else "–")]))
+        if s.figure is not None:
+            blocks.append(Figure(f"deft_{i}", s.figure, "Fitness per generation and the chosen mask."))
+        if s.comparison:
+            blocks.append(Table(s.comparison_keys,
+                                [[fmt_number(c.get(k)) for k in s.comparison_keys] for c in s.comparison],
+                                caption="Best mask retrained at full fidelity vs baselines."))
+    return blocks
+
+
+def _appendix(data: ReportData) -> list[Block]:
+    if data.appendix is None:
+        return [Note("No runs.")]
+    metrics = data.appendix.metrics
+    header = ["run", "status", "dataset", "arch", "configuration", "seed", "fraction", *metrics,
+              "params", "time (s)", "config sha"]
+    rows = [[str(r["run_id"]), str(r["status"]), str(r["dataset"]), str(r["arch"]), str(r["label"]),
+             str(r["seed"]), fmt_number(r["train_fraction"], 2), *[fmt_number(r[m]) for m in metrics],
+             fmt_count(r["trainable_params"]), fmt_number(r["train_seconds"], 1), r["config_sha"]]
+            for _, r in data.appendix.runs.iterrows()]
+    return [Table(header, rows, caption="All runs, including unfinished ones.")]
+
+
+def _reproducibility(data: ReportData) -> list[Block]:
+    rp = data.reproducibility
+    blocks: list[Block] = [Facts([
+        ("report generated", rp.generated.strftime("%Y-%m-%d %H:%M UTC")),
+        ("medtune (report)", rp.medtune_version),
+        ("input fingerprint", f"sha256 {rp.input_fingerprint} of the records this report was built from"),
+        ("distinct configs", str(rp.num_configs))])]
+    if rp.versions:
+        blocks.append(Table(["package versions of the runs", "runs"],
+                            [[k, str(n)] for k, n in sorted(rp.versions.items())]))
+    if rp.data_fingerprints:
+        blocks.append(Table(["dataset", "data fingerprint"], [list(d) for d in rp.data_fingerprints]))
+    blocks.append(Paragraph("Every table is also written as CSV beside this report; the per-run "
+                            "'config sha' is the sha256 (first 12 hex digits) of the run's resolved config."))
+    return blocks
+
+
+# anchor, heading, the function that formats its blocks
+_SECTIONS = (
+    ("summary", "Summary", _summary),
+    ("plots", "Plots", _plots),
+    ("statistics", "Statistics", _statistics),
+    ("robustness", "Robustness: universal adversarial perturbations", _robustness),
+    ("deft", "DEFT layer search", _deft),
+    ("runs", "Appendix: every run", _appendix),
+    ("reproducibility", "Reproducibility", _reproducibility),
+)
+
+
+def format_report(data: ReportData, title: str) -> Report:
+    """The report's blocks: ``data`` formatted as text, nothing computed."""
+    return Report(title=title, subtitle=_counts_text(data), recommendation=_recommendation(data),
+                  sections=[Section(anchor, heading, blocks_of(data)) for anchor, heading, blocks_of in _SECTIONS])
