@@ -95,7 +95,8 @@ def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: Resul
 def results_table(records: Sequence[dict], metrics: Sequence[str] = ("auc", "accuracy", "balanced_accuracy", "f1"),
                   ) -> list[dict[str, Any]]:
     """One row per (dataset, arch, label, train_fraction), in order of first appearance: mean ± sd over
-    seeds, params, train time — :func:`medtune.reporting.summarize` under the CLI's column names."""
+    seeds of the test metrics, the mean validation metrics (``val_{m}_mean``, what selection uses),
+    params, train time — :func:`medtune.reporting.summarize` under the CLI's column names."""
     from medtune.reporting import summarize
 
     by = ("dataset", "arch", "label", "train_fraction")
@@ -109,6 +110,7 @@ def results_table(records: Sequence[dict], metrics: Sequence[str] = ("auc", "acc
         out = {"dataset": row["dataset"], "arch": row["arch"], "strategy": row["label"],
                "train_fraction": row["train_fraction"], "n_seeds": int(row["n"])}
         out.update({f"{m}_{stat}": float(row[f"{m}_{stat}"]) for m in metrics for stat in ("mean", "sd")})
+        out.update({f"val_{m}_mean": float(row[f"val_{m}_mean"]) for m in metrics})
         out.update(trainable_params=int(row["trainable_params"]), train_seconds=float(row["train_seconds"]),
                    depth=row.get("depth"))
         rows.append(out)

@@ -83,7 +83,9 @@ def build_runs(
                             "config": {"arch": arch, "strategy": label, "seed": seed, "lr": 1e-3},
                             "metrics": {"auc": auc, "accuracy": auc - 0.05, "balanced_accuracy": auc - 0.06,
                                         "f1": auc - 0.07, "loss": 1 - auc},
-                            "val_metrics": {"auc": auc + 0.01},
+                            # validation orders the labels as test does (selection tests set it apart)
+                            "val_metrics": {"auc": auc + 0.01, "accuracy": auc - 0.04,
+                                            "balanced_accuracy": auc - 0.05, "f1": auc - 0.06, "loss": 0.99 - auc},
                             "trainable_params": int(params * scale), "total_params": int(10_000_000 * scale),
                             "train_seconds": seconds * scale * frac, "images_per_s": 100.0,
                             "num_blocks": num_blocks,

@@ -13,10 +13,14 @@ from medtune.reporting import friedman, pairwise_wilcoxon, recommend, summarize
 from medtune.reporting.stats import holm, min_wilcoxon_pvalue
 
 
-def _run(label, auc, *, seed=0, dataset="d", arch="a", params=100, seconds=1.0, status="done", **extra):
+def _run(label, auc, *, seed=0, dataset="d", arch="a", params=100, seconds=1.0, status="done", val_auc=None,
+         **extra):
+    """A run record; its validation metrics equal its test metrics unless ``val_auc`` is given."""
+    metrics = {"auc": auc, "accuracy": auc - 0.1}
+    val = dict(metrics) if val_auc is None else {"auc": val_auc, "accuracy": val_auc - 0.1}
     return {"run_id": f"{dataset}{arch}{label}{seed}", "status": status, "dataset": dataset, "arch": arch,
             "strategy": label.split(":")[0], "label": label, "seed": seed, "train_fraction": 1.0,
-            "metrics": {"auc": auc, "accuracy": auc - 0.1}, "trainable_params": params,
+            "metrics": metrics, "val_metrics": val, "trainable_params": params,
             "train_seconds": seconds, **extra}
 
 
@@ -34,7 +38,11 @@ def test_summarize_mean_sd_ci_on_known_numbers():
     t = 0.95 / math.sqrt(2 * 0.975 * 0.025)
     half = t * 0.1 / math.sqrt(3)
     assert full["auc_ci_low"] == pytest.approx(0.9 - half)
-    assert full["auc_ci_high"] == pytest.approx(0.9 + half)
+    assert 0.9 + half > 1  # the t-interval leaves AUC's range; the reported one stops at 1.0
+    assert full["auc_ci_high"] == 1.0
+    loss = summarize([_run("full", 0.9, seed=i, metrics={"loss": v}) for i, v in enumerate([0.0, 0.05])],
+                     metrics=["loss"]).iloc[0]
+    assert loss["loss_ci_low"] == 0.0 and loss["loss_ci_high"] > 0.05  # a loss is never negative
     lin = table[table["label"] == "linear"].iloc[0]
     assert lin["n"] == 1 and lin["auc_mean"] == pytest.approx(0.7)
     assert math.isnan(lin["auc_sd"]) and math.isnan(lin["auc_ci_low"])

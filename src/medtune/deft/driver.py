@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +77,33 @@ class SearchConfig(_WithBase):
             object.__setattr__(self, "seeds", tuple(int(s) for s in (seeds if isinstance(seeds, (list, tuple)) else [seeds])))
         except ValueError:
             raise param_error("seeds", owner, "integers", self.seeds) from None
+
+
+def compare_with_baselines(rows: list[dict], monitor: str, *, search_seconds: float = 0.0,
+                           search_trainings: int = 0) -> tuple[list[dict], str]:
+    """DEFT's comparison table from :func:`medtune.sweeps.results_table` rows: the DEFT mask, ``full``,
+    ``linear`` and the best ``top_k`` — the best chosen on validation (the monitored metric, else
+    AUC), never on test. Returns the rows and the column that selected.
+    """
+    metric = monitor if rows and f"val_{monitor}_mean" in rows[0] else "auc"
+    select = f"val_{metric}_mean"
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    tops = [r for r in rows if r["strategy"].startswith("top_k") and not math.isnan(r[select])]
+    best_top = max(tops, key=lambda r: sign * r[select], default=None)
+    comparison = []
+    for r in rows:
+        if r["strategy"].startswith("top_k") and r is not best_top:
+            continue
+        is_deft = r["strategy"].startswith("deft")
+        comparison.append({"label": "deft" if is_deft else r["strategy"],
+                           "auc": r["auc_mean"], "auc_sd": r["auc_sd"], "accuracy": r["accuracy_mean"],
+                           "val_auc": r["val_auc_mean"],
+                           "trainable_params": r["trainable_params"], "train_seconds": r["train_seconds"],
+                           # what it cost to find this configuration, beside what it costs to train it
+                           "search_seconds": search_seconds if is_deft else 0.0,
+                           "search_trainings": search_trainings if is_deft else 0,
+                           "n_seeds": r["n_seeds"]})
+    return comparison, select
 
 
 class StoreGenomeCache:
@@ -194,7 +222,6 @@ def run_search(config: SearchConfig | dict | str, *, store: ResultsStore | str |
         f"{search.num_trainings_} trainings")
     result = search_result_to_dict(search)
 
-    comparison: list[dict] = []
     specs = [f"deft:mask={best},granularity={cfg.granularity}"]
     if cfg.compare:
         specs += ["full", "linear"] + [f"top_k:{k}" for k in range(len(get_blocks(model)))]
@@ -202,20 +229,13 @@ def run_search(config: SearchConfig | dict | str, *, store: ResultsStore | str |
     for spec in specs:
         for seed in cfg.seeds:
             records.append(run(base.replace(strategy=spec, seed=seed), store=store, log=log))
-    rows = results_table(records)
-    best_top = max((r for r in rows if r["strategy"].startswith("top_k")), key=lambda r: r["auc_mean"], default=None)
-    for r in rows:
-        if r["strategy"].startswith("top_k") and r is not best_top:
-            continue
-        comparison.append({"label": "deft" if r["strategy"].startswith("deft") else r["strategy"],
-                           "auc": r["auc_mean"], "auc_sd": r["auc_sd"], "accuracy": r["accuracy_mean"],
-                           "trainable_params": r["trainable_params"], "train_seconds": r["train_seconds"],
-                           "n_seeds": r["n_seeds"]})
+    comparison, select = compare_with_baselines(results_table(records), base.monitor, search_seconds=seconds,
+                                                search_trainings=search.num_trainings_)
     record = {"search_id": search_id, "dataset": full_data.name, "arch": base.arch, "granularity": cfg.granularity,
               "unit_names": unit_names, "unit_params": unit_params, "history": result["history"],
               "best_mask": list(search.best_mask_), "best_fitness": search.best_fitness_, "seconds": seconds,
               "num_trainings": search.num_trainings_, "num_evaluations": len(search.evaluations_),
               "trainable_fraction": search.count_trainable(search.best_mask_) / total,
-              "comparison": comparison, "config": cfg.to_dict(), "evaluations": result.get("evaluations")}
+              "comparison": comparison, "baseline_selected_on": select, "config": cfg.to_dict(), "evaluations": result.get("evaluations")}
     store.put_search(search_id, record)
     return record

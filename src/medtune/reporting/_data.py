@@ -209,12 +209,13 @@ def _counts(runs: list[Record], done: list[Record], attacks: list[Record], searc
 
 def _summary(main: list[Record], metric: str, metrics: list[str], rec: dict[str, Any]) -> SummaryData:
     table = summarize(main, by=("dataset", "arch", "label"))
-    table = table.sort_values(["dataset", "arch", f"{metric}_mean"],
+    # validation selects: rows are ordered, and each column's best marked, by the validation mean
+    table = table.sort_values(["dataset", "arch", f"val_{metric}_mean"],
                               ascending=[True, True, not higher_is_better(metric)], kind="stable")
     metrics = [m for m in metrics if table[f"{m}_mean"].notna().any()]
     marked = set(rec.get("not_worse") or []) if rec.get("method") not in ("none", "single") else set()
     per_dataset = table.groupby("dataset")
-    best_of = {m: (f"{m}_mean", "max" if higher_is_better(m) else "min") for m in metrics}
+    best_of = {m: (f"val_{m}_mean", "max" if higher_is_better(m) else "min") for m in metrics}
     best_of.update(trainable_params=("trainable_params", "min"), train_seconds=("train_seconds", "min"))
     best = pd.DataFrame({name: table[col] == per_dataset[col].transform(how) for name, (col, how) in best_of.items()})
     rows = []
@@ -228,10 +229,11 @@ def _summary(main: list[Record], metric: str, metrics: list[str], rec: dict[str,
 
 
 def _statistics(done: list[Record], metric: str, metrics: list[str], alpha: float) -> StatisticsData:
-    results = [friedman(done, m) for m in metrics if any(m in (r.get("metrics") or {}) for r in done)]
+    # the tests behind the "not worse than the best" marks decide on validation, like every selection
+    results = [friedman(done, m, split="val") for m in metrics if any(m in (r.get("val_metrics") or {}) for r in done)]
     main = next((fr for fr in results if fr["metric"] == metric), {"mean_ranks": {}})
     return StatisticsData(friedman=results, mean_ranks=sorted(main["mean_ranks"].items(), key=lambda kv: kv[1]),
-                          wilcoxon=pairwise_wilcoxon(done, metric, alpha=alpha))
+                          wilcoxon=pairwise_wilcoxon(done, metric, alpha=alpha, split="val"))
 
 
 def _robustness(frame: pd.DataFrame, attacks: list[Record], runs: list[Record]) -> RobustnessData:

@@ -56,13 +56,19 @@ def _as_float(value: Any) -> float:
         return math.nan
 
 
-def runs_frame(runs: Iterable[Mapping[str, Any]], metrics: Iterable[str] | None = None) -> pd.DataFrame:
+#: Where each split's metrics live in a run record: ``val`` selects, ``test`` reports.
+SPLIT_KEYS = {"test": "metrics", "val": "val_metrics"}
+
+
+def runs_frame(runs: Iterable[Mapping[str, Any]], metrics: Iterable[str] | None = None, *,
+               split: str = "test") -> pd.DataFrame:
     """One row per run record, with the identifying columns and one column per metric.
 
     Args:
         runs: run records. Every status is kept; filter with :func:`done_runs`.
-        metrics: metric names to extract from ``run["metrics"]``; None takes every metric key
+        metrics: metric names to extract from the split's metrics; None takes every metric key
             that appears in any run.
+        split: ``test`` (``run["metrics"]``) or ``val`` (``run["val_metrics"]``, what selection uses).
 
     Returns:
         DataFrame with :data:`RUN_COLUMNS` and the metric columns (NaN where a run lacks one).
@@ -71,7 +77,7 @@ def runs_frame(runs: Iterable[Mapping[str, Any]], metrics: Iterable[str] | None 
     if metrics is None:
         seen: dict[str, None] = {}
         for r in runs:
-            for k in (r.get("metrics") or {}):
+            for k in (r.get(SPLIT_KEYS[split]) or {}):
                 seen.setdefault(k, None)
         metrics = list(seen)
     metrics = list(metrics)
@@ -86,7 +92,7 @@ def runs_frame(runs: Iterable[Mapping[str, Any]], metrics: Iterable[str] | None 
             row[c] = _as_float(row[c])
         if math.isnan(row["train_fraction"]):
             row["train_fraction"] = 1.0
-        m = r.get("metrics") or {}
+        m = r.get(SPLIT_KEYS[split]) or {}
         for k in metrics:
             row[k] = _as_float(m.get(k))
         rows.append(row)

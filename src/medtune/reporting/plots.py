@@ -314,11 +314,12 @@ def _predictions(run: Record) -> tuple[np.ndarray, np.ndarray, list[str]] | None
 
 
 def _best_runs(runs: Sequence[Record], metric: str, max_runs: int) -> list[Record]:
-    """The best run with predictions per label, for the ``max_runs`` best labels."""
+    """The best run with predictions per label, for the ``max_runs`` best labels — best on validation."""
     main, _ = main_fraction_runs(done_runs(runs))
-    with_pred = [r for r in main if _predictions(r) is not None and (r.get("metrics") or {}).get(metric) is not None]
+    with_pred = [r for r in main if _predictions(r) is not None
+                 and (r.get("val_metrics") or {}).get(metric) is not None]
     sign = 1.0 if higher_is_better(metric) else -1.0
-    with_pred.sort(key=lambda r: -sign * float(r["metrics"][metric]))
+    with_pred.sort(key=lambda r: -sign * float(r["val_metrics"][metric]))
     chosen, seen = [], set()
     for r in with_pred:
         key = (r.get("dataset"), r.get("label") or r.get("strategy"))

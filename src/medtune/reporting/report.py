@@ -122,8 +122,10 @@ def _cards(data: ReportData) -> list[Card]:
     if r.get("label") is None:
         return []
     sd = f" ± {r['sd']:.3f}" if r.get("sd") is not None else ""
-    cards = [Card(str(r["label"]), "recommended configuration"),
-             Card(f"{r['mean']:.3f}{sd}", f"test {data.metric} (best: {r['best_label']} {r['best_mean']:.3f})")]
+    test = "n/a" if r.get("mean") is None else f"{r['mean']:.3f}{sd}"
+    best = "" if r.get("best_mean") is None else f" {r['best_mean']:.3f}"
+    cards = [Card(str(r["label"]), "recommended configuration (selected on validation)"),
+             Card(test, f"test {data.metric} (best on validation: {r['best_label']}{best})")]
     if r.get("params_ratio") is not None:
         cards.append(Card(f"{r['params_ratio']:.1f}×", "fewer trainable parameters than full fine-tuning"))
     if r.get("time_ratio") is not None:
@@ -168,9 +170,11 @@ def _summary(data: ReportData) -> list[Block]:
         cls += ["best" if c in d["best"] else "" for c in ("trainable_params", "train_seconds")]
         rows.append(cells)
         classes.append(cls)
-    caption = (f"Mean ± sd over seeds, [95% t-interval] for {data.metric}. Highlighted: best per column "
-               "within a dataset. ★ recommended; ≈ not significantly worse than the best "
-               f"({_rule_text(data)}).")
+    caption = (f"Test metrics: mean ± sd over seeds, [95% t-interval intersected with the metric's range] for "
+               f"{data.metric}. Selection is on validation: rows are ordered by validation {data.metric}, and "
+               "the highlighted cell of each column is the configuration best on that column's validation "
+               "metric within a dataset (its test value shown). ★ recommended; ≈ not significantly worse than "
+               f"the best on validation ({_rule_text(data)}).")
     blocks: list[Block] = [Table(header, rows, classes, caption)]
     if data.fraction_note:
         blocks.append(Note(data.fraction_note + " The summary CSV keeps every train fraction."))
@@ -189,7 +193,8 @@ _PLOTS = (
      "A single train fraction: the train-size plot is skipped."),
     ("auto_rgn", "Auto-RGN: mean learning-rate weight per block and epoch (1 = the block with the largest relative "
                  "gradient norm).", "No auto_rgn runs with per-block weights: the Auto-RGN plot is skipped."),
-    ("roc", "ROC curves of the best run of the best configurations (test split; legend: per-class AUC).",
+    ("roc", "ROC curves on the test split of the run best on validation of each of the configurations best on "
+            "validation (legend: per-class test AUC).",
      "No run stores test predictions: ROC curves and confusion matrices are skipped."),
     ("confusion", "Confusion matrices of the same runs (rows: true class, columns: predicted, argmax).", None),
 )
@@ -221,15 +226,16 @@ def _statistics(data: ReportData) -> list[Block]:
                 fr["note"].replace(data.fraction_note or "\0", "").strip()]  # said once, below the summary table
                for fr in st.friedman]
     blocks: list[Block] = [
-        Paragraph("Strategies are compared over blocks of (dataset, arch, seed) at each dataset's largest train "
+        Paragraph("Strategies are compared on the validation metric (the split that selects; test is only "
+                  "reported) over blocks of (dataset, arch, seed) at each dataset's largest train "
                   "fraction: a Friedman test over complete blocks, then Wilcoxon signed-rank tests against the "
                   "best configuration with Holm's correction."),
         Table(["metric", "χ²", "p", "complete blocks", "treatments", "note"], fr_rows,
-              caption="Friedman test per metric.")]
+              caption="Friedman test per metric, on validation metrics.")]
     if st.mean_ranks:
         blocks.append(Table(["configuration", f"mean rank ({data.metric}, 1 = best)"],
                             [[k, f"{v:.2f}"] for k, v in st.mean_ranks],
-                            caption="Mean Friedman ranks over complete blocks."))
+                            caption="Mean Friedman ranks (validation) over complete blocks."))
     tests = st.wilcoxon
     if len(tests) > 1:
         rows = [[str(t.label), str(t.reference), str(t.n), fmt_number(t.mean), fmt_number(t.mean_diff, 4),
@@ -237,7 +243,7 @@ def _statistics(data: ReportData) -> list[Block]:
                  _verdict(t.label, t.reference, t.not_worse_than_best)] for t in tests.itertuples()]
         classes = [[""] * 8 + ["nw" if t.not_worse_than_best else ""] for t in tests.itertuples()]
         blocks.append(Table(
-            ["configuration", "vs", "pairs", f"mean {data.metric}", "difference", "W", "p", "p (Holm)", "verdict"],
+            ["configuration", "vs", "pairs", f"mean val {data.metric}", "difference", "W", "p", "p (Holm)", "verdict"],
             rows, classes, caption=f"Wilcoxon signed-rank vs the best configuration; verdict at α = {data.alpha:g}."))
     else:
         blocks.append(Note("Fewer than two configurations: no pairwise tests."))
@@ -292,7 +298,9 @@ def _deft(data: ReportData) -> list[Block]:
         if s.comparison:
             blocks.append(Table(s.comparison_keys,
                                 [[fmt_number(c.get(k)) for k in s.comparison_keys] for c in s.comparison],
-                                caption="Best mask retrained at full fidelity vs baselines."))
+                                caption="Best mask retrained at full fidelity vs baselines (test metrics; the best "
+                                        "top-k is the one best on validation; search_seconds: what finding the "
+                                        "mask cost, beside its train_seconds)."))
     return blocks
 
 

@@ -29,7 +29,7 @@ from medtune.reporting._records import (
     main_fraction_runs,
     runs_frame,
 )
-from medtune.training.metrics import higher_is_better
+from medtune.training.metrics import higher_is_better, metric_range
 
 __all__ = [
     "friedman",
@@ -63,7 +63,9 @@ def summarize(
     Returns:
         One row per group, sorted by ``by``: the ``by`` columns, ``n`` (runs), and per metric
         ``{m}_mean``, ``{m}_sd`` (ddof=1), ``{m}_n``, ``{m}_ci_low``, ``{m}_ci_high``
-        (mean ± t_{(1+confidence)/2, n-1} · sd/√n; NaN for n < 2), then the mean
+        (mean ± t_{(1+confidence)/2, n-1} · sd/√n intersected with the metric's range, e.g. [0, 1]
+        for AUC; NaN for n < 2), ``val_{m}_mean``/``val_{m}_sd`` (the validation metric, which
+        selection uses), then the mean
         ``trainable_params`` and ``train_seconds``, and ``strategy``/``depth`` when the group
         determines them. Empty input gives an empty frame with these columns.
 
@@ -80,10 +82,11 @@ def summarize(
     by = list(by)
     check_columns(by, RUN_COLUMNS, "by", "summarize")
     frame = runs_frame(runs, metrics)
+    val = runs_frame(runs, metrics, split="val").rename(columns={m: f"val_{m}" for m in metrics})
     extra = [c for c in ("strategy", "depth") if c not in by]
     columns = [*by, "n"]
     for m in metrics:
-        columns += [f"{m}_mean", f"{m}_sd", f"{m}_n", f"{m}_ci_low", f"{m}_ci_high"]
+        columns += [f"{m}_mean", f"{m}_sd", f"{m}_n", f"{m}_ci_low", f"{m}_ci_high", f"val_{m}_mean", f"val_{m}_sd"]
     columns += ["trainable_params", "train_seconds", *extra]
     if frame.empty:
         return pd.DataFrame(columns=columns)
@@ -93,8 +96,12 @@ def summarize(
         row: dict[str, Any] = dict(zip(by, key))
         row["n"] = len(group)
         for m in metrics:
-            mean, sd, n, low, high = _mean_sd_ci(group[m].to_numpy(float), confidence)
+            mean, sd, n, low, high = _mean_sd_ci(group[m].to_numpy(float), confidence, metric_range(m))
             row.update({f"{m}_mean": mean, f"{m}_sd": sd, f"{m}_n": n, f"{m}_ci_low": low, f"{m}_ci_high": high})
+            values = val[f"val_{m}"].loc[group.index].to_numpy(float)
+            values = values[~np.isnan(values)]
+            row.update({f"val_{m}_mean": float(values.mean()) if len(values) else math.nan,
+                        f"val_{m}_sd": float(values.std(ddof=1)) if len(values) > 1 else math.nan})
         row["trainable_params"] = group["trainable_params"].mean()
         row["train_seconds"] = group["train_seconds"].mean()
         for c in extra:
@@ -104,7 +111,10 @@ def summarize(
     return pd.DataFrame(rows, columns=columns).reset_index(drop=True)
 
 
-def _mean_sd_ci(values: np.ndarray, confidence: float) -> tuple[float, float, int, float, float]:
+def _mean_sd_ci(values: np.ndarray, confidence: float, bounds: tuple[float, float] = (-math.inf, math.inf),
+                ) -> tuple[float, float, int, float, float]:
+    """Mean, sd, n and the t-interval of the mean intersected with the metric's range ``bounds``
+    (the true mean lies in that range, so the intersection keeps the interval's coverage)."""
     values = values[~np.isnan(values)]
     n = len(values)
     if n == 0:
@@ -116,11 +126,11 @@ def _mean_sd_ci(values: np.ndarray, confidence: float) -> tuple[float, float, in
     if sd == 0:
         return mean, 0.0, n, mean, mean
     low, high = sps.t.interval(confidence, n - 1, loc=mean, scale=sd / math.sqrt(n))
-    return mean, sd, n, float(low), float(high)
+    return mean, sd, n, float(max(low, bounds[0])), float(min(high, bounds[1]))
 
 
 def _block_table(
-    runs: Sequence[Record], metric: str, blocks: Sequence[str], treatment: str, where: str
+    runs: Sequence[Record], metric: str, blocks: Sequence[str], treatment: str, where: str, split: str = "test"
 ) -> tuple[pd.DataFrame, list[str]]:
     """Blocks × treatments table of the metric (duplicates averaged) and notes on what was dropped."""
     notes: list[str] = []
@@ -130,7 +140,7 @@ def _block_table(
     runs, note = main_fraction_runs(runs)
     if note:
         notes.append(note)
-    frame = runs_frame(runs, [metric]).dropna(subset=[metric])
+    frame = runs_frame(runs, [metric], split=split).dropna(subset=[metric])
     if frame.empty:
         return pd.DataFrame(), notes
     keys = [*blocks, treatment]
@@ -148,6 +158,8 @@ def friedman(
     metric: str = "auc",
     blocks: Sequence[str] = ("dataset", "arch", "seed"),
     treatment: str = "label",
+    *,
+    split: str = "test",
 ) -> dict[str, Any]:
     """Friedman test of ``treatment`` (strategies) over complete blocks.
 
@@ -160,6 +172,7 @@ def friedman(
         metric: metric name in ``run["metrics"]``.
         blocks: run fields whose combination forms a block.
         treatment: run field that names the compared treatments.
+        split: ``test`` or ``val`` (the metrics that selection uses).
 
     Returns:
         dict with ``metric``, ``treatment``, ``blocks``, ``statistic``, ``pvalue`` (None when the
@@ -170,7 +183,7 @@ def friedman(
     Raises:
         ConfigError: unknown metric, block or treatment field.
     """
-    table, notes = _block_table(runs, metric, blocks, treatment, "friedman")
+    table, notes = _block_table(runs, metric, blocks, treatment, "friedman", split)
     result: dict[str, Any] = {
         "metric": metric, "treatment": treatment, "blocks": list(blocks), "statistic": None,
         "pvalue": None, "num_blocks": 0, "num_blocks_total": int(len(table)),
@@ -243,6 +256,7 @@ def pairwise_wilcoxon(
     reference: str | None = None,
     all_pairs: bool = False,
     alpha: float = 0.05,
+    split: str = "test",
 ) -> pd.DataFrame:
     """Wilcoxon signed-rank tests of treatments over paired blocks, Holm-corrected.
 
@@ -258,6 +272,7 @@ def pairwise_wilcoxon(
         reference: compare with this treatment instead of the best.
         all_pairs: compare every pair of treatments instead (Holm over all pairs).
         alpha: family-wise error rate in (0, 1).
+        split: ``test`` or ``val``; "the best" is the best on this split.
 
     Returns:
         One row per comparison: ``label``, ``reference``, ``n`` (paired blocks), ``mean``,
@@ -270,7 +285,7 @@ def pairwise_wilcoxon(
         ConfigError: unknown metric/field, unknown ``reference``, or ``alpha`` outside (0, 1).
     """
     check_open_fraction(alpha, "alpha", "pairwise_wilcoxon")
-    table, _ = _block_table(runs, metric, blocks, treatment, "pairwise_wilcoxon")
+    table, _ = _block_table(runs, metric, blocks, treatment, "pairwise_wilcoxon", split)
     columns = ["label", "reference", "n", "mean", "reference_mean", "mean_diff", "statistic",
                "pvalue", "p_holm", "significant", "not_worse_than_best"]
     if table.empty or table.shape[1] < 1:
@@ -327,7 +342,8 @@ def recommend(
     *,
     tolerance: float = 0.01,
 ) -> dict[str, Any]:
-    """The cheapest configuration that is not significantly worse than the best.
+    """The cheapest configuration that is not significantly worse than the best — chosen on the
+    validation metric (``run["val_metrics"]``); its test metric is then reported.
 
     Configurations are run labels (``top_k:2``, ``full``, ...), compared over
     (dataset, arch, seed) blocks at each dataset's largest train fraction. "Not worse" is
@@ -349,8 +365,10 @@ def recommend(
         tolerance: fallback margin on the metric's scale when no sd is available.
 
     Returns:
-        dict with ``label`` (None when there is nothing to recommend), ``best_label``, ``metric``,
-        ``mean``/``sd``/``n`` of the recommendation, ``best_mean``/``best_sd``, ``method``
+        dict with ``label`` (None when there is nothing to recommend), ``best_label`` (best on
+        validation), ``metric``, ``selected_on`` (``"val"``), ``mean``/``sd``/``n`` of the
+        recommendation's test metric, ``best_mean``/``best_sd`` (test, of the best), ``val_mean``/
+        ``val_sd``/``best_val_mean``/``best_val_sd`` (what selected), ``method``
         (``"wilcoxon_holm"``, ``"within_sd"``, ``"within_tolerance"``, ``"single"`` when only one
         configuration has results, or ``"none"`` when there are no runs), ``p_holm``
         (of the recommendation vs the best, when tested), ``not_worse`` (labels that pass),
@@ -365,17 +383,20 @@ def recommend(
     done = done_runs(runs)
     check_metric(done, metric, "recommend")
     out: dict[str, Any] = {
-        "label": None, "best_label": None, "metric": metric, "mean": None, "sd": None, "n": 0,
-        "best_mean": None, "best_sd": None, "method": "none", "p_holm": None, "not_worse": [],
+        "label": None, "best_label": None, "metric": metric, "selected_on": "val", "mean": None, "sd": None,
+        "n": 0, "best_mean": None, "best_sd": None, "val_mean": None, "val_sd": None, "best_val_mean": None,
+        "best_val_sd": None, "method": "none", "p_holm": None, "not_worse": [],
         "trainable_params": None, "train_seconds": None, "params_ratio": None, "time_ratio": None,
         "fooling_rate": None, "notes": [], "text": "",
     }
     main, note = main_fraction_runs(done)
     if note:
         out["notes"].append(note)
-    frame = runs_frame(main, [metric]).dropna(subset=[metric])
+    # validation selects, test reports: every comparison below is on the validation metric
+    frame = runs_frame(main, [metric], split="val").dropna(subset=[metric])
     if frame.empty:
-        out["text"] = f"No finished runs with {metric!r}: nothing to recommend."
+        out["text"] = (f"No finished runs with a validation {metric!r}: nothing to recommend "
+                       "(selection never uses the test split).")
         return out
     better = higher_is_better(metric)
     per_label = frame.groupby("label").agg(
@@ -384,7 +405,7 @@ def recommend(
     per_label = per_label.sort_values("mean", ascending=not better)
     best = str(per_label.index[0])
     num_seeds = frame["seed"].nunique(dropna=True)
-    tests = pairwise_wilcoxon(main, metric, alpha=alpha)
+    tests = pairwise_wilcoxon(main, metric, alpha=alpha, split="val")
     compared = tests[tests["label"] != best]
     max_pairs = int(compared["n"].max()) if len(compared) else 0
     testable = (num_seeds >= 2 and len(compared) > 0
@@ -416,11 +437,19 @@ def recommend(
     label = str(cands.sort_values(["params_key", "seconds_key", "mean"],
                                   ascending=[True, True, not better]).index[0])
     row = per_label.loc[label]
+    reported = runs_frame(main, [metric]).dropna(subset=[metric]).groupby("label")[metric].agg(["mean", "std", "size"])
+
+    def test_stat(lab: str, col: str) -> float | None:
+        value = reported[col].get(lab, math.nan) if len(reported) else math.nan
+        return None if value is None or math.isnan(value) else float(value)
+
     out.update({
-        "label": label, "best_label": best, "mean": float(row["mean"]),
-        "sd": None if math.isnan(row["sd"]) else float(row["sd"]), "n": int(row["n"]),
-        "best_mean": float(per_label.loc[best, "mean"]),
-        "best_sd": None if math.isnan(per_label.loc[best, "sd"]) else float(per_label.loc[best, "sd"]),
+        "label": label, "best_label": best, "selected_on": "val",
+        "mean": test_stat(label, "mean"), "sd": test_stat(label, "std"), "n": int(test_stat(label, "size") or 0),
+        "best_mean": test_stat(best, "mean"), "best_sd": test_stat(best, "std"),
+        "val_mean": float(row["mean"]), "val_sd": None if math.isnan(row["sd"]) else float(row["sd"]),
+        "best_val_mean": float(per_label.loc[best, "mean"]),
+        "best_val_sd": None if math.isnan(per_label.loc[best, "sd"]) else float(per_label.loc[best, "sd"]),
         "not_worse": passing,
         "trainable_params": None if math.isnan(row["params"]) else float(row["params"]),
         "train_seconds": None if math.isnan(row["seconds"]) else float(row["seconds"]),
@@ -462,22 +491,26 @@ def _fooling_at(attacks: Sequence[Record], runs: Sequence[Record], label: str, z
 
 def _recommend_text(r: dict[str, Any], zeta: float, alpha: float) -> str:
     m = r["metric"]
-    sd = f" ± {r['sd']:.3f}" if r["sd"] is not None else ""
-    parts = [f"Recommended: {r['label']}, {m} {r['mean']:.3f}{sd} (mean ± sd over {r['n']} run(s))."]
+
+    def mean_sd(mean: float | None, sd: float | None) -> str:
+        return "n/a" if mean is None else f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+
+    parts = [f"Recommended: {r['label']}, test {m} {mean_sd(r['mean'], r['sd'])} (mean ± sd over {r['n']} run(s); "
+             f"selected on validation, val {m} {mean_sd(r['val_mean'], r['val_sd'])})."]
     if r["method"] == "single":
         parts.append("It is the only configuration with results.")
     elif r["label"] == r["best_label"]:
-        parts.append(f"It has the best mean {m}, and no cheaper configuration is close enough to it.")
+        parts.append(f"It has the best mean validation {m}, and no cheaper configuration is close enough to it.")
     else:
-        best_sd = f" ± {r['best_sd']:.3f}" if r["best_sd"] is not None else ""
-        ref = f"the best, {r['best_label']} ({r['best_mean']:.3f}{best_sd})"
+        ref = (f"the best on validation, {r['best_label']} (val {mean_sd(r['best_val_mean'], r['best_val_sd'])}; "
+               f"test {mean_sd(r['best_mean'], r['best_sd'])})")
         if r["method"] == "wilcoxon_holm":
             parts.append(f"It is not significantly worse than {ref}: Wilcoxon signed-rank, "
                          f"Holm-corrected p = {r['p_holm']:.3g} ≥ {alpha:g}.")
         elif r["method"] == "within_sd":
-            parts.append(f"Its mean is within one sd of {ref}; significance could not be tested.")
+            parts.append(f"Its validation mean is within one sd of {ref}; significance could not be tested.")
         else:
-            parts.append(f"Its mean is within {abs(r['best_mean'] - r['mean']):.3g} of {ref} "
+            parts.append(f"Its validation mean is within {abs(r['best_val_mean'] - r['val_mean']):.3g} of {ref} "
                          "(fallback tolerance); significance could not be tested.")
     if r["params_ratio"] is not None and r["label"] != "full":
         time = ""

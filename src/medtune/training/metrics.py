@@ -7,22 +7,35 @@ import warnings
 import numpy as np
 from sklearn import metrics as skm
 
-__all__ = ["compute_metrics", "MONITOR_METRICS", "higher_is_better"]
+__all__ = ["compute_metrics", "MONITOR_METRICS", "METRIC_RANGES", "higher_is_better", "metric_range"]
 
 #: The metrics every record carries and a run can monitor (early stopping, best checkpoint).
 MONITOR_METRICS: tuple[str, ...] = ("auc", "accuracy", "balanced_accuracy", "f1", "loss")
+
+#: The range of each metric's values: an interval for a metric is kept inside it.
+METRIC_RANGES: dict[str, tuple[float, float]] = {"auc": (0.0, 1.0), "accuracy": (0.0, 1.0),
+                                                  "balanced_accuracy": (0.0, 1.0), "f1": (0.0, 1.0),
+                                                  "loss": (0.0, float("inf"))}
 
 # Metrics where a smaller value is better; every other metric is "higher is better".
 _LOWER_IS_BETTER = frozenset({"loss"})
 
 
-def higher_is_better(metric: str) -> bool:
-    """False for loss-like metrics (``loss``, ``val_loss``, ``train_loss``), True otherwise."""
+def _base_name(metric: str) -> str:
     for prefix in ("val_", "train_", "test_"):
         if metric.startswith(prefix):
-            metric = metric[len(prefix):]
-            break
-    return metric not in _LOWER_IS_BETTER
+            return metric[len(prefix):]
+    return metric
+
+
+def metric_range(metric: str) -> tuple[float, float]:
+    """(low, high) of a metric's values; unbounded (-inf, inf) for an unknown one."""
+    return METRIC_RANGES.get(_base_name(metric), (-float("inf"), float("inf")))
+
+
+def higher_is_better(metric: str) -> bool:
+    """False for loss-like metrics (``loss``, ``val_loss``, ``train_loss``), True otherwise."""
+    return _base_name(metric) not in _LOWER_IS_BETTER
 
 
 def _macro_auc(y_true: np.ndarray, prob: np.ndarray, class_names: list[str]) -> float:
