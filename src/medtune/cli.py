@@ -175,7 +175,8 @@ def _print_records(records: list[dict], fmt: str, *, per_run: bool = False) -> N
     if fmt == "json":
         for r in records:
             print(json.dumps({k: r.get(k) for k in ("run_id", "dataset", "arch", "strategy", "strategy_params", "label",
-                                                     "seed", "train_fraction", "metrics", "val_metrics", "trainable_params",
+                                                     "seed", "train_fraction", "metrics", "metric_ci", "val_metrics",
+                                                     "trainable_params",
                                                      "train_seconds", "config")}, sort_keys=True))
         return
     if per_run:

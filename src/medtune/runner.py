@@ -23,6 +23,7 @@ from medtune.errors import MedtuneError, StoreError
 from medtune.models import create_model, get_blocks
 from medtune.store import ResultsStore
 from medtune._tensors import resolve_device
+from medtune.training.intervals import metric_intervals
 from medtune.training.loop import fit
 
 __all__ = ["run", "run_all", "run_id_of", "prepare_data", "collect_versions", "build_run", "execute_run",
@@ -155,6 +156,8 @@ def execute_run(cfg: RunConfig, checkpoint_path: str | None, heartbeat: Callable
         "depth": strategy.depth(len(blocks)),
         "seed": cfg.seed, "train_fraction": cfg.train_fraction, "config": cfg.to_dict(),
         "metrics": result.test_metrics, "val_metrics": result.val_metrics,
+        # 95% intervals over the test images (DeLong for a binary AUC, else a percentile bootstrap)
+        "metric_ci": metric_intervals(result.y_true, result.y_prob, task=data.task, seed=cfg.seed),
         "trainable_params": result.trainable_params, "total_params": sum(p.numel() for p in model.parameters()),
         "train_seconds": result.train_seconds, "images_per_s": result.images_per_s,
         "num_blocks": len(blocks), "num_train": int((data.splits == "train").sum()),

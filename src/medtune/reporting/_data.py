@@ -178,6 +178,7 @@ def build_report_data(runs: Sequence[Record], attacks: Sequence[Record], searche
         csv["deft"] = pd.DataFrame(comparisons)
     frame = runs_frame(runs, None)
     frame["config_sha"] = [fingerprint(r.get("config")) for r in runs]
+    frame["metric_ci"] = [r.get("metric_ci") or {} for r in runs]  # per-run intervals over the test images
     csv["runs"] = frame
     appendix = None
     if not frame.empty:

@@ -310,11 +310,17 @@ def _appendix(data: ReportData) -> list[Block]:
     metrics = data.appendix.metrics
     header = ["run", "status", "dataset", "arch", "configuration", "seed", "fraction", *metrics,
               "params", "time (s)", "config sha"]
+    def with_ci(r, m: str) -> str:
+        ci = (r.get("metric_ci") or {}).get(m)
+        return fmt_number(r[m]) + (f" [{fmt_number(ci[0])}, {fmt_number(ci[1])}]" if ci else "")
+
     rows = [[str(r["run_id"]), str(r["status"]), str(r["dataset"]), str(r["arch"]), str(r["label"]),
-             str(r["seed"]), fmt_number(r["train_fraction"], 2), *[fmt_number(r[m]) for m in metrics],
+             str(r["seed"]), fmt_number(r["train_fraction"], 2), *[with_ci(r, m) for m in metrics],
              fmt_count(r["trainable_params"]), fmt_number(r["train_seconds"], 1), r["config_sha"]]
             for _, r in data.appendix.runs.iterrows()]
-    return [Table(header, rows, caption="All runs, including unfinished ones.")]
+    return [Table(header, rows, caption="All runs, including unfinished ones. Test metrics with their 95% interval "
+                                        "over the test images (DeLong for a binary AUC, else a percentile "
+                                        "bootstrap), where the run records one.")]
 
 
 def _reproducibility(data: ReportData) -> list[Block]:
