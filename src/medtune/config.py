@@ -7,7 +7,9 @@ same name, so a YAML file, a command line and a ``medtune.run(...)`` call say th
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,7 +19,7 @@ import yaml
 
 from medtune._checks import check_choice, check_scalar
 from medtune.errors import ConfigError, did_you_mean
-from medtune.strategies.spec import StrategySpec
+from medtune.strategies.spec import StrategySpec, format_strategy_spec, parse_strategy_spec
 
 __all__ = [
     "RunConfig",
@@ -231,27 +233,53 @@ class _WithBase(_Base):
 
 
 _LIST_FIELDS = {"arch": str, "strategy": lambda v: StrategySpec.parse(v, allow_all=True), "seeds": int,
-                "train_fraction": float}
+                "train_fraction": float, "lr": float, "weight_decay": float}
+
+
+def expand_alternatives(spec: Any) -> list[Any]:
+    """``lp_ft:ft_lr_scale=0.1|0.01`` → ``["lp_ft:ft_lr_scale=0.1", "lp_ft:ft_lr_scale=0.01"]``: a
+    parameter with ``|``-separated values is a sweep axis (one spec per combination)."""
+    if not isinstance(spec, str) or "|" not in spec:
+        return [spec]
+    name, params = parse_strategy_spec(spec)
+    keys = list(params)
+    choices = [[v.strip() for v in str(params[k]).split("|") if v.strip()] for k in keys]
+    out = []
+    for combo in itertools.product(*choices):
+        out.append(format_strategy_spec(name, dict(zip(keys, combo)), "_main"))
+    return out
 
 
 @dataclass(frozen=True)
 class SweepConfig(_WithBase):
-    """A grid of runs: archs × strategies × seeds × train fractions over one base config.
+    """A grid of runs: archs × strategies × learning rates × weight decays × seeds × train fractions
+    over one base config.
 
     ``strategy`` entries may use ``top_k:all`` / ``layers_k:all`` / ``surgical:all`` to expand to
-    every depth of each architecture. Every other key is a :class:`RunConfig` field.
+    every depth of each architecture, and ``|`` between values of a parameter to make it an axis
+    (``lp_ft:ft_lr_scale=0.1|0.01``). ``lr`` and ``weight_decay`` take lists; where an axis has
+    several values, the report selects per dataset × arch × strategy the value with the best mean
+    validation metric. Every other key is a :class:`RunConfig` field.
     """
 
     arch: tuple[str, ...] = ("tf_efficientnet_lite0",)
     strategy: tuple[StrategySpec, ...] = ("linear", "full")
     seeds: tuple[int, ...] = (0,)
     train_fraction: tuple[float, ...] = (1.0,)
+    lr: tuple[float, ...] | None = None  # None: the base run's
+    weight_decay: tuple[float, ...] | None = None  # None: the base run's
     name: str = "sweep"
 
     def __post_init__(self) -> None:
+        for key in ("lr", "weight_decay"):
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, (getattr(self.base, key),))
         for key, conv in _LIST_FIELDS.items():
             try:
-                value = _as_tuple(getattr(self, key), conv)
+                raw = _as_tuple(getattr(self, key))
+                if key == "strategy":
+                    raw = tuple(alt for entry in raw for alt in expand_alternatives(entry))
+                value = tuple(conv(v) for v in raw)
             except ConfigError:
                 raise
             except (TypeError, ValueError) as exc:
@@ -261,6 +289,12 @@ class SweepConfig(_WithBase):
             object.__setattr__(self, key, value)
         for frac in self.train_fraction:
             check_scalar(frac, "train_fraction", (float, int), min_val=0, max_val=1, include_min=False, owner="sweep")
+        for lr in self.lr:
+            check_scalar(lr, "lr", (float, int), min_val=0, include_min=False, owner="sweep")
+            if not math.isfinite(lr):
+                raise ConfigError(f"The 'lr' list of the sweep has a non-finite value {lr!r}; give positive numbers.")
+        for wd in self.weight_decay:
+            check_scalar(wd, "weight_decay", (float, int), min_val=0, owner="sweep")
         for seed in self.seeds:
             check_scalar(seed, "seeds", int, min_val=0, owner="sweep")
 
@@ -269,7 +303,8 @@ class SweepConfig(_WithBase):
         mine, base = cls.split_keys(data, source=source)
         # the base run takes the first arch and train fraction, so it validates like any run (its strategy
         # may be a template such as top_k:all and is replaced per run anyway)
-        first = {k: _as_tuple(v)[0] for k, v in mine.items() if k in ("arch", "train_fraction") and _as_tuple(v)}
+        first = {k: _LIST_FIELDS[k](_as_tuple(v)[0]) for k, v in mine.items()
+                 if k in ("arch", "train_fraction", "lr", "weight_decay") and _as_tuple(v)}
         return cls(base=RunConfig.from_dict({**base, **first}, source=source), **mine)
 
 

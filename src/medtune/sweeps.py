@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -48,10 +49,10 @@ def expand_sweep(config: SweepConfig) -> list[RunConfig]:
                 if checker.main_param is not None:
                     # validate the depth against the architecture before any training time is spent
                     checker.check_blocks(_blocks_of(arch, checker.granularity))
-                for frac in config.train_fraction:
-                    for seed in config.seeds:
-                        runs.append(config.base.replace(arch=arch, strategy=spec, seed=int(seed),
-                                                        train_fraction=float(frac)))
+                for lr, wd, frac, seed in itertools.product(config.lr, config.weight_decay, config.train_fraction,
+                                                            config.seeds):
+                    runs.append(config.base.replace(arch=arch, strategy=spec, seed=int(seed), train_fraction=float(frac),
+                                                    lr=float(lr), weight_decay=float(wd)))
     return runs
 
 
@@ -99,32 +100,39 @@ def results_table(records: Sequence[dict], metrics: Sequence[str] = ("auc", "acc
     params, train time — :func:`medtune.reporting.summarize` under the CLI's column names."""
     from medtune.reporting import summarize
 
-    by = ("dataset", "arch", "label", "train_fraction")
+    by = ("dataset", "arch", "label", "train_fraction", "hp")
     frame = summarize(records, metrics=None if tuple(metrics) == ("auc", "accuracy", "balanced_accuracy", "f1")
                       else list(metrics), by=by)
+    from medtune.reporting._records import configuration
+
     first_seen: dict[tuple, int] = {}
     for r in records:
-        first_seen.setdefault(tuple(r[k] for k in by), len(first_seen))
+        first_seen.setdefault((r["dataset"], r["arch"], r["label"], r["train_fraction"], configuration(r)[1]),
+                              len(first_seen))
     rows = []
     for row in frame.to_dict("records"):
         out = {"dataset": row["dataset"], "arch": row["arch"], "strategy": row["label"],
-               "train_fraction": row["train_fraction"], "n_seeds": int(row["n"])}
+               "train_fraction": row["train_fraction"], "hp": row["hp"], "n_seeds": int(row["n"])}
         out.update({f"{m}_{stat}": float(row[f"{m}_{stat}"]) for m in metrics for stat in ("mean", "sd")})
         out.update({f"val_{m}_mean": float(row[f"val_{m}_mean"]) for m in metrics})
         out.update(trainable_params=int(row["trainable_params"]), train_seconds=float(row["train_seconds"]),
                    depth=row.get("depth"))
         rows.append(out)
-    return sorted(rows, key=lambda r: first_seen[(r["dataset"], r["arch"], r["strategy"], r["train_fraction"])])
+    return sorted(rows, key=lambda r: first_seen[(r["dataset"], r["arch"], r["strategy"], r["train_fraction"], r["hp"])])
 
 
 def format_table(rows: Sequence[dict], metrics: Sequence[str] = ("auc", "accuracy")) -> str:
     """A plain-text table of :func:`results_table` rows."""
     if not rows:
         return "(no finished runs)"
-    header = ["arch", "strategy", "frac", "n"] + [m for m in metrics] + ["trainable", "train s"]
+    cells_of = [(r["dataset"], r["arch"], r["strategy"], r["train_fraction"]) for r in rows]
+    show_hp = len(set(cells_of)) < len(cells_of)  # several values of a hyper-parameter: say which row is which
+    header = ["arch", "strategy"] + (["hyper-parameters"] if show_hp else []) + ["frac", "n"] + list(metrics) + \
+        ["trainable", "train s"]
     lines = []
     for r in rows:
-        cells = [r["arch"], r["strategy"], f"{r['train_fraction']:g}", str(r["n_seeds"])]
+        cells = [r["arch"], r["strategy"]] + ([r.get("hp") or ""] if show_hp else []) + \
+            [f"{r['train_fraction']:g}", str(r["n_seeds"])]
         for m in metrics:
             mean, sd = r[f"{m}_mean"], r[f"{m}_sd"]
             cells.append(f"{mean:.3f}" + (f" ± {sd:.3f}" if not math.isnan(sd) else ""))

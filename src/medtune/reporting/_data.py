@@ -11,7 +11,7 @@ import datetime as _dt
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from medtune.reporting import plots
 from medtune.reporting._records import DEFAULT_METRICS, attacks_frame, done_runs, main_fraction_runs, runs_frame
-from medtune.reporting.stats import friedman, pairwise_wilcoxon, recommend, summarize
+from medtune.reporting.stats import friedman, pairwise_wilcoxon, recommend, select_hyperparameters, summarize
 from medtune.training.metrics import higher_is_better
 
 __all__ = ["ReportData", "build_report_data", "fingerprint"]
@@ -149,19 +149,24 @@ class ReportData:
     appendix: AppendixData | None
     reproducibility: ReproducibilityData
     csv: dict[str, pd.DataFrame]
+    hp_choices: list[dict] = field(default_factory=list)  # tuned hyper-parameters chosen on validation
 
 
 def build_report_data(runs: Sequence[Record], attacks: Sequence[Record], searches: Sequence[Record], *,
                       metric: str, alpha: float, main_zeta: float) -> ReportData:
     """Compute every number, table and figure of the report from the records (arguments as :func:`build_report`)."""
     runs, attacks, searches = list(runs), list(attacks), list(searches)
-    done = done_runs(runs)
+    every_value = done_runs(runs)
+    # tuned hyper-parameters: each configuration at its value best on validation (per-value rows in the CSV)
+    done, hp_choices = select_hyperparameters(every_value, metric) if every_value else ([], [])
     main, fraction_note = main_fraction_runs(done)
     metrics = [metric, *[m for m in DEFAULT_METRICS if m != metric]]
     rec = recommend(done, attacks, metric, alpha=alpha, main_zeta=main_zeta)
     fool = rec.get("fooling_rate") or {}
     headline_fooling = next(((s, fool[s]) for s in ("natural", "train", "random") if s in fool), None)
     csv = {"summary": summarize(done, by=("dataset", "arch", "label", "train_fraction"))}
+    if hp_choices:  # every value's rows stay available
+        csv["summary_per_value"] = summarize(every_value, by=("dataset", "arch", "label", "hp", "train_fraction"))
     statistics = None
     if done:
         statistics = _statistics(done, metric, metrics, alpha)
@@ -192,7 +197,7 @@ def build_report_data(runs: Sequence[Record], attacks: Sequence[Record], searche
         recommendation=rec, headline_fooling=headline_fooling, fraction_note=fraction_note,
         summary=_summary(main, metric, metrics, rec) if done else None, figures=figures, statistics=statistics,
         robustness=robustness, searches=search_data, appendix=appendix,
-        reproducibility=_reproducibility(runs, attacks, searches), csv=csv)
+        reproducibility=_reproducibility(runs, attacks, searches), csv=csv, hp_choices=hp_choices)
 
 
 def _counts(runs: list[Record], done: list[Record], attacks: list[Record], searches: list[Record]) -> RunCounts:

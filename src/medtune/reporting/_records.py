@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from medtune._checks import check_choice, param_error
-from medtune.errors import did_you_mean
+from medtune.errors import ConfigError, did_you_mean
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -27,6 +27,7 @@ __all__ = [
     "check_columns",
     "check_metric",
     "check_open_fraction",
+    "configuration",
     "done_runs",
     "main_fraction_runs",
     "runs_frame",
@@ -38,8 +39,38 @@ DEFAULT_METRICS: tuple[str, ...] = ("auc", "accuracy", "balanced_accuracy", "f1"
 RUN_COLUMNS: tuple[str, ...] = (
     "run_id", "status", "dataset", "arch", "strategy", "label", "depth", "seed",
     "train_fraction", "trainable_params", "total_params", "train_seconds", "images_per_s",
-    "num_blocks",
+    "num_blocks", "configuration", "hp",
 )
+
+#: Run-config fields that are hyper-parameters (beside a strategy's non-main parameters).
+HP_FIELDS: tuple[str, ...] = ("lr", "weight_decay")
+
+
+def configuration(run: Mapping[str, Any]) -> tuple[str, str]:
+    """(configuration, hyper-parameters) of a run record.
+
+    The configuration is the strategy with its main parameter — what a user compares (``top_k:2``,
+    ``surgical:stage_1``, ``lp_ft``); the hyper-parameters are the rest — ``lr``, ``weight_decay``
+    and the strategy's other parameters — as text (``ft_lr_scale=0.1, lr=0.001, weight_decay=0.0001``),
+    what the sweep may tune on validation. A record without ``strategy_params`` is its label.
+    """
+    label = str(run.get("label") or run.get("strategy"))
+    params = run.get("strategy_params")
+    name = run.get("strategy")
+    if not isinstance(params, Mapping) or not name:
+        return label, ""
+    from medtune.strategies import get_strategy_class
+    from medtune.strategies.spec import format_strategy_spec
+
+    try:
+        main = get_strategy_class(str(name)).main_param
+    except ConfigError:  # a record of a strategy this version does not know
+        return label, ""
+    config = format_strategy_spec(str(name), {main: params[main]} if main in params else {}, main)
+    cfg = run.get("config") if isinstance(run.get("config"), Mapping) else {}
+    hp = {k: v for k, v in params.items() if k != main}
+    hp.update({k: cfg[k] for k in HP_FIELDS if k in cfg})
+    return config, ", ".join(f"{k}={hp[k]:g}" if isinstance(hp[k], float) else f"{k}={hp[k]}" for k in sorted(hp))
 
 
 def done_runs(runs: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -84,6 +115,7 @@ def runs_frame(runs: Iterable[Mapping[str, Any]], metrics: Iterable[str] | None 
     rows = []
     for r in runs:
         row = {c: r.get(c) for c in RUN_COLUMNS}
+        row["configuration"], row["hp"] = configuration(r)
         if row["status"] is None:
             row["status"] = "done"
         if row["label"] is None:

@@ -176,6 +176,14 @@ def _summary(data: ReportData) -> list[Block]:
                "metric within a dataset (its test value shown). ★ recommended; ≈ not significantly worse than "
                f"the best on validation ({_rule_text(data)}).")
     blocks: list[Block] = [Table(header, rows, classes, caption)]
+    if data.hp_choices:
+        blocks.append(Table(
+            ["dataset", "arch", "configuration", "fraction", "chosen (validation)", f"mean val {data.metric} per value"],
+            [[str(c["dataset"]), str(c["arch"]), str(c["configuration"]), fmt_number(c["train_fraction"], 2),
+              str(c["chosen"]), "; ".join(f"{hp}: {fmt_number(v)}" for hp, v in sorted(c["candidates"].items()))]
+             for c in data.hp_choices],
+            caption="Tuned hyper-parameters: each configuration above is shown at the value with the best mean "
+                    f"validation {data.metric} over seeds (every value's rows: the *_summary_per_value.csv table beside the report)."))
     if data.fraction_note:
         blocks.append(Note(data.fraction_note + " The summary CSV keeps every train fraction."))
     return blocks

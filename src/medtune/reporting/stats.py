@@ -20,6 +20,7 @@ from medtune.errors import unknown_name_error
 from medtune.reporting._format import fmt_count
 from medtune.reporting._records import (
     DEFAULT_METRICS,
+    configuration,
     RUN_COLUMNS,
     attacks_frame,
     check_columns,
@@ -32,6 +33,7 @@ from medtune.reporting._records import (
 from medtune.training.metrics import higher_is_better, metric_range
 
 __all__ = [
+    "select_hyperparameters",
     "friedman",
     "holm",
     "min_wilcoxon_pvalue",
@@ -41,6 +43,46 @@ __all__ = [
 ]
 
 Record = Mapping[str, Any]
+
+
+def select_hyperparameters(runs: Sequence[Record], metric: str = "auc") -> tuple[list[Record], list[dict]]:
+    """Per dataset × arch × configuration × train fraction, keep the runs of the hyper-parameter
+    value (lr, weight decay, a strategy's non-main parameters) with the best mean *validation*
+    ``metric`` over seeds — never the test metric.
+
+    Groups with a single value are returned unchanged. In a tuned group the kept runs are relabelled
+    with the configuration (``lp_ft`` for ``lp_ft:ft_lr_scale=0.01``) and carry the choice in ``hp``.
+
+    Returns:
+        (the selected finished runs, one dict per tuned group: ``dataset``, ``arch``,
+        ``configuration``, ``train_fraction``, ``chosen`` and ``candidates`` {hp: mean val metric}).
+    """
+    done = done_runs(runs)
+    if not done:
+        return [], []
+    keys = [configuration(r) for r in done]
+    val = runs_frame(done, [metric], split="val")
+    groups: dict[tuple, dict[str, list[int]]] = {}
+    for i, (r, (config, hp)) in enumerate(zip(done, keys)):
+        g = (r.get("dataset"), r.get("arch"), config, float(val["train_fraction"].iloc[i]))
+        groups.setdefault(g, {}).setdefault(hp, []).append(i)
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    keep: list[Record] = []
+    choices: list[dict] = []
+    for (dataset, arch, config, frac), by_hp in groups.items():
+        if len(by_hp) == 1:
+            keep += [done[i] for i in next(iter(by_hp.values()))]
+            continue
+        means = {hp: float(np.nanmean(val[metric].iloc[idx].to_numpy(float))) if val[metric].iloc[idx].notna().any()
+                 else math.nan for hp, idx in by_hp.items()}
+        ranked = sorted((hp for hp in means if not math.isnan(means[hp])), key=lambda hp: (-sign * means[hp], hp))
+        if not ranked:
+            continue  # no validation metric: nothing can be selected, and test must not be used
+        chosen = ranked[0]
+        choices.append({"dataset": dataset, "arch": arch, "configuration": config, "train_fraction": frac,
+                        "chosen": chosen, "candidates": means})
+        keep += [{**done[i], "label": config, "hp": chosen} for i in by_hp[chosen]]
+    return keep, choices
 
 
 def summarize(
@@ -382,6 +424,7 @@ def recommend(
     check_open_fraction(alpha, "alpha", "recommend")
     done = done_runs(runs)
     check_metric(done, metric, "recommend")
+    done, _ = select_hyperparameters(done, metric)  # no-op when nothing was tuned
     out: dict[str, Any] = {
         "label": None, "best_label": None, "metric": metric, "selected_on": "val", "mean": None, "sd": None,
         "n": 0, "best_mean": None, "best_sd": None, "val_mean": None, "val_sd": None, "best_val_mean": None,
