@@ -33,6 +33,10 @@ __all__ = [
 NON_SEMANTIC_FIELDS = frozenset({"store", "device", "num_threads", "progress", "num_workers", "executor", "address",
                                  "feature_cache"})
 
+# Fields added after the first stores were written: at these values they leave the run id as it was,
+# so an existing store keeps its runs.
+ID_NEUTRAL_DEFAULTS: dict[str, Any] = {"cv_folds": 0, "fold": 0}
+
 
 @dataclass(frozen=True)
 class _Base:
@@ -104,6 +108,11 @@ class RunConfig(_Base):
         split_seed: seed of the train/val/test split and of the train-fraction subsample (fixed
             across training seeds so seeds compare on the same data).
         train_fraction: share of the training split used, in (0, 1].
+        cv_folds: K ≥ 2 for K-fold cross-validation (0: the single train/val split). The test split
+            stays fixed; train+val are pooled and cut into K stratified folds (group-aware when the
+            data has groups, e.g. a CSV ``group`` column of patient ids); fold ``fold`` is validation.
+            A sweep runs every fold.
+        fold: which fold validates, in 0 … cv_folds − 1.
     """
 
     data: str = "demo"
@@ -129,6 +138,8 @@ class RunConfig(_Base):
     test_fraction: float = 0.15
     resize: str = "resize"
     medmnist_size: int = 28
+    cv_folds: int = 0
+    fold: int = 0
     label_smoothing: float = 0.0
     eval_batch_size: int = 256
     amp: str = "auto"
@@ -166,6 +177,10 @@ class RunConfig(_Base):
                      include_min=False, owner=owner)
         check_scalar(self.test_fraction, "test_fraction", (float, int), min_val=0, max_val=0.5,
                      include_min=False, owner=owner)
+        check_scalar(self.cv_folds, "cv_folds", int, min_val=0, max_val=50, owner=owner)
+        if self.cv_folds == 1:
+            raise ConfigError("The 'cv_folds' parameter of RunConfig must be 0 (no cross-validation) or >= 2. Got 1.")
+        check_scalar(self.fold, "fold", int, min_val=0, max_val=max(0, self.cv_folds - 1), owner=owner)
         check_scalar(self.label_smoothing, "label_smoothing", (float, int), min_val=0, max_val=0.5, owner=owner)
         check_scalar(self.num_threads, "num_threads", int, min_val=0, owner=owner)
         check_choice(self.optimizer, "optimizer", ("adamw", "sgd"), owner=owner)
@@ -181,7 +196,8 @@ class RunConfig(_Base):
 
     def semantic_dict(self) -> dict[str, Any]:
         """The fields that determine the result (the run id hashes these)."""
-        return {k: v for k, v in self.to_dict().items() if k not in NON_SEMANTIC_FIELDS}
+        return {k: v for k, v in self.to_dict().items()
+                if k not in NON_SEMANTIC_FIELDS and not (k in ID_NEUTRAL_DEFAULTS and v == ID_NEUTRAL_DEFAULTS[k])}
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import torch
 
 from medtune.config import RunConfig, load_config
 from medtune.data import load_data, with_train_fraction
+from medtune.data.splits import with_cv_fold
 from medtune.data.base import ImageSet
 from medtune.errors import MedtuneError, StoreError
 from medtune.models import create_model, get_blocks
@@ -59,17 +60,19 @@ def _load_cached(data: str, img_size: int, resize: str, split_seed: int, val_fra
 
 
 @lru_cache(maxsize=16)
-def _subsample_cached(key: tuple, train_fraction: float) -> ImageSet:
+def _subsample_cached(key: tuple, cv: tuple[int, int], train_fraction: float) -> ImageSet:
     data = _load_cached(*key)
+    if cv[0] >= 2:
+        data = with_cv_fold(data, cv[0], cv[1], key[3])
     return data if train_fraction >= 1.0 else with_train_fraction(data, train_fraction, key[3])
 
 
 def prepare_data(cfg: RunConfig) -> ImageSet:
-    """Load (once per process) and subsample the data a run trains on; the same config gives the
-    same ImageSet object, so its fingerprint is computed once."""
+    """Load (once per process), cut to the run's cross-validation fold and subsample the data a run
+    trains on; the same config gives the same ImageSet object, so its fingerprint is computed once."""
     key = (cfg.data, cfg.img_size, cfg.resize, cfg.split_seed, float(cfg.val_fraction), float(cfg.test_fraction),
            cfg.medmnist_size)
-    return _subsample_cached(key, float(cfg.train_fraction))
+    return _subsample_cached(key, (cfg.cv_folds, cfg.fold), float(cfg.train_fraction))
 
 
 def run_id_of(cfg: RunConfig, data_fingerprint: str) -> str:
@@ -155,6 +158,7 @@ def execute_run(cfg: RunConfig, checkpoint_path: str | None, heartbeat: Callable
         "strategy": strategy.name, "strategy_params": strategy.params, "label": strategy.spec,
         "depth": strategy.depth(len(blocks)),
         "seed": cfg.seed, "train_fraction": cfg.train_fraction, "config": cfg.to_dict(),
+        "fold": cfg.fold if cfg.cv_folds >= 2 else None, "cv_folds": cfg.cv_folds or None,
         "metrics": result.test_metrics, "val_metrics": result.val_metrics,
         # 95% intervals over the test images (DeLong for a binary AUC, else a percentile bootstrap)
         "metric_ci": metric_intervals(result.y_true, result.y_prob, task=data.task, seed=cfg.seed),

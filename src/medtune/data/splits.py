@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from medtune.data.base import ImageSet
 from medtune.errors import ConfigError, DataError
 
-__all__ = ["make_splits", "with_train_fraction"]
+__all__ = ["make_splits", "with_cv_fold", "with_train_fraction"]
 
 
 def _strata(labels: np.ndarray) -> np.ndarray:
@@ -44,6 +46,32 @@ def make_splits(labels: np.ndarray, *, groups: np.ndarray | None, seed: int, val
         train, val = take(rest, val_fraction / (1 - test_fraction))
     out[train], out[val], out[test] = "train", "val", "test"
     return out.astype(str)
+
+
+def with_cv_fold(data: ImageSet, num_folds: int, fold: int, seed: int) -> ImageSet:
+    """Fold ``fold`` of ``num_folds``-fold cross-validation: the test split as it is, train + val
+    pooled and cut into stratified folds (``StratifiedGroupKFold``: no group in two folds when the
+    data has groups), fold ``fold`` the validation split, the others training.
+
+    Raises:
+        DataError: fewer groups, or images of a class, than folds.
+    """
+    pool = np.flatnonzero(data.splits != "test")
+    strata = _strata(data.labels.numpy()[pool])
+    groups = data.groups[pool] if data.groups is not None else pool.astype(str)  # no groups: each image its own
+    if len(np.unique(groups)) < num_folds:
+        raise DataError(f"{data.name}: {len(np.unique(groups))} groups outside the test split, too few for "
+                        f"{num_folds}-fold cross-validation; use fewer folds (cv_folds).")
+    if np.bincount(strata).max() < num_folds:
+        raise DataError(f"{data.name}: no class has {num_folds} images outside the test split; use fewer folds.")
+    cv = StratifiedGroupKFold(n_splits=num_folds, shuffle=True, random_state=seed)
+    _, held = list(cv.split(pool, strata, groups))[fold]
+    splits = data.splits.copy().astype(object)
+    splits[pool] = "train"
+    splits[pool[held]] = "val"
+    # the same tensors with new split labels (no copy of the pixels); a new fingerprint
+    return dataclasses.replace(data, splits=splits.astype(str), meta={**data.meta, "cv": {"folds": num_folds,
+                                                                                       "fold": fold}})
 
 
 def with_train_fraction(data: ImageSet, fraction: float, seed: int) -> ImageSet:

@@ -150,6 +150,7 @@ class ReportData:
     reproducibility: ReproducibilityData
     csv: dict[str, pd.DataFrame]
     hp_choices: list[dict] = field(default_factory=list)  # tuned hyper-parameters chosen on validation
+    folds: pd.DataFrame | None = None  # cross-validation: the test metric per configuration and fold
 
 
 def build_report_data(runs: Sequence[Record], attacks: Sequence[Record], searches: Sequence[Record], *,
@@ -197,7 +198,21 @@ def build_report_data(runs: Sequence[Record], attacks: Sequence[Record], searche
         recommendation=rec, headline_fooling=headline_fooling, fraction_note=fraction_note,
         summary=_summary(main, metric, metrics, rec) if done else None, figures=figures, statistics=statistics,
         robustness=robustness, searches=search_data, appendix=appendix,
-        reproducibility=_reproducibility(runs, attacks, searches), csv=csv, hp_choices=hp_choices)
+        reproducibility=_reproducibility(runs, attacks, searches), csv=csv, hp_choices=hp_choices,
+        folds=_folds(main, metric))
+
+
+def _folds(main: list[Record], metric: str) -> pd.DataFrame | None:
+    """Mean test ``metric`` per (dataset, arch, configuration) and cross-validation fold, with the
+    spread across folds (sd of the fold means); None without cross-validated runs."""
+    frame = runs_frame(main, [metric])
+    frame = frame[frame["fold"].notna()]
+    if frame.empty:
+        return None
+    table = frame.pivot_table(index=["dataset", "arch", "label"], columns="fold", values=metric, aggfunc="mean")
+    table.columns = [f"fold {int(c)}" for c in table.columns]
+    table["sd across folds"] = table.std(axis=1, ddof=1)
+    return table.reset_index()
 
 
 def _counts(runs: list[Record], done: list[Record], attacks: list[Record], searches: list[Record]) -> RunCounts:

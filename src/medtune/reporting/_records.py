@@ -39,7 +39,7 @@ DEFAULT_METRICS: tuple[str, ...] = ("auc", "accuracy", "balanced_accuracy", "f1"
 RUN_COLUMNS: tuple[str, ...] = (
     "run_id", "status", "dataset", "arch", "strategy", "label", "depth", "seed",
     "train_fraction", "trainable_params", "total_params", "train_seconds", "images_per_s",
-    "num_blocks", "configuration", "hp",
+    "num_blocks", "configuration", "hp", "fold",
 )
 
 #: Run-config fields that are hyper-parameters (beside a strategy's non-main parameters).
@@ -63,10 +63,12 @@ def configuration(run: Mapping[str, Any]) -> tuple[str, str]:
     from medtune.strategies.spec import format_strategy_spec
 
     try:
-        main = get_strategy_class(str(name)).main_param
+        cls = get_strategy_class(str(name))
     except ConfigError:  # a record of a strategy this version does not know
         return label, ""
-    config = format_strategy_spec(str(name), {main: params[main]} if main in params else {}, main)
+    main = cls.main_param
+    shown = main in params and (getattr(cls, "show_default_main", True) or params[main] != cls.defaults.get(main))
+    config = format_strategy_spec(str(name), {main: params[main]} if shown else {}, main)
     cfg = run.get("config") if isinstance(run.get("config"), Mapping) else {}
     hp = {k: v for k, v in params.items() if k != main}
     hp.update({k: cfg[k] for k in HP_FIELDS if k in cfg})
@@ -170,7 +172,7 @@ def check_open_fraction(value: float, name: str, where: str) -> None:
 def main_fraction_runs(runs: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], str | None]:
     """Keep, per dataset, the runs at the largest train fraction (the main experiment).
 
-    Strategy comparisons pair runs over (dataset, arch, seed); runs of a train-size sweep
+    Strategy comparisons pair runs over (dataset, arch, seed, fold); runs of a train-size sweep
     (Tajbakhsh) at smaller fractions would otherwise be mixed into the same cells.
 
     Returns:

@@ -142,7 +142,7 @@ def _cards(data: ReportData) -> list[Card]:
 
 
 def _rule_text(data: ReportData) -> str:
-    return {"wilcoxon_holm": f"Wilcoxon signed-rank over (dataset, arch, seed) blocks, Holm, α = {data.alpha:g}",
+    return {"wilcoxon_holm": f"Wilcoxon signed-rank over (dataset, arch, seed, fold) blocks, Holm, α = {data.alpha:g}",
             "within_sd": "fallback: mean within one sd of the best, significance not testable",
             "within_tolerance": "fallback: mean within a fixed tolerance of the best, significance not testable",
             }.get(data.recommendation.get("method", ""), "no comparison")
@@ -176,6 +176,13 @@ def _summary(data: ReportData) -> list[Block]:
                "metric within a dataset (its test value shown). ★ recommended; ≈ not significantly worse than "
                f"the best on validation ({_rule_text(data)}).")
     blocks: list[Block] = [Table(header, rows, classes, caption)]
+    if data.folds is not None:
+        f = data.folds
+        blocks.append(Table(list(f.columns), [[v if isinstance(v, str) else fmt_number(v) for v in row]
+                                              for row in f.itertuples(index=False)],
+                            caption=f"Cross-validation: mean test {data.metric} per fold (over seeds) and the spread "
+                                    "across folds. The test split is the same in every fold; the folds rotate "
+                                    "train and validation (group-aware where the data has groups)."))
     if data.hp_choices:
         blocks.append(Table(
             ["dataset", "arch", "configuration", "fraction", "chosen (validation)", f"mean val {data.metric} per value"],
@@ -235,7 +242,7 @@ def _statistics(data: ReportData) -> list[Block]:
                for fr in st.friedman]
     blocks: list[Block] = [
         Paragraph("Strategies are compared on the validation metric (the split that selects; test is only "
-                  "reported) over blocks of (dataset, arch, seed) at each dataset's largest train "
+                  "reported) over blocks of (dataset, arch, seed, cross-validation fold) at each dataset's largest train "
                   "fraction: a Friedman test over complete blocks, then Wilcoxon signed-rank tests against the "
                   "best configuration with Holm's correction."),
         Table(["metric", "χ²", "p", "complete blocks", "treatments", "note"], fr_rows,

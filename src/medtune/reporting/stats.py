@@ -1,7 +1,7 @@
 """Statistics over run records: mean ± sd and CI, Friedman, Wilcoxon + Holm, a recommendation.
 
 The protocol: across seeds, mean ± sd and a 95% CI; comparing strategies, a Friedman test over
-(dataset, arch, seed) blocks, then Wilcoxon signed-rank tests with Holm's correction.
+(dataset, arch, seed, fold) blocks, then Wilcoxon signed-rank tests with Holm's correction.
 :func:`recommend` turns these into one sentence a user can act on: the cheapest configuration
 not significantly worse than the best.
 """
@@ -198,7 +198,7 @@ def _block_table(
 def friedman(
     runs: Sequence[Record],
     metric: str = "auc",
-    blocks: Sequence[str] = ("dataset", "arch", "seed"),
+    blocks: Sequence[str] = ("dataset", "arch", "seed", "fold"),
     treatment: str = "label",
     *,
     split: str = "test",
@@ -293,7 +293,7 @@ def pairwise_wilcoxon(
     runs: Sequence[Record],
     metric: str = "auc",
     *,
-    blocks: Sequence[str] = ("dataset", "arch", "seed"),
+    blocks: Sequence[str] = ("dataset", "arch", "seed", "fold"),
     treatment: str = "label",
     reference: str | None = None,
     all_pairs: bool = False,
@@ -388,7 +388,7 @@ def recommend(
     validation metric (``run["val_metrics"]``); its test metric is then reported.
 
     Configurations are run labels (``top_k:2``, ``full``, ...), compared over
-    (dataset, arch, seed) blocks at each dataset's largest train fraction. "Not worse" is
+    (dataset, arch, seed, fold) blocks at each dataset's largest train fraction. "Not worse" is
     decided by :func:`pairwise_wilcoxon` (Holm-corrected, at ``alpha``) when the test can
     reject at all: that needs 2+ seeds and enough paired blocks that ``holm`` of the smallest
     attainable p-value (:func:`min_wilcoxon_pvalue`) is below ``alpha``. Otherwise the rule
@@ -447,7 +447,8 @@ def recommend(
         params=("trainable_params", "mean"), seconds=("train_seconds", "mean"))
     per_label = per_label.sort_values("mean", ascending=not better)
     best = str(per_label.index[0])
-    num_seeds = frame["seed"].nunique(dropna=True)
+    # replicates: seeds × cross-validation folds
+    num_seeds = len(frame[["seed", "fold"]].astype(str).drop_duplicates())
     tests = pairwise_wilcoxon(main, metric, alpha=alpha, split="val")
     compared = tests[tests["label"] != best]
     max_pairs = int(compared["n"].max()) if len(compared) else 0
