@@ -134,20 +134,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML file of AuditConfig keys; flags override it")
     p.add_argument("--store", default=None)
     p.add_argument("--sources", "--source", dest="sources", default=None,
-                   help="comma-separated: train, natural, or a folder of natural images")
+                   help="comma-separated: train, natural, mixed, or a folder of natural images (= natural)")
     p.add_argument("--zetas", "--zeta", dest="zetas", default=None,
-                   help="comma-separated budgets ζ, fractions of the mean Lp norm of the source images")
+                   help="comma-separated budgets ζ: ξ = ζ·mean Lp norm of the run's training images, every source")
     p.add_argument("--norm", default=None, choices=("2", "inf"))
     p.add_argument("--targeted", default=None, help="a class index or 'all'")
-    p.add_argument("--natural-folder", default=None, help="folder of natural photos for the natural source")
-    p.add_argument("--num-source-images", type=int, default=None)
+    p.add_argument("--natural-folder", default=None, help="folder of natural photos (any number, streamed)")
+    p.add_argument("--num-source-images", type=int, default=None, help="images per source (natural: crops)")
+    p.add_argument("--mix-fraction", type=float, default=None, help="share of natural crops in the mixed source")
+    p.add_argument("--chunk-size", type=int, default=None, help="source images per chunk; v carries over")
+    p.add_argument("--algorithm", default=None, choices=("batched", "reference"),
+                   help="batched (fast) or reference (the papers'/ART's per-image loop)")
+    p.add_argument("--channels", default=None, choices=("auto", "grey", "rgb"),
+                   help="auto: grey perturbations on grey tasks (R = G = B)")
+    p.add_argument("--step-fraction", type=float, default=None, help="FGSM step as a fraction of ξ")
+    p.add_argument("--step-norm", default=None, choices=("2", "inf"),
+                   help="norm of the FGSM step (default the budget's; inf = sign steps)")
+    p.add_argument("--step-decay", type=float, default=None, help="step factor after every pass (1 = fixed)")
     p.add_argument("--max-passes", type=int, default=None)
     p.add_argument("--goal-rate", type=float, default=None, help="stop a UAP once it fools this share of its images")
     p.add_argument("--batch-size", type=int, default=None, help="images per UAP gradient step")
+    p.add_argument("--num-random", type=int, default=None, help="random controls per UAP")
+    p.add_argument("--random-linf", default=None, choices=("uniform", "corners"),
+                   help="L-inf random controls: uniform in the cube or its corners")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--transfer", action="store_true", default=None,
-                   help="also the transferability matrix between the runs")
+                   help="also the transferability matrix between runs of one dataset")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     p = sub.add_parser("strategies", help="list the registered strategies")
@@ -305,20 +318,29 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 
     import medtune
     from medtune.config import load_config
+    from medtune.errors import ConfigError
     from medtune.robustness.config import SOURCES, AuditConfig
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(AuditConfig)}
     if args.sources is not None:  # a folder among the sources stands for natural with --natural-folder FOLDER
         names = [s.strip() for s in args.sources.split(",") if s.strip()]
         folders = [s for s in names if s not in SOURCES and Path(s).is_dir()]
+        natural = [s for s in names if s == "natural" or s in folders]
+        if len(natural) > 1:
+            raise ConfigError(f"--sources names the natural source {len(natural)} times ({', '.join(natural)}); "
+                              "a folder is the natural source: pass 'natural' or one folder.")
+        if folders and args.natural_folder is not None:
+            raise ConfigError(f"--sources holds the folder {folders[0]} and --natural-folder is "
+                              f"{args.natural_folder}; give the folder once.")
         flags["sources"] = ["natural" if s in folders else s for s in names]
         if folders:
-            flags["natural_folder"] = folders[-1]
+            flags["natural_folder"] = folders[0]
     config = load_config(AuditConfig, args.config, **flags)  # every flag is checked here, before any run is read
     records = medtune.attack(args.runs, config=config, log=_log)
-    rows = [{k: r.get(k) for k in ("run_id", "label", "source", "zeta", "norm", "targeted", "fooling_rate",
-                                   "fooling_ci_low", "fooling_ci_high", "random_fooling_rate", "targeted_success",
-                                   "clean_target_share")} for r in records if r.get("source") != "transfer"]
+    rows = [{k: r.get(k) for k in ("run_id", "label", "source", "zeta", "norm", "targeted", "algorithm", "channels",
+                                   "fooling_rate", "fooling_ci_low", "fooling_ci_high", "random_fooling_rate",
+                                   "random_fooling_rate_max", "mcnemar_p", "targeted_success", "clean_target_share")}
+            for r in records if r.get("source") != "transfer"]
     if args.format == "json":
         for r in records:
             print(json.dumps({k: v for k, v in r.items() if k not in ("confusion", "random_confusion")}, default=str))
@@ -326,11 +348,15 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         import pandas as pd
 
         frame = pd.DataFrame(rows)
-        print(frame.to_csv(index=False) if args.format == "csv" else frame.to_string(index=False, float_format="%.3f"))
+        print(frame.to_csv(index=False) if args.format == "csv" else frame.to_string(index=False, float_format="%.3g"))
         for r in records:
             if r.get("source") == "transfer":
-                print("\ntransferability (rows: UAP of run, columns: evaluated on run):")
-                print(pd.DataFrame(r["matrix"]).T.to_string(float_format="%.3f"))
+                what = "fooling rate" if r.get("targeted") is None else f"success, target {r['targeted']}"
+                print(f"\ntransferability at ζ={r['zeta']} ({r['uap_source']} UAPs, {what}; rows: UAP of run, "
+                      "columns: evaluated on run; last row: random control):")
+                table = pd.DataFrame(r["matrix"]).T
+                table.loc["random"] = pd.Series(r["random"])
+                print(table.to_string(float_format="%.3f"))
     return 0
 
 

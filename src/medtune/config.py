@@ -85,6 +85,18 @@ def _as_tuple(value: Any, convert=lambda v: v) -> tuple:
     return tuple(convert(v) for v in value)
 
 
+def _check_augment(value: Any, owner: str) -> tuple[str, ...]:
+    """The augmentation names as a tuple in application order; ``none`` / empty is ``()``."""
+    from medtune.data.augment import AUGMENTATIONS, canonical_augmentations
+
+    if isinstance(value, str) and value.strip().lower() in ("", "none"):
+        return ()
+    names = _as_tuple(value, lambda v: str(v).strip())
+    for name in names:
+        check_choice(name, "augment", AUGMENTATIONS, owner=owner)
+    return canonical_augmentations(names)
+
+
 @dataclass(frozen=True)
 class RunConfig(_Base):
     """Everything one training run needs. Defaults are the offline demo's.
@@ -96,13 +108,18 @@ class RunConfig(_Base):
         strategy: a registered strategy spec, e.g. ``full``, ``top_k:2``, ``l2_sp:alpha=0.1`` (parsed
             into a :class:`~medtune.strategies.StrategySpec` when the config is built).
         epochs: maximum number of epochs (per phase for multi-phase strategies).
+        scratch_epochs: maximum number of epochs of a ``scratch`` run (Tajbakhsh et al. trained from
+            scratch to convergence; early stopping by ``patience``); 0 means 4 × ``epochs``.
         img_size: model input size in pixels (square).
         lr: peak learning rate.
         warmup_epochs: linear warm-up length of the cosine schedule, in epochs (may be fractional).
         patience: early stopping patience in epochs (0 disables early stopping).
         monitor: validation metric used for early stopping and the best checkpoint.
         bn_mode: ``eval`` (frozen BatchNorm layers use running statistics) or ``train``.
-        augment: ``none`` or ``flip`` (random horizontal/vertical flips; disables feature caching).
+        augment: names of per-sample random transforms of the training batches, a list or a
+            comma-separated string (``hflip``, ``vflip``, ``affine``, ``color``; see
+            :mod:`medtune.data.augment`); ``none`` or empty for none. Any augmentation disables
+            feature caching.
         feature_cache: ``auto`` computes a fixed frozen prefix once and trains the rest on its
             features (results equal to float tolerance); ``off`` always runs the whole network.
         split_seed: seed of the train/val/test split and of the train-fraction subsample (fixed
@@ -120,6 +137,7 @@ class RunConfig(_Base):
     weights: str = "efficientnet_lite0"
     strategy: StrategySpec | str = StrategySpec(name="full", text="full")
     epochs: int = 5
+    scratch_epochs: int = 0
     img_size: int = 64
     batch_size: int = 32
     lr: float = 1e-3
@@ -130,7 +148,7 @@ class RunConfig(_Base):
     patience: int = 0
     monitor: str = "auc"
     bn_mode: str = "eval"
-    augment: str = "none"
+    augment: tuple[str, ...] | str = ()
     seed: int = 0
     split_seed: int = 0
     train_fraction: float = 1.0
@@ -161,6 +179,8 @@ class RunConfig(_Base):
         # the one place a strategy's text is parsed: from here on the run holds a typed spec
         object.__setattr__(self, "strategy", StrategySpec.parse(self.strategy))
         check_scalar(self.epochs, "epochs", int, min_val=1, owner=owner)
+        check_scalar(self.scratch_epochs, "scratch_epochs", int, min_val=0, owner=owner)
+        object.__setattr__(self, "augment", _check_augment(self.augment, owner))
         check_scalar(self.img_size, "img_size", int, min_val=16, max_val=2048, owner=owner)
         check_scalar(self.batch_size, "batch_size", int, min_val=1, owner=owner)
         check_scalar(self.eval_batch_size, "eval_batch_size", int, min_val=1, owner=owner)
@@ -186,7 +206,6 @@ class RunConfig(_Base):
         check_choice(self.optimizer, "optimizer", ("adamw", "sgd"), owner=owner)
         check_choice(self.monitor, "monitor", ("auc", "accuracy", "balanced_accuracy", "f1", "loss"), owner=owner)
         check_choice(self.bn_mode, "bn_mode", ("eval", "train"), owner=owner)
-        check_choice(self.augment, "augment", ("none", "flip"), owner=owner)
         check_choice(self.resize, "resize", ("resize", "pad"), owner=owner)
         check_choice(self.amp, "amp", ("auto", "on", "off"), owner=owner)
         check_choice(self.feature_cache, "feature_cache", ("auto", "off"), owner=owner)

@@ -56,8 +56,8 @@ def test_one_pass_fills_every_boundary_and_changes_invalidate(tiny_cfg, syntheti
 
 
 def test_augmentation_and_moving_prefixes_disable_the_cache_with_a_reason(tiny_cfg, synthetic_data):
-    _, _, log = _fit("linear", tiny_cfg.replace(augment="flip"), synthetic_data)
-    assert "feature cache off: random augmentation (flip)" in log
+    _, _, log = _fit("linear", tiny_cfg.replace(augment=["affine", "hflip"]), synthetic_data)
+    assert "feature cache off: random augmentation (hflip, affine)" in log
     _, _, log = _fit("gradual_lf", tiny_cfg, synthetic_data)
     assert "feature cache off: the strategy changes which layers are frozen" in log
     _, _, log = _fit("full", tiny_cfg, synthetic_data)
@@ -90,3 +90,22 @@ def test_features_over_the_memory_budget_go_to_a_disk_memmap(tiny_cfg, synthetic
     m_off, r_off, _ = _fit("top_k:1", tiny_cfg.replace(feature_cache="off"), synthetic_data)
     for key, value in r_off.test_metrics.items():
         assert r_on.test_metrics[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_feature_seconds_do_not_depend_on_run_order(tiny_cfg, synthetic_data):
+    FEATURE_CACHE.clear()
+    _, first, _ = _fit("top_k:1", tiny_cfg, synthetic_data)  # fills the cache (a miss)
+    misses = FEATURE_CACHE.misses
+    _, second, _ = _fit("top_k:1", tiny_cfg, synthetic_data)  # same prefix: a hit
+    assert FEATURE_CACHE.misses == misses
+    assert first.extras["feature_seconds"] == second.extras["feature_seconds"] > 0
+    assert first.extras["feature_seconds_eval"] == second.extras["feature_seconds_eval"] > 0
+    for result in (first, second):  # the training split's extraction is charged to every run of the prefix
+        epochs = sum(h["seconds"] for h in result.history)
+        assert result.train_seconds == pytest.approx(epochs + result.extras["feature_seconds"])
+    _, shorter, _ = _fit("top_k:2", tiny_cfg, synthetic_data)  # a cut filled by the first run's pass
+    assert FEATURE_CACHE.misses == misses
+    assert 0 < shorter.extras["feature_seconds"] <= first.extras["feature_seconds"]
+    _, off, _ = _fit("top_k:1", tiny_cfg.replace(feature_cache="off"), synthetic_data)
+    assert off.extras["feature_seconds"] == 0.0
+    assert off.train_seconds == pytest.approx(sum(h["seconds"] for h in off.history))

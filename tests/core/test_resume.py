@@ -33,10 +33,11 @@ class CrashAt:
             raise Crash
 
 
-@pytest.mark.parametrize("spec,crash_at", [("full", 2), ("lp_ft:lp_epochs=2", 3), ("lp_ft:lp_epochs=2", 2),
-                                           ("gradual_lf", 2), ("auto_rgn", 2)])
-def test_resumed_run_ends_with_the_same_weights(spec, crash_at, tiny_cfg, synthetic_data, tmp_path):
-    cfg = tiny_cfg.replace(epochs=3)
+@pytest.mark.parametrize("spec,crash_at,augment", [
+    ("full", 2, ()), ("lp_ft", 3, ()), ("lp_ft", 2, ()), ("linear:solver=epochs", 2, ()), ("gradual_lf", 2, ()),
+    ("auto_rgn", 2, ()), ("l2_sp", 2, ()), ("full", 2, ("hflip", "vflip", "affine", "color"))])
+def test_resumed_run_ends_with_the_same_weights(spec, crash_at, augment, tiny_cfg, synthetic_data, tmp_path):
+    cfg = tiny_cfg.replace(epochs=3, augment=augment)
 
     def train(callbacks=(), ckpt=None):
         model = make_tiny()
@@ -57,6 +58,8 @@ def test_resumed_run_ends_with_the_same_weights(spec, crash_at, tiny_cfg, synthe
         assert torch.equal(a, b), n
     assert resumed.test_metrics == ref.test_metrics
     assert [h["epoch"] for h in resumed.history] == [h["epoch"] for h in ref.history]
+    # the prefix's extraction cost is charged once, not again on resume
+    assert resumed.extras["feature_seconds"] == ref.extras["feature_seconds"]
 
 
 SWEEP_YAML = """

@@ -53,7 +53,7 @@ def test_bad_specs_fail_when_the_config_is_built():
 def test_a_template_expands_to_one_spec_per_depth():
     template = StrategySpec.parse("top_k:all", allow_all=True)
     assert template.expand_all and str(template) == "top_k:all"
-    assert [str(s) for s in template.expand(4)] == ["top_k:0", "top_k:1", "top_k:2", "top_k:3"]
+    assert [str(s) for s in template.expand(4)] == ["top_k:1", "top_k:2"]
     assert str(StrategySpec.parse("surgical:all", allow_all=True).expand(4)[-1]) == "surgical:2"
 
 
@@ -79,7 +79,7 @@ def test_the_spec_text_is_parsed_once_on_the_way_from_sweep_to_store(tmp_path, m
                              "img_size": 16, "batch_size": 32, "device": "cpu", "progress": False,
                              "strategy": ["lp_ft:lp_epochs=1", "top_k:all"]}, store=str(tmp_path / "s"))
     assert sorted(calls) == ["lp_ft:lp_epochs=1", "top_k:all"]
-    assert [r["label"] for r in records][:2] == ["lp_ft:lp_epochs=1", "top_k:0"]
+    assert [r["label"] for r in records][:2] == ["lp_ft:lp_epochs=1", "top_k:1"]
 
 
 def test_a_damaged_checkpoint_is_one_store_error_naming_the_file(tiny_cfg, synthetic_data, tmp_path):

@@ -50,9 +50,6 @@ def test_param_groups_cover_exactly_the_trainable_params_and_are_named(name, tin
         assert len(ids) == len(set(ids)), "groups must be disjoint"
         assert all(g["name"] for g in groups)
         trainable = {id(p) for p in tiny_model.parameters() if p.requires_grad}
-        if name == "auto_rgn":  # norm layers are left out of the optimiser, by design
-            from medtune.models._norm import norm_param_ids
-            trainable -= norm_param_ids(tiny_model)
         assert set(ids) == trainable
 
 
@@ -66,7 +63,7 @@ def test_frozen_params_bit_identical_trainable_changed(name, tiny_cfg, synthetic
         from medtune.models._norm import norm_param_ids
         norm = norm_param_ids(model)
         untouched = {n for n, p in params.items() if id(p) in norm}
-        assert untouched and not (trained & untouched), "norm params are outside Auto-RGN's optimiser"
+        assert untouched and not (trained & untouched), "norm params are frozen under Auto-RGN, as the official code"
     head = {f"backbone.{n}" for n in blocks[blocks.head_idx].param_names}
     assert head <= trained, "the head must train under every strategy"
     if name in ("linear", "top_k", "layers_k", "surgical", "deft"):
@@ -81,8 +78,9 @@ def test_frozen_bn_running_stats_unchanged_in_eval_policy(tiny_cfg, synthetic_da
     model, blocks, before, buffers, _ = _train(create_strategy("linear"), tiny_cfg, synthetic_data)
     for n, b in model.named_buffers():
         assert torch.equal(b, buffers[n]), f"{n} changed although its layer is frozen"
-    # with bn_mode=train the statistics of frozen layers do move
-    model, blocks, before, buffers, _ = _train(create_strategy("linear"), tiny_cfg.replace(bn_mode="train"),
+    # with bn_mode=train the statistics of frozen layers do move (a head trained by epochs: top_k:0;
+    # the linear probe reads its features in eval mode whatever bn_mode says, as Kumar et al.)
+    model, blocks, before, buffers, _ = _train(create_strategy("top_k:0"), tiny_cfg.replace(bn_mode="train"),
                                                synthetic_data)
     assert any(not torch.equal(b, buffers[n]) for n, b in model.named_buffers() if "running_mean" in n)
 
@@ -124,7 +122,8 @@ def test_scratch_starts_from_a_fresh_init(tmp_path, synthetic_data):
 
 
 @pytest.mark.parametrize("name,top_down", [("gradual_lf", True), ("gradual_fl", False)])
-def test_gradual_unfreezing_trainable_set_per_epoch(name, top_down, tiny_cfg, synthetic_data):
+@pytest.mark.parametrize("epochs", [3, 6, 10])
+def test_gradual_unfreezing_trainable_set_per_epoch(name, top_down, epochs, tiny_cfg, synthetic_data):
     seen = []
 
     class Spy:
@@ -133,13 +132,46 @@ def test_gradual_unfreezing_trainable_set_per_epoch(name, top_down, tiny_cfg, sy
 
     model = make_tiny()
     blocks = get_blocks(model)
-    cfg = tiny_cfg.replace(epochs=len(blocks) + 1)
-    fit(model, synthetic_data, create_strategy(name), cfg, blocks=blocks, callbacks=(Spy(),))
-    head = blocks.head_idx
+    fit(model, synthetic_data, create_strategy(name), tiny_cfg.replace(epochs=epochs), blocks=blocks,
+        callbacks=(Spy(),))
+    head = blocks.head_idx  # 4 non-head blocks; every one unfrozen by epoch U = min(ceil(E/2), E-1)
+    full_at = min(math.ceil(epochs / 2), epochs - 1)
     for epoch, trainable in enumerate(seen):
-        n = min(epoch, head)
+        n = head if epoch >= full_at else math.ceil(head * epoch / full_at)
         extra = set(range(head - n, head)) if top_down else set(range(n))
         assert trainable == extra | {head}, (epoch, trainable)
+    assert seen[0] == {head} and seen[-1] == set(range(head + 1))
+    assert sum(t == set(range(head + 1)) for t in seen) >= epochs - full_at >= epochs // 2
+
+
+def _nine_block_cnn(seed: int = 0):
+    """The tiny CNN with seven stages: stem, stage_1..7, head (9 blocks, as EfficientNet-Lite0)."""
+    import timm
+
+    from medtune.models._builder import NormalizedModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return NormalizedModel(timm.create_model("medtune_tiny_cnn", num_classes=2, widths=(8,) * 7, depths=(1,) * 7))
+
+
+@pytest.mark.parametrize("name", ["gradual_lf", "gradual_fl"])
+@pytest.mark.parametrize("epochs", [3, 10])
+def test_gradual_trains_every_block_even_with_early_stopping(name, epochs, tiny_cfg, synthetic_data):
+    model = _nine_block_cnn()
+    blocks = get_blocks(model)
+    assert len(blocks) == 9
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = fit(model, synthetic_data, create_strategy(name), tiny_cfg.replace(epochs=epochs, patience=1, lr=0.05),
+                 blocks=blocks)
+    for idx, block in enumerate(blocks):
+        changed = [not torch.equal(p, before[f"backbone.{n}"]) for n, p in zip(block.param_names, blocks.parameters(idx))]
+        assert any(changed), f"{block.name} never trained"
+    changed = sum(p.numel() for n, p in model.named_parameters() if not torch.equal(p, before[n]))
+    assert result.trainable_params == changed == sum(p.numel() for p in model.parameters())
+    assert create_strategy(name).depth(len(blocks)) == len(blocks) - 1
+    kept = result.extras["phases"][0]["best_epoch"]
+    assert kept >= min(math.ceil(epochs / 2), epochs - 1), "the kept epoch trained the whole network"
 
 
 def test_gradual_keeps_the_optimizer_state_of_blocks_already_training(tiny_cfg, synthetic_data):
@@ -155,8 +187,8 @@ def test_gradual_keeps_the_optimizer_state_of_blocks_already_training(tiny_cfg, 
     head_param = blocks.parameters(blocks.head_idx)[0]
     state = copy.deepcopy(opt.state[head_param])
     ctx = EpochContext(model=model, blocks=blocks, optimizer=opt, lr=1e-3, weight_decay=0.0, batches=None,
-                       loss_fn=None, build_optimizer=None)
-    strategy.on_epoch_start(1, ctx)
+                       loss_fn=None, build_optimizer=None, num_epochs=10)
+    strategy.on_epoch_start(1, ctx)  # U = 5: one of the 4 blocks unfrozen at epoch 1
     assert ctx.optimizer is opt and len(opt.param_groups) == 2
     assert torch.equal(opt.state[head_param]["exp_avg"], state["exp_avg"])
 
@@ -202,29 +234,30 @@ def test_sp_penalty_equals_formula_and_gradient_equals_autograd(name, tiny_model
 
 
 def test_auto_rgn_weights_equal_a_direct_computation(tiny_cfg, synthetic_data):
-    from medtune.strategies.base import EpochContext
     from medtune.models._norm import norm_param_ids
+    from medtune.strategies.base import EpochContext
+    from medtune.training.loop import set_train_mode
 
     model = make_tiny()
     blocks = get_blocks(model)
     s = create_strategy("auto_rgn:num_batches=3")
     s.set_trainable(blocks)
+    set_train_mode(model, "eval")  # as the loop does: norm parameters are frozen, so every BN is in eval mode
+    assert all(not m.training for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     x = synthetic_data.images.float() / 255
     y = synthetic_data.labels
     batches = [(x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8]) for i in range(3)]
     loss_fn = torch.nn.functional.cross_entropy
     norm = norm_param_ids(model)
     params = [(n, p) for n, p in model.named_parameters() if id(p) not in norm]
-    # direct computation
-    ratios = {n: 0.0 for n, _ in params}
-    model.train()
-    ref = copy.deepcopy(model)
+    # direct computation, as the official get_lr_weights: ||grad|| / ||param|| per tensor, mean over batches
+    ref = copy.deepcopy(model).eval()
     ref_params = dict(ref.named_parameters())
+    ratios = {n: 0.0 for n, _ in params}
     for xb, yb in batches:
-        ref.zero_grad()
-        loss_fn(ref(xb), yb).backward()
-        for n, _ in params:
-            ratios[n] += (ref_params[n].grad.norm() / ref_params[n].norm()).item() / len(batches)
+        grads = torch.autograd.grad(loss_fn(ref(xb), yb), [ref_params[n] for n, _ in params])
+        for (n, _), g in zip(params, grads):
+            ratios[n] += (g.norm() / ref_params[n].norm()).item() / len(batches)
     top = max(ratios.values())
     expected = {n: r / top for n, r in ratios.items()}
     built = {}
@@ -241,25 +274,51 @@ def test_auto_rgn_weights_equal_a_direct_computation(tiny_cfg, synthetic_data):
     names = {n.removeprefix("backbone.") for n, _ in params}
     assert set(built) == names, "one group per non-norm tensor, norm tensors excluded"
     for n, _ in params:
-        assert built[n.removeprefix("backbone.")] == pytest.approx(expected[n], rel=1e-4)
+        assert built[n.removeprefix("backbone.")] == pytest.approx(expected[n], rel=1e-5)
     assert max(built.values()) == pytest.approx(1.0)
     for n, b in model.named_buffers():
         assert torch.equal(b, buffers[n]), "probing must not move BN statistics"
     assert ctx.record["auto_rgn"][0]["epoch"] == 0 and "head" in ctx.record["auto_rgn"][0]["block_weights"]
 
 
+def test_auto_rgn_leaves_bn_statistics_bit_identical_and_times_its_probes(tiny_cfg, synthetic_data, monkeypatch):
+    import time
+
+    from medtune.strategies.zoo import AutoRGN
+
+    probe = AutoRGN.relative_gradient_norms
+
+    def slow_probe(*args):
+        time.sleep(0.3)
+        return probe(*args)
+
+    monkeypatch.setattr(AutoRGN, "relative_gradient_norms", staticmethod(slow_probe))
+    model, blocks, before, buffers, result = _train(create_strategy("auto_rgn"), tiny_cfg.replace(epochs=3),
+                                                    synthetic_data)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), f"{n} moved: every BatchNorm runs in eval mode"
+    from medtune.models._norm import norm_param_ids
+
+    norm = norm_param_ids(model)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) == (id(p) in norm), n
+    assert [r["epoch"] for r in result.extras["auto_rgn"]] == [0, 1, 2]
+    assert all(h["seconds"] >= 0.3 for h in result.history), "the probe passes are training time"
+    assert result.train_seconds >= 0.9
+    # the extension: norm parameters train too, their BatchNorms in train mode
+    model, _, before, buffers, _ = _train(create_strategy("auto_rgn:tune_norm=true"), tiny_cfg, synthetic_data)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if id(p) in norm_param_ids(model))
+    assert any(not torch.equal(b, buffers[n]) for n, b in model.named_buffers() if "running_mean" in n)
+
+
 def test_lp_ft_phase_two_starts_from_phase_one_head(tiny_cfg, synthetic_data):
     starts = {}
-
-    class Probe:
-        def on_epoch_end(self, record):
-            pass
-
     model = make_tiny()
     blocks = get_blocks(model)
-    s = create_strategy("lp_ft:lp_epochs=2")
+    s = create_strategy("lp_ft")
     phases = s.phases()
     assert [p.name for p in phases] == ["lp", "ft"] and phases[1].lr_scale == pytest.approx(0.1)
+    assert phases[1].optimizer == "sgd" and phases[1].weight_decay == 0.0, "Kumar et al.: SGD, no weight decay"
     ft = phases[1].strategy
     original = ft.set_trainable
 
@@ -275,5 +334,95 @@ def test_lp_ft_phase_two_starts_from_phase_one_head(tiny_cfg, synthetic_data):
     result = fit(model, synthetic_data, s, tiny_cfg.replace(epochs=2), blocks=blocks)
     assert not all(torch.equal(a, b) for a, b in zip(starts["head"], init_head)), "phase 1 trained the head"
     assert all(torch.equal(a, b) for a, b in zip(starts["stem"], init_stem)), "phase 1 left the backbone alone"
-    assert [h["phase"] for h in result.history] == ["lp", "lp", "ft", "ft"]
+    assert [h["phase"] for h in result.history] == ["lp", "ft", "ft"], "the probe is solved, then 2 FT epochs"
+    assert result.history[0]["c"] == result.extras["linear_probe"]["c"]
     assert [p["name"] for p in result.extras["phases"]] == ["lp", "ft"]
+
+
+def _classifier_inputs(model, images):
+    with torch.no_grad():
+        model.eval()
+        return model.backbone.forward_head(model.backbone.forward_features(model.normalize(images.float() / 255)),
+                                           pre_logits=True).double().numpy()
+
+
+@pytest.mark.parametrize("num_classes,spec", [(2, "linear"), (3, "linear:c=1.0")])
+def test_linear_probe_head_equals_sklearns_logistic_regression(num_classes, spec, tiny_cfg):
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from medtune.data import make_synthetic
+    from medtune.strategies.probing import c_grid
+
+    data = make_synthetic(num_samples=96, img_size=16, num_classes=num_classes, seed=1)
+    model, _, before, _, result = _train(create_strategy(spec), tiny_cfg, data)
+    probe = result.extras["linear_probe"]
+    c = probe["c"]
+    grid = [1.0] if "c=" in spec else list(c_grid(10))  # a fixed C (the 3-class case: logits far from 0)
+    assert [g["c"] for g in probe["grid"]] == pytest.approx(grid)
+    chosen = max(probe["grid"], key=lambda g: (g["val_accuracy"], -g["val_loss"]))
+    assert c == chosen["c"], "C is the grid value with the best validation accuracy (ties: lower loss)"
+    assert len(result.history) == 1 and result.history[0]["c"] == c
+    train, test = data.split("train"), data.split("test")
+    x_train, x_test = _classifier_inputs(model, train.images), _classifier_inputs(model, test.images)
+    mean, std = x_train.mean(), x_train.std()  # Kumar et al.'s scalar standardisation
+    ref = LogisticRegression(C=c, max_iter=10_000, tol=1e-10).fit((x_train - mean) / std, train.labels.numpy())
+    expected = ref.decision_function((x_test - mean) / std)
+    with torch.no_grad():
+        logits = model.eval()(test.images.float() / 255).double().numpy()
+    got = logits[:, 1] - logits[:, 0] if num_classes == 2 else logits
+    assert np.abs(expected).max() > 1.0, "a solution away from the all-zero head"
+    assert np.abs(got - expected).max() < 1e-3
+    for n, p in model.named_parameters():
+        if not n.startswith("backbone.head"):
+            assert torch.equal(p, before[n])
+
+
+def test_linear_probe_is_used_only_for_a_single_linear_layer(tiny_cfg, synthetic_data):
+    _, _, _, _, result = _train(create_strategy("linear:solver=epochs,patience=2"), tiny_cfg, synthetic_data)
+    assert "linear_probe" not in result.extras and len(result.history) >= 3, "trained by epochs to convergence"
+    assert all(h["phase"] == "linear" for h in result.history)
+
+
+def test_sp_strategies_train_with_sgd_by_default(tiny_cfg, synthetic_data, tmp_path):
+    from medtune.training.loop import Checkpoint
+    from tests.core.test_resume import Crash, CrashAt
+
+    for spec, kind in [("l2_sp", "sgd"), ("l2_sp:optimizer=adamw", "adamw")]:
+        ckpt = tmp_path / f"{kind}.pt"
+        with pytest.raises(Crash):
+            _train(create_strategy(spec), tiny_cfg, synthetic_data, checkpoint_path=ckpt, callbacks=(CrashAt(2),))
+        group = Checkpoint.load(ckpt).optimizer["param_groups"][0]
+        assert ("momentum" in group and group["momentum"] == 0.9) == (kind == "sgd")
+        assert ("betas" in group) == (kind == "adamw") and group["weight_decay"] == 0.0
+
+
+def test_surgical_runs_every_batchnorm_in_eval_mode_by_default(tiny_cfg, synthetic_data):
+    model, blocks, before, buffers, _ = _train(create_strategy("surgical:1"), tiny_cfg, synthetic_data)
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), f"{n} moved: the official configuration never calls model.train()"
+    bn = [n for n in blocks[1].param_names if ".bn." in n]
+    assert bn and all(not torch.equal(dict(model.named_parameters())[f"backbone.{n}"], before[f"backbone.{n}"])
+                      for n in bn), "the tuned block's BN affine parameters still train"
+    model, blocks, _, buffers, _ = _train(create_strategy("surgical:1,bn=train"), tiny_cfg, synthetic_data)
+    moved = {n for n, b in model.named_buffers() if not torch.equal(b, buffers[n]) and "running_mean" in n}
+    assert moved == {f"backbone.{blocks[1].param_names[0].rsplit('.', 2)[0]}.bn.running_mean"}
+
+
+def test_top_k_all_expands_to_one_through_s_and_layers_k_all_to_every_depth(tiny_model):
+    from medtune.strategies import StrategySpec
+
+    blocks = get_blocks(tiny_model)  # stem, stage_1..3, head: S = 3
+    specs = StrategySpec.parse("top_k:all", allow_all=True).expand(len(blocks))
+    assert [str(s) for s in specs] == ["top_k:1", "top_k:2", "top_k:3"], "k = 0 is linear and k = S+1 is full"
+    layers = get_blocks(tiny_model, granularity="layer")
+    every = StrategySpec.parse("layers_k:all", allow_all=True).expand(len(layers))
+    assert [str(s) for s in every] == [f"layers_k:{k}" for k in range(len(layers))], "Tajbakhsh: every depth"
+
+
+def test_scratch_has_its_own_epoch_budget(tiny_cfg, synthetic_data):
+    _, _, _, _, result = _train(create_strategy("scratch"), tiny_cfg.replace(epochs=1), synthetic_data)
+    assert len(result.history) == 4, "scratch_epochs=0: four times the fine-tuning budget"
+    _, _, _, _, result = _train(create_strategy("scratch"), tiny_cfg.replace(epochs=1, scratch_epochs=3),
+                                synthetic_data)
+    assert len(result.history) == 3

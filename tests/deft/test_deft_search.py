@@ -32,8 +32,9 @@ def additive_search(evaluator=None, **kwargs) -> DEFTSearch:
 def test_finds_hidden_target_mask():
     target = (1, 0, 1, 1, 0, 0, 1, 0)
     evaluator = TargetFitness(target)
+    # an all-random initial population: this is the DE search itself at work
     search = DEFTSearch(num_units=8, evaluator=evaluator, unit_params=[100] * 8, head_params=50,
-                        total_params=850, popsize=16, generations=15, seed=0).fit()
+                        total_params=850, popsize=16, generations=15, seed=0, seed_top_k=False).fit()
     assert search.best_mask_ == target
     assert search.best_fitness_ == 1.0
     assert search.best_evaluation_.info == {"agree": 8}
@@ -65,7 +66,7 @@ def test_same_seed_same_search_different_seed_differs():
 
 
 def test_history_is_recorded_per_generation():
-    search = additive_search(popsize=7, generations=6, seed=1).fit()
+    search = additive_search(popsize=7, generations=6, seed=1, seed_top_k=False).fit()
     history = search.history_
     assert [h["generation"] for h in history] == list(range(len(history)))
     assert len(history) == search.scipy_result_["nit"] + 1
@@ -152,7 +153,7 @@ def test_time_budget_marks_slow_trainings_infeasible():
 def test_head_only_fallback_when_no_evaluated_mask_is_feasible():
     # only the all-zeros mask fits a head-only budget; stop after the initial population
     search = additive_search(max_trainable_params=HEAD_PARAMS, callback=lambda entry: True,
-                             popsize=5, seed=1)
+                             popsize=5, seed=1, seed_top_k=False)
     with pytest.warns(UserWarning, match="returning the head-only mask"):
         search.fit()
     assert [r["source"] for r in search.evaluations_] == ["not_trained"] * 5 + ["trained"]
@@ -306,3 +307,30 @@ def test_numpy_scalars_are_accepted_like_python_numbers():
                             mutation=np.float64(0.8), recombination=np.float64(0.7)).fit()
     assert numpy.history_ == plain.history_ and numpy.evaluations_ == plain.evaluations_
     assert numpy.max_trainable_params_ == plain.max_trainable_params_
+
+
+def test_a_top_k_optimum_is_returned_at_generation_zero():
+    # a stand-in fitness whose optimum is the top-4 mask: the seeded population holds it
+    target = (0, 0, 0, 0, 1, 1, 1, 1)
+    evaluator = TargetFitness(target)
+    search = DEFTSearch(num_units=8, evaluator=evaluator, unit_params=[100] * 8, head_params=50,
+                        total_params=850, popsize=10, generations=0, seed=0).fit()
+    assert search.best_mask_ == target and search.best_fitness_ == 1.0
+    assert search.history_[0]["best_mask"] == list(target) and len(search.history_) == 1
+    gen0 = [tuple(r["mask"]) for r in search.evaluations_ if r["generation"] == 0]
+    top_k = [tuple([0] * (8 - k) + [1] * k) for k in range(9)]
+    assert gen0[:9] == top_k and len(gen0) == 10  # every top-k mask (k = 0 is the probe), then LHS rows
+    unseeded = DEFTSearch(num_units=8, evaluator=TargetFitness(target), unit_params=[100] * 8, head_params=50,
+                          total_params=850, popsize=10, generations=0, seed=0, seed_top_k=False).fit()
+    assert unseeded.best_fitness_ < 1.0, "without the seeds a random population misses it"
+
+
+def test_seeded_population_holds_only_feasible_top_k_masks_and_grows_to_hold_them():
+    search = additive_search(max_trainable_params=HEAD_PARAMS + 6400 + 3200, popsize=5, generations=0).fit()
+    gen0 = [tuple(r["mask"]) for r in search.evaluations_ if r["generation"] == 0]
+    assert gen0[:3] == [(0,) * 7, (0,) * 6 + (1,), (0,) * 5 + (1, 1)]
+    assert (0,) * 4 + (1, 1, 1) not in gen0[:3] and len(gen0) == 5  # over budget: not seeded
+    wide = additive_search(popsize=5, generations=0).fit()
+    assert len([r for r in wide.evaluations_ if r["generation"] == 0]) == 8  # 8 top-k masks > popsize 5
+    best_top_k = max(AdditiveFitness.score(tuple([0] * (7 - k) + [1] * k)) for k in range(8))
+    assert wide.best_fitness_ >= best_top_k

@@ -45,7 +45,11 @@ def _check_partition(blocks: Blocks, model: nn.Module, calls: dict[str, int]) ->
         assert all(p is named[n] for p, n in zip(blocks.parameters(idx), block.param_names, strict=True))
     head = blocks[blocks.head_idx]
     assert head.name == "head" and blocks.head_idx == len(blocks) - 1
-    assert {id(p) for p in blocks.parameters(blocks.head_idx)} == {id(p) for p in model.get_classifier().parameters()}
+    classifier = {id(p) for p in model.get_classifier().parameters()}
+    pre_logits = {id(p) for n, p in named.items() if n.startswith("pre_logits.")}
+    head_ids = {id(p) for p in blocks.parameters(blocks.head_idx)}
+    # the classifier, and in the block partition also a pre_logits MLP (VGG's fc6/fc7)
+    assert head_ids == (classifier | pre_logits if blocks.granularity == "block" else classifier)
     for earlier, later in zip(blocks[:-1], blocks[1:], strict=True):  # input -> output, as the forward pass runs
         if earlier.param_names and later.param_names:
             assert max(calls[n] for n in earlier.param_names) < min(calls[n] for n in later.param_names), (
@@ -69,12 +73,7 @@ def test_blocks_and_layers_partition_every_parameter_in_forward_order(arch):
     names = blocks.names()
     stages = [n for n in names if n.startswith("stage_")]
     assert stages == [f"stage_{i}" for i in range(1, len(stages) + 1)] and len(stages) >= 3
-    assert names == [
-        *(["stem"] if names[0] == "stem" else []),
-        *stages,
-        *(["pre_head"] if "pre_head" in names else []),
-        "head",
-    ]
+    assert names == [*(["stem"] if names[0] == "stem" else []), *stages, "head"]
     assert len(layers) > len(stages) or arch.startswith("medtune")
     for layer in layers:  # layers nest in blocks
         assert len({blocks.block_index(n) for n in layer.param_names}) == 1, layer.name
@@ -116,10 +115,10 @@ def test_vgg_blocks_are_the_conv_blocks_between_max_pools(arch, num_convs):
         else:
             current |= {f"features.{idx}.{n}" for n, _ in module.named_parameters()}
     blocks = get_blocks(model)
-    assert blocks.names() == ["stage_1", "stage_2", "stage_3", "stage_4", "stage_5", "pre_head", "head"]
+    assert blocks.names() == ["stage_1", "stage_2", "stage_3", "stage_4", "stage_5", "head"]
     assert [set(b.param_names) for b in blocks[:5]] == expected
-    assert set(blocks[5].param_names) == _with_prefix(model, "pre_logits.")
-    assert [b.reduction for b in blocks] == [1, 2, 4, 8, 16, 32, None]
+    assert set(blocks[5].param_names) == _with_prefix(model, "pre_logits.", "head.")  # fc6, fc7, fc8
+    assert [b.reduction for b in blocks] == [1, 2, 4, 8, 16, None]
     layers = get_blocks(model, "layer")
     assert len(layers) == num_convs + 3  # conv(+BN) layers, fc6, fc7, classifier
     assert layers.names()[-3:] == ["pre_logits.fc1", "pre_logits.fc2", "head"]
@@ -141,14 +140,16 @@ def test_efficientnet_family_uses_timms_seven_stages(arch):
     assert reductions == [2, 2, 4, 8, 16, 16, 32, 32, None]
 
 
-def test_densenet_stages_hold_a_dense_block_and_its_transition():
+def test_densenet_transitions_are_blocks_of_their_own():
     model = timm.create_model("densenet121")
     got = _blocks_of(model)
-    assert list(got) == ["stem", "stage_1", "stage_2", "stage_3", "stage_4", "head"]
+    assert list(got) == ["stem", *[f"stage_{k}" for k in range(1, 8)], "head"]  # Davila et al.'s 9 blocks
     for k in range(1, 4):
-        assert got[f"stage_{k}"] == _with_prefix(model, f"features.denseblock{k}.", f"features.transition{k}.")
-    assert got["stage_4"] == _with_prefix(model, "features.denseblock4.", "features.norm5.")
+        assert got[f"stage_{2 * k - 1}"] == _with_prefix(model, f"features.denseblock{k}.")
+        assert got[f"stage_{2 * k}"] == _with_prefix(model, f"features.transition{k}.")
+    assert got["stage_7"] == _with_prefix(model, "features.denseblock4.", "features.norm5.")
     assert got["head"] == {"classifier.weight", "classifier.bias"}
+    assert [b.reduction for b in get_blocks(model)] == [2, 4, 8, 8, 16, 16, 32, 32, None]
 
 
 def test_inception_v3_stages_follow_its_resolution_levels():
@@ -220,3 +221,20 @@ def test_list_archs_filters_by_pattern():
     assert {"resnet50", "vgg16", "tf_efficientnet_lite0", "medtune_tiny_cnn"} <= set(list_archs())
     assert list_archs("vgg*") == ["vgg16", "vgg19", "vgg19_bn"]
     assert all(timm.is_model(a) for a in list_archs())
+
+
+@pytest.mark.slow
+def test_vgg16_linear_trains_fc6_to_fc8_and_top_k_1_adds_conv_block_5(capsys):
+    from medtune.strategies import create_strategy
+
+    model = create_model("vgg16", num_classes=2, weights="none")
+    blocks = get_blocks(model)
+    fc6, fc7, fc8 = 512 * 7 * 7 * 4096 + 4096, 4096 * 4096 + 4096, 4096 * 2 + 2
+    conv5 = 3 * (512 * 512 * 9 + 512)
+    counts = {}
+    for spec in ("linear", "linear:head_only", "top_k:1"):
+        create_strategy(spec).set_trainable(blocks)
+        counts[spec] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with capsys.disabled():
+        print(f"\nVGG16 (2 classes) trainable parameters: {counts}")
+    assert counts == {"linear": fc6 + fc7 + fc8, "linear:head_only": fc8, "top_k:1": conv5 + fc6 + fc7 + fc8}

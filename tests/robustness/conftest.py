@@ -50,13 +50,18 @@ class TinyCNN(nn.Module):
         return self.net(x)
 
 
+def _balanced_labels(num: int, seed: int) -> tuple[torch.Generator, torch.Tensor]:
+    """A seeded generator and ``num`` shuffled labels, the classes as equally often as possible."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num) % NUM_CLASSES
+    return g, labels[torch.randperm(num, generator=g)]
+
+
 def make_colour_task(
     num: int, *, seed: int, size: int = IMG_SIZE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (num, 3, size, size) and int64 labels (num,) of the channel-dominance task."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(num) % NUM_CLASSES
-    labels = labels[torch.randperm(num, generator=g)]
+    g, labels = _balanced_labels(num, seed)
     delta = 0.02 + 0.06 * torch.rand(num, generator=g)
     offset = -0.5 * delta[:, None].repeat(1, 3)
     offset[torch.arange(num), labels] = delta
@@ -97,6 +102,27 @@ def colour_task() -> dict:
         "test_y": test_y,
         "test_accuracy": acc,
     }
+
+
+def make_grey_task(
+    num: int, *, seed: int, size: int = IMG_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grey uint8 images (R = G = B) whose class is the brightness band 0.35 / 0.5 / 0.65, and labels."""
+    g, labels = _balanced_labels(num, seed)
+    level = 0.35 + 0.15 * labels.float() + 0.03 * torch.randn(num, generator=g)
+    x = level[:, None, None, None] + 0.08 * torch.randn(num, 1, size, size, generator=g)
+    images = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    return images, labels.long()
+
+
+@pytest.fixture(scope="session")
+def grey_task() -> dict:
+    """A TinyCNN trained on the grey brightness task, with its splits."""
+    torch.set_num_threads(1)
+    train_x, train_y = make_grey_task(180, seed=3)
+    test_x, test_y = make_grey_task(90, seed=4)
+    model = train_tiny_cnn(train_x, train_y, seed=0, steps=100)
+    return {"model": model, "train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
 
 
 class ChannelMeanModel(nn.Module):

@@ -31,15 +31,25 @@ def test_orders_and_spellings_give_one_config_and_one_attack_id():
     assert a.attack_id("run") == a.replace(device="cpu", transfer=True, store="elsewhere").attack_id("run")
 
 
-def test_attack_ids_of_sorted_configs_are_those_of_earlier_stores():
-    # the id formula before AuditConfig: a hash of the run, the parameter dict and the perturbation key
-    params = {"sources": ["train", "natural"], "zetas": [0.02, 0.04, 0.08], "norm": "2", "targeted": None,
-              "natural_folder": None, "num_source_images": 256, "max_passes": 10, "goal_rate": 0.8,
-              "batch_size": 32, "seed": 0}
+def test_attack_id_formula_and_audit_keywords():
+    # the id: a hash of the run, the semantic fields and the perturbation key. The fields changed with
+    # the papers' threat model (budget over the training images, goal 1.0, 15 passes, ...), so audits
+    # stored before it are recomputed rather than read back under a different meaning.
+    import inspect
+
+    from medtune.robustness import audit
+
+    cfg = AuditConfig()
     key = "train/zeta=0.04/norm=2/target=none"
-    legacy = hashlib.sha256(json.dumps({"run": "r1", **params, "key": key}, sort_keys=True).encode()).hexdigest()[:16]
-    assert AuditConfig().semantic_dict() == params
-    assert AuditConfig().attack_id("r1", key=key) == legacy
+    expected = hashlib.sha256(json.dumps({"run": "r1", **cfg.semantic_dict(), "key": key},
+                                         sort_keys=True).encode()).hexdigest()[:16]
+    assert cfg.attack_id("r1", key=key) == expected
+    assert cfg.goal_rate == 1.0 and cfg.max_passes == 15  # Hirano et al.'s code: delta=1e-6, max_iter=15
+    # every semantic field is a keyword of audit() with the same default (the driver passes them all)
+    params = inspect.signature(audit).parameters
+    for name, value in cfg.semantic_dict().items():
+        default = params[name].default
+        assert (list(default) if isinstance(default, tuple) else default) == value, name
 
 
 @pytest.mark.parametrize(
@@ -59,6 +69,17 @@ def test_attack_ids_of_sorted_configs_are_those_of_earlier_stores():
         ({"seed": -1}, "'seed' parameter of AuditConfig"),
         ({"transfer": "yes"}, "'transfer' parameter of AuditConfig"),
         ({"natural_folder": 3}, "'natural_folder' parameter of AuditConfig"),
+        ({"sources": "train,natural,train"}, "'sources' parameter of AuditConfig lists 'train' twice"),
+        ({"algorithm": "art"}, "'algorithm' parameter of AuditConfig must be one of batched, reference"),
+        ({"channels": "gray"}, "'channels' parameter of AuditConfig must be one of auto, grey, rgb. Got 'gray'"),
+        ({"step_fraction": 0}, "'step_fraction' parameter of AuditConfig"),
+        ({"step_decay": 1.5}, "'step_decay' parameter of AuditConfig"),
+        ({"step_norm": "l1"}, "'norm' parameter of AuditConfig"),
+        ({"norm": "inf", "step_norm": "2"}, "'step_norm' parameter of AuditConfig must be None or 'inf'"),
+        ({"num_random": 0}, "'num_random' parameter of AuditConfig must be an int >= 1"),
+        ({"random_linf": "corner"}, "'random_linf' parameter of AuditConfig must be one of uniform, corners"),
+        ({"mix_fraction": 0.0}, "'mix_fraction' parameter of AuditConfig"),
+        ({"chunk_size": 0}, "'chunk_size' parameter of AuditConfig"),
     ],
 )
 def test_rejects_bad_values(kwargs, match):
@@ -123,6 +144,19 @@ def test_cli_flags_build_one_config_whatever_the_order(cli_config, tmp_path):
     folder = cli_config("--source", f"train,{tmp_path}")
     assert folder.sources == ("train", "natural") and folder.natural_folder == str(tmp_path)
     assert cli_config() == AuditConfig()
+    every = cli_config("--algorithm", "reference", "--channels", "grey", "--step-fraction", "0.05", "--step-norm",
+                       "inf", "--step-decay", "0.9", "--goal-rate", "0.9", "--max-passes", "3", "--num-random", "4",
+                       "--random-linf", "corners", "--source", "mixed", "--mix-fraction", "0.25", "--chunk-size", "64")
+    assert every == AuditConfig(algorithm="reference", channels="grey", step_fraction=0.05, step_norm="inf",
+                                step_decay=0.9, goal_rate=0.9, max_passes=3, num_random=4, random_linf="corners",
+                                sources=("mixed",), mix_fraction=0.25, chunk_size=64)
+
+
+@pytest.mark.parametrize("sources", ["natural,{dir}", "{dir},{dir}"])
+def test_cli_refuses_the_natural_source_twice_in_one_line(tmp_path, capsys, sources):
+    assert main(["attack", "--store", str(tmp_path), "--source", sources.format(dir=tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--sources names the natural source 2 times" in err and "\n" not in err
 
 
 def test_cli_reads_a_yaml_config_and_flags_override_it(cli_config, tmp_path):

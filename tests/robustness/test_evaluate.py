@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medtune.errors import ConfigError, DataError
-from medtune.robustness import evaluate_perturbation, rate_ci, transfer_matrix
+from medtune.robustness import evaluate_perturbation, mcnemar_test, rate_ci, transfer_matrix
 
 # brightest channel wins; v raises the blue channel by 0.3
 COLOURS = [(0.6, 0.5, 0.1), (0.2, 0.5, 0.3), (0.1, 0.2, 0.4), (0.5, 0.1, 0.45)]
@@ -110,3 +110,26 @@ def test_evaluate_rejects_bad_input(known):
         evaluate_perturbation(model, images, LABELS, v, targeted=7)
     with pytest.raises(ConfigError, match="'batch_size' parameter of evaluate_perturbation"):
         evaluate_perturbation(model, images, LABELS, v, batch_size=0)
+
+
+def test_mcnemar_exact_on_a_known_table():
+    # 2x2 table of (UAP fooled, random fooled): 5 both, 7 UAP only, 2 random only, 6 neither
+    a = torch.tensor([1] * 5 + [1] * 7 + [0] * 2 + [0] * 6, dtype=torch.bool)
+    b = torch.tensor([1] * 5 + [0] * 7 + [1] * 2 + [0] * 6, dtype=torch.bool)
+    res = mcnemar_test(a, b)
+    assert (res["only_a"], res["only_b"]) == (7, 2)
+    # two-sided exact: 2·P(X >= 7), X ~ Bin(9, 1/2) = 2·(36 + 9 + 1)/512
+    assert res["p_value"] == pytest.approx(92 / 512, rel=1e-12)
+    from scipy.stats import binomtest
+
+    assert res["p_value"] == binomtest(7, 9, 0.5).pvalue
+    assert mcnemar_test(b, a)["p_value"] == res["p_value"]
+    assert mcnemar_test(a, a) == {"p_value": 1.0, "only_a": 0, "only_b": 0}  # no discordant pair
+    with pytest.raises(DataError, match="paired outcomes of equal length"):
+        mcnemar_test(a, b[:3])
+
+
+def test_targeted_transfer_matrix(known):
+    model, images, v = known
+    table = transfer_matrix({"mean": model}, {"mean": v}, images, targeted=2)
+    assert table.loc["mean", "mean"] == pytest.approx(3 / 4)  # as targeted_success above

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from medtune.errors import ConfigError, DataError
-from medtune.robustness import BUILTIN_PHOTOS, mixed_source, natural_images
+from medtune.robustness import BUILTIN_PHOTOS, is_grey, mixed_source, natural_image_chunks, natural_images, rgb_to_grey
 
 
 def test_builtin_natural_images():
@@ -20,9 +20,10 @@ def test_builtin_natural_images():
     flat = images.flatten(1).float()
     assert torch.cdist(flat, flat).add(torch.eye(12) * 1e9).min() > 0
     assert images.float().std() > 20
-    assert len(BUILTIN_PHOTOS) >= 6 and not {"retina", "ihc", "cell", "microaneurysms"} & set(
-        BUILTIN_PHOTOS
-    )
+    names = {p.split(":")[1] for p in BUILTIN_PHOTOS}
+    assert len(BUILTIN_PHOTOS) >= 15 and {p.split(":")[0] for p in BUILTIN_PHOTOS} == {"skimage", "sklearn",
+                                                                                       "matplotlib"}
+    assert not {"retina", "immunohistochemistry", "cell", "microaneurysms", "skin"} & names
 
 
 def test_non_square_output():
@@ -84,3 +85,41 @@ def test_mixed_source():
         mixed_source(a, b, 1.5)
     with pytest.raises(DataError, match="same dtype and image shape"):
         mixed_source(a, b.float() / 255, 0.5)
+
+
+def test_every_builtin_photo_loads_offline():
+    from medtune.robustness.sources import _load_builtin
+
+    for name in BUILTIN_PHOTOS:
+        photo = _load_builtin(name)
+        assert photo.dtype == torch.uint8 and photo.shape[0] == 3 and min(photo.shape[1:]) >= 150, name
+
+
+def test_a_folder_streams_in_bounded_chunks(tmp_path, monkeypatch):
+    from medtune.robustness import sources
+
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        Image.fromarray(rng.integers(0, 255, (20 + i, 30, 3), dtype=np.uint8)).save(tmp_path / f"p{i:02d}.png")
+    reads = []
+    real = sources._read_file
+    monkeypatch.setattr(sources, "_read_file", lambda path: reads.append(path) or real(path))
+    chunks = natural_image_chunks(45, 8, folder=tmp_path, seed=0, chunk_size=10)
+    first = next(chunks)
+    assert first.images.shape == (10, 3, 8, 8) and len(reads) <= 10  # photos are read as the chunks are made
+    rest = list(chunks)
+    assert [c.images.shape[0] for c in rest] == [10, 10, 10, 5]
+    assert sum(c.num_photos for c in [first, *rest]) == 30 == len(set(reads))  # each photo read once
+    again = torch.cat([c.images for c in natural_image_chunks(45, 8, folder=tmp_path, seed=0, chunk_size=10)])
+    assert torch.equal(again, torch.cat([first.images, *[c.images for c in rest]]))  # seeded
+    few = list(natural_image_chunks(5, 8, folder=tmp_path, seed=1, chunk_size=10))
+    assert len(few) == 1 and few[0].num_photos == 5  # fewer crops than photos: one crop each
+
+
+def test_grey_natural_images():
+    colour = natural_images(6, 16, seed=0)
+    grey = natural_images(6, 16, seed=0, grey=True)
+    assert not is_grey(colour) and is_grey(grey)
+    assert torch.equal(grey, rgb_to_grey(colour))
+    pil = np.asarray(Image.fromarray(colour[0].permute(1, 2, 0).numpy()).convert("L"))
+    assert np.abs(grey[0, 0].numpy().astype(int) - pil.astype(int)).max() <= 1  # Pillow's luma

@@ -11,6 +11,9 @@ import torch
 from medtune.errors import ConfigError, DataError
 from medtune.robustness import (
     UAPAttack,
+    evaluate_perturbation,
+    is_grey,
+    project_to_grey,
     apply_perturbation,
     budget_xi,
     compute_targeted_uaps,
@@ -25,14 +28,16 @@ from medtune.robustness import (
 
 @pytest.fixture(scope="module")
 def random_setup(helpers):
+    torch.set_num_threads(1)  # per-image loops of tiny tensors crawl when two threads share busy cores
     torch.manual_seed(0)
     images, _ = helpers.make_colour_task(32, seed=5, size=8)
     return helpers.TinyCNN().eval(), images
 
 
+@pytest.mark.parametrize("algorithm", ["batched", "reference"])
 @pytest.mark.parametrize("norm", [2, "inf"])
 @pytest.mark.parametrize("seed,zeta", [(0, 0.02), (1, 0.04), (2, 0.08), (3, 0.3), (4, 1.0)])
-def test_perturbation_stays_within_budget(random_setup, norm, seed, zeta):
+def test_perturbation_stays_within_budget(random_setup, norm, seed, zeta, algorithm):
     model, images = random_setup
     xi = budget_xi(images, zeta, norm)
     # a step ten times the budget forces the projection after every step
@@ -46,11 +51,16 @@ def test_perturbation_stays_within_budget(random_setup, norm, seed, zeta):
         goal_rate=1.0,
         batch_size=8,
         seed=seed,
+        algorithm=algorithm,
     )
+    assert result.algorithm == algorithm
     assert result.xi == pytest.approx(xi)
     assert result.num_passes == 2 or (result.goal_reached and result.fooling_rate_source[-1] == 1.0)
-    assert 0 < perturbation_norm(result.perturbation, norm) <= result.xi + 1e-6
-    if norm == "inf":  # ten-times steps saturate every pixel the gradient touches
+    # the reference keeps a step only if it flips an image, which may never happen on a random model
+    assert perturbation_norm(result.perturbation, norm) <= result.xi + 1e-6
+    assert algorithm == "reference" or perturbation_norm(result.perturbation, norm) > 0
+    assert perturbation_norm(result.last_perturbation, norm) <= result.xi + 1e-6
+    if norm == "inf" and algorithm == "batched":  # ten-times steps saturate every pixel the gradient touches
         assert perturbation_norm(result.perturbation, norm) == pytest.approx(xi, rel=1e-5)
     perturbed = apply_perturbation(images, result.perturbation)
     assert perturbed.min() >= 0.0 and perturbed.max() <= 1.0
@@ -110,8 +120,9 @@ def test_goal_rate_stops_early(colour_task):
     )
     assert result.goal_reached
     assert result.num_passes < 10
-    assert result.fooling_rate_source[-1] >= 0.5
+    assert result.fooling_rate_source[-1] >= 0.5 and result.source_rate_exact[-1]
     assert all(r < 0.5 for r in result.fooling_rate_source[:-1])
+    assert result.best_pass == result.num_passes and result.best_rate == result.fooling_rate_source[-1]
 
 
 def test_targeted_uaps_per_class(colour_task):
@@ -124,20 +135,36 @@ def test_targeted_uaps_per_class(colour_task):
         compute_targeted_uaps(colour_task["model"], colour_task["train_x"], targeted=1)
 
 
+@pytest.mark.parametrize("channels", ["rgb", "grey"])
 @pytest.mark.parametrize("norm", [2, "inf"])
-def test_random_control_has_the_uaps_norm(norm):
+def test_random_control_keeps_the_l2_norm_and_stays_in_the_cube(norm, channels):
     g = torch.Generator().manual_seed(0)
     v = 0.05 * torch.randn(3, 8, 8, generator=g)
-    control = random_control(v, norm, seed=1)
-    assert control.shape == v.shape
-    assert perturbation_norm(control, norm) == pytest.approx(perturbation_norm(v, norm), rel=1e-5)
+    control = random_control(v, norm, seed=1, channels=channels)
+    assert control.shape == v.shape and control.dtype == torch.float32
+    size = perturbation_norm(v, norm)
     assert not torch.allclose(control, v)
-    assert torch.equal(control, random_control(v, norm, seed=1))
-    assert not torch.equal(control, random_control(v, norm, seed=2))
-    if norm == "inf":  # a random corner of the L-inf ball
-        assert torch.allclose(control.abs(), torch.full_like(v, v.abs().max()))
+    assert torch.equal(control, random_control(v, norm, seed=1, channels=channels))
+    assert not torch.equal(control, random_control(v, norm, seed=2, channels=channels))
+    assert is_grey(control) == (channels == "grey")
+    if norm == 2:  # a uniform direction scaled to ‖v‖₂
+        assert perturbation_norm(control, 2) == pytest.approx(size, rel=1e-5)
+    else:  # uniform in the cube [-‖v‖∞, ‖v‖∞], as ART's random_sphere: inside, not on the corners
+        assert perturbation_norm(control, "inf") <= size * (1 + 1e-6)
+        assert 0.2 * size < float(control.abs().mean()) < 0.8 * size  # uniform |r| has mean size/2
+        corners = random_control(v, norm, seed=1, channels=channels, linf="corners")
+        assert torch.allclose(corners.abs(), torch.full_like(v, size))
     zero = random_control(torch.zeros(3, 2, 2), norm, seed=0)
     assert torch.equal(zero, torch.zeros(3, 2, 2))
+    with pytest.raises(ConfigError, match="'linf' parameter of random_control must be one of uniform, corners"):
+        random_control(v, norm, seed=0, linf="corner")
+
+
+def test_random_control_draws_are_uniform_in_direction():
+    # the mean of many unit directions is near 0 and their coordinates are spread symmetrically
+    v = torch.ones(3, 4, 4)
+    draws = torch.stack([random_control(v, 2, seed=s) for s in range(400)]).flatten(1)
+    assert float(draws.mean(dim=0).abs().max()) < 0.25 * float(v.norm()) / 48 ** 0.5
 
 
 @pytest.mark.parametrize(
@@ -152,6 +179,12 @@ def test_random_control_has_the_uaps_norm(norm):
         ({"max_passes": 0}, "'max_passes' parameter of compute_uap must be an int >= 1"),
         ({"goal_rate": 1.5}, "'goal_rate' parameter"),
         ({"batch_size": 2.5}, "'batch_size' parameter"),
+        ({"algorithm": "art"}, "'algorithm' parameter of compute_uap must be one of batched, reference"),
+        ({"channels": "gray"}, "'channels' parameter of compute_uap must be one of rgb, grey. Got 'gray'"),
+        ({"step_decay": 0.0}, r"'step_decay' parameter of compute_uap must be a float in \(0, 1\]"),
+        ({"xi": -1.0}, "'xi' parameter of compute_uap must be a positive float"),
+        ({"norm": "inf", "step_norm": 2}, "'step_norm' parameter of compute_uap must be None or 'inf'"),
+        ({"step_norm": "l1"}, "'norm' parameter of compute_uap"),
     ],
 )
 def test_compute_uap_rejects_bad_parameters(random_setup, kwargs, match):
@@ -222,20 +255,102 @@ def test_uint8_and_float_images_give_the_same_uap(random_setup):
     torch.testing.assert_close(from_uint8.perturbation, from_float.perturbation)
 
 
-def test_mask_and_whole_batch_gradients_agree(colour_task):
-    # the two exact ways of getting the gradient over the not-yet-fooled images (see _mean_gradient)
-    from medtune.robustness.uap import _mean_gradient
+def test_masked_and_whole_batch_passes_agree(colour_task):
+    # the two exact ways of stepping on the not-yet-fooled images of a batch (see _batched_pass)
+    from medtune.robustness.uap import _batched_pass, _Stepper
 
-    model, x = colour_task["model"], colour_task["train_x"][:32].float() / 255
-    v = torch.zeros(1, 3, 16, 16)
-    v[:, 1] = 0.05  # fools some images, not all
-    clean = model(x).argmax(1)
-    grads = [
-        _mean_gradient(model, x, v, clean, None, channels_last=cl, whole_batch=wb)
-        for wb in (True, False)
-        for cl in (True, False)
-    ]
-    assert 0 < grads[0][1] < 1
-    for grad, share in grads[1:]:
-        assert share == grads[0][1]
-        torch.testing.assert_close(grad, grads[0][0], rtol=1e-4, atol=1e-6)
+    model, images = colour_task["model"], colour_task["train_x"][:64]
+    clean = model(images.float() / 255).argmax(1)
+    v0 = torch.zeros(1, 3, 16, 16)
+    v0[:, 1] = 0.05  # fools some images, not all
+    stepper = _Stepper(norm="2", step_norm="2", step=0.2, xi=1.0, grey=False, numel=v0.numel(), targeted=False)
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    outs = [_batched_pass(model, images, order, v0, clean, None, stepper, batch_size=16, device=torch.device("cpu"),
+                          channels_last=cl, mask_first=mf) for mf in (False, True) for cl in (False, True)]
+    assert 0 < int(outs[0][1]) < 64
+    for v, fooled, updates in outs[1:]:
+        assert int(fooled) == int(outs[0][1]) and int(updates) == int(outs[0][2])
+        torch.testing.assert_close(v, outs[0][0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["batched", "reference"])
+def test_the_best_v_is_returned_not_the_last(colour_task, algorithm):
+    # L-inf steps as large as the budget overshoot: the source rate rises, then falls again
+    model, source = colour_task["model"], colour_task["train_x"]
+    xi = budget_xi(source, 0.08, "inf")
+    step = 1.0 if algorithm == "batched" else 0.3
+    result = compute_uap(model, source, zeta=0.08, norm="inf", step_size=step * xi, max_passes=10, batch_size=32,
+                         algorithm=algorithm, exact_rates=True, seed=0)
+    assert all(result.source_rate_exact)
+    assert result.best_rate >= max(result.fooling_rate_source) - 1e-12  # ≥ that of every pass
+    assert result.best_rate == result.fooling_rate_source[result.best_pass - 1]
+    rate = evaluate_perturbation(model, source, None, result.perturbation)["fooling_rate"]
+    assert rate == pytest.approx(result.best_rate)
+    last = evaluate_perturbation(model, source, None, result.last_perturbation)["fooling_rate"]
+    assert last == pytest.approx(result.fooling_rate_source[-1]) and last == pytest.approx(result.last_rate)
+    if algorithm == "batched":  # this run does overshoot, so returning the last v would lose
+        assert result.best_pass < result.num_passes and result.best_rate > last + 0.2
+
+
+def test_default_batched_scoring_counts_and_still_returns_the_best(colour_task):
+    # without exact_rates a pass is counted from its own forwards; the returned v is scored exactly
+    model, source = colour_task["model"], colour_task["train_x"]
+    xi = budget_xi(source, 0.08, "inf")
+    result = compute_uap(model, source, zeta=0.08, norm="inf", step_size=xi, max_passes=10, batch_size=32)
+    assert not all(result.source_rate_exact)  # the overshooting passes are far from the goal
+    rate = evaluate_perturbation(model, source, None, result.perturbation)["fooling_rate"]
+    assert rate == pytest.approx(result.best_rate)
+    assert result.best_rate >= result.last_rate
+    exact = [r for r, e in zip(result.fooling_rate_source, result.source_rate_exact) if e]
+    assert all(result.best_rate >= r for r in exact)
+    assert result.best_rate > result.last_rate + 0.2
+
+
+@pytest.mark.parametrize("algorithm", ["batched", "reference"])
+@pytest.mark.parametrize("norm", [2, "inf"])
+def test_grey_uaps_stay_in_the_grey_subspace(grey_task, norm, algorithm):
+    model, source = grey_task["model"], grey_task["train_x"]
+    result = compute_uap(model, source, zeta=0.08, norm=norm, channels="grey", step_size=0.3 * budget_xi(
+        source, 0.08, norm), max_passes=3, batch_size=32, algorithm=algorithm)
+    v = result.perturbation
+    assert result.channels == "grey" and float(v.abs().max()) > 0
+    assert float((v - project_to_grey(v)).norm()) == 0.0 and is_grey(v)  # R = G = B exactly
+    assert perturbation_norm(v, norm) <= result.xi + 1e-6
+    colour = compute_uap(model, source, zeta=0.08, norm=norm, channels="rgb", max_passes=1, batch_size=32,
+                         algorithm=algorithm, step_size=0.3 * result.xi)
+    assert not is_grey(colour.perturbation)  # the grey subspace is kept on purpose, not by chance
+    with pytest.raises(DataError, match="init is not grey"):
+        compute_uap(model, source, channels="grey", init=colour.perturbation, max_passes=1)
+
+
+@pytest.mark.parametrize("norm", [2, "inf"])
+def test_step_size_step_norm_and_decay(random_setup, norm):
+    from medtune.robustness.uap import _Stepper
+
+    grad = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    key = "2" if norm == 2 else "inf"
+    for step_norm in ([key] if key == "inf" else ["2", "inf"]):
+        stepper = _Stepper(norm=key, step_norm=step_norm, step=0.3, xi=10.0, grey=False, numel=192, targeted=False)
+        step = stepper.direction(grad)
+        # the step's length in the budget's norm is step_size, sign steps included
+        assert perturbation_norm(step, norm) == pytest.approx(0.3, rel=1e-5)
+        if step_norm == "inf":
+            assert torch.equal(step.sign(), grad.sign())
+    model, images = random_setup
+    decayed = compute_uap(model, images, zeta=0.1, norm=norm, step_decay=0.5, max_passes=3, goal_rate=1.0,
+                          batch_size=8)
+    fixed = compute_uap(model, images, zeta=0.1, norm=norm, max_passes=3, goal_rate=1.0, batch_size=8)
+    assert decayed.step_decay == 0.5 and decayed.step_size == fixed.step_size  # first pass's step
+    assert not torch.equal(decayed.last_perturbation, fixed.last_perturbation)
+
+
+def test_init_and_an_absolute_budget(random_setup):
+    model, images = random_setup
+    first = compute_uap(model, images, zeta=0.1, xi=0.5, max_passes=1, batch_size=8)
+    assert first.xi == 0.5 and first.zeta == 0.1
+    assert perturbation_norm(first.perturbation, 2) <= 0.5 + 1e-6
+    big = torch.full((3, 8, 8), 1.0)
+    resumed = compute_uap(model, images, xi=0.5, init=big, max_passes=1, batch_size=8)
+    assert perturbation_norm(resumed.perturbation, 2) <= 0.5 + 1e-6  # init is projected first
+    with pytest.raises(DataError, match=r"init has shape \(3, 4, 4\)"):
+        compute_uap(model, images, init=torch.zeros(3, 4, 4))

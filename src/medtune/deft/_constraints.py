@@ -136,6 +136,22 @@ def repair_mask(mask: Sequence[int], unit_params: Sequence[int], head_params: in
     return tuple(repaired)
 
 
+def feasible_top_k_masks(unit_params: Sequence[int], head_params: int, budget: int | None) -> list[Mask]:
+    """Return the top-k masks (the last k units train, k = 0 … num_units) within ``budget``.
+
+    k = 0 is the head alone (the linear probe's mask); k = num_units trains every unit. These
+    seed DEFT's initial population, so the search never returns a mask worse on validation than
+    the best feasible top-k.
+
+    Example:
+        >>> feasible_top_k_masks((10, 20, 40), head_params=5, budget=50)
+        [(0, 0, 0), (0, 0, 1)]
+    """
+    num_units = len(unit_params)
+    masks = [tuple([0] * (num_units - k) + [1] * k) for k in range(num_units + 1)]
+    return [m for m in masks if budget is None or count_trainable(m, unit_params, head_params) <= budget]
+
+
 def infeasible_score(value: float, limit: float) -> float:
     """Return the score of a mask whose ``value`` breaks ``limit``: ``-1 - (value - limit) / limit``.
 

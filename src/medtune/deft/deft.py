@@ -34,7 +34,8 @@ from scipy.stats import qmc
 
 from medtune._checks import check_choice, check_scalar, param_error
 from medtune.deft._cache import GenomeCache, InMemoryGenomeCache, genome_key
-from medtune.deft._constraints import Mask, check_mask, count_trainable, repair_mask, resolve_budget
+from medtune.deft._constraints import (Mask, check_mask, count_trainable, feasible_top_k_masks, repair_mask,
+                                       resolve_budget)
 from medtune.deft._records import Evaluation, Evaluator, best_record
 from medtune.deft._run import Escaped, SearchRun, StopSearch
 from medtune.errors import MedtuneError, NotFittedError
@@ -89,11 +90,14 @@ class DEFTSearch:
     and balanced accuracy are in [0, 1]); a feasible fitness below -1 raises.
 
     Population: ``popsize`` is the **total** number of genomes per generation (scipy's own
-    ``popsize`` is a multiplier of the number of parameters). The search builds a Latin-hypercube
-    initial population of exactly ``popsize`` rows, as scipy's default init does, and passes it
-    as ``init=``; scipy then keeps that size. The run evaluates ``popsize * (generations + 1)``
-    genomes at most (generation 0 is the initial population) and stops early when every member
-    has the same score (``tol=0``, ``atol=0``).
+    ``popsize`` is a multiplier of the number of parameters). With ``seed_top_k`` (the default)
+    the initial population holds every top-k mask within the parameter budget (the last k units
+    train, k = 0 … num_units; k = 0 is the linear probe's head-only mask), so the result is never
+    worse on validation than the best feasible top-k; the other rows are a Latin hypercube, as
+    scipy's default init, and the population grows to the number of those masks where that
+    exceeds ``popsize``. It is passed as ``init=``; scipy then keeps that size. The run evaluates
+    ``population * (generations + 1)`` genomes at most (generation 0 is the initial population)
+    and stops early when every member has the same score (``tol=0``, ``atol=0``).
 
     Caching: a genome is identified by :func:`genome_key` ``(mask, fidelity, context)``. Within a
     generation identical genomes are trained once; across generations and across processes
@@ -120,7 +124,9 @@ class DEFTSearch:
             fraction of ``total_params``; ``None`` for no budget. Must admit the head.
         max_seconds: training-time budget per evaluation in seconds, > 0; ``None`` for none.
         infeasible: ``"penalty"`` or ``"repair"`` (see above).
-        popsize: genomes per generation (total, not scipy's multiplier), >= 5.
+        popsize: genomes per generation (total, not scipy's multiplier), >= 5; raised to the
+            number of feasible top-k masks with ``seed_top_k`` where that is larger.
+        seed_top_k: seed the initial population with every feasible top-k mask.
         mutation: DE differential weight F in [0, 2), or a ``(min, max)`` pair for dithering.
         recombination: DE crossover probability CR in [0, 1].
         generations: DE generations after the initial population (scipy ``maxiter``), >= 0.
@@ -194,6 +200,7 @@ class DEFTSearch:
         cache: GenomeCache | None = None,
         map_fn: Callable[[Callable, Iterable], Iterable] | None = None,
         callback: Callable[[dict], bool | None] | None = None,
+        seed_top_k: bool = True,
     ) -> None:
         self.num_units = _int_param(num_units, "num_units", min_val=1)
         _callable_param(evaluator, "evaluator", "callable as evaluator(mask) -> Evaluation")
@@ -244,6 +251,9 @@ class DEFTSearch:
         if callback is not None:
             _callable_param(callback, "callback", "callable as callback(entry)")
         self.callback = callback
+        if not isinstance(seed_top_k, bool):
+            raise param_error("seed_top_k", _OWNER, "a bool", seed_top_k)
+        self.seed_top_k = seed_top_k
 
     @staticmethod
     def _check_mutation(mutation: float | tuple[float, float]) -> float | tuple[float, float]:
@@ -282,12 +292,20 @@ class DEFTSearch:
                            self.max_trainable_params_)
 
     def _initial_population(self) -> np.ndarray:
-        # scipy's own LHS init sizes the population as popsize * num_units; drawing the LHS here
-        # lets the user give the total size. Values span the widened integral interval
-        # (-0.5, 1.5), so after scipy's rounding each bit is 0 or 1 with equal probability.
+        # The feasible top-k masks (exact 0.0 / 1.0 values, which scipy's rounding keeps), then
+        # Latin-hypercube rows up to popsize: scipy's own LHS init sizes the population as
+        # popsize * num_units; drawing the LHS here lets the user give the total size. Values
+        # span the widened integral interval (-0.5, 1.5), so after scipy's rounding each bit is
+        # 0 or 1 with equal probability.
+        seeded = (feasible_top_k_masks(self.unit_params, self.head_params, self.max_trainable_params_)
+                  if self.seed_top_k else [])
+        rows = np.array(seeded, dtype=float).reshape(len(seeded), self.num_units)
+        num_random = self.popsize - len(seeded)
+        if num_random <= 0:
+            return rows
         lhs_seed, _ = np.random.SeedSequence(self.seed).spawn(2)
         sampler = qmc.LatinHypercube(d=self.num_units, seed=np.random.default_rng(lhs_seed))
-        return -0.5 + 2.0 * sampler.random(self.popsize)
+        return np.concatenate([rows, -0.5 + 2.0 * sampler.random(num_random)])
 
     # ------------------------------------------------------------------ fit
     def fit(self) -> DEFTSearch:
@@ -400,7 +418,8 @@ def search_result_to_dict(search: DEFTSearch) -> dict:
         "max_trainable_params_resolved": search.max_trainable_params_,
         "max_seconds": search.max_seconds, "infeasible": search.infeasible,
         "popsize": search.popsize, "mutation": mutation, "recombination": search.recombination,
-        "generations": search.generations, "seed": search.seed, "fidelity": dict(search.fidelity),
+        "generations": search.generations, "seed": search.seed, "seed_top_k": search.seed_top_k,
+        "fidelity": dict(search.fidelity),
         "context": search.context,
     }
     evaluations = [dict(record, fitness=_json_number(record["fitness"]), score=_json_number(record["score"]))

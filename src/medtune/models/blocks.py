@@ -1,20 +1,25 @@
 """Block and layer partitions of a timm backbone: what "fine-tune the top k blocks" refers to.
 
-A *block partition* is the ordered list ``stem, stage_1, ..., stage_S, [pre_head], head``
-(README, "Methods"); a *layer partition* is the fine version with one entry per
-conv / residual unit. Every parameter belongs to exactly one block and exactly one layer.
+A *block partition* is the ordered list ``stem, stage_1, ..., stage_S, head`` (README,
+"Methods"); a *layer partition* is the fine version with one entry per conv / residual unit.
+Every parameter belongs to exactly one block and exactly one layer.
 
 How the partition is built, on top of timm's parameter grouping (``group_matcher`` and
 ``group_with_matcher``, the machinery behind timm's layer-wise LR decay):
 
-1. **head** = exactly the parameters of ``model.get_classifier()``, found by identity. timm
+1. **head** = the parameters of ``model.get_classifier()``, found by identity, and of a
+   ``pre_logits`` module before it (VGG's pretrained fc6/fc7, 119M of VGG-16's 138M
+   parameters: the classifier MLP that Kandel & Castelli and Davila et al. count as the
+   classifier, so ``linear`` trains fc6–fc8 and ``top_k:1`` conv block 5 and fc6–fc8). timm
    groups the classifier with the final norm on some models (ConvNeXt, DenseNet); medtune
-   keeps the classifier alone so that ``linear`` (LP) means the linear layer and nothing else.
+   keeps the final norm out of the head.
 2. **stem, stages** = timm's coarse groups (``group_matcher(coarse=True)``): ResNet
-   ``layer1..4``, DenseNet ``denseblockN + transitionN``, ConvNeXt ``stages.0..3``, RegNet
-   ``s1..s4``, EfficientNet / MobileNet ``blocks.0..6`` (7 stages: timm's, i.e. the paper's
-   MBConv stages, not the 5 stride levels). The stem is timm's ``stem`` group (the first
-   group for matchers given as functions).
+   ``layer1..4``, ConvNeXt ``stages.0..3``, RegNet ``s1..s4``, EfficientNet / MobileNet
+   ``blocks.0..6`` (7 stages: timm's, i.e. the paper's MBConv stages, not the 5 stride levels).
+   The stem is timm's ``stem`` group (the first group for matchers given as functions). timm
+   merges each DenseNet transition into the dense block before it; medtune splits them again,
+   so DenseNet-121 has 9 blocks as in Davila et al. (stem, denseblock1, transition1, …,
+   denseblock4 with norm5, head).
 3. Where timm's coarse groups are no coarser than its fine ones (VGG, Inception-v3: one group
    per conv or per Inception module), stages are cut at the model's own downsampling points:
    consecutive groups are merged up to each ``feature_info`` tap (the last module at each
@@ -22,20 +27,22 @@ How the partition is built, on top of timm's parameter grouping (``group_matcher
    (2020), ``stage_1..stage_5`` with no separate stem; for Inception-v3 ``stem``
    (Conv2d_1a-2b), ``stage_1`` (Conv2d_3b-4a), ``stage_2..4`` (Mixed_5*, Mixed_6*, Mixed_7*).
 4. Parameters timm leaves unmatched (they would land in timm's head group) other than the
-   classifier: those of a ``pre_logits`` module (VGG's pretrained fc6/fc7, 119M of VGG-16's
-   138M parameters) form their own ``pre_head`` block; the others (final norms, MobileNetV3's
-   ``conv_head``) join the block of the parameter just before them, i.e. the last stage, as
-   timm itself does for EfficientNet's ``conv_head``/``bn2``.
+   classifier and ``pre_logits`` (final norms, MobileNetV3's ``conv_head``) join the block of
+   the parameter just before them, i.e. the last stage, as timm itself does for EfficientNet's
+   ``conv_head``/``bn2``.
 5. A group of normalisation parameters only (VGG-BN's BatchNorms are separate groups in timm)
    joins the group before it.
 
 Layers use the same rules on timm's fine groups (``group_matcher(coarse=False)``), split
 where they would cross a block boundary; a ``pre_logits`` module gives one layer per
-conv/linear (VGG: fc6, fc7), and the head is one layer.
+conv/linear (VGG: fc6, fc7, as Tajbakhsh et al. tune them one by one), and the layer
+partition's head is the classifier alone (so the layers fc6, fc7 and head nest in the head
+block).
 
 ``reduction`` is the output stride of a block's features, from timm's ``feature_info``: the
 reduction of the first tap at or after the block's last module (VGG taps sit before each
-max-pool, so VGG's blocks read 1, 2, 4, 8, 16); ``pre_head`` gets the last tap's; the head None.
+max-pool, so VGG's blocks read 1, 2, 4, 8, 16); a ``pre_logits`` layer gets the last tap's;
+the head None.
 """
 
 from __future__ import annotations
@@ -66,7 +73,7 @@ FORMATS = ("table", "json", "csv")
 # (tests/models/test_blocks.py); every other timm CNN gets the same generic rules.
 _CHECKED_ARCHS = {
     "convnext_tiny": "stem, stages.0..3 (each stage opens with its downsampling layer), final norm in stage_4",
-    "densenet121": "stem, denseblockN + transitionN, norm5 in stage_4",
+    "densenet121": "stem, denseblock1, transition1, ..., denseblock4 (+ norm5): 9 blocks, as Davila et al.",
     "efficientnet_b0": "stem, blocks.0..6 (7 MBConv stages), conv_head + bn2 in stage_7",
     "inception_v3": "stem (Conv2d_1a-2b), Conv2d_3b-4a, Mixed_5*, Mixed_6*, Mixed_7*",
     "medtune_tiny_cnn": "stem, stages.0..2",
@@ -76,9 +83,9 @@ _CHECKED_ARCHS = {
     "resnet18": "stem (conv1, bn1), layer1..4",
     "resnet50": "stem (conv1, bn1), layer1..4",
     "tf_efficientnet_lite0": "stem, blocks.0..6, conv_head + bn2 in stage_7",
-    "vgg16": "conv blocks between max-pools (stage_1..5), pre_head = fc6 + fc7",
-    "vgg19": "conv blocks between max-pools (stage_1..5), pre_head = fc6 + fc7",
-    "vgg19_bn": "conv+BN blocks between max-pools (stage_1..5), pre_head = fc6 + fc7",
+    "vgg16": "conv blocks between max-pools (stage_1..5), head = fc6 + fc7 + fc8",
+    "vgg19": "conv blocks between max-pools (stage_1..5), head = fc6 + fc7 + fc8",
+    "vgg19_bn": "conv+BN blocks between max-pools (stage_1..5), head = fc6 + fc7 + fc8",
 }
 
 _UNMATCHED_PROBE = "~medtune~unmatched~probe~"
@@ -89,7 +96,7 @@ class Block:
     """One entry of a block or layer partition.
 
     Attributes:
-        name: ``"stem"``, ``"stage_1"``..``"stage_S"``, ``"pre_head"``, ``"head"`` for blocks;
+        name: ``"stem"``, ``"stage_1"``..``"stage_S"``, ``"head"`` for blocks;
             the timm module path (``"layer2.1"``) for layers.
         param_names: backbone parameter names, in ``named_parameters()`` order.
         num_params: number of parameter elements.
@@ -205,7 +212,7 @@ def get_blocks(model: nn.Module, granularity: str = "block") -> Blocks:
     Args:
         model: a :class:`~medtune.models.NormalizedModel` or a timm model (it needs
             ``group_matcher`` and ``get_classifier``).
-        granularity: ``"block"`` (stem, stages, [pre_head], head) or ``"layer"`` (one entry per
+        granularity: ``"block"`` (stem, stages, head) or ``"layer"`` (one entry per
             conv / residual unit, then the head).
 
     Returns:
@@ -385,6 +392,7 @@ class _Partitioner:
                 last_tap = tap
             coarse = merged
             has_stem = stem_group is not None and coarse[0] == stem_group
+        coarse = [part for group in coarse for part in _split_transitions(group)]
         named = []
         for gi, group in enumerate(coarse):
             name = "stem" if has_stem and gi == 0 else f"stage_{gi + (0 if has_stem else 1)}"
@@ -394,8 +402,10 @@ class _Partitioner:
     def partition(self, granularity: str, arch: str) -> Blocks:
         stages, pre_logits = self._block_groups()
         body_blocks = [*stages, *([("pre_head", pre_logits)] if pre_logits else [])]
+        head = list(self.head)
         if granularity == "block":
-            entries = body_blocks
+            entries = stages
+            head = sorted([*pre_logits, *self.head], key=self.order.__getitem__)
         else:
             block_of = {n: bi for bi, (_, group) in enumerate(body_blocks) for n in group}
             fine, _, _ = self._groups(coarse=False)
@@ -424,7 +434,7 @@ class _Partitioner:
             Block(name, tuple(group), sum(self.sizes[n] for n in group), self._reduction(group))
             for name, group in entries
         ]
-        blocks.append(Block("head", tuple(self.head), sum(self.sizes[n] for n in self.head), None))
+        blocks.append(Block("head", tuple(head), sum(self.sizes[n] for n in head), None))
         return Blocks(self.backbone, granularity, blocks, arch)
 
     def _layer_name(self, block_name: str, j: int, num_layers: int, names: Sequence[str]) -> str:
@@ -453,3 +463,19 @@ class _Partitioner:
 
 def _module_path(param_name: str) -> str:
     return param_name.rpartition(".")[0]
+
+
+def _is_transition(param_name: str) -> bool:
+    return any(part.startswith("transition") for part in param_name.split(".")[:-1])
+
+
+def _split_transitions(group: list[str]) -> list[list[str]]:
+    """A coarse group cut where a DenseNet transition starts or ends (timm groups ``denseblockN``
+    with ``transitionN``); any other group comes back whole."""
+    parts: list[list[str]] = []
+    for name in group:
+        if parts and _is_transition(name) == _is_transition(parts[-1][-1]):
+            parts[-1].append(name)
+        else:
+            parts.append([name])
+    return parts

@@ -13,28 +13,44 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medtune._checks import check_fraction, check_positive_int, check_scalar, param_error
+from medtune._checks import check_choice, check_fraction, check_positive_int, check_scalar, param_error
 from medtune.config import _as_tuple, _Base
 from medtune.errors import ConfigError, unknown_name_error
 from medtune.robustness._common import check_target, resolve_norm
+from medtune.robustness.uap import (
+    ALGORITHMS,
+    DEFAULT_GOAL_RATE,
+    DEFAULT_MAX_PASSES,
+    DEFAULT_STEP_FRACTION,
+    RANDOM_LINF,
+)
 
-__all__ = ["AuditConfig", "SOURCES"]
+__all__ = ["AuditConfig", "CHANNELS", "SOURCES"]
 
 #: The image sources a UAP is computed from, in their canonical order.
-SOURCES = ("train", "natural")
+SOURCES = ("train", "natural", "mixed")
+#: Threat-model channel modes: detect grey tasks, or force grey or colour perturbations.
+CHANNELS = ("auto", "grey", "rgb")
 
 # Fields that do not change what an audit computes; the attack id leaves them out.
 _NOT_HASHED = frozenset({"device", "transfer", "store"})
 
 
 def check_sources(sources: Any, owner: str) -> list[str]:
-    """The UAP sources (a sequence or ``"train,natural"``) in the given order, else raise."""
+    """The UAP sources (a sequence or ``"train,natural"``) in the given order, else raise.
+
+    A source listed twice is refused: two UAPs of one source would share one key in the store.
+    """
     names = _as_tuple(sources)
     if not names:
         raise ConfigError(f"The 'sources' parameter of {owner} is empty; choose from {', '.join(SOURCES)}.")
     for name in names:
         if name not in SOURCES:
             raise unknown_name_error("UAP source", name, SOURCES)
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"The 'sources' parameter of {owner} lists {name!r} twice; list each source once "
+                              f"(a folder of photos is the 'natural' source with natural_folder).")
     return list(names)
 
 
@@ -61,39 +77,66 @@ class AuditConfig(_Base):
     """What ``medtune attack`` computes for each stored run, and where.
 
     ζ and the sources are sets: ``zetas=(0.04, 0.02)`` and ``(0.02, 0.04)`` are one audit with one
-    attack id. They are stored canonically (ζ ascending, sources in the order of ``SOURCES``,
-    without repeats), as is the norm (``"2"`` or ``"inf"``).
+    attack id. They are stored canonically (ζ ascending, sources in the order of ``SOURCES``), as
+    is the norm (``"2"`` or ``"inf"``). Defaults of the algorithm are those of the papers' code
+    (Hirano et al. 2021: 15 passes, goal fooling rate 1.0); see :mod:`medtune.robustness.uap`.
 
     Attributes:
-        sources: ``train`` (the run's training images) and/or ``natural`` (random crops of natural
-            photos: ``natural_folder``, or the ones scikit-image ships when it is None).
-        zetas: budgets ζ in (0, 1], fractions of the mean Lp norm of each source's images.
+        sources: ``train`` (the run's training images), ``natural`` (random crops of natural photos:
+            ``natural_folder``, or the photos the dependencies ship when it is None) and/or
+            ``mixed`` (a share ``mix_fraction`` of natural crops, the rest training images).
+        zetas: budgets ζ in (0, 1]: ξ = ζ·mean‖x_train‖ₚ over the run's training images for every
+            source (Minagi et al.).
         norm: ``2`` or ``inf``.
         targeted: None (non-targeted), a class index, or ``all`` (one targeted UAP per class).
-        natural_folder: folder of natural photos for the ``natural`` source.
-        num_source_images: images drawn per source.
-        max_passes: maximum passes of the UAP loop over the source images.
+        natural_folder: folder of natural photos for the ``natural`` and ``mixed`` sources, read in
+            chunks (any number of photos).
+        num_source_images: images per source (natural: crops in all, spread over the photos).
+        mix_fraction: share of natural crops in the ``mixed`` source, in (0, 1].
+        chunk_size: source images per chunk: each chunk gets up to ``max_passes`` passes and v
+            carries over to the next (Minagi et al.); the test fooling rate after each chunk is the
+            record's ``source_curve``.
+        algorithm: ``batched`` (fast, default) or ``reference`` (the papers'/ART's per-image loop).
+        channels: ``auto`` (grey perturbations when every training image has R = G = B), ``grey`` or
+            ``rgb``.
+        step_fraction: FGSM step as a fraction of ξ (its length in the budget's norm), in (0, 1].
+        step_norm: None (steps in the budget's norm) or ``inf`` (sign steps, ART's FGSM default
+            that the papers' code used under L2 budgets too).
+        step_decay: the step is multiplied by this after every pass, in (0, 1]; 1 keeps it fixed.
+        max_passes: maximum passes of the UAP loop over each chunk of source images.
         goal_rate: a UAP stops once it fools this share of its source images, in (0, 1].
-        batch_size: images per UAP gradient step.
+        batch_size: images per UAP gradient step (batched) and per evaluation forward.
+        num_random: random controls drawn per UAP (mean and max reported; McNemar's test against
+            the strongest).
+        random_linf: L∞ random controls ``uniform`` in the cube (as the papers' code) or on its ``corners``.
         seed: seeds source sampling, crops, UAP shuffling and random controls.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        transfer: also evaluate each run's train-image, non-targeted UAP at the middle ζ on every
-            audited run (the transferability matrix).
+        transfer: also evaluate each run's UAPs at the middle ζ on every audited run of the same
+            dataset and input size (the transferability matrix).
         store: the results store folder.
 
     Raises:
         ConfigError: a field is invalid (the message names it), when the config is built.
     """
 
-    sources: tuple[str, ...] = SOURCES
+    sources: tuple[str, ...] = ("train", "natural")
     zetas: tuple[float, ...] = (0.02, 0.04, 0.08)
     norm: str = "2"
     targeted: int | str | None = None
     natural_folder: str | None = None
     num_source_images: int = 256
-    max_passes: int = 10
-    goal_rate: float = 0.8
+    mix_fraction: float = 0.5
+    chunk_size: int = 1024
+    algorithm: str = "batched"
+    channels: str = "auto"
+    step_fraction: float = DEFAULT_STEP_FRACTION
+    step_norm: str | None = None
+    step_decay: float = 1.0
+    max_passes: int = DEFAULT_MAX_PASSES
+    goal_rate: float = DEFAULT_GOAL_RATE
     batch_size: int = 32
+    num_random: int = 10
+    random_linf: str = "uniform"
     seed: int = 0
     device: str = "auto"
     transfer: bool = False
@@ -115,9 +158,18 @@ class AuditConfig(_Base):
                 object.__setattr__(self, name, str(value))
             elif value is not None or name == "store":
                 check_scalar(value, name, str, owner=owner)
-        for name in ("num_source_images", "max_passes", "batch_size"):
+        for name in ("num_source_images", "chunk_size", "max_passes", "batch_size", "num_random"):
             check_positive_int(getattr(self, name), name, owner)
-        object.__setattr__(self, "goal_rate", check_fraction(self.goal_rate, "goal_rate", owner))
+        for name in ("goal_rate", "mix_fraction", "step_fraction", "step_decay"):
+            object.__setattr__(self, name, check_fraction(getattr(self, name), name, owner))
+        check_choice(self.algorithm, "algorithm", ALGORITHMS, owner=owner)
+        check_choice(self.channels, "channels", CHANNELS, owner=owner)
+        check_choice(self.random_linf, "random_linf", RANDOM_LINF, owner=owner)
+        if self.step_norm is not None:
+            step_norm = resolve_norm(self.step_norm, owner=owner)
+            if step_norm == "2" and self.norm == "inf":
+                raise param_error("step_norm", owner, "None or 'inf' under an L-infinity budget", self.step_norm)
+            object.__setattr__(self, "step_norm", None if step_norm == self.norm else step_norm)
         check_scalar(self.seed, "seed", int, min_val=0, owner=owner)
         check_scalar(self.device, "device", str, owner=owner)
         check_scalar(self.transfer, "transfer", bool, owner=owner)

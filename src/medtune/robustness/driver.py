@@ -21,7 +21,7 @@ from medtune.errors import ConfigError
 from medtune.robustness.config import AuditConfig
 from medtune.store import ResultsStore
 
-__all__ = ["attack", "load_run_model", "resolve_runs"]
+__all__ = ["attack", "load_run_model", "resolve_runs", "transfer_zeta"]
 
 # Keys of the run record copied into each of its attack records (``seed`` is the run's, not the UAP's).
 _RUN_KEYS = ("run_id", "label", "arch", "strategy", "seed", "dataset")
@@ -80,8 +80,7 @@ def attack(runs: str | Sequence[str] = "all", config: AuditConfig | Mapping | st
 
     Returns:
         Per run, one record per (source, ζ, target) in the audit's order; with ``transfer`` and
-        more than one run with a train-image UAP, last the transfer record (``matrix``: {run of the
-        UAP: {run evaluated on: fooling rate}}).
+        two or more runs of one dataset, last the transfer records (see :func:`_transfer`).
 
     Raises:
         ConfigError: an invalid or unknown config key (before any run is read), a run id that
@@ -97,15 +96,10 @@ def attack(runs: str | Sequence[str] = "all", config: AuditConfig | Mapping | st
         raise ConfigError(f"No finished runs in {store.root} to attack; run `medtune sweep` first.")
     device = resolve_device(cfg.device)
     out: list[dict] = []
-    uaps: dict[str, torch.Tensor] = {}
     for record in records:
-        attacks = _stored_audit(store, record, cfg, log) or _audit_run(store, record, cfg, device, log)
-        out += attacks
-        v = _transfer_uap(attacks, cfg)
-        if v is not None:
-            uaps[record["run_id"]] = v
-    if cfg.transfer and len(uaps) > 1:
-        out.append(_transfer(store, records, uaps, cfg, device))
+        out += _stored_audit(store, record, cfg, log) or _audit_run(store, record, cfg, device, log)
+    if cfg.transfer:
+        out += _transfer(store, records, out, cfg, device, log)
     return out
 
 
@@ -150,7 +144,8 @@ def _audit_run(store: ResultsStore, record: dict, cfg: AuditConfig, device: torc
     best = max((r for r in result.records if r.get("targeted") is None), key=lambda r: r["zeta"], default=None)
     if best is not None:
         log(f"{run_id}: fooling {best['fooling_rate']:.3f} at ζ={best['zeta']} ({best['source']}) vs random "
-            f"{best['random_fooling_rate']:.3f}")
+            f"{best['random_fooling_rate']:.3f} (max {best['random_fooling_rate_max']:.3f}; McNemar "
+            f"p={best['mcnemar_p']:.2g})")
     return attacks
 
 
@@ -169,33 +164,66 @@ def _write_artifacts(folder: Path, aid: str, rec: dict, v: torch.Tensor, control
     return {"perturbation_file": str(vfile), "uap_png": str(png), "examples_png": str(shown)}
 
 
-def _transfer_uap(attacks: Sequence[dict], cfg: AuditConfig) -> torch.Tensor | None:
-    """The run's UAP for the transfer matrix: train images, non-targeted, the middle ζ."""
+def transfer_zeta(zetas: Sequence[float]) -> float:
+    """The ζ of the transfer matrix: the middle of the audit's sorted ζ (the lower middle for an even count)."""
+    ordered = sorted(zetas)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _transfer(store: ResultsStore, records: Sequence[dict], attacks: Sequence[dict], cfg: AuditConfig,
+              device: torch.device, log: Callable[[str], None]) -> list[dict]:
+    """Transfer records: per dataset (data fingerprint and input size) with two or more audited runs and per
+    target, the rate of each run's UAP (first source, :func:`transfer_zeta`) on each run's test set.
+
+    Each record has ``matrix`` ({run of the UAP: {run evaluated on: rate}}), ``ci_low``/``ci_high``
+    (95% Wilson, same shape), ``random`` ({run evaluated on: mean rate of its own random controls}),
+    ``metric`` (``fooling_rate`` or ``targeted_success``), ``targeted``, ``zeta``, ``uap_source``,
+    ``data_fingerprint``, ``img_size`` and ``labels``. Runs that cannot be compared are logged, never
+    dropped silently.
+    """
     from safetensors.torch import load_file
 
-    middle = cfg.zetas[len(cfg.zetas) // 2]
-    for a in attacks:
-        if a["source"] == "train" and a.get("targeted") is None and a["zeta"] == middle:
-            return load_file(a["perturbation_file"])["v"]
-    return None
+    from medtune.robustness.evaluate import rate_ci, transfer_matrix
 
-
-def _transfer(store: ResultsStore, records: Sequence[dict], uaps: Mapping[str, torch.Tensor], cfg: AuditConfig,
-              device: torch.device) -> dict:
-    """Fooling rate of each run's UAP on each run's test set (same input size); store the record."""
-    from medtune.robustness.evaluate import transfer_matrix
-
+    zeta, source = transfer_zeta(cfg.zetas), cfg.sources[0]
     by_id = {r["run_id"]: r for r in records}
-    matrix: dict[str, dict[str, float]] = {}
-    for target_id in uaps:
-        model, data = _load_run(store, by_id[target_id], device)
-        test = data.split("test")
-        same_size = {k: v for k, v in uaps.items() if v.shape[-2:] == test.images.shape[-2:]}
-        rates = transfer_matrix({target_id: model}, same_size, test.images, device=device)[target_id]
-        for source_id, rate in rates.items():
-            matrix.setdefault(source_id, {})[target_id] = float(rate)
-    tid = cfg.attack_id("transfer", runs=sorted(uaps))
-    record = {"attack_id": tid, "run_id": "transfer", "source": "transfer", "matrix": matrix,
-              "params": cfg.semantic_dict(), "labels": {k: by_id[k]["label"] for k in uaps}}
-    store.put_attack(tid, "transfer", record)
-    return record
+    chosen = [a for a in attacks if a.get("source") == source and a.get("zeta") == zeta and a.get("run_id") in by_id]
+    groups: dict[tuple, dict] = {}  # (fingerprint, H, W) -> {target: {run_id: attack}}
+    for a in chosen:
+        v = load_file(a["perturbation_file"])["v"]
+        run = by_id[a["run_id"]]
+        key = (run.get("data_fingerprint") or run.get("dataset"), *v.shape[-2:])
+        groups.setdefault(key, {}).setdefault(a.get("targeted"), {})[a["run_id"]] = (a, v)
+    out = []
+    for (fingerprint, height, width), per_target in groups.items():
+        for target, members in per_target.items():
+            if len(members) < 2:
+                log(f"transfer: skipped dataset {by_id[next(iter(members))]['dataset']} ({fingerprint}, "
+                    f"{height}x{width} px): one audited run only; the matrix compares runs of one dataset")
+                continue
+            matrix: dict[str, dict[str, float]] = {rid: {} for rid in members}
+            low: dict[str, dict[str, float]] = {rid: {} for rid in members}
+            high: dict[str, dict[str, float]] = {rid: {} for rid in members}
+            for target_id in members:
+                model, data = _load_run(store, by_id[target_id], device)
+                test = data.split("test")
+                rates = transfer_matrix({target_id: model}, {k: v for k, (_, v) in members.items()}, test.images,
+                                        targeted=target, device=device)[target_id]
+                n = int(test.images.shape[0])
+                for source_id, rate in rates.items():
+                    matrix[source_id][target_id] = float(rate)
+                    low[source_id][target_id], high[source_id][target_id] = rate_ci(int(round(rate * n)), n)
+            random_key = "random_fooling_rate" if target is None else "random_targeted_success"
+            tid = cfg.attack_id("transfer", runs=sorted(members), target=target, data=fingerprint)
+            record = {"attack_id": tid, "run_id": "transfer", "source": "transfer", "uap_source": source,
+                      "zeta": zeta, "norm": cfg.norm, "targeted": target,
+                      "metric": "fooling_rate" if target is None else "targeted_success",
+                      "data_fingerprint": fingerprint, "img_size": [int(height), int(width)],
+                      "matrix": matrix, "ci_low": low, "ci_high": high,
+                      "random": {rid: a[random_key] for rid, (a, _) in members.items()},
+                      "params": cfg.semantic_dict(), "labels": {k: by_id[k]["label"] for k in members}}
+            store.put_attack(tid, "transfer", record)
+            out.append(record)
+    if not out:
+        log(f"transfer: no dataset has two audited runs with a {source} UAP at ζ={zeta}; no matrix")
+    return out

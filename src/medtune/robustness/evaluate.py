@@ -16,7 +16,7 @@ from medtune._tensors import eval_mode, model_device
 from medtune.errors import ConfigError, DataError
 from medtune.robustness._common import check_images, check_target, num_outputs, predict
 
-__all__ = ["evaluate_perturbation", "rate_ci", "transfer_matrix"]
+__all__ = ["evaluate_perturbation", "mcnemar_test", "rate_ci", "transfer_matrix"]
 
 CI_METHOD = "wilson"
 
@@ -31,6 +31,33 @@ def rate_ci(successes: int, total: int, *, confidence: float = 0.95) -> tuple[fl
         confidence_level=confidence, method=CI_METHOD
     )
     return float(ci.low), float(ci.high)
+
+
+def mcnemar_test(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> dict:
+    """McNemar's exact test of two paired binary outcomes on the same images (e.g. UAP vs random).
+
+    Only the discordant pairs count: ``only_a`` images where ``a`` holds and ``b`` does not, ``only_b``
+    the reverse; under H0 each discordant pair goes either way with probability 1/2, so the
+    two-sided p-value is scipy's exact ``binomtest(only_a, only_a + only_b, 0.5)`` (1.0 without
+    discordant pairs).
+
+    Args:
+        a: bool (N,), e.g. fooled by the UAP.
+        b: bool (N,), e.g. fooled by the random control, on the same images.
+
+    Returns:
+        {"p_value": float, "only_a": int, "only_b": int}.
+
+    Raises:
+        DataError: ``a`` and ``b`` differ in length.
+    """
+    a = np.asarray(torch.as_tensor(a).cpu(), dtype=bool).reshape(-1)
+    b = np.asarray(torch.as_tensor(b).cpu(), dtype=bool).reshape(-1)
+    if a.shape != b.shape:
+        raise DataError(f"mcnemar_test needs paired outcomes of equal length; got {a.size} and {b.size}.")
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    p_value = 1.0 if only_a + only_b == 0 else float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    return {"p_value": p_value, "only_a": only_a, "only_b": only_b}
 
 
 def evaluate_perturbation(
@@ -143,24 +170,27 @@ def transfer_matrix(
     uaps: Mapping[str, torch.Tensor],
     images: torch.Tensor,
     *,
+    targeted: int | None = None,
     batch_size: int = 128,
     device: str | torch.device | None = None,
 ) -> pd.DataFrame:
-    """Fooling rate of each UAP on each model (transferability).
+    """Fooling rate (targeted: success rate) of each UAP on each model (transferability).
 
     Args:
         models: {name: model}; every model takes the same input size.
         uaps: {name of the model the UAP was computed on: perturbation (3, H, W)}.
         images: uint8 (N, 3, H, W) or float in [0, 1], the evaluation images.
+        targeted: None for fooling rates, or the target class the UAPs aim at: the share of images
+            predicted as it.
         batch_size: images per forward pass.
         device: default each model's own device.
 
     Returns:
         DataFrame, index ``uap_from`` (keys of ``uaps``), columns ``evaluated_on`` (keys of
-        ``models``), values the fooling rate in [0, 1].
+        ``models``), values the rate in [0, 1].
 
     Raises:
-        ConfigError: ``models`` or ``uaps`` is empty.
+        ConfigError: ``models`` or ``uaps`` is empty, or a bad ``targeted``.
         DataError: as :func:`evaluate_perturbation`.
     """
     if not models or not uaps:
@@ -172,10 +202,11 @@ def transfer_matrix(
         columns=pd.Index(list(models), name="evaluated_on"),
         dtype=float,
     )
+    key = "fooling_rate" if targeted is None else "targeted_success"
     for src, v in uaps.items():
         for dst, model in models.items():
             res = evaluate_perturbation(
-                model, images, None, v, batch_size=batch_size, device=device
+                model, images, None, v, targeted=targeted, batch_size=batch_size, device=device
             )
-            table.loc[src, dst] = res["fooling_rate"]
+            table.loc[src, dst] = res[key]
     return table

@@ -6,7 +6,10 @@ medical classifiers; these helpers build such attack inputs as random crops of n
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,34 +20,56 @@ from medtune._checks import check_fraction, check_positive_int
 from medtune.errors import ConfigError, DataError
 from medtune.robustness._common import check_images
 
-__all__ = ["natural_images", "mixed_source", "BUILTIN_PHOTOS", "IMAGE_SUFFIXES"]
+__all__ = ["natural_images", "natural_image_chunks", "NaturalChunk", "mixed_source", "rgb_to_grey", "BUILTIN_PHOTOS",
+           "IMAGE_SUFFIXES"]
 
-# Natural photographs shipped inside scikit-image (public domain / CC0), loaded offline. Colour
-# photos first; two grey photos (camera, coins) are repeated over three channels. The medical-looking
-# images skimage also ships (ihc, retina, cell, microaneurysms) are deliberately left out.
+# Natural photographs the dependencies ship (public domain / CC0 / BSD sample data), loaded offline:
+# ``package:name``. Grey photos are repeated over three channels. Left out on purpose: the
+# medical-looking images scikit-image also ships (immunohistochemistry — the demo's slide —, retina,
+# cell, microaneurysms, skin), binary or synthetic images (horse, checkerboard, colorwheel, logo) and
+# text pages; ``cat`` is ``chelsea`` again.
 BUILTIN_PHOTOS = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "hubble_deep_field",
-    "stereo_motorcycle",
-    "camera",
-    "coins",
+    "skimage:astronaut",
+    "skimage:brick",
+    "skimage:camera",
+    "skimage:chelsea",
+    "skimage:clock",
+    "skimage:coffee",
+    "skimage:coins",
+    "skimage:grass",
+    "skimage:gravel",
+    "skimage:hubble_deep_field",
+    "skimage:moon",
+    "skimage:rocket",
+    "skimage:stereo_motorcycle",
+    "sklearn:china.jpg",
+    "sklearn:flower.jpg",
+    "matplotlib:grace_hopper.jpg",
 )
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm")
 
 # Crop side as a fraction of the photo's shorter side, drawn uniformly.
 CROP_SCALE = (0.25, 1.0)
+# ITU-R BT.601 luma weights, as Pillow's convert("L"): how a natural photo becomes grey.
+_LUMA = (0.299, 0.587, 0.114)
 
 
 def _load_builtin(name: str) -> torch.Tensor:
-    import skimage.data
+    package, item = name.split(":", 1)
+    if package == "skimage":
+        import skimage.data
 
-    image = getattr(skimage.data, name)()
-    if name == "stereo_motorcycle":
-        image = image[0]  # (left, right, disparity)
-    return _to_chw_uint8(image)
+        image = getattr(skimage.data, item)()
+        if item == "stereo_motorcycle":
+            image = image[0]  # (left, right, disparity)
+        return _to_chw_uint8(image)
+    if package == "sklearn":
+        import sklearn.datasets
+
+        return _read_file(Path(sklearn.datasets.__file__).parent / "images" / item)
+    import matplotlib
+
+    return _read_file(Path(matplotlib.get_data_path()) / "sample_data" / item)
 
 
 def _to_chw_uint8(image: np.ndarray) -> torch.Tensor:
@@ -67,6 +92,20 @@ def _read_file(path: Path) -> torch.Tensor:
     return _to_chw_uint8(image)
 
 
+def rgb_to_grey(images: torch.Tensor) -> torch.Tensor:
+    """Luma (ITU-R BT.601, as Pillow's ``convert("L")``) of uint8 images, repeated over 3 channels.
+
+    Args:
+        images: uint8 (N, 3, H, W).
+
+    Returns:
+        uint8 (N, 3, H, W) with R = G = B.
+    """
+    weights = torch.tensor(_LUMA, dtype=torch.float32).view(1, 3, 1, 1)
+    luma = (images.float() * weights).sum(dim=1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+    return luma.expand(-1, 3, -1, -1).contiguous()
+
+
 def _random_crops(
     photo: torch.Tensor, count: int, size: tuple[int, int], rng: np.random.Generator
 ) -> list[torch.Tensor]:
@@ -83,74 +122,134 @@ def _random_crops(
     return crops
 
 
+@dataclass
+class NaturalChunk:
+    """One chunk of a streamed natural-image source.
+
+    Attributes:
+        images: uint8 (n, 3, H, W) crops, shuffled.
+        num_photos: photos whose first crop is in this chunk (their sum over the chunks counts
+            the distinct photos used).
+    """
+
+    images: torch.Tensor
+    num_photos: int
+
+
+def _photo_list(folder: str | Path | None) -> tuple[list, Callable[[Any], torch.Tensor]]:
+    if folder is None:
+        return list(BUILTIN_PHOTOS), _load_builtin
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"The natural-image folder {str(root)!r} does not exist or is not a folder.")
+    names = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not names:
+        raise DataError(
+            f"The natural-image folder {str(root)!r} holds no image file (looked for {', '.join(IMAGE_SUFFIXES)})."
+        )
+    return names, _read_file
+
+
+def _check_size(img_size: int | tuple[int, int], owner: str) -> tuple[int, int]:
+    sizes = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
+    if len(sizes) != 2:
+        raise ConfigError(f"The 'img_size' parameter of {owner} must be an int or (H, W). Got {img_size!r}.")
+    return (check_positive_int(sizes[0], "img_size", owner), check_positive_int(sizes[1], "img_size", owner))
+
+
+def natural_image_chunks(
+    num_images: int,
+    img_size: int | tuple[int, int],
+    *,
+    folder: str | Path | None = None,
+    seed: int = 0,
+    chunk_size: int = 1024,
+    grey: bool = False,
+) -> Iterator[NaturalChunk]:
+    """Random crops of natural photos, resized to the model input, streamed in chunks.
+
+    Each crop has the output's aspect ratio, a height drawn uniformly in [0.25, 1] × the largest
+    such crop that fits the photo, and a uniform position; it is resized (antialiased) to the
+    output size. Crops are spread evenly over the photos in a seeded random order (when
+    ``num_images`` ≥ the number of photos every photo is used; otherwise ``num_images`` photos, one
+    crop each). Photos are read one at a time as the chunks are made, so a folder of 100k photos
+    runs in the memory of one chunk (plus the list of file names).
+
+    Args:
+        num_images: number of crops N in all.
+        img_size: output side S in pixels, or (H, W).
+        folder: a folder (searched recursively) of image files of any size and format Pillow reads
+            (suffixes in ``IMAGE_SUFFIXES``); None uses ``BUILTIN_PHOTOS``.
+        seed: seeds the choice of photos and crops.
+        chunk_size: crops per chunk (the last one may be smaller).
+        grey: convert every crop to grey (:func:`rgb_to_grey`), for grey tasks.
+
+    Yields:
+        :class:`NaturalChunk` of at most ``chunk_size`` uint8 crops (n, 3, S, S).
+
+    Raises:
+        ConfigError: num_images, chunk_size or img_size is not a positive int (or pair of them).
+        DataError: the folder does not exist, holds no image file, or a file cannot be read (the
+            message names it).
+    """
+    owner = "natural_images"
+    num_images = check_positive_int(num_images, "num_images", owner)
+    chunk_size = check_positive_int(chunk_size, "chunk_size", owner)
+    size = _check_size(img_size, owner)
+    names, load = _photo_list(folder)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(names))
+    counts = np.bincount(order[np.arange(num_images) % len(names)], minlength=len(names))
+    pending: list[torch.Tensor] = []
+    photos_in_chunk = 0
+    for idx in order:  # photos in the seeded order, each read once
+        if counts[idx] == 0:
+            continue
+        crops = _random_crops(load(names[idx]), int(counts[idx]), size, rng)
+        photos_in_chunk += 1
+        while crops:
+            room = chunk_size - len(pending)
+            pending.extend(crops[:room])
+            crops = crops[room:]
+            if len(pending) == chunk_size:
+                yield _finish_chunk(pending, photos_in_chunk, rng, grey)
+                pending, photos_in_chunk = [], 0
+    if pending:
+        yield _finish_chunk(pending, photos_in_chunk, rng, grey)
+
+
+def _finish_chunk(crops: list[torch.Tensor], num_photos: int, rng: np.random.Generator, grey: bool) -> NaturalChunk:
+    images = torch.stack(crops)[torch.from_numpy(rng.permutation(len(crops)))]
+    return NaturalChunk(images=rgb_to_grey(images) if grey else images, num_photos=num_photos)
+
+
 def natural_images(
     num_images: int,
     img_size: int | tuple[int, int],
     *,
     folder: str | Path | None = None,
     seed: int = 0,
+    grey: bool = False,
 ) -> torch.Tensor:
-    """Random crops of natural photos, resized to the model input.
-
-    Each crop has the output's aspect ratio, a height drawn uniformly in [0.25, 1] × the largest
-    such crop that fits the photo, and a uniform position; it is resized (antialiased) to the
-    output size. Crops are spread evenly
-    over the photos in a seeded random order, so when ``num_images`` ≥ the number of photos every
-    photo is used; only the photos used are read.
+    """All the crops of :func:`natural_image_chunks` as one tensor (one chunk of ``num_images``).
 
     Args:
         num_images: number of crops N.
         img_size: output side S in pixels, or (H, W).
-        folder: a folder (searched recursively) of image files of any size and format Pillow reads
-            (suffixes in ``IMAGE_SUFFIXES``); None uses the photos in ``BUILTIN_PHOTOS`` that ship
-            with scikit-image.
+        folder: a folder of photos; None uses ``BUILTIN_PHOTOS``.
         seed: seeds the choice of photos and crops.
+        grey: convert every crop to grey.
 
     Returns:
         uint8 tensor (N, 3, S, S) (or (N, 3, H, W)).
 
     Raises:
         ConfigError: num_images or img_size is not a positive int (or pair of them).
-        DataError: the folder does not exist, holds no image file, or a file cannot be read (the
-            message names it).
+        DataError: as :func:`natural_image_chunks`.
     """
     num_images = check_positive_int(num_images, "num_images", "natural_images")
-    sizes = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
-    if len(sizes) != 2:
-        raise ConfigError(
-            f"The 'img_size' parameter of natural_images must be an int or (H, W). Got {img_size!r}."
-        )
-    size = (
-        check_positive_int(sizes[0], "img_size", "natural_images"),
-        check_positive_int(sizes[1], "img_size", "natural_images"),
-    )
-    rng = np.random.default_rng(seed)
-    if folder is None:
-        names: list = list(BUILTIN_PHOTOS)
-        load = _load_builtin
-    else:
-        root = Path(folder)
-        if not root.is_dir():
-            raise DataError(
-                f"The natural-image folder {str(root)!r} does not exist or is not a folder."
-            )
-        names = sorted(
-            p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
-        if not names:
-            raise DataError(
-                f"The natural-image folder {str(root)!r} holds no image file "
-                f"(looked for {', '.join(IMAGE_SUFFIXES)})."
-            )
-        load = _read_file
-    order = rng.permutation(len(names))
-    counts = np.bincount(order[np.arange(num_images) % len(names)], minlength=len(names))
-    crops: list[torch.Tensor] = []
-    for idx in np.flatnonzero(counts):
-        photo = load(names[idx])
-        crops.extend(_random_crops(photo, int(counts[idx]), size, rng))
-    out = torch.stack(crops)
-    return out[torch.from_numpy(rng.permutation(num_images))]
+    chunks = natural_image_chunks(num_images, img_size, folder=folder, seed=seed, chunk_size=num_images, grey=grey)
+    return next(chunks).images
 
 
 def mixed_source(

@@ -4,7 +4,11 @@ The loop never branches on a strategy's name. A strategy says which parameters t
 (:meth:`Strategy.set_trainable`), how they are grouped for the optimiser and at which LR scale
 (:meth:`Strategy.param_groups`), what changes at the start of an epoch
 (:meth:`Strategy.on_epoch_start`), and what extra loss term it adds (:meth:`Strategy.extra_loss`).
-Multi-phase strategies (LP-FT) return their phases from :meth:`Strategy.phases`.
+Multi-phase strategies (LP-FT) return their phases from :meth:`Strategy.phases`. Three narrower
+hooks serve the methods that need them: :meth:`Strategy.solve` (the linear probe's convex fit,
+used by ``linear`` and LP-FT), :meth:`Strategy.selectable_from` (gradual unfreezing: no best
+epoch and no early stop before every block has trained) and :meth:`Strategy.freezes_batch_stats`
+(surgical fine-tuning: every BatchNorm in eval mode, as the official code).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from medtune._checks import check_scalar
 from medtune.errors import ConfigError
 from medtune.strategies.spec import format_strategy_spec
 
-__all__ = ["Strategy", "Phase", "EpochContext", "freeze_all", "set_blocks_trainable"]
+__all__ = ["Strategy", "Phase", "EpochContext", "SolveContext", "freeze_all", "set_blocks_trainable"]
 
 
 def freeze_all(blocks) -> None:
@@ -50,6 +54,7 @@ class EpochContext:
         loss_fn: ``loss_fn(logits, y) -> Tensor``.
         build_optimizer: ``build_optimizer(param_groups) -> Optimizer`` with the run's settings.
         record: dict the strategy may write findings into (stored with the run under ``extras``).
+        num_epochs: the phase's epoch budget.
     """
 
     model: nn.Module
@@ -61,20 +66,55 @@ class EpochContext:
     loss_fn: Any
     build_optimizer: Any
     record: dict = field(default_factory=dict)
+    num_epochs: int = 1
+
+
+@dataclass
+class SolveContext:
+    """What :meth:`Strategy.solve` may use.
+
+    Attributes:
+        net: the network the phase trains (the suffix after a cached frozen prefix, or the model).
+        blocks: the backbone's block partition.
+        task: ``binary``, ``multiclass`` or ``multilabel``.
+        num_classes: outputs of the head.
+        monitor: the validation metric that selects (``auc``, ``loss``, ...).
+        classifier_inputs: ``classifier_inputs(split) -> (X, y)``: the inputs of the backbone's
+            classifier (``get_classifier()``) on ``train`` or ``val``, X float (N, D) on the CPU,
+            y the labels (N,) or (N, K) for multi-label; computed in eval mode.
+        record: dict the strategy may write findings into (stored under ``extras``).
+    """
+
+    net: nn.Module
+    blocks: Any
+    task: str
+    num_classes: int
+    monitor: str
+    classifier_inputs: Any
+    record: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Phase:
-    """One phase of a run: the strategy that drives it, and its LR scale and epoch budget.
+    """One phase of a run: the strategy that drives it, its LR scale, epoch budget and optimiser.
 
-    ``epochs=None`` means the run's ``epochs``. ``init_from_previous`` says whether the phase starts
-    from the previous phase's best weights (always true here; recorded for the log).
+    Every phase starts from the previous phase's best weights. ``None`` fields take the run's
+    settings: ``epochs`` the RunConfig field named by ``budget_field`` (``epochs``, or e.g.
+    ``scratch_epochs``; 0 there means ``budget_scale`` × ``epochs``), ``patience`` and ``monitor`` the run's
+    early stopping, ``optimizer`` the run's optimiser (``adamw`` or ``sgd``, SGD with the run's
+    momentum) and ``weight_decay`` the run's decay.
     """
 
     strategy: Strategy
     name: str
     lr_scale: float = 1.0
     epochs: int | None = None
+    budget_field: str = "epochs"
+    budget_scale: int = 1
+    patience: int | None = None
+    monitor: str | None = None
+    optimizer: str | None = None
+    weight_decay: float | None = None
 
 
 def _coerce(value: Any, default: Any) -> Any:
@@ -98,6 +138,8 @@ class Strategy:
     Class attributes:
         name: registry name (set by ``register_strategy``).
         main_param: the parameter a bare spec value sets (``top_k:2`` → ``k=2``).
+        show_default_main: whether the spec shows the main parameter at its default value
+            (``top_k:1``); False where the bare name is the canonical text (``linear``).
         pretrained: False for strategies that must start from random init (``scratch``).
         granularity: ``block`` or ``layer``, the partition the strategy works on.
         defaults: parameter defaults.
@@ -105,6 +147,7 @@ class Strategy:
 
     name: ClassVar[str] = "base"
     main_param: ClassVar[str | None] = None
+    show_default_main: ClassVar[bool] = True
     pretrained: ClassVar[bool] = True
     granularity: ClassVar[str] = "block"
     defaults: ClassVar[dict[str, Any]] = {}
@@ -126,8 +169,9 @@ class Strategy:
     @property
     def spec(self) -> str:
         """Display spec, e.g. ``top_k:2``; only parameters that differ from defaults are shown,
-        except the main parameter, which is always shown."""
-        shown = {k: v for k, v in self.params.items() if k == self.main_param or v != self.defaults.get(k)}
+        except the main parameter, which is always shown unless ``show_default_main`` is False."""
+        shown = {k: v for k, v in self.params.items()
+                 if (k == self.main_param and self.show_default_main) or v != self.defaults.get(k)}
         return format_strategy_spec(self.name, shown, self.main_param)
 
     def depth(self, num_blocks: int) -> int | None:
@@ -175,6 +219,24 @@ class Strategy:
     def frozen_prefix_is_fixed(self) -> bool:
         """True when the set of frozen parameters never changes during the phase."""
         return True
+
+    def solve(self, ctx: SolveContext) -> dict | None:
+        """Train the phase without epochs (a convex fit of the head), or return None to train epochs.
+
+        Called once at the start of the phase, after :meth:`set_trainable`. A strategy that solves
+        writes the weights into ``ctx.net`` and returns a dict of plain values for the history row
+        (e.g. the chosen regularisation); the phase then ends with those weights.
+        """
+        return None
+
+    def selectable_from(self, num_epochs: int) -> int:
+        """First epoch (0-based, within the phase) whose weights may be kept as the phase's best and
+        from which early stopping counts; earlier epochs are trained and logged only."""
+        return 0
+
+    def freezes_batch_stats(self) -> bool:
+        """True when every batch-statistics layer (BatchNorm) runs in eval mode, trainable or not."""
+        return False
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import torch
+from torch import nn
+
+from medtune._checks import check_choice
 from medtune.errors import ConfigError
 from medtune.strategies._registry import register_strategy
-from medtune.strategies.base import Strategy, check_int_param, freeze_all, set_blocks_trainable
+from medtune.strategies.base import (Phase, SolveContext, Strategy, check_float_param, check_int_param, freeze_all,
+                                     set_blocks_trainable)
+from medtune.strategies.probing import c_grid, fit_logistic_head
+from medtune.training.metrics import MONITOR_METRICS
 
 __all__ = ["Scratch", "Linear", "Full", "TopK", "LayersK", "Surgical"]
 
@@ -19,18 +26,83 @@ class Full(Strategy):
 
 @register_strategy("scratch")
 class Scratch(Full):
-    """Train every parameter of the same architecture from random initialisation (Tajbakhsh baseline)."""
+    """Train every parameter of the same architecture from random initialisation (Tajbakhsh baseline).
+
+    Tajbakhsh et al. trained from scratch to convergence, so the run has its own epoch budget, the
+    RunConfig field ``scratch_epochs`` (0: four times ``epochs``), with the run's early stopping.
+    """
 
     pretrained = False
+
+    def phases(self) -> list[Phase]:
+        return [Phase(strategy=self, name=self.name, budget_field="scratch_epochs", budget_scale=4)]
 
 
 @register_strategy("linear")
 class Linear(Strategy):
-    """Linear probe: only the head trains; the backbone is frozen."""
+    """Linear probe: the backbone is frozen and the head is trained to convergence (Kumar et al. 2022).
+
+    ``scope`` (the main parameter): ``head`` (default) trains the head block, which on VGG is the
+    classifier fc6–fc8 as Kandel & Castelli and Davila et al. count it; ``head_only`` trains only
+    the final linear layer (``linear:head_only``, the fc8-only probe on VGG; elsewhere the same as
+    ``head``).
+
+    Where what trains is one linear layer, the phase is solved, not trained by epochs: scikit-learn's
+    ``LogisticRegression`` (L-BFGS; one-vs-rest for multi-label) on the frozen features, C chosen on
+    the validation split from ``num_c`` log-spaced values in 1e-7 … 1e2 (``c`` > 0 fixes C) by
+    ``select`` (``accuracy``, as Kumar et al.; a metric name, or ``monitor`` for the run's), and the
+    solution is written into the head (:mod:`medtune.strategies.probing`; the chosen C and the grid
+    go to ``extras["linear_probe"]``). ``solver=epochs`` trains that layer with the run's optimiser
+    instead. A deeper head (VGG's fc6–fc8) is trained by epochs on the cached features to
+    convergence: up to ``max_epochs`` epochs, early stopping on the validation loss after
+    ``patience`` epochs without improvement.
+    """
+
+    main_param = "scope"
+    show_default_main = False
+    defaults = {"scope": "head", "solver": "lbfgs", "c": 0.0, "num_c": 10, "select": "accuracy", "max_epochs": 100,
+                "patience": 5}
+
+    def validate(self) -> None:
+        owner = f"strategy {self.name!r}"
+        check_choice(self.params["scope"], "scope", ("head", "head_only"), owner=owner)
+        check_choice(self.params["solver"], "solver", ("lbfgs", "epochs"), owner=owner)
+        check_choice(self.params["select"], "select", (*MONITOR_METRICS, "monitor"), owner=owner)
+        check_float_param(self, "c")
+        check_int_param(self, "num_c", min_val=1)
+        check_int_param(self, "max_epochs", min_val=1)
+        check_int_param(self, "patience", min_val=1)
+
+    def phases(self) -> list[Phase]:
+        return [Phase(strategy=self, name=self.name, epochs=int(self.params["max_epochs"]),
+                      patience=int(self.params["patience"]), monitor="loss")]
 
     def set_trainable(self, blocks) -> None:
         freeze_all(blocks)
-        set_blocks_trainable(blocks, [blocks.head_idx])
+        if self.params["scope"] == "head_only":
+            for p in blocks.model.get_classifier().parameters():
+                p.requires_grad_(True)
+        else:
+            set_blocks_trainable(blocks, [blocks.head_idx])
+
+    def solve(self, ctx: SolveContext) -> dict | None:
+        classifier = ctx.blocks.model.get_classifier()
+        trainable = {id(p) for p in ctx.blocks.model.parameters() if p.requires_grad}
+        if (self.params["solver"] != "lbfgs" or not isinstance(classifier, nn.Linear)
+                or trainable != {id(p) for p in classifier.parameters()}):
+            return None  # a deeper head, or epochs asked for: the loop trains it
+        x_train, y_train = ctx.classifier_inputs("train")
+        x_val, y_val = ctx.classifier_inputs("val")
+        cs = [float(self.params["c"])] if self.params["c"] > 0 else c_grid(int(self.params["num_c"]))
+        select = ctx.monitor if self.params["select"] == "monitor" else self.params["select"]
+        head = fit_logistic_head(x_train.numpy(), y_train.numpy(), x_val.numpy(), y_val.numpy(), task=ctx.task,
+                                 num_classes=ctx.num_classes, select=select, cs=cs)
+        with torch.no_grad():
+            classifier.weight.copy_(torch.as_tensor(head.weight, dtype=classifier.weight.dtype))
+            if classifier.bias is not None:
+                classifier.bias.copy_(torch.as_tensor(head.bias, dtype=classifier.bias.dtype))
+        ctx.record["linear_probe"] = {"solver": "lbfgs", "select": select, "c": head.c, "grid": head.grid}
+        return {"c": head.c}
 
     def depth(self, num_blocks: int) -> int:
         return 0
@@ -61,7 +133,8 @@ class TopK(Strategy):
 
     @classmethod
     def expand(cls, value: str, num_units: int) -> list[int]:
-        return list(range(num_units))
+        """k = 1 … num_units - 2: k = 0 is ``linear`` and k = num_units - 1 is ``full``, run on their own."""
+        return list(range(1, max(num_units - 1, 1)))
 
     def set_trainable(self, blocks) -> None:
         self.check_blocks(blocks)
@@ -79,18 +152,28 @@ class LayersK(TopK):
 
     granularity = "layer"
 
+    @classmethod
+    def expand(cls, value: str, num_units: int) -> list[int]:
+        """Every depth, k = 0 (the last layer alone) … num_units - 1 (every layer): Tajbakhsh et al.'s
+        sweep, which no separate ``linear`` or ``full`` run stands in for in their comparison."""
+        return list(range(num_units))
+
 
 @register_strategy("surgical")
 class Surgical(Strategy):
     """Fine-tune one block (and the head) only (Lee et al. 2023, surgical fine-tuning).
 
-    ``block`` is a block index (0 = stem) or a block name such as ``stage_2``.
+    ``block`` is a block index (0 = stem) or a block name such as ``stage_2``. ``bn=eval`` (the
+    default, as the official configuration, which never calls ``model.train()``) runs every
+    BatchNorm in eval mode, the tuned block's included (its affine parameters still train);
+    ``bn=train`` follows the run's ``bn_mode`` rule (a trainable BatchNorm uses batch statistics).
     """
 
     main_param = "block"
-    defaults = {"block": 0}
+    defaults = {"block": 0, "bn": "eval"}
 
     def validate(self) -> None:
+        check_choice(self.params["bn"], "bn", ("eval", "train"), owner=f"strategy {self.name!r}")
         block = self.params["block"]
         if isinstance(block, bool) or not isinstance(block, (int, str)) or (isinstance(block, int) and block < 0):
             raise ConfigError(
@@ -121,6 +204,9 @@ class Surgical(Strategy):
     def set_trainable(self, blocks) -> None:
         freeze_all(blocks)
         set_blocks_trainable(blocks, [self._index(blocks), blocks.head_idx])
+
+    def freezes_batch_stats(self) -> bool:
+        return self.params["bn"] == "eval"
 
 
 @register_strategy("deft")

@@ -3,9 +3,14 @@ LRs, L1-SP/L2-SP and Auto-RGN. Each is a small object over the same hooks as the
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 from torch import nn
 
+from medtune._checks import check_choice
+from medtune.errors import ConfigError
 from medtune.models._norm import norm_param_ids
 from medtune.strategies._registry import register_strategy
 from medtune.strategies.base import (EpochContext, Phase, Strategy, check_float_param, check_int_param, freeze_all,
@@ -14,46 +19,72 @@ from medtune.strategies.depth import Full, Linear
 
 __all__ = ["LPFT", "GradualLF", "GradualFL", "Discriminative", "L2SP", "L1SP", "AutoRGN"]
 
+#: Optimisers a phase may ask for (SGD uses the run's momentum).
+OPTIMIZERS = ("sgd", "adamw")
+
+
 @register_strategy("lp_ft")
 class LPFT(Strategy):
     """Linear probe to convergence, then fine-tune everything from the probed head (Kumar et al. 2022).
 
-    Phase 1 (``lp``) trains the head on the frozen backbone for ``lp_epochs`` (default: the run's
-    epochs) with early stopping on validation; phase 2 (``ft``) starts from phase 1's best weights
-    and trains everything at ``ft_lr_scale`` × lr (default 0.1).
+    Phase 1 (``lp``) is :class:`~medtune.strategies.depth.Linear`: logistic regression on the frozen
+    features with C chosen on validation, or, for a deeper head (VGG's fc6–fc8), epochs to
+    convergence (``lp_epochs`` caps them; 0 keeps Linear's cap). Phase 2 (``ft``) starts from
+    phase 1's weights and trains everything at ``ft_lr_scale`` × lr (default 0.1: Kumar et al.
+    found LP-FT's best LR smaller than fine-tuning's) with ``ft_optimizer``: ``sgd`` (default, as
+    their code: SGD, the run's momentum, no weight decay, cosine schedule) or ``adamw`` (the run's
+    weight decay).
     """
 
-    defaults = {"lp_epochs": 0, "ft_lr_scale": 0.1}
+    defaults = {"lp_epochs": 0, "ft_lr_scale": 0.1, "ft_optimizer": "sgd"}
 
     def validate(self) -> None:
         check_int_param(self, "lp_epochs")
         check_float_param(self, "ft_lr_scale", include_min=False)
+        check_choice(self.params["ft_optimizer"], "ft_optimizer", OPTIMIZERS, owner=f"strategy {self.name!r}")
 
     def phases(self) -> list[Phase]:
-        return [Phase(strategy=Linear(), name="lp", epochs=self.params["lp_epochs"] or None),
-                Phase(strategy=Full(), name="ft", lr_scale=float(self.params["ft_lr_scale"]))]
+        probe = Linear(**({"max_epochs": self.params["lp_epochs"]} if self.params["lp_epochs"] else {}))
+        sgd = self.params["ft_optimizer"] == "sgd"
+        return [dataclasses.replace(probe.phases()[0], name="lp"),
+                Phase(strategy=Full(), name="ft", lr_scale=float(self.params["ft_lr_scale"]),
+                      optimizer=self.params["ft_optimizer"], weight_decay=0.0 if sgd else None)]
 
     def depth(self, num_blocks: int) -> int:
         return num_blocks - 1
 
 
 class _Gradual(Strategy):
-    """Unfreeze one more block every ``interval`` epochs, starting from the head only.
+    """Gradual unfreezing: start from the head alone, unfreeze block by block, then train everything.
+
+    Every block is unfrozen within the first ``unfreeze_share`` of the phase's epochs (default 0.5,
+    the first half; at least one epoch is left for the whole network): with E epochs and H non-head
+    blocks, all blocks train from epoch U = min(ceil(share·E), E-1), and at epoch e < U the first
+    ceil(H·e/U) blocks of the order are unfrozen (e = 0: the head alone). With U ≥ H this is one
+    block per epoch, as ULMFiT. No epoch before U can be kept as the best and early stopping counts
+    only from U, so the run's weights always come from the whole network trained.
 
     The optimiser gains each newly unfrozen block as a named group (``add_param_group``), so the
     state of the blocks already training is kept.
     """
 
-    defaults = {"interval": 1}
+    defaults = {"unfreeze_share": 0.5}
     top_down: bool = True
 
     def validate(self) -> None:
-        check_int_param(self, "interval", min_val=1)
+        check_float_param(self, "unfreeze_share", include_min=False, max_val=1.0)
 
-    def unfrozen_blocks(self, epoch: int, num_blocks: int) -> list[int]:
+    def all_unfrozen_epoch(self, num_epochs: int) -> int:
+        """U: the first epoch (0-based) at which every block trains."""
+        if num_epochs <= 1:
+            return 0
+        return min(max(1, math.ceil(self.params["unfreeze_share"] * num_epochs)), num_epochs - 1)
+
+    def unfrozen_blocks(self, epoch: int, num_blocks: int, num_epochs: int) -> list[int]:
         """Indices of the trainable blocks during ``epoch`` (the head always trains)."""
         head = num_blocks - 1
-        count = min(epoch // self.params["interval"], head)
+        full_at = self.all_unfrozen_epoch(num_epochs)
+        count = head if epoch >= full_at else math.ceil(head * epoch / full_at)
         order = list(range(head - 1, -1, -1)) if self.top_down else list(range(head))
         return sorted(order[:count] + [head])
 
@@ -63,12 +94,15 @@ class _Gradual(Strategy):
 
     def on_epoch_start(self, epoch: int, ctx: EpochContext) -> None:
         blocks = ctx.blocks
-        for idx in self.unfrozen_blocks(epoch, len(blocks)):
-            params = blocks.parameters(idx)
-            if params and not params[0].requires_grad:
+        for idx in self.unfrozen_blocks(epoch, len(blocks), ctx.num_epochs):
+            params = [p for p in blocks.parameters(idx) if not p.requires_grad]
+            if params:
                 set_blocks_trainable(blocks, [idx])
                 ctx.optimizer.add_param_group({"params": params, "name": blocks[idx].name, "lr_scale": 1.0,
                                                "weight_decay": ctx.weight_decay, "lr": ctx.optimizer.param_groups[0]["lr"]})
+
+    def selectable_from(self, num_epochs: int) -> int:
+        return self.all_unfrozen_epoch(num_epochs)
 
     def frozen_prefix_is_fixed(self) -> bool:
         return False
@@ -116,14 +150,20 @@ class _StartingPoint(Strategy):
 
     The loss gains ``alpha * Omega(w - w0)`` over the backbone and ``beta/2 * ||w_head||^2`` on the
     head; the optimiser applies no weight decay (the head's decay is the beta term). w0 is kept
-    once (a detached copy taken in ``set_trainable``), not copied per step.
+    once (a detached copy taken in ``set_trainable``), not copied per step. ``optimizer=sgd`` (the
+    default, as Li et al. and TLlib: SGD with the run's momentum, so alpha keeps its meaning) or
+    ``adamw`` (which rescales the penalty's gradient per coordinate).
     """
 
-    defaults = {"alpha": 0.01, "beta": 0.01}
+    defaults = {"alpha": 0.01, "beta": 0.01, "optimizer": "sgd"}
 
     def validate(self) -> None:
         check_float_param(self, "alpha")
         check_float_param(self, "beta")
+        check_choice(self.params["optimizer"], "optimizer", OPTIMIZERS, owner=f"strategy {self.name!r}")
+
+    def phases(self) -> list[Phase]:
+        return [Phase(strategy=self, name=self.name, optimizer=self.params["optimizer"], weight_decay=0.0)]
 
     def set_trainable(self, blocks) -> None:
         super().set_trainable(blocks)
@@ -133,10 +173,7 @@ class _StartingPoint(Strategy):
         self._head = blocks.parameters(blocks.head_idx)
 
     def param_groups(self, blocks, lr: float, weight_decay: float) -> list[dict]:
-        groups = super().param_groups(blocks, lr, 0.0)
-        for g in groups:
-            g["weight_decay"] = 0.0
-        return groups
+        return super().param_groups(blocks, lr, 0.0)
 
     def distance(self, diffs: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -171,27 +208,39 @@ class AutoRGN(Strategy):
     """Per-tensor LR scaled by the relative gradient norm (Lee et al. 2023, official algorithm).
 
     At the start of every epoch, on ``num_batches`` training mini-batches: RGN_i = mean over the
-    batches of ||grad θ_i||₂ / ||θ_i||₂ for every non-normalisation tensor; w_i = RGN_i / max_j RGN_j;
-    the optimiser is rebuilt with one group per tensor at lr · w_i (as the reference does), and
-    normalisation parameters are left out of it. The per-block mean w_i per epoch is recorded in
-    the run's ``extras["auto_rgn"]``.
+    batches of ||grad θ_i||₂ / ||θ_i||₂ for every tensor that is not a normalisation parameter (the
+    official code's tensors without ``bn`` in their names); w_i = RGN_i / max_j RGN_j; the optimiser
+    is rebuilt with one group per tensor at lr · w_i, as the reference rebuilds Adam each epoch. As
+    the official code, normalisation parameters are frozen (``requires_grad=False``, outside the
+    optimiser) and every BatchNorm runs in eval mode, while probing and training, so the running
+    statistics never move. ``tune_norm=true`` is medtune's extension: normalisation parameters
+    train too, with RGN weights of their own, and their layers follow the run's ``bn_mode`` rule.
+    The probe passes are part of the epoch's timed training. The per-block mean w_i per epoch is
+    recorded in the run's ``extras["auto_rgn"]``.
     """
 
-    defaults = {"num_batches": 5}
+    defaults = {"num_batches": 5, "tune_norm": False}
 
     def validate(self) -> None:
         check_int_param(self, "num_batches", min_val=1)
+        if not isinstance(self.params["tune_norm"], bool):
+            raise ConfigError(f"The 'tune_norm' parameter of strategy 'auto_rgn' must be true or false. "
+                              f"Got {self.params['tune_norm']!r}.")
 
-    def param_groups(self, blocks, lr: float, weight_decay: float) -> list[dict]:
-        norm = norm_param_ids(blocks.model)
-        return [{**g, "params": [p for p in g["params"] if id(p) not in norm]}
-                for g in super().param_groups(blocks, lr, weight_decay)]
+    def set_trainable(self, blocks) -> None:
+        super().set_trainable(blocks)
+        if not self.params["tune_norm"]:
+            norm = norm_param_ids(blocks.model)
+            for p in blocks.model.parameters():
+                if id(p) in norm:
+                    p.requires_grad_(False)
 
     @staticmethod
     def relative_gradient_norms(model: nn.Module, params: list[nn.Parameter], batches, loss_fn) -> torch.Tensor:
         """mean over batches of ||g_i|| / ||θ_i|| for each tensor in ``params`` (tensor of shape (len(params),)).
 
-        Buffers (BatchNorm running statistics) are restored afterwards so probing changes nothing.
+        Buffers (BatchNorm running statistics) are restored afterwards, so probing changes nothing
+        even where a BatchNorm runs in train mode (``tune_norm``).
         """
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
         sums = torch.zeros(len(params), dtype=torch.float64)

@@ -14,6 +14,11 @@ Cached features are shared through a process-wide store keyed by a fingerprint o
 weights and buffers, the data, and the cut position; one pass through the network fills the
 features of every block boundary it crosses (memory budget permitting), so a top-k sweep pays
 one forward pass for all its depths.
+
+Each entry also keeps what computing it cost: the seconds the pass spent up to that cut (the
+modules before it and the copy of its output, summed over the batches). A run that finds the
+features cached is told the same seconds as the run that computed them, so the training loop can
+charge every run of a prefix equally, whatever order the runs come in.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,7 +37,8 @@ from torch import nn
 
 from medtune.models._norm import BATCH_STAT_LAYERS
 
-__all__ = ["build_chain", "frozen_prefix_length", "FeatureCache", "FEATURE_CACHE", "cache_unusable_reason"]
+__all__ = ["build_chain", "frozen_prefix_length", "FeatureCache", "FEATURE_CACHE", "CachedFeatures",
+           "cache_unusable_reason", "cached_features"]
 
 
 class _Normalize(nn.Module):
@@ -97,12 +105,14 @@ def frozen_prefix_length(chain: list[tuple[str, nn.Module]], bn_mode: str) -> in
     return n
 
 
-def cache_unusable_reason(*, augment: str, prefix_fixed: bool, prefix_len: int, chain_ok: bool) -> str | None:
-    """Why the feature cache cannot serve a phase, or None when it can."""
+def cache_unusable_reason(*, augment: tuple[str, ...], prefix_fixed: bool, prefix_len: int,
+                          chain_ok: bool) -> str | None:
+    """Why the feature cache cannot serve a phase, or None when it can (``augment``: the run's
+    augmentation names, empty for none)."""
     if not chain_ok:
         return "the model's forward is not a plain chain of its children"
-    if augment != "none":
-        return f"random augmentation ({augment}) changes the prefix's inputs every epoch"
+    if augment:
+        return f"random augmentation ({', '.join(augment)}) changes the prefix's inputs every epoch"
     if not prefix_fixed:
         return "the strategy changes which layers are frozen during the phase"
     if prefix_len <= 1:
@@ -110,16 +120,29 @@ def cache_unusable_reason(*, augment: str, prefix_fixed: bool, prefix_len: int, 
     return None
 
 
+class CachedFeatures(NamedTuple):
+    """A prefix's outputs and the seconds computing them took (the same on a hit as on the miss)."""
+
+    values: torch.Tensor
+    seconds: float
+
+
 class FeatureCache:
-    """Process-wide store of prefix outputs, LRU-evicted beyond ``budget_bytes``."""
+    """Process-wide store of prefix outputs, LRU-evicted beyond ``budget_bytes``, with the seconds
+    each took to compute (kept after eviction; a recomputation replaces them)."""
 
     def __init__(self, budget_bytes: int = 2 << 30, spill_dir: str | None = None) -> None:
         self.budget_bytes = budget_bytes
         self.spill_dir = spill_dir
         self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._disk: dict[str, torch.Tensor] = {}
+        self._seconds: dict[str, float] = {}
         self.hits = 0
         self.misses = 0
+
+    def seconds(self, key: str) -> float:
+        """Seconds computing ``key``'s features took (0.0 when unknown)."""
+        return self._seconds.get(key, 0.0)
 
     def nbytes(self) -> int:
         """Bytes held in memory (memmapped features live on disk and are not counted)."""
@@ -132,8 +155,10 @@ class FeatureCache:
             return value
         return self._disk.get(key)
 
-    def put(self, key: str, value: torch.Tensor, *, on_disk: bool = False) -> bool:
-        """Keep ``value`` (memmapped ``on_disk`` values are kept without counting against the budget)."""
+    def put(self, key: str, value: torch.Tensor, *, on_disk: bool = False, seconds: float = 0.0) -> bool:
+        """Keep ``value`` and its cost (memmapped ``on_disk`` values are kept without counting
+        against the budget)."""
+        self._seconds[key] = float(seconds)
         if on_disk:
             self._disk[key] = value
             return True
@@ -147,6 +172,7 @@ class FeatureCache:
     def clear(self) -> None:
         self._items.clear()
         self._disk.clear()
+        self._seconds.clear()
         self.hits = self.misses = 0
 
 
@@ -185,24 +211,26 @@ class _Sink:
             self.parts.append(batch)
         self.filled += len(batch)
 
-    def store(self, cache: FeatureCache, key: str) -> torch.Tensor:
+    def store(self, cache: FeatureCache, key: str, seconds: float) -> CachedFeatures:
         if self.memmap is not None:
             self.memmap.flush()
             value = torch.from_numpy(self.memmap)
         else:
             value = torch.cat(self.parts)
-        cache.put(key, value, on_disk=self.memmap is not None)
-        return value
+        cache.put(key, value, on_disk=self.memmap is not None, seconds=seconds)
+        return CachedFeatures(value, seconds)
 
 
 @torch.no_grad()
 def cached_features(chain: list[tuple[str, nn.Module]], upto: int, images: torch.Tensor, *, salt: str,
                     device: torch.device, batch_size: int, to_input: Callable[[torch.Tensor], torch.Tensor],
-                    cache: FeatureCache | None = None, boundaries: list[int] | None = None) -> torch.Tensor:
-    """Outputs of ``chain[:upto]`` for uint8 ``images`` (all in eval mode), from the cache when possible.
+                    cache: FeatureCache | None = None, boundaries: list[int] | None = None) -> CachedFeatures:
+    """Outputs of ``chain[:upto]`` for uint8 ``images`` (all in eval mode), from the cache when possible,
+    with the seconds computing them took (a hit reports the seconds stored by the miss).
 
     On a miss, one pass computes them and also stores the outputs at each index in ``boundaries``
-    (< ``upto``) so other cuts of the same prefix hit later. Outputs larger than the cache's
+    (< ``upto``) so other cuts of the same prefix hit later; each cut is charged the time the pass
+    spent up to it, less the copies of the shorter cuts' outputs. Outputs larger than the cache's
     memory budget go to a disk memmap (``cache.spill_dir``, default the system temp folder).
     """
     cache = cache if cache is not None else FEATURE_CACHE
@@ -210,7 +238,7 @@ def cached_features(chain: list[tuple[str, nn.Module]], upto: int, images: torch
     hit = cache.get(key)
     if hit is not None:
         cache.hits += 1
-        return hit
+        return CachedFeatures(hit, cache.seconds(key))
     cache.misses += 1
     wanted = sorted({b for b in (boundaries or []) if 1 < b < upto} | {upto})
     keys = {b: (key if b == upto else _prefix_fingerprint(chain, b, salt)) for b in wanted}
@@ -219,16 +247,23 @@ def cached_features(chain: list[tuple[str, nn.Module]], upto: int, images: torch
     modes = [m.training for _, m in chain[:upto]]
     for _, m in chain[:upto]:
         m.eval()
+    seconds = dict.fromkeys(wanted, 0.0)
     try:
         for start in range(0, len(images), batch_size):
+            t0 = time.perf_counter()
+            other_copies = 0.0  # copying shorter cuts' outputs is not part of a longer cut's cost
             x = to_input(images[start:start + batch_size])
             for i, (_, module) in enumerate(chain[:upto], start=1):
                 x = module(x)
                 if i in sinks:
-                    sinks[i].add(x)
+                    t_copy = time.perf_counter()
+                    sinks[i].add(x)  # the copy to the CPU waits for the device, so the clock is honest
+                    now = time.perf_counter()
+                    seconds[i] += now - t0 - other_copies
+                    other_copies += now - t_copy
     finally:
         for (_, m), mode in zip(chain[:upto], modes):
             m.train(mode)
     for b in wanted[:-1]:
-        sinks[b].store(cache, keys[b])
-    return sinks[upto].store(cache, key)
+        sinks[b].store(cache, keys[b], seconds[b])
+    return sinks[upto].store(cache, key, seconds[upto])

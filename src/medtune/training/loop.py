@@ -4,9 +4,21 @@
 parameters train, the optimiser, the frozen-prefix cut, a resumed state) and then trains epochs
 with :func:`train_one_epoch` and scores the validation split with :func:`evaluate`. The loop knows
 nothing of strategy names: it asks the strategy which parameters train, how they are grouped, what
-happens at each epoch start and which extra loss to add. A :class:`Checkpoint` (written atomically
-after every epoch and at every phase boundary, loaded with ``weights_only=True``) makes an
-interrupted run resume to the same weights as an uninterrupted one.
+happens at each epoch start and which extra loss to add; a phase may set its own optimiser, epoch
+budget and early stopping, and a strategy may solve a phase instead of training epochs (the linear
+probe). A :class:`Checkpoint` (written atomically after every epoch and at every phase boundary,
+loaded with ``weights_only=True``) makes an interrupted run resume to the same weights as an
+uninterrupted one.
+
+What a run costs (``FitResult.train_seconds``) is the wall time of its training epochs, the
+strategy's epoch-start work included (Auto-RGN's probe passes), plus the time of a phase solved
+without epochs, plus, where the frozen prefix is cached, the time that computing the prefix's
+features of the training split takes. That last part is stored with the cached features
+(:mod:`medtune.training.cache`), so every run that uses the same prefix is charged the same
+seconds, whether it computed the features or found them cached: a run's cost does not depend on
+the order runs are trained in. ``extras["feature_seconds"]`` reports it (0 without a cache);
+``extras["feature_seconds_eval"]`` the validation and test splits' extraction, which, as any
+evaluation, is not charged.
 """
 
 from __future__ import annotations
@@ -28,10 +40,11 @@ from torch import nn
 
 from medtune._tensors import to_float
 from medtune.config import RunConfig
+from medtune.data.augment import augment_batch
 from medtune.data.base import ImageSet
 from medtune.errors import StoreError
 from medtune.models._norm import BATCH_STAT_LAYERS
-from medtune.strategies.base import EpochContext
+from medtune.strategies.base import EpochContext, SolveContext
 from medtune.training.cache import build_chain, cache_unusable_reason, cached_features, frozen_prefix_length
 from medtune.training.metrics import compute_metrics, higher_is_better
 
@@ -72,16 +85,17 @@ def lr_at(step: int, *, total_steps: int, warmup_steps: int, base_lr: float, min
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def set_train_mode(model: nn.Module, bn_mode: str) -> None:
-    """``model.train()``, then batch-statistics layers (BatchNorm) whose parameters are all frozen go
-    to eval mode (running statistics frozen) unless ``bn_mode == "train"``."""
+def set_train_mode(model: nn.Module, bn_mode: str, *, all_batch_stats_frozen: bool = False) -> None:
+    """``model.train()``, then batch-statistics layers (BatchNorm) go to eval mode (running statistics
+    frozen): every one with ``all_batch_stats_frozen`` (the strategy's choice, e.g. surgical), else
+    those whose parameters are all frozen unless ``bn_mode == "train"``."""
     model.train()
-    if bn_mode == "train":
+    if bn_mode == "train" and not all_batch_stats_frozen:
         return
     for module in model.modules():
         if isinstance(module, BATCH_STAT_LAYERS):
             params = list(module.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if all_batch_stats_frozen or (params and not any(p.requires_grad for p in params)):
                 module.eval()
 
 
@@ -153,6 +167,7 @@ class Checkpoint:
     torch_rng: torch.Tensor
     data_rng: torch.Tensor
     optimizer: dict | None = None
+    num_epochs: int | None = None  # the phase's budget (a solved phase ends after its one step)
     layout: list[dict] | None = None
     trainable: list[str] | None = None
     strategy: dict | None = None
@@ -247,11 +262,12 @@ class _Setup:
     def to_input(self, batch: torch.Tensor) -> torch.Tensor:
         return to_float(batch, self.device, channels_last=self.channels_last)
 
-    def build_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+    def build_optimizer(self, groups: list[dict], kind: str | None = None) -> torch.optim.Optimizer:
+        """An optimiser over ``groups``: ``kind`` (``adamw`` or ``sgd``), default the run's."""
         groups = [g for g in groups if g["params"]]
         if not groups:  # nothing trains yet (cannot happen with a head): keep a valid optimiser
             groups = [{"params": [], "name": "empty", "lr_scale": 1.0, "weight_decay": 0.0}]
-        if self.cfg.optimizer == "sgd":
+        if (kind or self.cfg.optimizer) == "sgd":
             return torch.optim.SGD(groups, lr=self.cfg.lr, momentum=self.cfg.momentum)
         return torch.optim.AdamW(groups, lr=self.cfg.lr)
 
@@ -270,32 +286,56 @@ class _Phase:
     num_epochs: int
     total_steps: int
     warmup_steps: int
+    optimizer_kind: str
+    weight_decay: float
+    patience: int
+    monitor: str
     optimizer: torch.optim.Optimizer
     net: nn.Module
     feats: dict[str, torch.Tensor]
     best: dict
     epoch: int = 0
 
+    def build_optimizer(self, run: _Setup, groups: list[dict]) -> torch.optim.Optimizer:
+        return run.build_optimizer(groups, self.optimizer_kind)
 
-def _cache_prefix(run: _Setup, phase: _Phase, log: Callable[[str], None]) -> float:
-    """Train this phase on cached features of its frozen prefix when that is exact; returns the seconds spent."""
+
+def _cache_prefix(run: _Setup, phase: _Phase, log: Callable[[str], None]) -> dict[str, float] | None:
+    """Train this phase on cached features of its frozen prefix when that is exact; returns the
+    stored extraction seconds per split (the same for every run of that prefix), or None."""
     cfg = run.cfg
     cut = frozen_prefix_length(run.chain, cfg.bn_mode) if run.chain is not None else 0
     reason = cache_unusable_reason(augment=cfg.augment, prefix_fixed=phase.strategy.frozen_prefix_is_fixed(),
                                    prefix_len=cut, chain_ok=run.chain is not None)
     if reason is not None:
         log(f"[{phase.name}] feature cache off: {reason}")
-        return 0.0
-    t0 = time.perf_counter()
+        return None
+    seconds = {}
     for name, split in (("train", run.train), ("val", run.val), ("test", run.test)):
         feats = cached_features(run.chain, cut, split.images, salt=f"{run.data_fingerprint}:{name}:{cfg.bn_mode}",
                                 device=run.device, batch_size=cfg.eval_batch_size, boundaries=run.chain_starts,
                                 to_input=run.to_input)
-        phase.feats[name] = feats.to(run.device) if run.device.type == "cuda" else feats
+        phase.feats[name] = feats.values.to(run.device) if run.device.type == "cuda" else feats.values
+        seconds[name] = feats.seconds
     phase.net = nn.Sequential(*[m for _, m in run.chain[cut:]])
     log(f"[{phase.name}] feature cache: frozen prefix of {cut} modules ({run.chain[cut - 1][0]}) "
-        f"computed once; training on {tuple(phase.feats['train'].shape[1:])} features")
-    return time.perf_counter() - t0
+        f"computed once ({seconds['train']:.2f}s on the training split); training on "
+        f"{tuple(phase.feats['train'].shape[1:])} features")
+    return seconds
+
+
+def _charge_features(state: dict, phase_name: str, seconds: dict[str, float] | None) -> None:
+    """Charge a phase's feature extraction once (a resumed phase finds its charge in ``extras``)."""
+    extras = state["extras"]
+    charged = extras.setdefault("feature_cache", {})
+    extras.setdefault("feature_seconds", 0.0)
+    extras.setdefault("feature_seconds_eval", 0.0)
+    if seconds is None or phase_name in charged:
+        return
+    charged[phase_name] = seconds
+    extras["feature_seconds"] += seconds["train"]
+    extras["feature_seconds_eval"] += seconds["val"] + seconds["test"]
+    state["train_seconds"] += seconds["train"]
 
 
 def _start_phase(run: _Setup, idx: int, spec, state: dict, resume: Checkpoint | None,
@@ -304,21 +344,26 @@ def _start_phase(run: _Setup, idx: int, spec, state: dict, resume: Checkpoint | 
     cfg, model, blocks = run.cfg, run.model, run.blocks
     s = spec.strategy
     base_lr = cfg.lr * spec.lr_scale
-    num_epochs = spec.epochs or cfg.epochs
+    num_epochs = spec.epochs or getattr(cfg, spec.budget_field) or spec.budget_scale * cfg.epochs
+    weight_decay = cfg.weight_decay if spec.weight_decay is None else spec.weight_decay
     s.set_trainable(blocks)
     phase = _Phase(idx=idx, name=spec.name, strategy=s, base_lr=base_lr, num_epochs=num_epochs,
                    total_steps=num_epochs * run.steps_per_epoch,
                    warmup_steps=int(round(cfg.warmup_epochs * run.steps_per_epoch)),
-                   optimizer=run.build_optimizer(s.param_groups(blocks, base_lr, cfg.weight_decay)),
-                   net=model, feats={}, best={"score": None, "state": None, "epoch": -1, "metrics": {}, "bad": 0})
+                   optimizer_kind=spec.optimizer or cfg.optimizer, weight_decay=weight_decay,
+                   patience=cfg.patience if spec.patience is None else spec.patience,
+                   monitor=spec.monitor or cfg.monitor, optimizer=None, net=model, feats={},
+                   best={"score": None, "state": None, "epoch": -1, "metrics": {}, "bad": 0})
+    phase.optimizer = phase.build_optimizer(run, s.param_groups(blocks, base_lr, weight_decay))
     if resume is not None and resume.phase == idx and resume.optimizer is not None:
         # after set_trainable, so strategies that keep the starting point (L2-SP) keep the pretrained one
         model.load_state_dict(resume.model)
         trainable = set(resume.trainable)
         for name, p in model.named_parameters():
             p.requires_grad_(name in trainable)
-        phase.optimizer = run.build_optimizer(_groups_from_layout(resume.layout, model))
+        phase.optimizer = phase.build_optimizer(run, _groups_from_layout(resume.layout, model))
         phase.optimizer.load_state_dict(resume.optimizer)
+        phase.num_epochs = resume.num_epochs or phase.num_epochs
         s.load_state_dict(resume.strategy)
         phase.best, phase.epoch = resume.best, resume.epoch
         torch.set_rng_state(resume.torch_rng)
@@ -326,9 +371,7 @@ def _start_phase(run: _Setup, idx: int, spec, state: dict, resume: Checkpoint | 
         if resume.scaler is not None:
             run.scaler.load_state_dict(resume.scaler)
     _log_groups(log, phase.name, phase.optimizer, model)
-    if cfg.feature_cache == "auto":
-        # extracting (or fetching) the features is part of this run's training time
-        state["train_seconds"] += _cache_prefix(run, phase, log)
+    _charge_features(state, phase.name, _cache_prefix(run, phase, log) if cfg.feature_cache == "auto" else None)
     return phase
 
 
@@ -359,10 +402,8 @@ def train_one_epoch(run: _Setup, phase: _Phase) -> tuple[float, float]:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         idx = order[b * bs:(b + 1) * bs]
         x = run.to_input(source[idx.to(source.device)])
-        if cfg.augment == "flip":
-            flips = torch.rand(2, generator=run.gen)
-            x = torch.flip(x, dims=[3]) if flips[0] < 0.5 else x
-            x = torch.flip(x, dims=[2]) if flips[1] < 0.5 else x
+        if cfg.augment:  # per-sample draws from the data RNG, so a resumed run repeats them
+            x = augment_batch(x, cfg.augment, run.gen)
         y = run.train_labels[idx.to(run.device)]
         with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.bfloat16, enabled=run.amp_dtype is not None):
             loss = run.loss_fn(phase.net(x), y)
@@ -380,9 +421,13 @@ def train_one_epoch(run: _Setup, phase: _Phase) -> tuple[float, float]:
     return float(loss_sum.item()) / len(run.train), lr
 
 
-def _update_best(phase: _Phase, model: nn.Module, val_metrics: dict, monitor: str) -> None:
-    """Keep the best epoch's weights by the monitored validation metric (strict improvement; the
-    validation loss stands in where the metric is undefined)."""
+def _update_best(phase: _Phase, model: nn.Module, val_metrics: dict) -> None:
+    """Keep the best epoch's weights by the phase's monitored validation metric (strict improvement;
+    the validation loss stands in where the metric is undefined). Epochs before the strategy's
+    ``selectable_from`` are neither kept nor counted towards early stopping."""
+    if phase.epoch < phase.strategy.selectable_from(phase.num_epochs):
+        return
+    monitor = phase.monitor
     higher = higher_is_better(monitor)
     score = val_metrics.get(monitor, float("nan"))
     if math.isnan(score):
@@ -426,8 +471,9 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
         phase = _start_phase(run, idx, spec, state, resume, log)
         resume = None
         ctx = EpochContext(model=phase.net, blocks=blocks, optimizer=phase.optimizer, lr=phase.base_lr,
-                           weight_decay=cfg.weight_decay, batches=None, loss_fn=run.loss_fn,
-                           build_optimizer=run.build_optimizer, record=state["extras"])
+                           weight_decay=phase.weight_decay, batches=None, loss_fn=run.loss_fn,
+                           build_optimizer=lambda groups, _p=phase: _p.build_optimizer(run, groups),
+                           record=state["extras"], num_epochs=phase.num_epochs)
         stop = False
         while phase.epoch < phase.num_epochs and not stop:
             record = _run_epoch(run, phase, ctx, state, log)
@@ -437,11 +483,12 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
                         cb.on_epoch_end(record)
             except StopTraining:
                 stop = True
-            stop = stop or bool(cfg.patience and phase.best["bad"] >= cfg.patience)
+            stop = stop or bool(phase.patience and phase.best["bad"] >= phase.patience)
             _save_checkpoint(ckpt, run, state, phase, idx, phase.epoch)
         if stop and phase.epoch < phase.num_epochs:
             log(f"[{phase.name}] early stop after epoch {phase.epoch} (best epoch {phase.best['epoch'] + 1})")
-        model.load_state_dict(phase.best["state"])
+        if phase.best["state"] is not None:  # None only if a callback stopped before any selectable epoch
+            model.load_state_dict(phase.best["state"])
         state["phase"] = idx + 1
         state["extras"].setdefault("phases", []).append(
             {"name": phase.name, "best_epoch": phase.best["epoch"], "val": phase.best["metrics"]})
@@ -450,17 +497,25 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
 
 
 def _run_epoch(run: _Setup, phase: _Phase, ctx: EpochContext, state: dict, log: Callable[[str], None]) -> dict:
-    """The strategy's epoch-start hook, one training epoch, validation, the best-epoch update; the history row."""
+    """The strategy's epoch-start hook and one training epoch (or, at a phase's start, the strategy's
+    solve instead), validation, the best-epoch update; the history row. The hook's work (Auto-RGN's
+    probe passes) is timed as training."""
     cfg, model = run.cfg, run.model
+    frozen_stats = phase.strategy.freezes_batch_stats()
     ctx.optimizer = phase.optimizer
     ctx.batches = lambda n, _e=phase.epoch: _probe_batches(run, phase, _e, n)
-    set_train_mode(model, cfg.bn_mode)
+    set_train_mode(model, cfg.bn_mode, all_batch_stats_frozen=frozen_stats)
+    t0 = time.perf_counter()
     phase.strategy.on_epoch_start(phase.epoch, ctx)
     phase.optimizer = ctx.optimizer
-    set_train_mode(model, cfg.bn_mode)  # again: the hook may have changed which layers are frozen
+    set_train_mode(model, cfg.bn_mode, all_batch_stats_frozen=frozen_stats)  # the hook may have unfrozen layers
     state["trained"].update(id(p) for g in phase.optimizer.param_groups for p in g["params"])
-    t0 = time.perf_counter()
-    train_loss, lr = train_one_epoch(run, phase)
+    solved = _solve(run, phase, state) if phase.epoch == 0 else None
+    if solved is None:
+        train_loss, lr = train_one_epoch(run, phase)
+    else:  # the phase is this one step
+        train_loss, lr = float("nan"), None
+        phase.num_epochs = 1
     seconds = time.perf_counter() - t0
     state["train_seconds"] += seconds
     state["images_seen"] += len(run.train)
@@ -469,13 +524,39 @@ def _run_epoch(run: _Setup, phase: _Phase, ctx: EpochContext, state: dict, log: 
                                  inputs=phase.feats.get("val"))
     record = {"phase": phase.name, "epoch": phase.epoch, "train_loss": train_loss, "lr": lr, "seconds": seconds,
               "trainable_params": sum(p.numel() for g in phase.optimizer.param_groups for p in g["params"]),
-              **{f"val_{k}": v for k, v in val_metrics.items()}}
+              **(solved or {}), **{f"val_{k}": v for k, v in val_metrics.items()}}
     state["history"].append(record)
-    _update_best(phase, model, val_metrics, cfg.monitor)
-    log(f"[{phase.name}] epoch {phase.epoch + 1}/{phase.num_epochs} loss {train_loss:.4f} "
-        f"val_{cfg.monitor} {val_metrics.get(cfg.monitor, float('nan')):.4f} ({seconds:.1f}s)")
+    _update_best(phase, model, val_metrics)
+    log(f"[{phase.name}] {'solved' if solved is not None else 'epoch'} {phase.epoch + 1}/{phase.num_epochs} "
+        f"loss {train_loss:.4f} val_{phase.monitor} {val_metrics.get(phase.monitor, float('nan')):.4f} "
+        f"({seconds:.1f}s)")
     phase.epoch += 1
     return record
+
+
+def _solve(run: _Setup, phase: _Phase, state: dict) -> dict | None:
+    """Let the strategy solve the phase (the linear probe) on the inputs of the backbone's classifier."""
+    classifier = run.blocks.model.get_classifier()
+
+    @torch.no_grad()
+    def classifier_inputs(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        data = run.train if split == "train" else run.val
+        source = phase.feats.get(split, data.images)
+        captured: list[torch.Tensor] = []
+        hook = classifier.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().float().cpu()))
+        was_training = phase.net.training
+        phase.net.eval()
+        try:
+            for start in range(0, len(source), run.cfg.eval_batch_size):
+                phase.net(run.to_input(source[start:start + run.cfg.eval_batch_size]))
+        finally:
+            hook.remove()
+            phase.net.train(was_training)
+        return torch.cat(captured).flatten(1), data.labels
+
+    ctx = SolveContext(net=phase.net, blocks=run.blocks, task=run.train.task, num_classes=run.train.num_classes,
+                       monitor=run.cfg.monitor, classifier_inputs=classifier_inputs, record=state["extras"])
+    return phase.strategy.solve(ctx)
 
 
 def _save_checkpoint(path: Path | None, run: _Setup, state: dict, phase: _Phase | None, next_phase: int,
@@ -485,7 +566,8 @@ def _save_checkpoint(path: Path | None, run: _Setup, state: dict, phase: _Phase 
         return
     model = run.model
     mid = {} if phase is None else {
-        "optimizer": phase.optimizer.state_dict(), "layout": _group_layout(phase.optimizer, model),
+        "optimizer": phase.optimizer.state_dict(), "num_epochs": phase.num_epochs,
+        "layout": _group_layout(phase.optimizer, model),
         "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
         "strategy": phase.strategy.state_dict(), "best": phase.best, "scaler": run.scaler.state_dict()}
     Checkpoint(phase=next_phase, epoch=epoch, history=state["history"],
