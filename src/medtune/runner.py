@@ -110,7 +110,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def _save_artifacts(store: ResultsStore, run_id: str, config: dict, state: dict, y_true, y_prob,
-                    class_names) -> dict:
+                    class_names, val_y_true=None, val_y_prob=None) -> dict:
     from safetensors.torch import save_file
 
     folder = store.run_dir(run_id)
@@ -119,8 +119,9 @@ def _save_artifacts(store: ResultsStore, run_id: str, config: dict, state: dict,
     weights = folder / "best.safetensors"
     _write_atomic(weights, lambda p: save_file(state, str(p), metadata={"arch": config["arch"]}))
     preds = folder / "predictions.npz"
+    val = {} if val_y_prob is None else {"val_y_true": val_y_true, "val_y_prob": val_y_prob}
     _write_atomic(preds, lambda p: np.savez(open(p, "wb"), y_true=y_true, y_prob=y_prob,
-                                            class_names=np.array(class_names)))
+                                            class_names=np.array(class_names), **val))
     cfg_path = folder / "config.json"
     _write_atomic(cfg_path, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
     return {"weights": str(weights), "predictions": str(preds), "config": str(cfg_path)}
@@ -169,6 +170,9 @@ def execute_run(cfg: RunConfig, checkpoint_path: str | None, heartbeat: Callable
         "history": result.history, "extras": result.extras, "device": str(device),
         "predictions": {"y_true": result.y_true.tolist(), "y_prob": np.round(result.y_prob, 6).tolist(),
                         "class_names": list(data.class_names)} if result.y_prob.size <= 200_000 else None,
+        # validation probabilities, exact, for the paired tests that select on validation
+        "val_predictions": {"y_true": result.val_y_true.tolist(), "y_prob": result.val_y_prob.tolist()}
+        if result.val_y_prob.size <= 200_000 else None,
         "versions": collect_versions(),
     }
     m = result.test_metrics
@@ -176,7 +180,7 @@ def execute_run(cfg: RunConfig, checkpoint_path: str | None, heartbeat: Callable
         f"({result.train_seconds:.1f}s, {result.trainable_params:,} trainable)")
     weights = {k: v.detach().cpu().contiguous().clone() for k, v in model.backbone.state_dict().items()}
     return {"record": record, "weights": weights, "y_true": result.y_true, "y_prob": result.y_prob,
-            "class_names": list(data.class_names)}
+            "val_y_true": result.val_y_true, "val_y_prob": result.val_y_prob, "class_names": list(data.class_names)}
 
 
 def store_result(store: ResultsStore, payload: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +188,8 @@ def store_result(store: ResultsStore, payload: dict[str, Any]) -> dict[str, Any]
     record = dict(payload["record"])
     run_id = record["run_id"]
     record["artifacts"] = _save_artifacts(store, run_id, record["config"], payload["weights"], payload["y_true"],
-                                          payload["y_prob"], payload["class_names"])
+                                          payload["y_prob"], payload["class_names"], payload.get("val_y_true"),
+                                          payload.get("val_y_prob"))
     store.finish(run_id, record)
     store.checkpoint_path(run_id).unlink(missing_ok=True)
     return record

@@ -27,8 +27,17 @@ def test_sweep_runs_the_grid_once_and_skips_done_runs(tmp_path):
     assert [r["metrics"] for r in again] == [r["metrics"] for r in records]
     r = records[0]
     for key in ("config", "versions", "data_fingerprint", "history", "metrics", "val_metrics", "trainable_params",
-                "total_params", "train_seconds", "images_per_s", "predictions"):
+                "total_params", "train_seconds", "images_per_s", "predictions", "val_predictions"):
         assert key in r, key
+    # the exact validation probabilities (for paired tests on validation) reproduce the validation AUC
+    from sklearn.metrics import roc_auc_score
+    import numpy as np
+
+    vp = r["val_predictions"]
+    y, p = np.asarray(vp["y_true"]), np.asarray(vp["y_prob"])
+    assert roc_auc_score(y, p[:, 1] if p.shape[1] == 2 else p, multi_class="ovr") == pytest.approx(r["val_metrics"]["auc"], abs=1e-12)
+    with np.load(r["artifacts"]["predictions"], allow_pickle=False) as z:
+        np.testing.assert_array_equal(z["val_y_prob"], p.astype(z["val_y_prob"].dtype))
     assert (tmp_path / "artifacts" / r["run_id"] / "best.safetensors").exists()
     by_label = {x["label"]: x["trainable_params"] for x in records}
     assert by_label["linear"] < by_label["top_k:1"] < by_label["top_k:2"] < by_label["top_k:3"]
@@ -104,6 +113,10 @@ def test_presets_are_plain_yaml_sweeps_that_expand(capsys):
     davila = load_sweep_config(get_preset("davila2024"))
     assert {str(s) for s in davila.strategy} == {"full", "linear", "gradual_lf", "gradual_fl", "lp_ft", "l1_sp", "l2_sp", "auto_rgn"}
     assert davila.arch == ("resnet50", "densenet121", "vgg19")
+    # each strategy at its own best learning rate: a log-scale grid, chosen on validation
+    assert davila.lr == (1e-4, 1e-3, 1e-2)
+    kandel = load_sweep_config(get_preset("kandel2020"))
+    assert kandel.lr == (3e-5, 1e-4, 3e-4) and kandel.arch == ("vgg16", "vgg19", "inception_v3")
     assert load_sweep_config(get_preset("tajbakhsh2016")).train_fraction == (0.1, 0.25, 0.5, 1.0)
     assert main(["preset", "show", "kandel2020"]) == 0
     assert "top_k:all" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 
+import numpy as np
 import pytest
 
 from medtune.reporting import recommend
@@ -84,3 +85,76 @@ def test_no_validation_metric_means_no_recommendation():
              "seed": 0, "train_fraction": 1.0, "metrics": {"auc": 0.9}, "trainable_params": 1, "train_seconds": 1}]
     rec = recommend(runs)
     assert rec["label"] is None and "never uses the test split" in rec["text"]
+
+
+# --------------------------------------------------------------- paired tests on the validation images
+
+
+def _val_record(label, val_prob, test_prob, y_val, y_test, *, seed, params):
+    """A run record with exact validation and test probabilities; its metrics are computed from them."""
+    from sklearn.metrics import roc_auc_score
+
+    return {"run_id": f"{label}-{seed}", "status": "done", "dataset": "d", "arch": "a",
+            "strategy": label.split(":")[0], "label": label, "seed": seed, "train_fraction": 1.0,
+            "metrics": {"auc": roc_auc_score(y_test, test_prob[:, 1])},
+            "val_metrics": {"auc": roc_auc_score(y_val, val_prob[:, 1])},
+            "trainable_params": params, "train_seconds": 1.0, "config": {"lr": 1e-3},
+            "val_predictions": {"y_true": y_val.tolist(), "y_prob": val_prob.tolist()}}
+
+
+def _probs(y, quality, rng):
+    """Binary probabilities whose separation of the classes grows with ``quality``."""
+    score = quality * (2 * y - 1) + rng.normal(0, 1, len(y))
+    p1 = 1 / (1 + np.exp(-score))
+    return np.stack([1 - p1, p1], axis=1)
+
+
+@pytest.fixture
+def two_seed_runs():
+    """Two seeds (too few for Wilcoxon): ``cheap`` is as good as ``full`` on validation, ``poor`` is far
+    worse; on the test images the order is reversed, so a selection that read test would pick ``poor``."""
+    rng = np.random.default_rng(0)
+    y_val, y_test = np.tile([0, 1], 100), np.tile([0, 1], 50)
+    runs = []
+    for seed in (0, 1):
+        runs.append(_val_record("full", _probs(y_val, 2.0, rng), _probs(y_test, 0.2, rng), y_val, y_test,
+                                seed=seed, params=1000))
+        runs.append(_val_record("top_k:1", _probs(y_val, 2.0, rng), _probs(y_test, 0.2, rng), y_val, y_test,
+                                seed=seed, params=100))
+        runs.append(_val_record("linear", _probs(y_val, 0.3, rng), _probs(y_test, 3.0, rng), y_val, y_test,
+                                seed=seed, params=10))
+    return runs
+
+
+def test_with_two_seeds_a_paired_bootstrap_on_validation_decides(two_seed_runs):
+    from medtune.reporting.stats import holm, paired_validation_tests
+    from medtune.training.intervals import paired_bootstrap
+
+    rec = recommend(two_seed_runs, metric="auc")
+    assert rec["method"] == "paired_bootstrap_holm"
+    assert "linear" not in rec["not_worse"]  # far worse on validation: rejected, whatever test says
+    assert rec["label"] == "top_k:1" and set(rec["not_worse"]) == {"full", "top_k:1"}
+    assert "paired bootstrap over the validation images" in rec["text"]
+    # the stored tests are the library's paired bootstrap, Holm-corrected over the comparisons
+    best = rec["best_label"]
+    others = [lab for lab in ("full", "top_k:1", "linear") if lab != best]
+    by = {lab: [np.asarray(r["val_predictions"]["y_prob"]) for r in two_seed_runs if r["label"] == lab]
+          for lab in ("full", "top_k:1", "linear")}
+    y = np.asarray(two_seed_runs[0]["val_predictions"]["y_true"])
+    raw = [paired_bootstrap(y, by[lab], by[best], "auc", num_resamples=2000, seed=0)["pvalue"] for lab in others]
+    tests = paired_validation_tests(two_seed_runs, ["full", "top_k:1", "linear"], best, "auc")
+    np.testing.assert_allclose([tests[lab]["p_holm"] for lab in others], holm(raw))
+    assert tests["linear"]["p_holm"] < 0.05 and tests["linear"]["diff"] < 0
+
+
+def test_paired_tests_need_shared_validation_images(two_seed_runs):
+    from medtune.reporting.stats import paired_validation_tests
+
+    runs = [dict(r) for r in two_seed_runs]
+    runs[0] = {**runs[0], "val_predictions": {"y_true": list(reversed(runs[0]["val_predictions"]["y_true"])),
+                                              "y_prob": runs[0]["val_predictions"]["y_prob"]}}
+    assert paired_validation_tests(runs, ["full", "top_k:1", "linear"], "full", "auc") is None
+    assert recommend(runs, metric="auc")["method"] == "within_sd"
+    no_preds = [{k: v for k, v in r.items() if k != "val_predictions"} for r in two_seed_runs]
+    assert recommend(no_preds, metric="auc")["method"] == "within_sd"
+    assert paired_validation_tests(two_seed_runs, ["full", "linear"], "full", "loss") is None

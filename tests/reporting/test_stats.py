@@ -121,6 +121,20 @@ def test_holm_matches_hand_computed_example():
     assert math.isnan(out[1]) and out[0] == pytest.approx(0.02) and out[2] == pytest.approx(0.02)
 
 
+def test_holm_matches_statsmodels_and_r_p_adjust():
+    """Against an independent implementation (statsmodels' ``multipletests``) and R's algorithm
+    (``p.adjust(p, "holm")`` = ``pmin(1, cummax((n - i + 1) * p[o]))[ro]``; R itself is not reachable
+    offline, its output for this vector is 0.05 0.08 0.09 0.09 0.09)."""
+    multitest = pytest.importorskip("statsmodels.stats.multitest")
+    np.testing.assert_allclose(holm([0.01, 0.02, 0.03, 0.04, 0.05]), [0.05, 0.08, 0.09, 0.09, 0.09])
+    rng = np.random.default_rng(0)
+    for size in (1, 2, 5, 17):
+        for _ in range(20):
+            p = rng.uniform(0, 0.2, size) ** rng.uniform(0.5, 2)
+            p[rng.integers(0, size)] = p[0]  # ties
+            np.testing.assert_allclose(holm(p), multitest.multipletests(p, method="holm")[1], rtol=0, atol=1e-15)
+
+
 def test_min_wilcoxon_pvalue_matches_scipy_exact():
     for n in (3, 5, 6, 8):
         assert min_wilcoxon_pvalue(n) == pytest.approx(sps.wilcoxon(np.arange(1.0, n + 1)).pvalue)

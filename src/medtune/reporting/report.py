@@ -143,6 +143,8 @@ def _cards(data: ReportData) -> list[Card]:
 
 def _rule_text(data: ReportData) -> str:
     return {"wilcoxon_holm": f"Wilcoxon signed-rank over (dataset, arch, seed, fold) blocks, Holm, α = {data.alpha:g}",
+            "paired_bootstrap_holm": ("paired bootstrap over the validation images (seed-averaged), Holm, "
+                                      f"α = {data.alpha:g}"),
             "within_sd": "fallback: mean within one sd of the best, significance not testable",
             "within_tolerance": "fallback: mean within a fixed tolerance of the best, significance not testable",
             }.get(data.recommendation.get("method", ""), "no comparison")

@@ -38,6 +38,7 @@ __all__ = [
     "holm",
     "min_wilcoxon_pvalue",
     "pairwise_wilcoxon",
+    "paired_validation_tests",
     "recommend",
     "summarize",
 ]
@@ -391,8 +392,10 @@ def recommend(
     (dataset, arch, seed, fold) blocks at each dataset's largest train fraction. "Not worse" is
     decided by :func:`pairwise_wilcoxon` (Holm-corrected, at ``alpha``) when the test can
     reject at all: that needs 2+ seeds and enough paired blocks that ``holm`` of the smallest
-    attainable p-value (:func:`min_wilcoxon_pvalue`) is below ``alpha``. Otherwise the rule
-    falls back to "mean within one sd of the best's mean" (sd over the best's runs) or,
+    attainable p-value (:func:`min_wilcoxon_pvalue`) is below ``alpha``. With fewer (2–3 seeds,
+    even one), when every run stored its validation probabilities on the same validation images,
+    by :func:`paired_validation_tests` (paired bootstrap over those images, Holm). Otherwise the
+    rule falls back to "mean within one sd of the best's mean" (sd over the best's runs) or,
     when that sd cannot be estimated (a single run), within ``tolerance``; the text says so.
     Among the configurations that pass, the cheapest has the fewest trainable parameters,
     ties broken by training time.
@@ -411,7 +414,8 @@ def recommend(
         validation), ``metric``, ``selected_on`` (``"val"``), ``mean``/``sd``/``n`` of the
         recommendation's test metric, ``best_mean``/``best_sd`` (test, of the best), ``val_mean``/
         ``val_sd``/``best_val_mean``/``best_val_sd`` (what selected), ``method``
-        (``"wilcoxon_holm"``, ``"within_sd"``, ``"within_tolerance"``, ``"single"`` when only one
+        (``"wilcoxon_holm"``, ``"paired_bootstrap_holm"`` (then ``paired``: its per-label tests),
+        ``"within_sd"``, ``"within_tolerance"``, ``"single"`` when only one
         configuration has results, or ``"none"`` when there are no runs), ``p_holm``
         (of the recommendation vs the best, when tested), ``not_worse`` (labels that pass),
         ``trainable_params``, ``train_seconds``, ``params_ratio``/``time_ratio`` (full ÷
@@ -460,9 +464,16 @@ def recommend(
     elif testable:
         out["method"] = "wilcoxon_holm"
         passing = [str(r.label) for r in tests.itertuples() if r.not_worse_than_best]
+    elif (paired := paired_validation_tests(main, [str(x) for x in per_label.index], best, metric,
+                                            alpha=alpha)) is not None:
+        # too few seeds for Wilcoxon: the configurations share their validation images, so a paired
+        # bootstrap over those images can still separate them
+        out["method"], out["paired"] = "paired_bootstrap_holm", paired
+        passing = [best] + [lab for lab, t in paired.items() if t["not_worse_than_best"]]
     else:
         if num_seeds < 2:
-            out["notes"].append("Only one seed per configuration: significance can't be tested.")
+            out["notes"].append("Only one seed per configuration, and no shared validation predictions for a "
+                                "paired test: significance can't be tested.")
         else:
             out["notes"].append(
                 f"At most {max_pairs} paired block(s) per comparison: the Wilcoxon test cannot reach "
@@ -500,6 +511,8 @@ def recommend(
     })
     if out["method"] == "wilcoxon_holm" and label != best:
         out["p_holm"] = float(tests.loc[tests["label"] == label, "p_holm"].iloc[0])
+    elif out["method"] == "paired_bootstrap_holm" and label != best:
+        out["p_holm"] = out["paired"][label]["p_holm"]
     if "full" in per_label.index:
         full = per_label.loc["full"]
         if row["params"] > 0 and not math.isnan(full["params"]):
@@ -512,6 +525,62 @@ def recommend(
     if attacks and out["fooling_rate"] is None:
         out["notes"].append(f"No non-targeted UAP audit of {label} at zeta={main_zeta:g}.")
     out["text"] = _recommend_text(out, main_zeta, alpha)
+    return out
+
+
+#: Metrics :func:`medtune.training.intervals.resampled_metric` can resample (single-label tasks).
+PAIRED_METRICS = ("auc", "accuracy", "balanced_accuracy", "f1")
+
+
+def paired_validation_tests(runs: Sequence[Record], labels: Sequence[str], best: str, metric: str, *,
+                            alpha: float = 0.05, num_resamples: int = 2000,
+                            seed: int = 0) -> dict[str, dict[str, Any]] | None:
+    """Each configuration against ``best`` by a paired bootstrap over the validation images.
+
+    Used by :func:`recommend` when there are too few seeds for Wilcoxon over blocks. Every run's
+    exact validation probabilities (``run["val_predictions"]``) are needed, all on the same
+    validation images (one dataset and split: same labels in the same order); the metric of each
+    configuration is averaged over its runs (seeds, archs) inside every resample
+    (:func:`medtune.training.intervals.paired_bootstrap`), and the p-values are Holm-corrected over
+    the comparisons. A configuration is "not worse" when its difference to the best is ≥ 0 or
+    the corrected p-value is ≥ ``alpha``.
+
+    Returns:
+        ``{label: {diff, ci_low, ci_high, pvalue, p_holm, not_worse_than_best}}`` for every label
+        but ``best`` (``diff`` = label − best on the metric's scale), or None when the test does not
+        apply (a metric without a resampled form, a multi-label task, missing or unshared validation
+        predictions).
+    """
+    from medtune.training.intervals import paired_bootstrap
+
+    if metric not in PAIRED_METRICS:
+        return None
+    probs: dict[str, list[np.ndarray]] = {lab: [] for lab in labels}
+    y_ref = None
+    for r in runs:
+        lab = str(r.get("label") or r.get("strategy"))
+        if lab not in probs:
+            continue
+        vp = r.get("val_predictions")
+        if not isinstance(vp, Mapping) or vp.get("y_true") is None or vp.get("y_prob") is None:
+            return None
+        y, p = np.asarray(vp["y_true"]), np.asarray(vp["y_prob"], dtype=float)
+        if y.ndim != 1 or p.ndim != 2 or len(y) != len(p):
+            return None  # multi-label, or damaged
+        if y_ref is None:
+            y_ref = y
+        elif y.shape != y_ref.shape or not np.array_equal(y, y_ref):
+            return None  # not the same validation images
+        probs[lab].append(p)
+    if y_ref is None or any(not v for v in probs.values()):
+        return None
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    out = {lab: paired_bootstrap(y_ref, probs[lab], probs[best], metric, num_resamples=num_resamples, seed=seed)
+           for lab in labels if lab != best}
+    adjusted = holm([t["pvalue"] for t in out.values()])
+    for (lab, t), p_adj in zip(out.items(), adjusted):
+        t["p_holm"] = float(p_adj)
+        t["not_worse_than_best"] = bool(sign * t["diff"] >= 0 or not p_adj < alpha)
     return out
 
 
@@ -551,6 +620,11 @@ def _recommend_text(r: dict[str, Any], zeta: float, alpha: float) -> str:
         if r["method"] == "wilcoxon_holm":
             parts.append(f"It is not significantly worse than {ref}: Wilcoxon signed-rank, "
                          f"Holm-corrected p = {r['p_holm']:.3g} ≥ {alpha:g}.")
+        elif r["method"] == "paired_bootstrap_holm":
+            t = r["paired"][r["label"]]
+            parts.append(f"It is not significantly worse than {ref}: paired bootstrap over the validation images "
+                         f"(seed-averaged {m}, difference {t['diff']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}]), "
+                         f"Holm-corrected p = {t['p_holm']:.3g} ≥ {alpha:g}.")
         elif r["method"] == "within_sd":
             parts.append(f"Its validation mean is within one sd of {ref}; significance could not be tested.")
         else:

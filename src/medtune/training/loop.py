@@ -70,6 +70,8 @@ class FitResult:
     images_seen: int
     trainable_params: int
     extras: dict = field(default_factory=dict)
+    val_y_true: np.ndarray | None = None  # validation labels and probabilities of the best weights,
+    val_y_prob: np.ndarray | None = None  # for paired tests that select on validation
 
     @property
     def images_per_s(self) -> float:
@@ -582,10 +584,11 @@ def _final_result(run: _Setup, state: dict) -> FitResult:
     model, cfg = run.model, run.cfg
     kw = dict(batch_size=cfg.eval_batch_size, loss_fn=run.loss_fn, channels_last=run.channels_last,
               autocast_dtype=run.amp_dtype)
-    val_metrics, _, _ = evaluate(model, run.val, **kw)
+    val_metrics, val_y_true, val_y_prob = evaluate(model, run.val, **kw)
     test_metrics, y_true, y_prob = evaluate(model, run.test, **kw)
     return FitResult(model=model, history=state["history"], val_metrics=val_metrics, test_metrics=test_metrics,
-                     y_true=y_true, y_prob=y_prob, train_seconds=state["train_seconds"],
+                     y_true=y_true, y_prob=y_prob, val_y_true=val_y_true, val_y_prob=val_y_prob,
+                     train_seconds=state["train_seconds"],
                      images_seen=state["images_seen"],
                      trainable_params=sum(p.numel() for p in model.parameters() if id(p) in state["trained"]),
                      extras=state["extras"])
