@@ -10,11 +10,12 @@ Python API (every argument is also a YAML key and a CLI flag of the same name)::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from medtune.config import RunConfig, SweepConfig, load_yaml, save_yaml
 from medtune.errors import ConfigError, DataError, MedtuneError, NotFittedError, StoreError
+from medtune.demo import DEMO_SWEEP
 
 __version__ = "0.1.0"
 
@@ -38,23 +39,6 @@ __all__ = [
     "NotFittedError",
 ]
 
-#: The offline demo: EfficientNet-Lite0 with its real ImageNet weights on the built-in demo data.
-DEMO_SWEEP: dict[str, Any] = {
-    "name": "demo",
-    "data": "demo",
-    "arch": ["tf_efficientnet_lite0"],
-    "weights": "efficientnet_lite0",
-    "strategy": ["scratch", "linear", "top_k:all", "full"],
-    "seeds": [0, 1],
-    "epochs": 6,
-    "img_size": 64,
-    "batch_size": 32,
-    "lr": 1e-3,
-    "warmup_epochs": 0.5,
-    "monitor": "auc",
-}
-
-
 def run(config: RunConfig | dict, **kwargs: Any) -> dict:
     """Train one configuration (see :func:`medtune.runner.run`)."""
     from medtune.runner import run as _run
@@ -70,9 +54,13 @@ def sweep(config: SweepConfig | dict | str | None = None, **kwargs: Any) -> list
 
 
 def demo(*, store: str = "./medtune-results", seeds: str | list[int] = "0,1", epochs: int | None = None,
-         device: str = "auto", log: Callable[[str], None] | None = None) -> list[dict]:
-    """The README's main job: the demo sweep, offline, on 2 CPU cores in about 10 minutes."""
-    return sweep(dict(DEMO_SWEEP), store=store, log=log, seeds=seeds, epochs=epochs, device=device)
+         device: str = "auto", stages: Sequence[str] = ("sweep", "search", "audit"),
+         log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The README's main job, offline: the depth/strategy sweep, a DEFT search and the UAP audit of
+    the demo data, then the report (see :func:`medtune.demo.demo`)."""
+    from medtune.demo import demo as _demo
+
+    return _demo(store=store, seeds=seeds, epochs=epochs, device=device, stages=stages, log=log)
 
 
 def search(config: Any = None, **kwargs: Any) -> dict:

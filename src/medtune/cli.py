@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--stages", default="sweep,search,audit",
+                   help="comma-separated subset of sweep,search,audit (default: all three)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     p = sub.add_parser("run", help="train one configuration")
@@ -213,13 +215,25 @@ def _print_records(records: list[dict], fmt: str, *, per_run: bool = False) -> N
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     import medtune
+    from medtune.demo import DEMO_SEARCH
 
     t0 = time.perf_counter()
-    records = medtune.demo(store=args.store, seeds=args.seeds, epochs=args.epochs, device=args.device, log=_log)
-    _print_records(records, args.format)
-    report = medtune.report(args.store)
-    print(f"\n{len(records)} runs in {time.perf_counter() - t0:.0f} s; results: {args.store}; report: {report}",
-          file=sys.stderr)
+    result = medtune.demo(store=args.store, seeds=args.seeds, epochs=args.epochs, device=args.device,
+                          stages=[s for s in args.stages.split(",") if s], log=_log)
+    if result["runs"]:
+        _print_records(result["runs"], args.format)
+    if result["search"]:
+        best = "".join(map(str, result["search"]["best_mask"]))
+        print(f"\nDEFT (budget {100 * DEMO_SEARCH['max_trainable_params']:.0f}% of the parameters): "
+              f"mask {best}, {100 * result['search']['trainable_fraction']:.1f}% trainable")
+        import pandas as pd
+
+        print(pd.DataFrame(result["search"]["comparison"]).to_string(index=False, float_format="%.3f"))
+    if result["attacks"]:
+        _print_attacks(result["attacks"], args.format)
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items())
+    print(f"\n{len(result['runs'])} runs in {time.perf_counter() - t0:.0f} s ({stages}); results: {args.store}; "
+          f"report: {result['report']}", file=sys.stderr)
     return 0
 
 
@@ -336,19 +350,23 @@ def _cmd_attack(args: argparse.Namespace) -> int:
         if folders:
             flags["natural_folder"] = folders[0]
     config = load_config(AuditConfig, args.config, **flags)  # every flag is checked here, before any run is read
-    records = medtune.attack(args.runs, config=config, log=_log)
+    _print_attacks(medtune.attack(args.runs, config=config, log=_log), args.format)
+    return 0
+
+
+def _print_attacks(records: list[dict], fmt: str) -> None:
     rows = [{k: r.get(k) for k in ("run_id", "label", "source", "zeta", "norm", "targeted", "algorithm", "channels",
                                    "fooling_rate", "fooling_ci_low", "fooling_ci_high", "random_fooling_rate",
                                    "random_fooling_rate_max", "mcnemar_p", "targeted_success", "clean_target_share")}
             for r in records if r.get("source") != "transfer"]
-    if args.format == "json":
+    if fmt == "json":
         for r in records:
             print(json.dumps({k: v for k, v in r.items() if k not in ("confusion", "random_confusion")}, default=str))
     else:
         import pandas as pd
 
         frame = pd.DataFrame(rows)
-        print(frame.to_csv(index=False) if args.format == "csv" else frame.to_string(index=False, float_format="%.3g"))
+        print(frame.to_csv(index=False) if fmt == "csv" else frame.to_string(index=False, float_format="%.3g"))
         for r in records:
             if r.get("source") == "transfer":
                 what = "fooling rate" if r.get("targeted") is None else f"success, target {r['targeted']}"
@@ -357,7 +375,6 @@ def _cmd_attack(args: argparse.Namespace) -> int:
                 table = pd.DataFrame(r["matrix"]).T
                 table.loc["random"] = pd.Series(r["random"])
                 print(table.to_string(float_format="%.3f"))
-    return 0
 
 
 def _cmd_preset(args: argparse.Namespace) -> int:

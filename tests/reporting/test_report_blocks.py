@@ -120,3 +120,22 @@ def test_report_document(tmp_path):
 def test_every_block_renders_to_both_formats(block, tmp_path):
     assert isinstance(block.to_html(), str) and block.to_html().startswith("<")
     assert isinstance(block.to_markdown(tmp_path / "r.md"), str) and block.to_markdown(tmp_path / "r.md")
+
+
+def test_recommendation_box_answers_the_three_questions_with_small_figures(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure as MplFigure
+
+    fig = MplFigure(figsize=(4, 3))
+    fig.subplots().plot([0, 1], [0, 1])
+    block = Recommendation("Use linear.", answers="How deep: 2. Which strategy: linear. How exposed: low.",
+                           figures=[Figure("headline_depth", fig, "depth", scale=0.5)])
+    html = block.to_html()
+    assert html.index('<p class="answers">How deep: 2.') < html.index("<p>Use linear.</p>") < html.index("thumbs")
+    assert 'width="200" height="150"' in html  # half of 4 × 3 inches at 100 dpi, rendered at that size
+    md = block.to_markdown(tmp_path / "r.md")
+    assert md.startswith("## Recommendation\n\n**How deep: 2.") and "r_headline_depth.png" in md
+    with __import__("PIL.Image").Image.open(tmp_path / "r_headline_depth.png") as im:
+        assert im.size == (200, 150)

@@ -224,7 +224,8 @@ def run_search(config: SearchConfig | dict | str, *, store: ResultsStore | str |
 
     specs = [f"deft:mask={best},granularity={cfg.granularity}"]
     if cfg.compare:
-        specs += ["full", "linear"] + [f"top_k:{k}" for k in range(len(get_blocks(model)))]
+        # top_k:0 and top_k:S+1 are linear and full, trained here on their own (as top_k:all expands)
+        specs += ["full", "linear"] + [f"top_k:{k}" for k in range(1, len(get_blocks(model)) - 1)]
     records = []
     for spec in specs:
         for seed in cfg.seeds:

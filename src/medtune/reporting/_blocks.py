@@ -38,6 +38,10 @@ nav.toc a { color: var(--accent); margin-right: 14px; text-decoration: none; }
 .headline h2 { margin: 0 0 8px; font-size: 18px; }
 .headline p { margin: 0 0 10px; }
 .cards { display: flex; flex-wrap: wrap; gap: 12px; }
+.answers { font-size: 16px; }
+.thumbs { display: flex; flex-wrap: wrap; gap: 12px; }
+.thumbs figure { margin: 10px 0 0; }
+.thumbs figcaption { font-size: 12px; max-width: 360px; }
 .card { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px;
         min-width: 160px; flex: 1 1 160px; }
 .card .v { font-size: 22px; font-weight: 700; }
@@ -183,16 +187,17 @@ class Figure:
     name: str
     figure: MplFigure
     caption: str
+    scale: float = 1.0  # rendered size (the headline's small figures: 0.5)
 
     def png(self) -> bytes:
-        """The figure as PNG bytes at 100 dpi, without the (version-dependent) Software tag."""
+        """The figure as PNG bytes at 100 dpi × ``scale``, without the (version-dependent) Software tag."""
         buf = io.BytesIO()
-        self.figure.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+        self.figure.savefig(buf, format="png", dpi=100 * self.scale, metadata={"Software": None})
         return buf.getvalue()
 
     def to_html(self) -> str:
         data = base64.b64encode(self.png()).decode("ascii")
-        w, h = (int(round(x)) for x in self.figure.get_size_inches() * self.figure.dpi)
+        w, h = (int(round(x * self.scale)) for x in self.figure.get_size_inches() * self.figure.dpi)
         return (f'<figure><img src="data:image/png;base64,{data}" width="{w}" height="{h}" '
                 f'alt="{_e(self.caption)}"><figcaption>{_e(self.caption)}</figcaption></figure>')
 
@@ -222,17 +227,25 @@ class Recommendation:
 
     text: str
     cards: Sequence[Card] = ()
+    answers: str = ""  # one paragraph: how deep, which strategy, how exposed to UAPs
+    figures: Sequence[Figure] = ()  # small figures beside the answers
 
     def to_html(self) -> str:
-        out = ['<div class="headline" id="recommendation"><h2>Recommendation</h2>', f"<p>{_e(self.text)}</p>"]
+        out = ['<div class="headline" id="recommendation"><h2>Recommendation</h2>']
+        if self.answers:
+            out.append(f'<p class="answers">{_e(self.answers)}</p>')
+        out.append(f"<p>{_e(self.text)}</p>")
         if self.cards:
             out.append('<div class="cards">' + "".join(c.to_html() for c in self.cards) + "</div>")
+        if self.figures:
+            out.append('<div class="thumbs">' + "".join(f.to_html() for f in self.figures) + "</div>")
         out.append("</div>")
         return "\n".join(out)
 
     def to_markdown(self, out_path: Path) -> str:
-        return "\n".join(["## Recommendation", "", f"> {_md(self.text)}", "",
-                          *(c.to_markdown(out_path) for c in self.cards)])
+        figures = ["", *(f.to_markdown(out_path) for f in self.figures)] if self.figures else []
+        return "\n".join(["## Recommendation", "", *([f"**{_md(self.answers)}**", ""] if self.answers else []),
+                          f"> {_md(self.text)}", "", *(c.to_markdown(out_path) for c in self.cards), *figures])
 
 
 @dataclass

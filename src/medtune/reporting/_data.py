@@ -149,8 +149,38 @@ class ReportData:
     appendix: AppendixData | None
     reproducibility: ReproducibilityData
     csv: dict[str, pd.DataFrame]
+    depth: dict[str, Any] | None = None  # the best fine-tuning depth on validation (see best_depth)
     hp_choices: list[dict] = field(default_factory=list)  # tuned hyper-parameters chosen on validation
     folds: pd.DataFrame | None = None  # cross-validation: the test metric per configuration and fold
+
+
+def best_depth(runs: Sequence[Record], metric: str) -> dict[str, Any] | None:
+    """The fine-tuning depth best on validation among ``linear`` (0), ``top_k:k`` (k) and ``full``.
+
+    Runs at each dataset's largest train fraction; the mean over every run at a depth (seeds,
+    archs, datasets). Returns ``{depth, label, val_mean, test_mean, num_blocks, n, num_depths,
+    scope}`` (``num_blocks``: non-head blocks of the network, so ``full`` is at that depth;
+    ``scope``: the datasets × archs averaged over), or None without two depths to compare.
+    """
+    main, _ = main_fraction_runs(done_runs(runs))
+    frame = runs_frame(main, [metric])
+    val = runs_frame(main, [metric], split="val")[metric]
+    frame = frame.assign(val=val.values)
+    frame = frame[frame["strategy"].isin(["linear", "top_k", "full"]) & frame["val"].notna()].copy()
+    frame.loc[frame["depth"].isna() & (frame["strategy"] == "linear"), "depth"] = 0
+    frame.loc[frame["strategy"] == "full", "depth"] = frame.loc[frame["strategy"] == "full", "num_blocks"] - 1
+    frame = frame[frame["depth"].notna()]
+    if frame["depth"].nunique() < 2:
+        return None
+    per = frame.groupby("depth").agg(val_mean=("val", "mean"), test_mean=(metric, "mean"), n=("val", "size"),
+                                     label=("label", "first"))
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    depth = (sign * per["val_mean"]).idxmax()
+    row = per.loc[depth]
+    return {"depth": int(depth), "label": str(row["label"]), "val_mean": float(row["val_mean"]),
+            "test_mean": float(row["test_mean"]), "n": int(row["n"]), "num_depths": len(per),
+            "num_blocks": int(frame["num_blocks"].max() - 1) if frame["num_blocks"].notna().any() else None,
+            "scope": f"{frame['dataset'].nunique()} dataset(s) × {frame['arch'].nunique()} arch(s)"}
 
 
 def build_report_data(runs: Sequence[Record], attacks: Sequence[Record], searches: Sequence[Record], *,
@@ -197,7 +227,7 @@ def build_report_data(runs: Sequence[Record], attacks: Sequence[Record], searche
         metric=metric, alpha=alpha, main_zeta=main_zeta, metrics=metrics, counts=_counts(runs, done, attacks, searches),
         recommendation=rec, headline_fooling=headline_fooling, fraction_note=fraction_note,
         summary=_summary(main, metric, metrics, rec) if done else None, figures=figures, statistics=statistics,
-        robustness=robustness, searches=search_data, appendix=appendix,
+        robustness=robustness, searches=search_data, appendix=appendix, depth=best_depth(done, metric) if done else None,
         reproducibility=_reproducibility(runs, attacks, searches), csv=csv, hp_choices=hp_choices,
         folds=_folds(main, metric))
 

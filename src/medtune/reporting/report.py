@@ -113,7 +113,38 @@ def _counts_text(data: ReportData) -> str:
 
 def _recommendation(data: ReportData) -> Recommendation:
     r = data.recommendation
-    return Recommendation(r.get("text", ""), _cards(data))
+    small = [Figure(f"headline_{name}", fig, caption, scale=0.5) for name, fig, caption in (
+        ("depth", data.figures.get("depth"), "How deep: test metric vs fine-tuned blocks"),
+        ("cost", data.figures.get("cost"), "Which strategy: test metric vs trainable parameters"),
+        ("fooling", data.robustness.fooling_figure if data.robustness else None,
+         "How exposed: UAP fooling rate vs random controls")) if fig is not None]
+    return Recommendation(r.get("text", ""), _cards(data), answers=_answers(data), figures=small)
+
+
+def _answers(data: ReportData) -> str:
+    """One paragraph for the three questions: how deep, which strategy, how exposed to UAPs."""
+    m, r, parts = data.metric, data.recommendation, []
+    d = data.depth
+    if d is not None:
+        of = f" of {d['num_blocks']}" if d["num_blocks"] is not None else ""
+        what = "the head alone (linear probe)" if d["depth"] == 0 else (
+            "every block (full fine-tuning)" if d["depth"] == d["num_blocks"] else f"the top {d['depth']}{of} blocks")
+        parts.append(f"How deep: fine-tuning {what} is best on validation (val {m} {d['val_mean']:.3f}, test "
+                     f"{d['test_mean']:.3f}; {d['num_depths']} depths, {d['scope']}).")
+    if r.get("label") is not None:
+        test = "" if r.get("mean") is None else f", test {m} {r['mean']:.3f}"
+        parts.append(f"Which strategy: {r['label']}, the cheapest configuration not worse than the best on "
+                     f"validation ({r['best_label']}){test}.")
+    if data.headline_fooling is not None:
+        source, fool = data.headline_fooling
+        exposed = ("far above" if fool["rate"] > 2 * fool["random_rate"] + 0.05 else
+                   "above" if fool["rate"] > fool["random_rate"] else "no higher than")
+        parts.append(f"How exposed: a UAP at ζ = {100 * data.main_zeta:.3g}% made from {source} images fools "
+                     f"{fool['rate']:.0%} [{fool['ci_low']:.0%}, {fool['ci_high']:.0%}] of its test images, "
+                     f"{exposed} random noise of the same norm ({fool['random_rate']:.0%}).")
+    elif data.counts.num_done:
+        parts.append("How exposed: no UAP audit yet (medtune attack).")
+    return " ".join(parts)
 
 
 def _cards(data: ReportData) -> list[Card]:
