@@ -12,6 +12,8 @@ from typing import Any
 
 from medtune.config import RunConfig
 from medtune.errors import MedtuneError
+from medtune.exporters import EXPORT_FORMATS
+from medtune.inference import PREDICT_SPLITS
 
 __all__ = ["main", "build_parser"]
 
@@ -182,6 +184,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML file of AuditConfig keys; flags override it (default: none)")
     _add_audit_flags(p)
     p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
+
+    p = sub.add_parser("predict", help="a stored run's predictions on images; metrics with CIs when labelled")
+    p.add_argument("run", help="run id (or a unique prefix; see 'medtune results --runs')")
+    p.add_argument("data", help="a folder per class, a CSV, a MedMNIST .npz, demo/synthetic, or a folder of "
+                   "unlabelled images")
+    p.add_argument("-o", "--output", default=None, help="CSV of per-image probabilities (default: none)")
+    p.add_argument("--store", default="./medtune-results", help="results store (default: %(default)s)")
+    p.add_argument("--split", default="all", choices=PREDICT_SPLITS,
+                   help="which images of DATA (choices: %(choices)s; default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--format", choices=("table", "json"), default="table", help=_FORMAT_HELP)
+
+    p = sub.add_parser("export", help="export a stored run's model (timm local-dir layout or ONNX)")
+    p.add_argument("run", help="run id (or a unique prefix; see 'medtune results --runs')")
+    p.add_argument("--format", default="timm", choices=EXPORT_FORMATS,
+                   help="timm: save_for_hf layout for timm.create_model('local-dir:DIR'); onnx: model.onnx "
+                   "taking [0, 1] images (choices: %(choices)s; default: %(default)s)")
+    p.add_argument("-o", "--output", default=None, help="output folder (default: STORE/artifacts/RUN_ID)")
+    p.add_argument("--store", default="./medtune-results", help="results store (default: %(default)s)")
 
     p = sub.add_parser("strategies", help="list the registered strategies")
     p.add_argument("--format", choices=("table", "json"), default="table")
@@ -387,7 +408,35 @@ def _cmd_preset(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"attack": _cmd_attack, "preset": _cmd_preset, "report": _cmd_report, "search": _cmd_search, "demo": _cmd_demo, "run": _cmd_run, "sweep": _cmd_sweep, "results": _cmd_results,
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import medtune
+
+    result = medtune.predict(args.run, args.data, store=args.store, split=args.split, device=args.device)
+    if args.output:
+        print(f"{len(result.ids)} predictions: {result.to_csv(args.output)}", file=sys.stderr)
+    summary = {"run_id": result.run_id, "images": len(result.ids), "metrics": result.metrics,
+               "metric_ci": result.metric_ci}
+    if args.format == "json":
+        print(json.dumps(summary, sort_keys=True))
+    elif result.metrics is None:
+        print(f"{len(result.ids)} unlabelled images; no metrics" + ("" if args.output else " (-o FILE writes them)"))
+    else:
+        print(f"run {result.run_id} on {args.data} ({args.split}, {len(result.ids)} images):")
+        for name, value in result.metrics.items():
+            ci = result.metric_ci.get(name)
+            print(f"  {name:<18} {value:.4f}" + (f"  [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import medtune
+
+    out = medtune.export(args.run, fmt=args.format, out_dir=args.output, store=args.store)
+    print(f"{out['path']}  (parity: max |Δ logit| = {out['max_abs_diff']:.2e})")
+    return 0
+
+
+_COMMANDS = {"predict": _cmd_predict, "export": _cmd_export, "attack": _cmd_attack, "preset": _cmd_preset, "report": _cmd_report, "search": _cmd_search, "demo": _cmd_demo, "run": _cmd_run, "sweep": _cmd_sweep, "results": _cmd_results,
              "blocks": _cmd_blocks, "strategies": _cmd_strategies, "data": _cmd_data}
 
 

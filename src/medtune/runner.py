@@ -121,7 +121,7 @@ def _save_artifacts(store: ResultsStore, run_id: str, config: dict, state: dict,
     preds = folder / "predictions.npz"
     _write_atomic(preds, lambda p: np.savez(open(p, "wb"), y_true=y_true, y_prob=y_prob,
                                             class_names=np.array(class_names)))
-    cfg_path = folder / "config.json"
+    cfg_path = folder / "run_config.json"  # config.json is the name of a timm export (medtune export)
     _write_atomic(cfg_path, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
     return {"weights": str(weights), "predictions": str(preds), "config": str(cfg_path)}
 
