@@ -20,6 +20,7 @@ import yaml
 from medtune._checks import check_choice, check_scalar
 from medtune.errors import ConfigError, did_you_mean
 from medtune.strategies.spec import StrategySpec, format_strategy_spec, parse_strategy_spec
+from medtune.training.imbalance import CLASS_WEIGHTS, SAMPLERS
 from medtune.training.metrics import MONITOR_METRICS
 
 __all__ = [
@@ -36,7 +37,8 @@ NON_SEMANTIC_FIELDS = frozenset({"store", "device", "num_threads", "progress", "
 
 # Fields added after the first stores were written: at these values they leave the run id as it was,
 # so an existing store keeps its runs.
-ID_NEUTRAL_DEFAULTS: dict[str, Any] = {"cv_folds": 0, "fold": 0}
+ID_NEUTRAL_DEFAULTS: dict[str, Any] = {"cv_folds": 0, "fold": 0, "class_weight": "none", "sampler": "none",
+                                       "target_sensitivity": 0.9}
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,12 @@ class RunConfig(_Base):
         resize: ``resize`` (bilinear, antialiased) or ``pad`` (longer side scaled, zero padding centred).
         medmnist_size: image size of a ``medmnist:NAME`` download.
         label_smoothing: label smoothing of the cross-entropy loss, in [0, 0.5].
+        class_weight: ``balanced`` weighs the loss by scikit-learn's balanced class weights of the training
+            split (n / (K · n_k); multi-label: BCE ``pos_weight`` = negatives / positives per label); ``none``.
+        sampler: ``balanced`` draws each epoch's batches as PyTorch's WeightedRandomSampler (probability
+            ∝ 1 / class count, with replacement; single-label tasks); ``none`` shuffles.
+        target_sensitivity: binary tasks: the decision threshold is chosen on validation as the highest
+            one reaching this sensitivity, and reported with its test operating point.
         eval_batch_size: images per forward pass when evaluating.
         amp: mixed precision: ``auto`` (on CUDA only), ``on`` or ``off``.
         channels_last: channels-last memory format: ``auto`` (on CUDA only), ``on`` or ``off``.
@@ -155,7 +163,7 @@ class RunConfig(_Base):
         "optimizer": ("adamw", "sgd"), "monitor": MONITOR_METRICS,
         "bn_mode": ("eval", "train"), "resize": ("resize", "pad"), "medmnist_size": (28, 64, 128, 224),
         "amp": ("auto", "on", "off"), "channels_last": ("auto", "on", "off"), "feature_cache": ("auto", "off"),
-        "device": ("auto", "cpu", "cuda"),
+        "device": ("auto", "cpu", "cuda"), "class_weight": CLASS_WEIGHTS, "sampler": SAMPLERS,
     }
 
     data: str = "demo"
@@ -185,6 +193,9 @@ class RunConfig(_Base):
     cv_folds: int = 0
     fold: int = 0
     label_smoothing: float = 0.0
+    class_weight: str = "none"
+    sampler: str = "none"
+    target_sensitivity: float = 0.9
     eval_batch_size: int = 256
     amp: str = "auto"
     channels_last: str = "auto"
@@ -229,6 +240,8 @@ class RunConfig(_Base):
         check_scalar(self.fold, "fold", int, min_val=0, max_val=max(0, self.cv_folds - 1), owner=owner)
         check_scalar(self.label_smoothing, "label_smoothing", (float, int), min_val=0, max_val=0.5, owner=owner)
         check_scalar(self.num_threads, "num_threads", int, min_val=0, owner=owner)
+        check_scalar(self.target_sensitivity, "target_sensitivity", (float, int), min_val=0, max_val=1,
+                     include_min=False, owner=owner)
         for name, choices in self.CHOICES.items():
             check_choice(getattr(self, name), name, choices, owner=owner)
 

@@ -94,6 +94,9 @@ class Predictions:
         y_true: the labels (int (N,) or 0/1 (N, K)), or None for unlabelled images.
         metrics: every metric of the run's records (None without labels).
         metric_ci: 95% intervals of the metrics (None without labels).
+        per_class: sensitivity, specificity, PPV, PR-AUC and support per class (arg-max decisions).
+        per_class_at_threshold: binary: the same at the run's threshold chosen on validation for its
+            ``target_sensitivity`` (None otherwise).
     """
 
     run_id: str
@@ -105,6 +108,8 @@ class Predictions:
     y_true: np.ndarray | None = None
     metrics: dict | None = None
     metric_ci: dict | None = None
+    per_class: dict | None = None
+    per_class_at_threshold: dict | None = None
 
     def to_rows(self) -> list[dict]:
         """One row per image: id, split, label (if known), the predicted class and a probability per class."""
@@ -187,6 +192,7 @@ def predict(run_id: str, data: str, *, store: ResultsStore | str | Path = "./med
         DataError: unreadable data, or labels that are not the run's classes.
     """
     from medtune._checks import check_choice
+    from medtune.training.imbalance import per_class_metrics
     from medtune.training.intervals import metric_intervals
     from medtune.training.loop import _loss_fn, predict_proba
     from medtune.training.metrics import compute_metrics
@@ -201,7 +207,7 @@ def predict(run_id: str, data: str, *, store: ResultsStore | str | Path = "./med
         images = images.split(split)
     labelled = images.task != "unlabelled"
     task = images.task if labelled else _task_of(record, len(model.class_names))
-    loss_fn = _loss_fn(task, cfg.label_smoothing)
+    loss_fn = _loss_fn(task, cfg.label_smoothing, weight=record.get("class_weights"))
     prob, loss = predict_proba(model, images.images, task=task, batch_size=batch_size or cfg.eval_batch_size,
                                labels=images.labels if labelled else None, loss_fn=loss_fn if labelled else None)
     out = Predictions(run_id=record["run_id"], ids=list(images.ids), splits=[str(s) for s in images.splits],
@@ -210,4 +216,9 @@ def predict(run_id: str, data: str, *, store: ResultsStore | str | Path = "./med
         out.y_true = images.labels.numpy()
         out.metrics = compute_metrics(out.y_true, prob, task=task, class_names=out.class_names, loss=loss)
         out.metric_ci = metric_intervals(out.y_true, prob, task=task, seed=cfg.seed)
+        out.per_class = per_class_metrics(out.y_true, prob, task=task, class_names=out.class_names)
+        threshold = (record.get("operating_point") or {}).get("threshold")
+        if task == "binary" and threshold is not None:  # the run's threshold, chosen on its validation split
+            out.per_class_at_threshold = per_class_metrics(out.y_true, prob, task=task, class_names=out.class_names,
+                                                           threshold=threshold)
     return out

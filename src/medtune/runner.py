@@ -126,6 +126,23 @@ def _save_artifacts(store: ResultsStore, run_id: str, config: dict, state: dict,
     return {"weights": str(weights), "predictions": str(preds), "config": str(cfg_path)}
 
 
+def _imbalance_fields(cfg: RunConfig, data: ImageSet, result) -> dict[str, Any]:
+    """Per-class metrics (val and test), the loss's class weights and, for a binary task, the threshold
+    chosen on validation for ``target_sensitivity`` with its test operating point."""
+    from medtune.training.imbalance import class_weights, operating_point, per_class_metrics
+
+    train_labels = data.labels[torch.from_numpy(data.splits == "train")].numpy()
+    out: dict[str, Any] = {
+        "class_weights": class_weights(train_labels, data.task, data.num_classes, cfg.class_weight),
+        "per_class": {split: per_class_metrics(y, p, task=data.task, class_names=list(data.class_names))
+                      for split, y, p in (("val", result.val_y_true, result.val_y_prob),
+                                          ("test", result.y_true, result.y_prob))}}
+    if data.task == "binary" and int(np.sum(result.val_y_true)) > 0:
+        out["operating_point"] = operating_point(result.val_y_true, result.val_y_prob, result.y_true, result.y_prob,
+                                                 cfg.target_sensitivity)
+    return out
+
+
 def execute_run(cfg: RunConfig, checkpoint_path: str | None, heartbeat: Callable[[], None] | None = None,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train one run without touching the results store: the worker side of every executor.
@@ -162,6 +179,7 @@ def execute_run(cfg: RunConfig, checkpoint_path: str | None, heartbeat: Callable
         "metrics": result.test_metrics, "val_metrics": result.val_metrics,
         # 95% intervals over the test images (DeLong for a binary AUC, else a percentile bootstrap)
         "metric_ci": metric_intervals(result.y_true, result.y_prob, task=data.task, seed=cfg.seed),
+        **_imbalance_fields(cfg, data, result),
         "trainable_params": result.trainable_params, "total_params": sum(p.numel() for p in model.parameters()),
         "train_seconds": result.train_seconds, "images_per_s": result.images_per_s,
         "num_blocks": len(blocks), "num_train": int((data.splits == "train").sum()),

@@ -45,6 +45,7 @@ from medtune.data.base import ImageSet
 from medtune.errors import StoreError
 from medtune.models._norm import BATCH_STAT_LAYERS
 from medtune.strategies.base import EpochContext, SolveContext
+from medtune.training.imbalance import balanced_order, class_weights
 from medtune.training.cache import build_chain, cache_unusable_reason, cached_features, frozen_prefix_length
 from medtune.training.metrics import compute_metrics, higher_is_better
 
@@ -70,6 +71,8 @@ class FitResult:
     images_seen: int
     trainable_params: int
     extras: dict = field(default_factory=dict)
+    val_y_true: np.ndarray | None = None
+    val_y_prob: np.ndarray | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -99,11 +102,14 @@ def set_train_mode(model: nn.Module, bn_mode: str, *, all_batch_stats_frozen: bo
                 module.eval()
 
 
-def _loss_fn(task: str, label_smoothing: float) -> Callable:
+def _loss_fn(task: str, label_smoothing: float, weight: list[float] | None = None,
+             device: torch.device | None = None) -> Callable:
+    """The run's loss; ``weight``: per-class CE weights, or per-label BCE ``pos_weight`` (multi-label)."""
+    w = None if weight is None else torch.tensor(weight, dtype=torch.float32, device=device)
     if task == "multilabel":
-        bce = nn.BCEWithLogitsLoss()
+        bce = nn.BCEWithLogitsLoss(pos_weight=w)
         return lambda logits, y: bce(logits.float(), y.float())
-    ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    ce = nn.CrossEntropyLoss(weight=w, label_smoothing=label_smoothing)
     return lambda logits, y: ce(logits.float(), y)
 
 
@@ -255,7 +261,9 @@ class _Setup:
                    amp_dtype=amp_dtype, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
                    train=train, val=val, test=test,
                    train_images=train.images.to(device) if device.type == "cuda" else train.images,
-                   train_labels=train.labels.to(device), loss_fn=_loss_fn(data.task, cfg.label_smoothing),
+                   train_labels=train.labels.to(device),
+                   loss_fn=_loss_fn(data.task, cfg.label_smoothing, device=device, weight=class_weights(
+                       train.labels.numpy(), data.task, data.num_classes, cfg.class_weight)),
                    steps_per_epoch=max(1, math.ceil(len(train) / cfg.batch_size)), gen=gen, chain=chain,
                    chain_starts=starts, data_fingerprint=fingerprint)
 
@@ -391,7 +399,8 @@ def _probe_batches(run: _Setup, phase: _Phase, epoch: int, num_batches: int,
 def train_one_epoch(run: _Setup, phase: _Phase) -> tuple[float, float]:
     """One pass over the training split in the order drawn from ``run.gen``; returns (mean loss, last LR)."""
     cfg, opt, bs = run.cfg, phase.optimizer, run.cfg.batch_size
-    order = torch.randperm(len(run.train), generator=run.gen)
+    order = (balanced_order(run.train.labels, run.train.task, run.gen) if cfg.sampler == "balanced"
+             else torch.randperm(len(run.train), generator=run.gen))
     source = phase.feats.get("train", run.train_images)
     loss_sum = torch.zeros((), device=run.device)
     lr = phase.base_lr
@@ -582,13 +591,13 @@ def _final_result(run: _Setup, state: dict) -> FitResult:
     model, cfg = run.model, run.cfg
     kw = dict(batch_size=cfg.eval_batch_size, loss_fn=run.loss_fn, channels_last=run.channels_last,
               autocast_dtype=run.amp_dtype)
-    val_metrics, _, _ = evaluate(model, run.val, **kw)
+    val_metrics, val_true, val_prob = evaluate(model, run.val, **kw)
     test_metrics, y_true, y_prob = evaluate(model, run.test, **kw)
     return FitResult(model=model, history=state["history"], val_metrics=val_metrics, test_metrics=test_metrics,
                      y_true=y_true, y_prob=y_prob, train_seconds=state["train_seconds"],
                      images_seen=state["images_seen"],
                      trainable_params=sum(p.numel() for p in model.parameters() if id(p) in state["trained"]),
-                     extras=state["extras"])
+                     extras=state["extras"], val_y_true=val_true, val_y_prob=val_prob)
 
 
 def _open_checkpoint(path: str | Path | None, run: _Setup, state: dict, log: Callable[[str], None],
