@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="all", choices=PREDICT_SPLITS,
                    help="which images of DATA (choices: %(choices)s; default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--calibrated", action="store_true",
+                   help="apply the run's temperature (fitted on its validation split) (default: off)")
     p.add_argument("--format", choices=("table", "json"), default="table", help=_FORMAT_HELP)
 
     p = sub.add_parser("export", help="export a stored run's model (timm local-dir layout or ONNX)")
@@ -411,11 +413,13 @@ def _cmd_preset(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import medtune
 
-    result = medtune.predict(args.run, args.data, store=args.store, split=args.split, device=args.device)
+    result = medtune.predict(args.run, args.data, store=args.store, split=args.split, device=args.device,
+                             calibrated=args.calibrated)
     if args.output:
         print(f"{len(result.ids)} predictions: {result.to_csv(args.output)}", file=sys.stderr)
     summary = {"run_id": result.run_id, "images": len(result.ids), "metrics": result.metrics,
-               "metric_ci": result.metric_ci}
+               "metric_ci": result.metric_ci, "calibration": result.calibration, "per_class": result.per_class,
+               "per_class_at_threshold": result.per_class_at_threshold}
     if args.format == "json":
         print(json.dumps(summary, sort_keys=True))
     elif result.metrics is None:
@@ -425,6 +429,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         for name, value in result.metrics.items():
             ci = result.metric_ci.get(name)
             print(f"  {name:<18} {value:.4f}" + (f"  [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
+        for name, value in result.calibration.items():
+            print(f"  {name:<18} {value:.4f}")
+        for title, table in (("per class", result.per_class), ("at the run's threshold", result.per_class_at_threshold)):
+            if table:
+                print(f"{title}: " + "; ".join(f"{c} " + ", ".join(f"{k} {v:.3g}" for k, v in m.items())
+                                               for c, m in table.items()))
     return 0
 
 

@@ -95,6 +95,7 @@ class Predictions:
         metrics: every metric of the run's records (None without labels).
         metric_ci: 95% intervals of the metrics (None without labels).
         per_class: sensitivity, specificity, PPV, PR-AUC and support per class (arg-max decisions).
+        calibration: ``ece`` and ``brier`` of ``y_prob`` (None without labels).
         per_class_at_threshold: binary: the same at the run's threshold chosen on validation for its
             ``target_sensitivity`` (None otherwise).
     """
@@ -109,6 +110,7 @@ class Predictions:
     metrics: dict | None = None
     metric_ci: dict | None = None
     per_class: dict | None = None
+    calibration: dict | None = None
     per_class_at_threshold: dict | None = None
 
     def to_rows(self) -> list[dict]:
@@ -172,7 +174,7 @@ def _load(data: str, cfg: RunConfig, class_names: list[str]) -> ImageSet:
 
 
 def predict(run_id: str, data: str, *, store: ResultsStore | str | Path = "./medtune-results", split: str = "all",
-            device: str = "auto", batch_size: int | None = None) -> Predictions:
+            device: str = "auto", batch_size: int | None = None, calibrated: bool = False) -> Predictions:
     """Apply a stored run's model to ``data`` (any source ``--data`` takes, or a folder of unlabelled
     images) and, when the images have labels, compute every metric with its 95% interval exactly as
     the run's own test evaluation does (same loss, same interval method and seed).
@@ -186,12 +188,15 @@ def predict(run_id: str, data: str, *, store: ResultsStore | str | Path = "./med
             split seed and fractions when the data has none).
         device: ``auto``, ``cpu`` or ``cuda``.
         batch_size: images per forward pass (default: the run's ``eval_batch_size``).
+        calibrated: divide the logits by the run's temperature (fitted on its validation split) before
+            the probabilities, metrics and calibration are computed; no arg-max changes (nor a binary AUC).
 
     Raises:
         ConfigError: unknown run or split.
         DataError: unreadable data, or labels that are not the run's classes.
     """
     from medtune._checks import check_choice
+    from medtune.training.calibration import apply_temperature, brier_score, expected_calibration_error
     from medtune.training.imbalance import per_class_metrics
     from medtune.training.intervals import metric_intervals
     from medtune.training.loop import _loss_fn, predict_proba
@@ -210,12 +215,21 @@ def predict(run_id: str, data: str, *, store: ResultsStore | str | Path = "./med
     loss_fn = _loss_fn(task, cfg.label_smoothing, weight=record.get("class_weights"))
     prob, loss = predict_proba(model, images.images, task=task, batch_size=batch_size or cfg.eval_batch_size,
                                labels=images.labels if labelled else None, loss_fn=loss_fn if labelled else None)
+    if calibrated:
+        temperature = (record.get("calibration") or {}).get("temperature")
+        if temperature is None:
+            raise ConfigError(f"Run {record['run_id']} stores no fitted temperature (trained before calibration "
+                              "was recorded); predict without calibrated=True.")
+        prob = apply_temperature(prob, temperature, task=task).astype(prob.dtype)
+        loss = None  # the loss of the stored logits no longer applies
     out = Predictions(run_id=record["run_id"], ids=list(images.ids), splits=[str(s) for s in images.splits],
                       class_names=list(model.class_names), task=task, y_prob=prob)
     if labelled and len(images):
         out.y_true = images.labels.numpy()
         out.metrics = compute_metrics(out.y_true, prob, task=task, class_names=out.class_names, loss=loss)
         out.metric_ci = metric_intervals(out.y_true, prob, task=task, seed=cfg.seed)
+        out.calibration = {"ece": expected_calibration_error(out.y_true, prob, task=task),
+                           "brier": brier_score(out.y_true, prob, task=task)}
         out.per_class = per_class_metrics(out.y_true, prob, task=task, class_names=out.class_names)
         threshold = (record.get("operating_point") or {}).get("threshold")
         if task == "binary" and threshold is not None:  # the run's threshold, chosen on its validation split

@@ -24,6 +24,7 @@ from medtune.errors import MedtuneError, StoreError
 from medtune.models import create_model, get_blocks
 from medtune.store import ResultsStore
 from medtune._tensors import resolve_device
+from medtune.training.calibration import calibration_summary
 from medtune.training.intervals import metric_intervals
 from medtune.training.loop import fit
 
@@ -180,6 +181,9 @@ def execute_run(cfg: RunConfig, checkpoint_path: str | None, heartbeat: Callable
         # 95% intervals over the test images (DeLong for a binary AUC, else a percentile bootstrap)
         "metric_ci": metric_intervals(result.y_true, result.y_prob, task=data.task, seed=cfg.seed),
         **_imbalance_fields(cfg, data, result),
+        # ECE, Brier and the reliability curve of the test predictions; temperature fitted on validation
+        "calibration": calibration_summary(result.val_y_true, result.val_y_prob, result.y_true, result.y_prob,
+                                           task=data.task),
         "trainable_params": result.trainable_params, "total_params": sum(p.numel() for p in model.parameters()),
         "train_seconds": result.train_seconds, "images_per_s": result.images_per_s,
         "num_blocks": len(blocks), "num_train": int((data.splits == "train").sum()),

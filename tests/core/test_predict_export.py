@@ -144,3 +144,15 @@ def test_export_unknown_format_is_refused(trained):
     root, record = trained
     with pytest.raises(ConfigError, match="format"):
         medtune.export(record["run_id"], fmt="tflite", store=root)
+
+
+def test_run_records_calibration_and_predict_reproduces_it(trained):
+    root, record = trained
+    cal = record["calibration"]
+    assert {"ece", "brier", "temperature", "ece_scaled", "brier_scaled", "reliability"} <= set(cal)
+    result = medtune.predict(record["run_id"], "synthetic", store=root, split="test", device="cpu")
+    assert result.calibration["ece"] == cal["ece"] and result.calibration["brier"] == cal["brier"]
+    scaled = medtune.predict(record["run_id"], "synthetic", store=root, split="test", device="cpu", calibrated=True)
+    assert scaled.calibration["ece"] == pytest.approx(cal["ece_scaled"], abs=1e-6)
+    np.testing.assert_array_equal(scaled.y_prob.argmax(1), result.y_prob.argmax(1))
+    assert scaled.metrics["auc"] == result.metrics["auc"] and "loss" not in scaled.metrics
