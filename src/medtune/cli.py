@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="./medtune-results")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
     p.add_argument("--runs", action="store_true", help="one row per run instead of per strategy")
+    p.add_argument("--export", nargs=2, metavar=("TRACKER", "DIR"), default=None,
+                   help="write every finished run for a tracker into DIR instead of printing (choices of TRACKER: "
+                        "tensorboard; default: none)")
 
     p = sub.add_parser("blocks", help="the block/layer partition of an architecture")
     p.add_argument("arch")
@@ -292,6 +295,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_results(args: argparse.Namespace) -> int:
     from medtune.store import ResultsStore
 
+    if args.export:
+        from medtune.tracking import export_runs
+
+        tracker, folder = args.export
+        if tracker == "none":
+            raise MedtuneError("--export needs a tracker (tensorboard) and a folder.")
+        written = export_runs(ResultsStore(args.store).runs(), tracker, folder)
+        print(f"{len(written)} runs written for {tracker} to {folder}")
+        return 0
     _print_records(ResultsStore(args.store).runs(), args.format, per_run=args.runs)
     return 0
 

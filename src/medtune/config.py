@@ -20,6 +20,7 @@ import yaml
 from medtune._checks import check_choice, check_scalar
 from medtune.errors import ConfigError, did_you_mean
 from medtune.strategies.spec import StrategySpec, format_strategy_spec, parse_strategy_spec
+from medtune.tracking import TRACKERS
 from medtune.training.imbalance import CLASS_WEIGHTS, SAMPLERS
 from medtune.training.metrics import MONITOR_METRICS
 
@@ -33,7 +34,7 @@ __all__ = [
 
 # Fields that do not change what a run computes; they are left out of the run id.
 NON_SEMANTIC_FIELDS = frozenset({"store", "device", "num_threads", "progress", "num_workers", "executor", "address",
-                                 "feature_cache"})
+                                 "feature_cache", "tracker"})
 
 # Fields added after the first stores were written: at these values they leave the run id as it was,
 # so an existing store keeps its runs.
@@ -156,6 +157,8 @@ class RunConfig(_Base):
         num_threads: torch CPU threads of a run (0: torch's default).
         store: the results store folder.
         progress: print a progress line per run.
+        tracker: ``tensorboard`` also logs each finished run (config, per-epoch history, final metrics) to
+            ``STORE/tensorboard/RUN_ID``; ``none``.
     """
 
     #: The fixed value sets of fields (validated on build, shown in the CLI's help).
@@ -164,6 +167,7 @@ class RunConfig(_Base):
         "bn_mode": ("eval", "train"), "resize": ("resize", "pad"), "medmnist_size": (28, 64, 128, 224),
         "amp": ("auto", "on", "off"), "channels_last": ("auto", "on", "off"), "feature_cache": ("auto", "off"),
         "device": ("auto", "cpu", "cuda"), "class_weight": CLASS_WEIGHTS, "sampler": SAMPLERS,
+        "tracker": TRACKERS,
     }
 
     data: str = "demo"
@@ -204,6 +208,7 @@ class RunConfig(_Base):
     num_threads: int = 0
     store: str = "./medtune-results"
     progress: bool = True
+    tracker: str = "none"
 
     def __post_init__(self) -> None:
         owner = "RunConfig"

@@ -271,6 +271,11 @@ def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: C
     try:
         for j, payload in executor.map_unordered(worker, items):
             records[todo[j][0]] = store_result(store, payload)
+            cfg = runs[todo[j][0]]
+            if cfg.tracker != "none":
+                from medtune.tracking import log_run
+
+                log_run(records[todo[j][0]], cfg.tracker, store.root / cfg.tracker)
             bar.update(1)
     except BaseException:
         for i, run_id in todo:
