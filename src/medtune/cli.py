@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -228,14 +229,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _strict_json(obj: Any, **kwargs: Any) -> str:
+    """JSON that every parser reads: NaN and ±inf are written as null."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)
+
+
 def _print_records(records: list[dict], fmt: str, *, per_run: bool = False) -> None:
     from medtune.sweeps import format_table, results_table
 
     if fmt == "json":
         for r in records:
-            print(json.dumps({k: r.get(k) for k in ("run_id", "dataset", "arch", "strategy", "strategy_params", "label",
+            print(_strict_json({k: r.get(k) for k in ("run_id", "dataset", "arch", "strategy", "strategy_params", "label",
                                                      "seed", "train_fraction", "metrics", "metric_ci", "val_metrics",
-                                                     "trainable_params",
+                                                     "trainable_params", "per_class", "operating_point", "calibration",
                                                      "train_seconds", "config")}, sort_keys=True))
         return
     if per_run:
@@ -433,7 +448,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                "metric_ci": result.metric_ci, "calibration": result.calibration, "per_class": result.per_class,
                "per_class_at_threshold": result.per_class_at_threshold}
     if args.format == "json":
-        print(json.dumps(summary, sort_keys=True))
+        print(_strict_json(summary, sort_keys=True))
     elif result.metrics is None:
         print(f"{len(result.ids)} unlabelled images; no metrics" + ("" if args.output else " (-o FILE writes them)"))
     else:

@@ -156,3 +156,10 @@ def test_run_records_calibration_and_predict_reproduces_it(trained):
     assert scaled.calibration["ece"] == pytest.approx(cal["ece_scaled"], abs=1e-6)
     np.testing.assert_array_equal(scaled.y_prob.argmax(1), result.y_prob.argmax(1))
     assert scaled.metrics["auc"] == result.metrics["auc"] and "loss" not in scaled.metrics
+
+
+def test_json_output_is_strict():
+    from medtune.cli import _strict_json
+
+    text = _strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}})
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": None}}
