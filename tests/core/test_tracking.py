@@ -49,3 +49,14 @@ def test_results_export_writes_a_filled_store(tmp_path, capsys):
     assert acc.Scalars("test/auc")[0].value == pytest.approx(record["metrics"]["auc"], rel=1e-6)
     assert main(["results", "--store", str(store), "--export", "wandb", str(tmp_path / "x")]) == 2
     assert "tracker" in capsys.readouterr().err
+
+
+def test_the_documented_pandas_one_liner(tmp_path):
+    import pandas as pd
+
+    store = ResultsStore(tmp_path)
+    record = medtune.run({"data": "synthetic", "arch": "medtune_tiny_cnn", "weights": "none", "strategy": "linear",
+                          "epochs": 1, "img_size": 16, "device": "cpu", "progress": False}, store=store)
+    frame = pd.json_normalize(ResultsStore(tmp_path).runs())  # as README, "Results store"
+    assert frame.loc[0, "metrics.auc"] == record["metrics"]["auc"]
+    assert frame.loc[0, "calibration.ece"] == record["calibration"]["ece"]
