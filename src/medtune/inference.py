@@ -157,16 +157,43 @@ def _unlabelled_folder(path: Path, img_size: int, resize: str) -> ImageSet | Non
                     ids=[str(p) for p in files], name=path.name)
 
 
-def _load(data: str, cfg: RunConfig, class_names: list[str]) -> ImageSet:
-    from medtune.data import load_data
+#: The split of images whose source gives none (an external set is not split).
+EXTERNAL = "external"
 
-    folder = _unlabelled_folder(Path(data).expanduser(), cfg.img_size, cfg.resize) \
-        if data not in ("demo",) and not data.startswith(("synthetic", "medmnist:")) else None
-    if folder is not None:
-        return folder
-    images = load_data(data, img_size=cfg.img_size, resize=cfg.resize, seed=cfg.split_seed,
-                       val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                       medmnist_size=cfg.medmnist_size, classes=class_names)
+
+def _load(data: str, cfg: RunConfig, class_names: list[str]) -> ImageSet:
+    """``demo``/``synthetic``/``medmnist:`` as the run loaded them (same split); a folder, CSV or ``.npz``
+    as it is: images in the run's class order, the data's own split where it gives one (else
+    ``external``), never re-split and without the training-set checks (an external set may hold a
+    few images, or some of the classes only)."""
+    from medtune.data import load_data
+    from medtune.data.sources import _from_items, _load_npz, list_folder, read_csv
+
+    if data == "demo" or data.startswith(("synthetic", "medmnist:")):
+        images = load_data(data, img_size=cfg.img_size, resize=cfg.resize, seed=cfg.split_seed,
+                           val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                           medmnist_size=cfg.medmnist_size)
+    else:
+        path = Path(data).expanduser()
+        if not path.exists():
+            raise DataError(f"Data {data!r} not found; give a folder per class, a CSV, a MedMNIST .npz, a folder of "
+                            "images, demo or synthetic.")
+        folder = _unlabelled_folder(path, cfg.img_size, cfg.resize)
+        if folder is not None:
+            return folder
+        if path.suffix.lower() == ".npz":
+            images = _load_npz(path, cfg.img_size, cfg.resize)
+        else:
+            if path.is_dir():
+                items = [(p, c, s or EXTERNAL, None) for p, c, s in list_folder(path)[0]]
+            elif path.suffix.lower() == ".csv":
+                items = [(r["path"], r["label"].split("|") if "|" in r["label"] else r["label"], r["split"] or EXTERNAL,
+                          None) for r in read_csv(path)]
+            else:
+                raise DataError(f"{path}: unsupported data file; give a folder per class, a .csv or a .npz.")
+            images = _from_items(items, name=path.stem, source=str(path), img_size=cfg.img_size, resize=cfg.resize,
+                                 seed=cfg.split_seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                                 classes=class_names)
     if list(images.class_names) != list(class_names):
         raise DataError(f"{data}: its classes ({', '.join(images.class_names)}) are not the run's "
                         f"({', '.join(class_names)}); give images of the run's classes.")
@@ -184,8 +211,8 @@ def predict(run_id: str, data: str, *, store: ResultsStore | str | Path = "./med
         data: a folder per class, a CSV, a MedMNIST ``.npz``, ``demo``/``synthetic`` (split as the
             run split them), or a folder of images without labels.
         store: the results store holding the run.
-        split: ``all`` or one of ``train``, ``val``, ``test`` (the data's own split, or the run's
-            split seed and fractions when the data has none).
+        split: ``all`` or one of ``train``, ``val``, ``test``: the data's own split (``demo`` and
+            ``synthetic`` split as the run did; a folder or CSV without splits is one ``external`` split).
         device: ``auto``, ``cpu`` or ``cuda``.
         batch_size: images per forward pass (default: the run's ``eval_batch_size``).
         calibrated: divide the logits by the run's temperature (fitted on its validation split) before
@@ -209,6 +236,9 @@ def predict(run_id: str, data: str, *, store: ResultsStore | str | Path = "./med
     model = load_model(record["run_id"], store=db, device=device)
     images = _load(str(data), cfg, model.class_names)
     if split != "all":
+        if not (images.splits == split).any():
+            raise DataError(f"{data}: no images in the {split!r} split (its splits: "
+                            f"{', '.join(sorted(set(map(str, images.splits))))}); use split='all'.")
         images = images.split(split)
     labelled = images.task != "unlabelled"
     task = images.task if labelled else _task_of(record, len(model.class_names))

@@ -163,3 +163,32 @@ def test_json_output_is_strict():
 
     text = _strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}})
     assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": None}}
+
+
+def test_predict_external_folder_with_some_classes_only(trained, tmp_path):
+    """An external set is not re-split nor checked as a training set: two images of one class are enough,
+    and the labels follow the run's class order."""
+    from PIL import Image
+
+    from medtune.data._decode import decode_image, resize_image
+
+    root, record = trained
+    names = record["predictions"]["class_names"]
+    folder = tmp_path / "hospital_b" / names[1]
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    result = medtune.predict(record["run_id"], str(tmp_path / "hospital_b"), store=root, device="cpu")
+    assert result.y_true.tolist() == [1, 1] and set(result.splits) == {"external"}
+    assert result.metrics["accuracy"] == float((result.y_prob.argmax(1) == 1).mean())
+    model = medtune.load_model(record["run_id"], store=root)
+    x = torch.stack([resize_image(decode_image(p)[0], 16, "resize") for p in sorted(folder.iterdir())]).float() / 255
+    with torch.no_grad():
+        np.testing.assert_allclose(result.y_prob, torch.softmax(model(x), 1).numpy(), atol=1e-6)
+    with pytest.raises(medtune.DataError, match="no images in the 'test' split"):
+        medtune.predict(record["run_id"], str(tmp_path / "hospital_b"), store=root, device="cpu", split="test")
+    (tmp_path / "other" / "cat").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(tmp_path / "other" / "cat" / "0.png")
+    with pytest.raises(medtune.DataError, match="not among the known classes"):
+        medtune.predict(record["run_id"], str(tmp_path / "other"), store=root, device="cpu")
