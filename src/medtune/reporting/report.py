@@ -273,8 +273,8 @@ def _classes(data: ReportData) -> list[Block]:
     blocks: list[Block] = []
 
     def cells(frame, columns, digits=3):
-        return [[str(row[c]) if c in ("dataset", "arch", "label", "class", "runs") else fmt_number(row[c], digits)
-                 for c in columns] for _, row in frame.iterrows()]
+        return [[str(row[c]) if c in ("dataset", "arch", "label", "class", "runs")
+                 else fmt_number(row[c], 1 if c == "support" else digits) for c in columns] for _, row in frame.iterrows()]
 
     if cd.per_class is not None:
         cols = ["dataset", "arch", "label", "class", "runs", "support", "sensitivity", "specificity", "ppv", "pr_auc"]
