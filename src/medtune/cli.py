@@ -129,10 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the whole loop offline on the built-in demo data")
-    p.add_argument("--store", default="./medtune-results")
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--store", default="./medtune-results", help="results store folder (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated training seeds (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's 6)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
 
     p = sub.add_parser("run", help="train one configuration")
@@ -155,24 +155,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
 
     p = sub.add_parser("results", help="print the runs in a store")
-    p.add_argument("--store", default="./medtune-results")
+    p.add_argument("--store", default="./medtune-results", help="results store folder (default: %(default)s)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
-    p.add_argument("--runs", action="store_true", help="one row per run instead of per strategy")
+    p.add_argument("--runs", action="store_true", help="one row per run instead of per strategy (default: off)")
     p.add_argument("--export", nargs=2, metavar=("TRACKER", "DIR"), default=None,
                    help="write every finished run for a tracker into DIR instead of printing (choices of TRACKER: "
                         "tensorboard; default: none)")
 
     p = sub.add_parser("blocks", help="the block/layer partition of an architecture")
     p.add_argument("arch")
-    p.add_argument("--granularity", choices=("block", "layer"), default="block")
+    p.add_argument("--granularity", choices=("block", "layer"), default="block",
+                   help="blocks (stem, stages, head) or every layer (choices: %(choices)s; default: %(default)s)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
 
     p = sub.add_parser("report", help="a self-contained HTML (or Markdown) report of a store")
-    p.add_argument("store", nargs="?", default="./medtune-results")
-    p.add_argument("-o", "--output", default=None, help="output file (default STORE/report.html)")
-    p.add_argument("--format", choices=("html", "md"), default="html")
-    p.add_argument("--metric", default="auc")
-    p.add_argument("--title", default="medtune report")
+    p.add_argument("store", nargs="?", default="./medtune-results", help="results store folder (default: %(default)s)")
+    p.add_argument("-o", "--output", default=None, help="output file (default: STORE/report.html)")
+    p.add_argument("--format", choices=("html", "md"), default="html", help=_FORMAT_HELP)
+    p.add_argument("--metric", default="auc", help="the metric that ranks configurations (default: %(default)s)")
+    p.add_argument("--title", default="medtune report", help="report title (default: %(default)s)")
 
     p = sub.add_parser("search", help="DEFT: differential evolution over which blocks/layers to fine-tune")
     p.add_argument("config", nargs="?", help="YAML file of run and search keys (default: none; flags override it)")
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="./medtune-results", help="results store (default: %(default)s)")
 
     p = sub.add_parser("strategies", help="list the registered strategies")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--format", choices=("table", "json"), default="table", help=_FORMAT_HELP)
 
     p = sub.add_parser("preset", help="built-in sweep presets (plain YAML to copy and edit)")
     psub = p.add_subparsers(dest="preset_command", required=True)
@@ -223,9 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = p.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser("check", help="counts, sizes, corrupt files, duplicates across splits")
     c.add_argument("data")
-    c.add_argument("--img-size", type=int, default=64)
-    c.add_argument("--split-seed", type=int, default=0)
-    c.add_argument("--format", choices=("table", "json"), default="table")
+    c.add_argument("--img-size", type=int, default=64, help="decode size in pixels (default: %(default)s)")
+    c.add_argument("--split-seed", type=int, default=0, help="seed of the split when the data has none "
+                   "(default: %(default)s)")
+    c.add_argument("--format", choices=("table", "json"), default="table", help=_FORMAT_HELP)
     return parser
 
 

@@ -84,3 +84,25 @@ def test_invalid_choice_is_one_line(capsys):
     assert main(["run", "--data", "synthetic", "--optimizer", "adam"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "optimizer" in err[0] and "adamw" in err[0]
+
+
+def _all_parsers(parser, prefix=()):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _all_parsers(sub, (*prefix, name))
+    yield " ".join(prefix), parser
+
+
+def test_every_optional_flag_of_every_command_says_its_default():
+    missing = []
+    for name, parser in _all_parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            optional = bool(action.option_strings) or action.nargs in ("?", "*")
+            if optional and "default:" not in (action.help or ""):
+                missing.append(f"{name} {action.option_strings or action.dest}")
+            if action.choices and "choices:" not in (action.help or ""):
+                missing.append(f"{name} {action.option_strings or action.dest} (choices)")
+    assert not missing, missing
