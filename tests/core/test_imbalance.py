@@ -153,3 +153,25 @@ def test_run_record_has_per_class_metrics_and_operating_point(tmp_path):
     assert "class_weight" not in RunConfig().semantic_dict() and "sampler" not in RunConfig().semantic_dict()
     assert "class_weight" in RunConfig(class_weight="balanced").semantic_dict()
     assert not math.isnan(record["per_class"]["test"]["disc"]["pr_auc"])
+
+
+def test_linear_probe_uses_the_class_weights_as_sklearn():
+    from sklearn.linear_model import LogisticRegression
+
+    from medtune.strategies.probing import fit_logistic_head
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 180 + [1] * 20)
+    x = rng.normal(0, 1, (200, 5)) + 0.8 * y[:, None]
+    xv = rng.normal(0, 1, (60, 5)) + 0.8 * np.array([0] * 54 + [1] * 6)[:, None]
+    yv = np.array([0] * 54 + [1] * 6)
+    w = class_weights(y, "binary", 2, "balanced")
+    head = fit_logistic_head(x, y, xv, yv, task="binary", num_classes=2, select="accuracy", cs=np.array([1.0]),
+                             class_weight=w)
+    mean, std = x.mean(), x.std()
+    ref = LogisticRegression(C=1.0, class_weight={0: w[0], 1: w[1]}, max_iter=1000, tol=1e-6).fit((x - mean) / std, y)
+    logits = xv @ head.weight.T + head.bias
+    np.testing.assert_allclose(logits[:, 1] - logits[:, 0], ref.decision_function((xv - mean) / std), atol=1e-5)
+    plain = fit_logistic_head(x, y, xv, yv, task="binary", num_classes=2, select="accuracy", cs=np.array([1.0]))
+    predicted_rare = lambda h: int(((xv @ h.weight.T + h.bias).argmax(1) == 1).sum())  # noqa: E731
+    assert predicted_rare(head) > predicted_rare(plain)

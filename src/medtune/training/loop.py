@@ -234,6 +234,7 @@ class _Setup:
     chain: list | None  # the model as a chain of modules, for the frozen-prefix cut (None: not cacheable)
     chain_starts: list[int]  # chain indices where a new block begins
     data_fingerprint: str
+    class_weight: list[float] | None = None  # the loss's weights (class_weight: balanced)
 
     @classmethod
     def create(cls, model: nn.Module, data: ImageSet, cfg: RunConfig, blocks) -> _Setup:
@@ -246,6 +247,7 @@ class _Setup:
             model.to(memory_format=torch.channels_last)
         train, val, test = data.split("train"), data.split("val"), data.split("test")
         gen = torch.Generator().manual_seed(cfg.seed)
+        weight = class_weights(train.labels.numpy(), data.task, data.num_classes, cfg.class_weight)
         chain, starts, fingerprint = None, [], ""
         if cfg.feature_cache == "auto":
             chain = build_chain(model, to_float(train.images[:2], device))
@@ -262,8 +264,7 @@ class _Setup:
                    train=train, val=val, test=test,
                    train_images=train.images.to(device) if device.type == "cuda" else train.images,
                    train_labels=train.labels.to(device),
-                   loss_fn=_loss_fn(data.task, cfg.label_smoothing, device=device, weight=class_weights(
-                       train.labels.numpy(), data.task, data.num_classes, cfg.class_weight)),
+                   loss_fn=_loss_fn(data.task, cfg.label_smoothing, device=device, weight=weight), class_weight=weight,
                    steps_per_epoch=max(1, math.ceil(len(train) / cfg.batch_size)), gen=gen, chain=chain,
                    chain_starts=starts, data_fingerprint=fingerprint)
 
@@ -564,7 +565,8 @@ def _solve(run: _Setup, phase: _Phase, state: dict) -> dict | None:
         return torch.cat(captured).flatten(1), data.labels
 
     ctx = SolveContext(net=phase.net, blocks=run.blocks, task=run.train.task, num_classes=run.train.num_classes,
-                       monitor=run.cfg.monitor, classifier_inputs=classifier_inputs, record=state["extras"])
+                       monitor=run.cfg.monitor, classifier_inputs=classifier_inputs, record=state["extras"],
+                       class_weight=run.class_weight)
     return phase.strategy.solve(ctx)
 
 
