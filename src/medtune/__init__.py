@@ -31,6 +31,9 @@ __all__ = [
     "search",
     "report",
     "attack",
+    "load_model",
+    "predict",
+    "export",
     "DEMO_SWEEP",
     "MedtuneError",
     "ConfigError",
@@ -88,3 +91,25 @@ def attack(runs: Any = "all", **kwargs: Any) -> list[dict]:
     from medtune.robustness.driver import attack as _attack
 
     return _attack(runs, **kwargs)
+
+
+def load_model(run_id: str, **kwargs: Any):
+    """The trained model of a stored run (see :func:`medtune.inference.load_model`)."""
+    from medtune.inference import load_model as _load_model
+
+    return _load_model(run_id, **kwargs)
+
+
+def predict(run_id: str, data: str, **kwargs: Any):
+    """A stored run's predictions (and metrics with intervals, when labelled) on ``data``
+    (see :func:`medtune.inference.predict`)."""
+    from medtune.inference import predict as _predict
+
+    return _predict(run_id, data, **kwargs)
+
+
+def export(run_id: str, **kwargs: Any) -> dict:
+    """Export a stored run's model for timm or ONNX (see :func:`medtune.exporters.export`)."""
+    from medtune.exporters import export as _export
+
+    return _export(run_id, **kwargs)

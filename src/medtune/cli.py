@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -12,42 +13,62 @@ from typing import Any
 
 from medtune.config import RunConfig
 from medtune.errors import MedtuneError
+from medtune.exporters import EXPORT_FORMATS
+from medtune.inference import PREDICT_SPLITS
 
 __all__ = ["main", "build_parser"]
 
 _LIST_KEYS = {"arch", "strategy", "seeds", "train_fraction", "lr", "weight_decay"}
-_FIELD_HELP = {
-    "data": "folder per class, CSV, MedMNIST .npz, medmnist:NAME, demo or synthetic",
-    "arch": "timm model name(s), comma-separated for sweeps",
-    "weights": "imagenet | none | FILE | efficientnet_lite0/1/2 (offline)",
-    "strategy": "strategy spec(s), e.g. scratch,linear,top_k:all,full",
-    "store": "results store folder (default ./medtune-results)",
-    "device": "cpu | cuda | auto",
-}
+# timm's train.py spellings of the same settings, accepted as aliases
+_TIMM_ALIASES = {"arch": ("--model",), "optimizer": ("--opt",), "label_smoothing": ("--smoothing",)}
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _parse_bool(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes", "on")
+
+
+def _converter(annotation: Any) -> Any:
+    """argparse type of a dataclass field annotation (a string under postponed evaluation)."""
+    return {"int": int, "float": float, "bool": _parse_bool}.get(str(annotation).replace("<class '", "").rstrip("'>"),
+                                                                 str)
+
+
+def _metavar(cls: type, name: str) -> str | None:
+    from medtune._fielddoc import field_choices
+
+    choices = field_choices(cls).get(name)
+    return "{" + ",".join(map(str, choices)) + "}" if choices else None
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, *, sweep: bool) -> None:
-    """One flag per RunConfig field (``img_size`` → ``--img-size``); sweeps take lists."""
+    """One flag per RunConfig field (``img_size`` → ``--img-size``); sweeps take lists. Help, default
+    and choices come from the config classes (:mod:`medtune._fielddoc`)."""
+    from medtune._fielddoc import field_default, field_docs, flag_help
+
+    from medtune.config import SweepConfig
+
     group = parser.add_argument_group("run configuration (each also a YAML key)")
+    sweep_docs = field_docs(SweepConfig)
     for f in dataclasses.fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "seed":
-            if sweep:
-                group.add_argument("--seeds", "--seed", dest="seeds", default=None, help="comma-separated seeds")
+        names = (flag, *_TIMM_ALIASES.get(f.name, ()))
+        if sweep and f.name in _LIST_KEYS | {"seed"}:
+            key = "seeds" if f.name == "seed" else f.name
+            own = field_default(SweepConfig, key)
+            help_text = flag_help(RunConfig, f.name, doc=sweep_docs[key],
+                                  default=field_default(RunConfig, f.name) if own is None else own)
+            if f.name == "seed":
+                group.add_argument("--seeds", "--seed", dest="seeds", default=None, help=help_text)
             else:
-                group.add_argument(flag, type=int, default=None)
+                group.add_argument(*names, dest=f.name, type=str, default=None, help=help_text,
+                                   metavar=_metavar(RunConfig, f.name))
             continue
-        if f.type in ("bool", bool):
-            group.add_argument(flag, dest=f.name, default=None, type=lambda s: s.lower() in ("1", "true", "yes", "on"))
-            continue
-        conv = {"int": int, "float": float}.get(str(f.type), str)
-        if sweep and f.name in _LIST_KEYS:
-            conv = str
-        group.add_argument(flag, dest=f.name, type=conv, default=None, help=_FIELD_HELP.get(f.name))
+        group.add_argument(*names, dest=f.name, type=_converter(f.type), default=None,
+                           help=flag_help(RunConfig, f.name), metavar=_metavar(RunConfig, f.name))
 
 
 def _search_config_class() -> type:
@@ -58,14 +79,36 @@ def _search_config_class() -> type:
 
 def _add_own_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per own field of a config with a base run (``search_epochs`` → ``--search-epochs``)."""
+    from medtune._fielddoc import flag_help
+
     group = parser.add_argument_group(f"{cls.__name__} (each also a YAML key)")
     for f in dataclasses.fields(cls):
         if f.name == "base":
             continue
-        conv = {"int": int, "float": float}.get(str(f.type), str)
-        if str(f.type) in ("bool", "<class 'bool'>"):
-            conv = lambda s: s.lower() in ("1", "true", "yes", "on")  # noqa: E731
-        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=conv, default=None)
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_converter(f.type), default=None,
+                           help=flag_help(cls, f.name), metavar=_metavar(cls, f.name))
+
+
+# aliases and help beyond the field's docstring for ``medtune attack``'s flags
+_ATTACK_ALIASES = {"sources": ("--source",), "zetas": ("--zeta",)}
+_ATTACK_EXTRA = {"sources": "; a folder of natural images stands for natural with --natural-folder FOLDER"}
+
+
+def _add_audit_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per AuditConfig field; None leaves the field to the --config file or the default."""
+    from medtune._fielddoc import field_docs, flag_help
+    from medtune.robustness.config import AuditConfig
+
+    docs = field_docs(AuditConfig)
+    group = parser.add_argument_group("audit configuration (each also a YAML key of --config)")
+    for f in dataclasses.fields(AuditConfig):
+        names = ("--" + f.name.replace("_", "-"), *_ATTACK_ALIASES.get(f.name, ()))
+        text = flag_help(AuditConfig, f.name, doc=docs.get(f.name, "") + _ATTACK_EXTRA.get(f.name, ""))
+        if str(f.type) == "bool":
+            group.add_argument(*names, dest=f.name, action="store_true", default=None, help=text)
+        else:
+            group.add_argument(*names, dest=f.name, type=_converter(f.type), default=None, help=text,
+                               metavar=_metavar(AuditConfig, f.name))
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,100 +116,105 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
+_FORMAT_HELP = "output format (choices: %(choices)s; default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import medtune
+
     parser = argparse.ArgumentParser(prog="medtune", description=(
         "How deeply, and how, to fine-tune an ImageNet CNN for medical images — and is it safe against "
         "universal adversarial perturbations?"))
+    parser.add_argument("--version", action="version", version=f"medtune {medtune.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="the whole loop offline on the built-in demo data")
-    p.add_argument("--store", default="./medtune-results")
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p = sub.add_parser("demo", help="the whole mission offline on the built-in demo data: sweep, DEFT search, UAP audit, report")
+    p.add_argument("--store", default="./medtune-results", help="results store folder (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated training seeds (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's 6)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--stages", default="sweep,search,audit",
-                   help="comma-separated subset of sweep,search,audit (default: all three)")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+                   help="comma-separated subset of sweep, search, audit (default: %(default)s)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
 
     p = sub.add_parser("run", help="train one configuration")
-    p.add_argument("config", nargs="?", help="YAML file of run keys")
+    p.add_argument("config", nargs="?", help="YAML file of run keys (default: none; flags override it)")
     _add_config_flags(p, sweep=False)
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
 
     p = sub.add_parser("sweep", help="archs × strategies × seeds × train fractions")
-    p.add_argument("config", nargs="?", help="YAML file of sweep keys")
-    p.add_argument("--preset", help="start from a built-in preset (see 'medtune preset list')")
+    p.add_argument("config", nargs="?", help="YAML file of sweep keys (default: none; flags override it)")
+    p.add_argument("--preset", help="start from a built-in preset; the YAML file and flags override it "
+                   "(choices: see 'medtune preset list'; default: none)")
     _add_config_flags(p, sweep=True)
     ex = p.add_argument_group("execution")
-    ex.add_argument("--executor", choices=("local", "ray"), default="local")
-    ex.add_argument("--workers", type=int, default=1, help="processes of the local executor")
+    ex.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="local processes or a Ray cluster (choices: local, ray; default: local)")
+    ex.add_argument("--workers", type=int, default=1, help="processes of the local executor (default: 1)")
     ex.add_argument("--address", default=None, help="Ray cluster: auto or HOST:PORT (default: start a local Ray)")
-    ex.add_argument("--cpus-per-run", type=float, default=1)
-    ex.add_argument("--gpus-per-run", type=float, default=0)
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    ex.add_argument("--cpus-per-run", type=float, default=1, help="Ray CPUs reserved per run (default: 1)")
+    ex.add_argument("--gpus-per-run", type=float, default=0, help="Ray GPUs reserved per run (default: 0)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
 
     p = sub.add_parser("results", help="print the runs in a store")
-    p.add_argument("--store", default="./medtune-results")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    p.add_argument("--runs", action="store_true", help="one row per run instead of per strategy")
+    p.add_argument("--store", default="./medtune-results", help="results store folder (default: %(default)s)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
+    p.add_argument("--runs", action="store_true", help="one row per run instead of per strategy (default: off)")
+    p.add_argument("--export", nargs=2, metavar=("TRACKER", "DIR"), default=None,
+                   help="write every finished run for a tracker into DIR instead of printing (choices of TRACKER: "
+                        "tensorboard; default: none)")
 
     p = sub.add_parser("blocks", help="the block/layer partition of an architecture")
     p.add_argument("arch")
-    p.add_argument("--granularity", choices=("block", "layer"), default="block")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--granularity", choices=("block", "layer"), default="block",
+                   help="blocks (stem, stages, head) or every layer (choices: %(choices)s; default: %(default)s)")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
 
     p = sub.add_parser("report", help="a self-contained HTML (or Markdown) report of a store")
-    p.add_argument("store", nargs="?", default="./medtune-results")
-    p.add_argument("-o", "--output", default=None, help="output file (default STORE/report.html)")
-    p.add_argument("--format", choices=("html", "md"), default="html")
-    p.add_argument("--metric", default="auc")
-    p.add_argument("--title", default="medtune report")
+    p.add_argument("store", nargs="?", default="./medtune-results", help="results store folder (default: %(default)s)")
+    p.add_argument("-o", "--output", default=None, help="output file (default: STORE/report.html)")
+    p.add_argument("--format", choices=("html", "md"), default="html", help=_FORMAT_HELP)
+    p.add_argument("--metric", default="auc", help="the metric that ranks configurations (default: %(default)s)")
+    p.add_argument("--title", default="medtune report", help="report title (default: %(default)s)")
 
     p = sub.add_parser("search", help="DEFT: differential evolution over which blocks/layers to fine-tune")
-    p.add_argument("config", nargs="?", help="YAML file of run and search keys")
+    p.add_argument("config", nargs="?", help="YAML file of run and search keys (default: none; flags override it)")
     _add_config_flags(p, sweep=False)
     _add_own_flags(p, _search_config_class())
-    p.add_argument("--executor", choices=("local", "ray"), default="local", help="evaluates one generation in parallel")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--address", default=None)
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="evaluates one generation in parallel (choices: local, ray; default: local)")
+    p.add_argument("--workers", type=int, default=1, help="processes of the local executor (default: 1)")
+    p.add_argument("--address", default=None, help="Ray cluster: auto or HOST:PORT (default: start a local Ray)")
 
     p = sub.add_parser("attack", help="UAP audit of stored runs (non-targeted/targeted, train/natural/random)")
-    p.add_argument("runs", nargs="*", default=["all"], help="run ids (prefixes) or 'all'")
-    # one flag per AuditConfig field; None leaves the field to the --config file or the default
-    p.add_argument("--config", default=None, help="YAML file of AuditConfig keys; flags override it")
-    p.add_argument("--store", default=None)
-    p.add_argument("--sources", "--source", dest="sources", default=None,
-                   help="comma-separated: train, natural, mixed, or a folder of natural images (= natural)")
-    p.add_argument("--zetas", "--zeta", dest="zetas", default=None,
-                   help="comma-separated budgets ζ: ξ = ζ·mean Lp norm of the run's training images, every source")
-    p.add_argument("--norm", default=None, choices=("2", "inf"))
-    p.add_argument("--targeted", default=None, help="a class index or 'all'")
-    p.add_argument("--natural-folder", default=None, help="folder of natural photos (any number, streamed)")
-    p.add_argument("--num-source-images", type=int, default=None, help="images per source (natural: crops)")
-    p.add_argument("--mix-fraction", type=float, default=None, help="share of natural crops in the mixed source")
-    p.add_argument("--chunk-size", type=int, default=None, help="source images per chunk; v carries over")
-    p.add_argument("--algorithm", default=None, choices=("batched", "reference"),
-                   help="batched (fast) or reference (the papers'/ART's per-image loop)")
-    p.add_argument("--channels", default=None, choices=("auto", "grey", "rgb"),
-                   help="auto: grey perturbations on grey tasks (R = G = B)")
-    p.add_argument("--step-fraction", type=float, default=None, help="FGSM step as a fraction of ξ")
-    p.add_argument("--step-norm", default=None, choices=("2", "inf"),
-                   help="norm of the FGSM step (default the budget's; inf = sign steps)")
-    p.add_argument("--step-decay", type=float, default=None, help="step factor after every pass (1 = fixed)")
-    p.add_argument("--max-passes", type=int, default=None)
-    p.add_argument("--goal-rate", type=float, default=None, help="stop a UAP once it fools this share of its images")
-    p.add_argument("--batch-size", type=int, default=None, help="images per UAP gradient step")
-    p.add_argument("--num-random", type=int, default=None, help="random controls per UAP")
-    p.add_argument("--random-linf", default=None, choices=("uniform", "corners"),
-                   help="L-inf random controls: uniform in the cube or its corners")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--transfer", action="store_true", default=None,
-                   help="also the transferability matrix between runs of one dataset")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("runs", nargs="*", default=["all"], help="run ids (prefixes) or 'all' (default: all)")
+    p.add_argument("--config", default=None, help="YAML file of AuditConfig keys; flags override it (default: none)")
+    _add_audit_flags(p)
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
+
+    p = sub.add_parser("predict", help="a stored run's predictions on images; metrics with CIs when labelled")
+    p.add_argument("run", help="run id (or a unique prefix; see 'medtune results --runs')")
+    p.add_argument("data", help="a folder per class, a CSV, a MedMNIST .npz, demo/synthetic, or a folder of "
+                   "unlabelled images")
+    p.add_argument("-o", "--output", default=None, help="CSV of per-image probabilities (default: none)")
+    p.add_argument("--store", default="./medtune-results", help="results store (default: %(default)s)")
+    p.add_argument("--split", default="all", choices=PREDICT_SPLITS,
+                   help="which images of DATA (choices: %(choices)s; default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    p.add_argument("--calibrated", action="store_true",
+                   help="apply the run's temperature (fitted on its validation split) (default: off)")
+    p.add_argument("--format", choices=("table", "json"), default="table", help=_FORMAT_HELP)
+
+    p = sub.add_parser("export", help="export a stored run's model (timm local-dir layout or ONNX)")
+    p.add_argument("run", help="run id (or a unique prefix; see 'medtune results --runs')")
+    p.add_argument("--format", default="timm", choices=EXPORT_FORMATS,
+                   help="timm: save_for_hf layout for timm.create_model('local-dir:DIR'); onnx: model.onnx "
+                   "taking [0, 1] images (choices: %(choices)s; default: %(default)s)")
+    p.add_argument("-o", "--output", default=None, help="output folder (default: STORE/artifacts/RUN_ID)")
+    p.add_argument("--store", default="./medtune-results", help="results store (default: %(default)s)")
 
     p = sub.add_parser("strategies", help="list the registered strategies")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--format", choices=("table", "json"), default="table", help=_FORMAT_HELP)
 
     p = sub.add_parser("preset", help="built-in sweep presets (plain YAML to copy and edit)")
     psub = p.add_subparsers(dest="preset_command", required=True)
@@ -178,10 +226,25 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = p.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser("check", help="counts, sizes, corrupt files, duplicates across splits")
     c.add_argument("data")
-    c.add_argument("--img-size", type=int, default=64)
-    c.add_argument("--split-seed", type=int, default=0)
-    c.add_argument("--format", choices=("table", "json"), default="table")
+    c.add_argument("--img-size", type=int, default=64, help="decode size in pixels (default: %(default)s)")
+    c.add_argument("--split-seed", type=int, default=0, help="seed of the split when the data has none "
+                   "(default: %(default)s)")
+    c.add_argument("--format", choices=("table", "json"), default="table", help=_FORMAT_HELP)
     return parser
+
+
+def _strict_json(obj: Any, **kwargs: Any) -> str:
+    """JSON that every parser reads: NaN and ±inf are written as null."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)
 
 
 def _print_records(records: list[dict], fmt: str, *, per_run: bool = False) -> None:
@@ -189,9 +252,9 @@ def _print_records(records: list[dict], fmt: str, *, per_run: bool = False) -> N
 
     if fmt == "json":
         for r in records:
-            print(json.dumps({k: r.get(k) for k in ("run_id", "dataset", "arch", "strategy", "strategy_params", "label",
+            print(_strict_json({k: r.get(k) for k in ("run_id", "dataset", "arch", "strategy", "strategy_params", "label",
                                                      "seed", "train_fraction", "metrics", "metric_ci", "val_metrics",
-                                                     "trainable_params",
+                                                     "trainable_params", "per_class", "operating_point", "calibration",
                                                      "train_seconds", "config")}, sort_keys=True))
         return
     if per_run:
@@ -263,6 +326,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_results(args: argparse.Namespace) -> int:
     from medtune.store import ResultsStore
 
+    if args.export:
+        from medtune.tracking import export_runs
+
+        tracker, folder = args.export
+        if tracker == "none":
+            raise MedtuneError("--export needs a tracker (tensorboard) and a folder.")
+        written = export_runs(ResultsStore(args.store).runs(), tracker, folder)
+        print(f"{len(written)} runs written for {tracker} to {folder}")
+        return 0
     _print_records(ResultsStore(args.store).runs(), args.format, per_run=args.runs)
     return 0
 
@@ -384,7 +456,43 @@ def _cmd_preset(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"attack": _cmd_attack, "preset": _cmd_preset, "report": _cmd_report, "search": _cmd_search, "demo": _cmd_demo, "run": _cmd_run, "sweep": _cmd_sweep, "results": _cmd_results,
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import medtune
+
+    result = medtune.predict(args.run, args.data, store=args.store, split=args.split, device=args.device,
+                             calibrated=args.calibrated)
+    if args.output:
+        print(f"{len(result.ids)} predictions: {result.to_csv(args.output)}", file=sys.stderr)
+    summary = {"run_id": result.run_id, "images": len(result.ids), "metrics": result.metrics,
+               "metric_ci": result.metric_ci, "calibration": result.calibration, "per_class": result.per_class,
+               "per_class_at_threshold": result.per_class_at_threshold}
+    if args.format == "json":
+        print(_strict_json(summary, sort_keys=True))
+    elif result.metrics is None:
+        print(f"{len(result.ids)} unlabelled images; no metrics" + ("" if args.output else " (-o FILE writes them)"))
+    else:
+        print(f"run {result.run_id} on {args.data} ({args.split}, {len(result.ids)} images):")
+        for name, value in result.metrics.items():
+            ci = result.metric_ci.get(name)
+            print(f"  {name:<18} {value:.4f}" + (f"  [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
+        for name, value in result.calibration.items():
+            print(f"  {name:<18} {value:.4f}")
+        for title, table in (("per class", result.per_class), ("at the run's threshold", result.per_class_at_threshold)):
+            if table:
+                print(f"{title}: " + "; ".join(f"{c} " + ", ".join(f"{k} {v:.3g}" for k, v in m.items())
+                                               for c, m in table.items()))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import medtune
+
+    out = medtune.export(args.run, fmt=args.format, out_dir=args.output, store=args.store)
+    print(f"{out['path']}  (parity: max |Δ logit| = {out['max_abs_diff']:.2e})")
+    return 0
+
+
+_COMMANDS = {"predict": _cmd_predict, "export": _cmd_export, "attack": _cmd_attack, "preset": _cmd_preset, "report": _cmd_report, "search": _cmd_search, "demo": _cmd_demo, "run": _cmd_run, "sweep": _cmd_sweep, "results": _cmd_results,
              "blocks": _cmd_blocks, "strategies": _cmd_strategies, "data": _cmd_data}
 
 

@@ -13,13 +13,16 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from medtune._checks import check_choice, check_scalar
 from medtune.errors import ConfigError, did_you_mean
 from medtune.strategies.spec import StrategySpec, format_strategy_spec, parse_strategy_spec
+from medtune.tracking import TRACKERS
+from medtune.training.imbalance import CLASS_WEIGHTS, SAMPLERS
+from medtune.training.metrics import MONITOR_METRICS
 
 __all__ = [
     "RunConfig",
@@ -31,11 +34,12 @@ __all__ = [
 
 # Fields that do not change what a run computes; they are left out of the run id.
 NON_SEMANTIC_FIELDS = frozenset({"store", "device", "num_threads", "progress", "num_workers", "executor", "address",
-                                 "feature_cache"})
+                                 "feature_cache", "tracker"})
 
 # Fields added after the first stores were written: at these values they leave the run id as it was,
 # so an existing store keeps its runs.
-ID_NEUTRAL_DEFAULTS: dict[str, Any] = {"cv_folds": 0, "fold": 0}
+ID_NEUTRAL_DEFAULTS: dict[str, Any] = {"cv_folds": 0, "fold": 0, "class_weight": "none", "sampler": "none",
+                                       "target_sensitivity": 0.9}
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,11 @@ class RunConfig(_Base):
         scratch_epochs: maximum number of epochs of a ``scratch`` run (Tajbakhsh et al. trained from
             scratch to convergence; early stopping by ``patience``); 0 means 4 × ``epochs``.
         img_size: model input size in pixels (square).
+        batch_size: training images per optimiser step.
         lr: peak learning rate.
+        optimizer: ``adamw`` or ``sgd`` (with ``momentum``; some strategies choose their own, see METHODS).
+        momentum: SGD momentum.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
         warmup_epochs: linear warm-up length of the cosine schedule, in epochs (may be fractional).
         patience: early stopping patience in epochs (0 disables early stopping).
         monitor: validation metric used for early stopping and the best checkpoint.
@@ -130,7 +138,37 @@ class RunConfig(_Base):
             data has groups, e.g. a CSV ``group`` column of patient ids); fold ``fold`` is validation.
             A sweep runs every fold.
         fold: which fold validates, in 0 … cv_folds − 1.
+        seed: training seed (head initialisation, batch order, augmentation).
+        val_fraction: share of the images held out for validation when the data has no split.
+        test_fraction: share of the images held out for testing when the data has no split.
+        resize: ``resize`` (bilinear, antialiased) or ``pad`` (longer side scaled, zero padding centred).
+        medmnist_size: image size of a ``medmnist:NAME`` download.
+        label_smoothing: label smoothing of the cross-entropy loss, in [0, 0.5].
+        class_weight: ``balanced`` weighs the loss by scikit-learn's balanced class weights of the training
+            split (n / (K · n_k); multi-label: BCE ``pos_weight`` = negatives / positives per label); ``none``.
+        sampler: ``balanced`` draws each epoch's batches as PyTorch's WeightedRandomSampler (probability
+            ∝ 1 / class count, with replacement; single-label tasks); ``none`` shuffles.
+        target_sensitivity: binary tasks: the decision threshold is chosen on validation as the highest
+            one reaching this sensitivity, and reported with its test operating point.
+        eval_batch_size: images per forward pass when evaluating.
+        amp: mixed precision: ``auto`` (on CUDA only), ``on`` or ``off``.
+        channels_last: channels-last memory format: ``auto`` (on CUDA only), ``on`` or ``off``.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        num_threads: torch CPU threads of a run (0: torch's default).
+        store: the results store folder.
+        progress: print a progress line per run.
+        tracker: ``tensorboard`` also logs each finished run (config, per-epoch history, final metrics) to
+            ``STORE/tensorboard/RUN_ID``; ``none``.
     """
+
+    #: The fixed value sets of fields (validated on build, shown in the CLI's help).
+    CHOICES: ClassVar[dict[str, tuple]] = {
+        "optimizer": ("adamw", "sgd"), "monitor": MONITOR_METRICS,
+        "bn_mode": ("eval", "train"), "resize": ("resize", "pad"), "medmnist_size": (28, 64, 128, 224),
+        "amp": ("auto", "on", "off"), "channels_last": ("auto", "on", "off"), "feature_cache": ("auto", "off"),
+        "device": ("auto", "cpu", "cuda"), "class_weight": CLASS_WEIGHTS, "sampler": SAMPLERS,
+        "tracker": TRACKERS,
+    }
 
     data: str = "demo"
     arch: str = "tf_efficientnet_lite0"
@@ -159,6 +197,9 @@ class RunConfig(_Base):
     cv_folds: int = 0
     fold: int = 0
     label_smoothing: float = 0.0
+    class_weight: str = "none"
+    sampler: str = "none"
+    target_sensitivity: float = 0.9
     eval_batch_size: int = 256
     amp: str = "auto"
     channels_last: str = "auto"
@@ -167,6 +208,7 @@ class RunConfig(_Base):
     num_threads: int = 0
     store: str = "./medtune-results"
     progress: bool = True
+    tracker: str = "none"
 
     def __post_init__(self) -> None:
         owner = "RunConfig"
@@ -203,15 +245,10 @@ class RunConfig(_Base):
         check_scalar(self.fold, "fold", int, min_val=0, max_val=max(0, self.cv_folds - 1), owner=owner)
         check_scalar(self.label_smoothing, "label_smoothing", (float, int), min_val=0, max_val=0.5, owner=owner)
         check_scalar(self.num_threads, "num_threads", int, min_val=0, owner=owner)
-        check_choice(self.optimizer, "optimizer", ("adamw", "sgd"), owner=owner)
-        check_choice(self.monitor, "monitor", ("auc", "accuracy", "balanced_accuracy", "f1", "loss"), owner=owner)
-        check_choice(self.bn_mode, "bn_mode", ("eval", "train"), owner=owner)
-        check_choice(self.resize, "resize", ("resize", "pad"), owner=owner)
-        check_choice(self.amp, "amp", ("auto", "on", "off"), owner=owner)
-        check_choice(self.feature_cache, "feature_cache", ("auto", "off"), owner=owner)
-        check_choice(self.channels_last, "channels_last", ("auto", "on", "off"), owner=owner)
-        check_choice(self.device, "device", ("auto", "cpu", "cuda"), owner=owner)
-        check_choice(self.medmnist_size, "medmnist_size", (28, 64, 128, 224), owner=owner)
+        check_scalar(self.target_sensitivity, "target_sensitivity", (float, int), min_val=0, max_val=1,
+                     include_min=False, owner=owner)
+        for name, choices in self.CHOICES.items():
+            check_choice(getattr(self, name), name, choices, owner=owner)
 
     def semantic_dict(self) -> dict[str, Any]:
         """The fields that determine the result (the run id hashes these)."""
@@ -295,6 +332,15 @@ class SweepConfig(_WithBase):
     (``lp_ft:ft_lr_scale=0.1|0.01``). ``lr`` and ``weight_decay`` take lists; where an axis has
     several values, the report selects per dataset × arch × strategy the value with the best mean
     validation metric. Every other key is a :class:`RunConfig` field.
+
+    Attributes:
+        arch: timm model names (a list, or comma-separated).
+        strategy: strategy specs (a list, or comma-separated), e.g. ``scratch,linear,top_k:all,full``.
+        seeds: training seeds (a list, or comma-separated).
+        train_fraction: shares of the training split (nested subsets), each in (0, 1] (a list, or comma-separated).
+        lr: peak learning rates, an axis selected on validation (a list, or comma-separated).
+        weight_decay: weight decays, an axis selected on validation (a list, or comma-separated).
+        name: the sweep's name in logs.
     """
 
     arch: tuple[str, ...] = ("tf_efficientnet_lite0",)

@@ -24,6 +24,7 @@ from medtune.errors import MedtuneError, StoreError
 from medtune.models import create_model, get_blocks
 from medtune.store import ResultsStore
 from medtune._tensors import resolve_device
+from medtune.training.calibration import calibration_summary
 from medtune.training.intervals import metric_intervals
 from medtune.training.loop import fit
 
@@ -122,9 +123,26 @@ def _save_artifacts(store: ResultsStore, run_id: str, config: dict, state: dict,
     val = {} if val_y_prob is None else {"val_y_true": val_y_true, "val_y_prob": val_y_prob}
     _write_atomic(preds, lambda p: np.savez(open(p, "wb"), y_true=y_true, y_prob=y_prob,
                                             class_names=np.array(class_names), **val))
-    cfg_path = folder / "config.json"
+    cfg_path = folder / "run_config.json"  # config.json is the name of a timm export (medtune export)
     _write_atomic(cfg_path, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
     return {"weights": str(weights), "predictions": str(preds), "config": str(cfg_path)}
+
+
+def _imbalance_fields(cfg: RunConfig, data: ImageSet, result) -> dict[str, Any]:
+    """Per-class metrics (val and test), the loss's class weights and, for a binary task, the threshold
+    chosen on validation for ``target_sensitivity`` with its test operating point."""
+    from medtune.training.imbalance import class_weights, operating_point, per_class_metrics
+
+    train_labels = data.labels[torch.from_numpy(data.splits == "train")].numpy()
+    out: dict[str, Any] = {
+        "class_weights": class_weights(train_labels, data.task, data.num_classes, cfg.class_weight),
+        "per_class": {split: per_class_metrics(y, p, task=data.task, class_names=list(data.class_names))
+                      for split, y, p in (("val", result.val_y_true, result.val_y_prob),
+                                          ("test", result.y_true, result.y_prob))}}
+    if data.task == "binary" and int(np.sum(result.val_y_true)) > 0:
+        out["operating_point"] = operating_point(result.val_y_true, result.val_y_prob, result.y_true, result.y_prob,
+                                                 cfg.target_sensitivity)
+    return out
 
 
 def execute_run(cfg: RunConfig, checkpoint_path: str | None, heartbeat: Callable[[], None] | None = None,
@@ -163,6 +181,10 @@ def execute_run(cfg: RunConfig, checkpoint_path: str | None, heartbeat: Callable
         "metrics": result.test_metrics, "val_metrics": result.val_metrics,
         # 95% intervals over the test images (DeLong for a binary AUC, else a percentile bootstrap)
         "metric_ci": metric_intervals(result.y_true, result.y_prob, task=data.task, seed=cfg.seed),
+        **_imbalance_fields(cfg, data, result),
+        # ECE, Brier and the reliability curve of the test predictions; temperature fitted on validation
+        "calibration": calibration_summary(result.val_y_true, result.val_y_prob, result.y_true, result.y_prob,
+                                           task=data.task),
         "trainable_params": result.trainable_params, "total_params": sum(p.numel() for p in model.parameters()),
         "train_seconds": result.train_seconds, "images_per_s": result.images_per_s,
         "num_blocks": len(blocks), "num_train": int((data.splits == "train").sum()),
@@ -254,6 +276,11 @@ def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: C
     try:
         for j, payload in executor.map_unordered(worker, items):
             records[todo[j][0]] = store_result(store, payload)
+            cfg = runs[todo[j][0]]
+            if cfg.tracker != "none":
+                from medtune.tracking import log_run
+
+                log_run(records[todo[j][0]], cfg.tracker, store.root / cfg.tracker)
             bar.update(1)
     except BaseException:
         for i, run_id in todo:

@@ -137,5 +137,5 @@ def test_report_data_holds_the_numbers_the_blocks_show(runs):
     assert [fr["metric"] for fr in data.statistics.friedman] == ["auc", "accuracy", "balanced_accuracy", "f1"]
     assert set(data.csv) == {"summary", "friedman", "wilcoxon", "runs"}
     report = format_report(data, "t")
-    assert [s.anchor for s in report.sections] == ["summary", "plots", "statistics", "robustness", "deft", "runs",
-                                                   "reproducibility"]
+    assert [s.anchor for s in report.sections] == ["summary", "plots", "statistics", "classes", "robustness", "deft",
+                                                   "runs", "reproducibility"]

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -37,7 +37,11 @@ class SearchConfig(_WithBase):
 
     Attributes:
         granularity: ``block`` or ``layer`` — one genome bit per non-head unit.
-        popsize, mutation, recombination, generations, search_seed: differential evolution.
+        popsize: differential evolution's population size multiplier (scipy's ``popsize``).
+        mutation: differential weight F of the mutation, in [0, 2].
+        recombination: crossover probability CR, in [0, 1].
+        generations: generations of differential evolution (scipy's ``maxiter``).
+        search_seed: seed of the evolution.
         search_epochs: epochs of each low-fidelity training.
         search_train_fraction: share of the training split each low-fidelity training uses.
         max_trainable_params: budget, absolute (> 1) or a fraction of the model (<= 1); 0 = none.
@@ -46,6 +50,9 @@ class SearchConfig(_WithBase):
         seeds: training seeds of the full-fidelity comparison.
         compare: also train ``full``, ``linear`` and every ``top_k`` at full fidelity.
     """
+
+    #: The fixed value sets of fields (validated on build, shown in the CLI's help).
+    CHOICES: ClassVar[dict[str, tuple]] = {"granularity": ("block", "layer"), "infeasible": INFEASIBLE_MODES}
 
     granularity: str = "block"
     popsize: int = 8
@@ -63,8 +70,8 @@ class SearchConfig(_WithBase):
 
     def __post_init__(self) -> None:
         owner = "SearchConfig"
-        check_choice(self.granularity, "granularity", ("block", "layer"), owner=owner)
-        check_choice(self.infeasible, "infeasible", INFEASIBLE_MODES, owner=owner)
+        for name, choices in self.CHOICES.items():
+            check_choice(getattr(self, name), name, choices, owner=owner)
         check_scalar(self.search_epochs, "search_epochs", int, min_val=1, owner=owner)
         check_scalar(self.search_train_fraction, "search_train_fraction", (float, int), min_val=0, max_val=1,
                      include_min=False, owner=owner)

@@ -111,6 +111,18 @@ class AppendixData:
 
 
 @dataclass(frozen=True)
+class ClassesData:
+    """Per configuration (dataset, arch, label), means over its runs of: each class's test sensitivity,
+    specificity, PPV and PR-AUC (``per_class``); the binary operating point chosen on validation for
+    the target sensitivity (``operating``, None without binary runs); the test calibration before and
+    after temperature scaling (``calibration``). A frame is None when no run records it."""
+
+    per_class: pd.DataFrame | None
+    operating: pd.DataFrame | None
+    calibration: pd.DataFrame | None
+
+
+@dataclass(frozen=True)
 class ReproducibilityData:
     """When and from what the report was built: ``versions`` maps a package-version set to its run count."""
 
@@ -152,6 +164,7 @@ class ReportData:
     depth: dict[str, Any] | None = None  # the best fine-tuning depth on validation (see best_depth)
     hp_choices: list[dict] = field(default_factory=list)  # tuned hyper-parameters chosen on validation
     folds: pd.DataFrame | None = None  # cross-validation: the test metric per configuration and fold
+    classes: ClassesData | None = None  # per-class metrics, operating points and calibration
 
 
 def best_depth(runs: Sequence[Record], metric: str) -> dict[str, Any] | None:
@@ -220,16 +233,50 @@ def build_report_data(runs: Sequence[Record], attacks: Sequence[Record], searche
     if not frame.empty:
         order = ["dataset", "arch", "label", "train_fraction", "seed"]
         appendix = AppendixData(frame.sort_values(order, kind="stable"), [m for m in metrics if m in frame.columns])
+    classes = _classes(main)
+    for name in ("per_class", "operating", "calibration"):
+        if getattr(classes, name) is not None:
+            csv[name] = getattr(classes, name)
     figures = {"depth": plots.plot_depth(done, metric), "cost": plots.plot_cost(done, metric),
                "train_fraction": plots.plot_train_fraction(done, metric), "auto_rgn": plots.plot_auto_rgn(done),
-               "roc": plots.plot_roc(done, metric), "confusion": plots.plot_confusion(done, metric)}
+               "roc": plots.plot_roc(done, metric), "confusion": plots.plot_confusion(done, metric),
+               "reliability": plots.plot_reliability(done, metric)}
     return ReportData(
         metric=metric, alpha=alpha, main_zeta=main_zeta, metrics=metrics, counts=_counts(runs, done, attacks, searches),
         recommendation=rec, headline_fooling=headline_fooling, fraction_note=fraction_note,
         summary=_summary(main, metric, metrics, rec) if done else None, figures=figures, statistics=statistics,
         robustness=robustness, searches=search_data, appendix=appendix, depth=best_depth(done, metric) if done else None,
         reproducibility=_reproducibility(runs, attacks, searches), csv=csv, hp_choices=hp_choices,
-        folds=_folds(main, metric))
+        folds=_folds(main, metric), classes=classes)
+
+
+_KEYS = ["dataset", "arch", "label"]
+
+
+def _classes(main: list[Record]) -> ClassesData:
+    """Means over each configuration's runs of the per-class, operating-point and calibration records."""
+    def mean_frame(rows: list[dict], by: list[str]) -> pd.DataFrame | None:
+        if not rows:
+            return None
+        frame = pd.DataFrame(rows)
+        out = frame.groupby(by, sort=False, dropna=False).mean(numeric_only=True)
+        out.insert(0, "runs", frame.groupby(by, sort=False, dropna=False).size())
+        return out.reset_index()
+
+    per_class, operating, calibration = [], [], []
+    for r in main:
+        key = {k: r.get(k) for k in _KEYS}
+        for name, m in ((r.get("per_class") or {}).get("test") or {}).items():
+            per_class.append({**key, "class": name, **{k: m.get(k) for k in ("sensitivity", "specificity", "ppv",
+                                                                            "pr_auc", "support")}})
+        if r.get("operating_point"):
+            operating.append({**key, **r["operating_point"]})
+        cal = r.get("calibration")
+        if cal:
+            calibration.append({**key, **{k: cal[k] for k in ("ece", "ece_scaled", "brier", "brier_scaled",
+                                                              "temperature")}})
+    return ClassesData(per_class=mean_frame(per_class, [*_KEYS, "class"]),
+                       operating=mean_frame(operating, _KEYS), calibration=mean_frame(calibration, _KEYS))
 
 
 def _folds(main: list[Record], metric: str) -> pd.DataFrame | None:

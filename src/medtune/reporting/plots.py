@@ -30,6 +30,7 @@ __all__ = [
     "plot_deft",
     "plot_depth",
     "plot_fooling",
+    "plot_reliability",
     "plot_roc",
     "plot_train_fraction",
     "plot_uaps",
@@ -374,6 +375,34 @@ def plot_roc(runs: Sequence[Record], metric: str = "auc", max_runs: int = 4) -> 
         ax.set_title(_run_title(r, metric), fontsize=8)
         ax.set_aspect("equal")
         ax.legend(fontsize=7, loc="lower right")
+    return fig
+
+
+def plot_reliability(runs: Sequence[Record], metric: str = "auc", max_runs: int = 4) -> Figure | None:
+    """Reliability diagram (accuracy vs confidence per bin, the run's stored curve) of the same best runs
+    as :func:`plot_roc`; the legend gives the test ECE before and after temperature scaling.
+
+    Returns:
+        Figure, or None when no such run records a calibration.
+    """
+    chosen = [r for r in _best_runs(runs, metric, max_runs) if (r.get("calibration") or {}).get("reliability")]
+    if not chosen:
+        return None
+    fig = _figure(4.2, 3.8)
+    ax = fig.subplots()
+    colors = _label_colors([r.get("label") or r.get("strategy") for r in chosen])
+    for r in chosen:
+        cal, label = r["calibration"], str(r.get("label") or r.get("strategy"))
+        curve = cal["reliability"]
+        ax.plot(curve["confidence"], curve["accuracy"], marker="o", markersize=3, color=colors[label],
+                label=f"{label} (ECE {cal['ece']:.3f} → {cal['ece_scaled']:.3f} at T={cal['temperature']:.2f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("confidence (mean per bin)")
+    ax.set_ylabel("accuracy (per bin)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.legend(fontsize=6, loc="upper left")
     return fig
 
 

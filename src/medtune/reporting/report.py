@@ -299,6 +299,44 @@ def _statistics(data: ReportData) -> list[Block]:
     return blocks
 
 
+def _classes(data: ReportData) -> list[Block]:
+    cd = data.classes
+    if cd is None or all(f is None for f in (cd.per_class, cd.operating, cd.calibration)):
+        return [Note("No run records per-class metrics or calibration (runs from before medtune recorded them).")]
+    blocks: list[Block] = []
+
+    def cells(frame, columns, digits=3):
+        return [[str(row[c]) if c in ("dataset", "arch", "label", "class", "runs")
+                 else fmt_number(row[c], 1 if c == "support" else digits) for c in columns] for _, row in frame.iterrows()]
+
+    if cd.per_class is not None:
+        cols = ["dataset", "arch", "label", "class", "runs", "support", "sensitivity", "specificity", "ppv", "pr_auc"]
+        blocks.append(Table(["dataset", "arch", "configuration", "class", "runs", "test images", "sensitivity",
+                             "specificity", "PPV", "PR-AUC"], cells(cd.per_class, cols),
+                            caption="Per class, one-vs-rest on the test split (arg-max decisions; PR-AUC: average "
+                                    "precision); means over the configuration's runs."))
+    if cd.operating is not None:
+        cols = ["dataset", "arch", "label", "runs", "target_sensitivity", "threshold", "val_sensitivity",
+                "val_specificity", "test_sensitivity", "test_specificity", "test_ppv", "test_npv"]
+        blocks.append(Table(["dataset", "arch", "configuration", "runs", "target sens.", "threshold", "val sens.",
+                             "val spec.", "test sens.", "test spec.", "test PPV", "test NPV"],
+                            cells(cd.operating, cols),
+                            caption="Binary tasks: the highest threshold reaching the target sensitivity on "
+                                    "validation (chosen there), and its operating point on test (only reported)."))
+    if cd.calibration is not None:
+        cols = ["dataset", "arch", "label", "runs", "ece", "ece_scaled", "brier", "brier_scaled", "temperature"]
+        blocks.append(Table(["dataset", "arch", "configuration", "runs", "ECE", "ECE (T-scaled)", "Brier",
+                             "Brier (T-scaled)", "temperature T"], cells(cd.calibration, cols),
+                            caption="Test calibration: expected calibration error (15 bins, top label) and Brier "
+                                    "score, before and after temperature scaling with T fitted on validation."))
+    fig = data.figures.get("reliability")
+    if fig is not None:
+        blocks.append(Figure("reliability", fig, "Reliability diagram (test split) of the run best on validation "
+                                                 "of each of the configurations best on validation; the diagonal "
+                                                 "is perfect calibration."))
+    return blocks
+
+
 def _robustness(data: ReportData) -> list[Block]:
     rb = data.robustness
     if rb is None:
@@ -393,6 +431,7 @@ _SECTIONS = (
     ("summary", "Summary", _summary),
     ("plots", "Plots", _plots),
     ("statistics", "Statistics", _statistics),
+    ("classes", "Classes, operating point and calibration", _classes),
     ("robustness", "Robustness: universal adversarial perturbations", _robustness),
     ("deft", "DEFT layer search", _deft),
     ("runs", "Appendix: every run", _appendix),

@@ -11,7 +11,7 @@ import json
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from medtune._checks import check_choice, check_fraction, check_positive_int, check_scalar, param_error
 from medtune.config import _as_tuple, _Base
@@ -118,6 +118,10 @@ class AuditConfig(_Base):
     Raises:
         ConfigError: a field is invalid (the message names it), when the config is built.
     """
+
+    #: The fixed value sets of fields, shown in the CLI's help (each is checked in __post_init__).
+    CHOICES: ClassVar[dict[str, tuple]] = {"sources": SOURCES, "norm": ("2", "inf"), "step_norm": ("2", "inf"),
+                                           "algorithm": ALGORITHMS, "channels": CHANNELS, "random_linf": RANDOM_LINF}
 
     sources: tuple[str, ...] = ("train", "natural")
     zetas: tuple[float, ...] = (0.02, 0.04, 0.08)

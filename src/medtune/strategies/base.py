@@ -83,6 +83,7 @@ class SolveContext:
             classifier (``get_classifier()``) on ``train`` or ``val``, X float (N, D) on the CPU,
             y the labels (N,) or (N, K) for multi-label; computed in eval mode.
         record: dict the strategy may write findings into (stored under ``extras``).
+        class_weight: the run's loss weights (``class_weight: balanced``), None for an unweighted loss.
     """
 
     net: nn.Module
@@ -92,6 +93,7 @@ class SolveContext:
     monitor: str
     classifier_inputs: Any
     record: dict = field(default_factory=dict)
+    class_weight: list[float] | None = None
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,7 @@ class Linear(Strategy):
         cs = [float(self.params["c"])] if self.params["c"] > 0 else c_grid(int(self.params["num_c"]))
         select = ctx.monitor if self.params["select"] == "monitor" else self.params["select"]
         head = fit_logistic_head(x_train.numpy(), y_train.numpy(), x_val.numpy(), y_val.numpy(), task=ctx.task,
-                                 num_classes=ctx.num_classes, select=select, cs=cs)
+                                 num_classes=ctx.num_classes, select=select, cs=cs, class_weight=ctx.class_weight)
         with torch.no_grad():
             classifier.weight.copy_(torch.as_tensor(head.weight, dtype=classifier.weight.dtype))
             if classifier.bias is not None:

@@ -50,12 +50,13 @@ class LogisticHead:
 
 
 def _binary_logits(x: np.ndarray, y: np.ndarray, c: float, clf: LogisticRegression | None, *, max_iter: int,
-                   tol: float) -> tuple[np.ndarray, float, LogisticRegression | None, bool]:
+                   tol: float, class_weight: dict | None = None,
+                   ) -> tuple[np.ndarray, float, LogisticRegression | None, bool]:
     """(w (D,), b, the warm-startable classifier, converged) of one binary problem."""
     if y.min() == y.max():  # one class only: a constant logit at the smoothed rate
         rate = (y.sum() + 0.5) / (len(y) + 1.0)
         return np.zeros(x.shape[1]), float(np.log(rate / (1 - rate))), None, True
-    clf = clf or LogisticRegression(max_iter=max_iter, tol=tol, warm_start=True)
+    clf = clf or LogisticRegression(max_iter=max_iter, tol=tol, warm_start=True, class_weight=class_weight)
     clf.C = c
     clf.fit(x, y)
     return clf.coef_[0].copy(), float(clf.intercept_[0]), clf, bool(clf.n_iter_.max() < max_iter)
@@ -64,8 +65,10 @@ def _binary_logits(x: np.ndarray, y: np.ndarray, c: float, clf: LogisticRegressi
 class _Path:
     """Warm-started fits along the C grid for one task (the classifiers carry the warm start)."""
 
-    def __init__(self, task: str, num_classes: int, max_iter: int, tol: float) -> None:
+    def __init__(self, task: str, num_classes: int, max_iter: int, tol: float,
+                 class_weight: list[float] | None = None) -> None:
         self.task, self.num_classes, self.max_iter, self.tol = task, num_classes, max_iter, tol
+        self.class_weight = class_weight
         self.clfs: dict[int, LogisticRegression | None] = {}
 
     def fit(self, x: np.ndarray, y: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -74,20 +77,24 @@ class _Path:
         if self.task == "multilabel":
             w, b, ok = np.zeros((k, d)), np.zeros(k), True
             for j in range(k):
+                # the loss's pos_weight: each positive of label j weighs class_weight[j]
+                cw = None if self.class_weight is None else {0: 1.0, 1: self.class_weight[j]}
                 w[j], b[j], self.clfs[j], conv = _binary_logits(x, y[:, j], c, self.clfs.get(j),
-                                                               max_iter=self.max_iter, tol=self.tol)
+                                                               max_iter=self.max_iter, tol=self.tol, class_weight=cw)
                 ok &= conv
             return w, b, ok
         present = np.unique(y)
+        cw = None if self.class_weight is None else {int(k): self.class_weight[int(k)] for k in present}
         if len(present) < 2:
             w, b = np.zeros((k, d)), np.full(k, -10.0)
             b[int(present[0])] = 10.0
             return w, b, True
         if k == 2:  # sklearn's binary model has one logit; the softmax head gets it split symmetrically
             wb, bb, self.clfs[0], ok = _binary_logits(x, y, c, self.clfs.get(0), max_iter=self.max_iter,
-                                                      tol=self.tol)
+                                                      tol=self.tol, class_weight=cw)
             return np.stack([-wb / 2, wb / 2]), np.array([-bb / 2, bb / 2]), ok
-        clf = self.clfs.get(0) or LogisticRegression(max_iter=self.max_iter, tol=self.tol, warm_start=True)
+        clf = self.clfs.get(0) or LogisticRegression(max_iter=self.max_iter, tol=self.tol, warm_start=True,
+                                                     class_weight=cw)
         clf.C = c
         clf.fit(x, y)
         self.clfs[0] = clf
@@ -116,7 +123,7 @@ def _loss(logits: np.ndarray, y: np.ndarray, task: str) -> float:
 
 def fit_logistic_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
                       task: str, num_classes: int, select: str, cs: np.ndarray, max_iter: int = 1000,
-                      tol: float = 1e-6) -> LogisticHead:
+                      tol: float = 1e-6, class_weight: list[float] | None = None) -> LogisticHead:
     """Logistic regression on frozen features, C chosen on the validation split.
 
     Args:
@@ -128,6 +135,8 @@ def fit_logistic_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarra
             or ``loss``).
         cs: the values of C to try, in the order of the warm-started path (ascending).
         max_iter, tol: L-BFGS iteration cap and gradient tolerance of each fit.
+        class_weight: the run's loss weights (per class; multi-label: per label's positives), as
+            scikit-learn's ``class_weight``; None for none.
 
     Returns:
         The fitted head for the raw features (the standardisation folded in).
@@ -136,7 +145,7 @@ def fit_logistic_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarra
     x_val = np.asarray(x_val, dtype=np.float64)
     mean, std = float(x_train.mean()), float(x_train.std()) or 1.0
     xs_train, xs_val = (x_train - mean) / std, (x_val - mean) / std
-    path = _Path(task, num_classes, max_iter, tol)
+    path = _Path(task, num_classes, max_iter, tol, class_weight)
     higher = higher_is_better(select)
     best, best_key, grid = None, None, []
     class_names = [str(i) for i in range(num_classes)]

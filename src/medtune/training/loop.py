@@ -45,6 +45,7 @@ from medtune.data.base import ImageSet
 from medtune.errors import StoreError
 from medtune.models._norm import BATCH_STAT_LAYERS
 from medtune.strategies.base import EpochContext, SolveContext
+from medtune.training.imbalance import balanced_order, class_weights
 from medtune.training.cache import build_chain, cache_unusable_reason, cached_features, frozen_prefix_length
 from medtune.training.metrics import compute_metrics, higher_is_better
 
@@ -71,7 +72,7 @@ class FitResult:
     trainable_params: int
     extras: dict = field(default_factory=dict)
     val_y_true: np.ndarray | None = None  # validation labels and probabilities of the best weights,
-    val_y_prob: np.ndarray | None = None  # for paired tests that select on validation
+    val_y_prob: np.ndarray | None = None  # for paired tests, calibration and thresholds chosen on validation
 
     @property
     def images_per_s(self) -> float:
@@ -101,11 +102,14 @@ def set_train_mode(model: nn.Module, bn_mode: str, *, all_batch_stats_frozen: bo
                 module.eval()
 
 
-def _loss_fn(task: str, label_smoothing: float) -> Callable:
+def _loss_fn(task: str, label_smoothing: float, weight: list[float] | None = None,
+             device: torch.device | None = None) -> Callable:
+    """The run's loss; ``weight``: per-class CE weights, or per-label BCE ``pos_weight`` (multi-label)."""
+    w = None if weight is None else torch.tensor(weight, dtype=torch.float32, device=device)
     if task == "multilabel":
-        bce = nn.BCEWithLogitsLoss()
+        bce = nn.BCEWithLogitsLoss(pos_weight=w)
         return lambda logits, y: bce(logits.float(), y.float())
-    ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    ce = nn.CrossEntropyLoss(weight=w, label_smoothing=label_smoothing)
     return lambda logits, y: ce(logits.float(), y)
 
 
@@ -230,6 +234,7 @@ class _Setup:
     chain: list | None  # the model as a chain of modules, for the frozen-prefix cut (None: not cacheable)
     chain_starts: list[int]  # chain indices where a new block begins
     data_fingerprint: str
+    class_weight: list[float] | None = None  # the loss's weights (class_weight: balanced)
 
     @classmethod
     def create(cls, model: nn.Module, data: ImageSet, cfg: RunConfig, blocks) -> _Setup:
@@ -242,6 +247,7 @@ class _Setup:
             model.to(memory_format=torch.channels_last)
         train, val, test = data.split("train"), data.split("val"), data.split("test")
         gen = torch.Generator().manual_seed(cfg.seed)
+        weight = class_weights(train.labels.numpy(), data.task, data.num_classes, cfg.class_weight)
         chain, starts, fingerprint = None, [], ""
         if cfg.feature_cache == "auto":
             chain = build_chain(model, to_float(train.images[:2], device))
@@ -257,7 +263,8 @@ class _Setup:
                    amp_dtype=amp_dtype, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
                    train=train, val=val, test=test,
                    train_images=train.images.to(device) if device.type == "cuda" else train.images,
-                   train_labels=train.labels.to(device), loss_fn=_loss_fn(data.task, cfg.label_smoothing),
+                   train_labels=train.labels.to(device),
+                   loss_fn=_loss_fn(data.task, cfg.label_smoothing, device=device, weight=weight), class_weight=weight,
                    steps_per_epoch=max(1, math.ceil(len(train) / cfg.batch_size)), gen=gen, chain=chain,
                    chain_starts=starts, data_fingerprint=fingerprint)
 
@@ -393,7 +400,8 @@ def _probe_batches(run: _Setup, phase: _Phase, epoch: int, num_batches: int,
 def train_one_epoch(run: _Setup, phase: _Phase) -> tuple[float, float]:
     """One pass over the training split in the order drawn from ``run.gen``; returns (mean loss, last LR)."""
     cfg, opt, bs = run.cfg, phase.optimizer, run.cfg.batch_size
-    order = torch.randperm(len(run.train), generator=run.gen)
+    order = (balanced_order(run.train.labels, run.train.task, run.gen) if cfg.sampler == "balanced"
+             else torch.randperm(len(run.train), generator=run.gen))
     source = phase.feats.get("train", run.train_images)
     loss_sum = torch.zeros((), device=run.device)
     lr = phase.base_lr
@@ -557,7 +565,8 @@ def _solve(run: _Setup, phase: _Phase, state: dict) -> dict | None:
         return torch.cat(captured).flatten(1), data.labels
 
     ctx = SolveContext(net=phase.net, blocks=run.blocks, task=run.train.task, num_classes=run.train.num_classes,
-                       monitor=run.cfg.monitor, classifier_inputs=classifier_inputs, record=state["extras"])
+                       monitor=run.cfg.monitor, classifier_inputs=classifier_inputs, record=state["extras"],
+                       class_weight=run.class_weight)
     return phase.strategy.solve(ctx)
 
 

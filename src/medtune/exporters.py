@@ -1,0 +1,132 @@
+"""Export a stored run's model for use outside medtune.
+
+``timm``: timm's own ``save_for_hf`` layout (``config.json`` + ``model.safetensors``) with the
+run's label names, class count, trained input size and the normalisation of its weights, so
+``timm.create_model("local-dir:DIR", pretrained=True)`` restores the head, the labels and the input
+size (that model takes *normalised* images, as every timm model; ``timm.data.resolve_data_config``
+gives the transform). ``onnx``: the medtune model through ``torch.onnx.export``, taking images
+(N, 3, H, W) in [0, 1] (the normalisation is inside the graph), with a parity check of its logits
+in onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medtune.errors import ConfigError
+from medtune.inference import get_run, load_model
+from medtune.store import ResultsStore
+
+__all__ = ["export", "EXPORT_FORMATS", "ONNX_TOLERANCE"]
+
+EXPORT_FORMATS = ("timm", "onnx")
+#: Largest |logit difference| allowed between the ONNX graph (onnxruntime) and the torch model.
+ONNX_TOLERANCE = 1e-4
+
+
+def _migrate_old_config(folder: Path) -> None:
+    """Stores before the rename kept medtune's resolved config as ``config.json`` in the run's folder;
+    move it to ``run_config.json`` so timm's ``config.json`` can take the name."""
+    old, new = folder / "config.json", folder / "run_config.json"
+    if old.is_file() and not new.exists():
+        try:
+            data = json.loads(old.read_text())
+        except (OSError, ValueError):
+            return
+        if "architecture" not in data:  # medtune's run config, not a timm export
+            old.replace(new)
+
+
+def export(run_id: str, *, fmt: str = "timm", out_dir: str | Path | None = None,
+           store: ResultsStore | str | Path = "./medtune-results", check: bool = True) -> dict:
+    """Export the trained model of ``run_id``.
+
+    Args:
+        run_id: a run id or a unique prefix.
+        fmt: ``timm`` or ``onnx``.
+        out_dir: output folder (default: the run's artifact folder ``STORE/artifacts/RUN_ID``, so
+            ``timm.create_model("local-dir:STORE/artifacts/RUN_ID", pretrained=True)`` works).
+        store: the results store.
+        check: reload the export and compare its logits with medtune's model on random images.
+
+    Returns:
+        ``{"format", "path", "max_abs_diff"}`` (the parity check's largest |Δ logit|, None without ``check``).
+
+    Raises:
+        ConfigError: unknown run or format, missing ``onnx``/``onnxruntime``, an unwritable folder,
+            or an ONNX export whose logits differ by more than ``ONNX_TOLERANCE``.
+    """
+    from medtune._checks import check_choice
+
+    check_choice(fmt, "format", EXPORT_FORMATS, owner="export")
+    db = store if isinstance(store, ResultsStore) else ResultsStore(store)
+    record = get_run(run_id, store=db)
+    model = load_model(record["run_id"], store=db, device="cpu")
+    folder = Path(out_dir) if out_dir is not None else db.run_dir(record["run_id"])
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"Cannot create the export folder {folder} ({exc.strerror or exc}); give another -o.") \
+            from None
+    _migrate_old_config(db.run_dir(record["run_id"]))
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.rand(4, 3, model.img_size, model.img_size, generator=gen)
+    with torch.no_grad():
+        reference = model(probe).numpy()
+    if fmt == "timm":
+        path, diff = _export_timm(model, folder, probe, reference if check else None)
+    else:
+        path, diff = _export_onnx(model, folder, probe, reference if check else None)
+    return {"format": fmt, "path": str(path), "max_abs_diff": diff}
+
+
+def _export_timm(model, folder: Path, probe: torch.Tensor, reference: np.ndarray | None) -> tuple[Path, float | None]:
+    import timm
+
+    cfg = model.pretrained_cfg
+    data_config = {"input_size": (3, model.img_size, model.img_size), "mean": cfg["mean"], "std": cfg["std"],
+                   "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
+    try:
+        timm.models.save_for_hf(model.backbone, str(folder), model_config={"label_names": list(model.class_names)},
+                                data_config=data_config, safe_serialization=True)
+    except OSError as exc:
+        raise ConfigError(f"Cannot write the timm export to {folder} ({exc.strerror or exc}).") from None
+    diff = None
+    if reference is not None:
+        with torch.random.fork_rng(devices=[]):
+            restored = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        with torch.no_grad():
+            diff = float(np.abs(restored(model.normalize(probe)).numpy() - reference).max())
+    return folder, diff
+
+
+def _export_onnx(model, folder: Path, probe: torch.Tensor, reference: np.ndarray | None) -> tuple[Path, float | None]:
+    path = folder / "model.onnx"
+    try:
+        import onnxruntime  # noqa: F401  (checked before the export, which needs onnx too)
+        import onnx  # noqa: F401
+    except ImportError:
+        raise ConfigError("ONNX export needs onnx and onnxruntime: pip install 'medtune[onnx]'.") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation notice of the TorchScript exporter
+        try:
+            # the TorchScript exporter: the dynamo one needs onnxscript, a further dependency
+            torch.onnx.export(model, (probe,), str(path), input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        except OSError as exc:
+            raise ConfigError(f"Cannot write {path} ({exc.strerror or exc}).") from None
+    diff = None
+    if reference is not None:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        diff = float(np.abs(session.run(None, {"images": probe.numpy()})[0] - reference).max())
+        if diff > ONNX_TOLERANCE:
+            raise ConfigError(f"The ONNX export of {path} differs from the model by {diff:.2e} > {ONNX_TOLERANCE} "
+                              "in its logits; an operator is not exported faithfully. Use --format timm.")
+    return path, diff
