@@ -244,7 +244,8 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
     Args:
         source: a folder per class (optionally inside train/ val/ test/), a CSV
             ``path,label[,split][,group]`` (multi-label: ``a|b``), a MedMNIST ``.npz``,
-            ``medmnist:NAME``, a ``.dcm`` tree (as a folder), ``demo``, or ``synthetic[:K]``.
+            ``medmnist:NAME``, a ``.dcm`` tree (as a folder), ``demo``, ``synthetic[:K]``, or
+            ``synthetic_loc`` (objects at known places, :func:`~medtune.data.synthetic.make_synthetic_localisation`).
         img_size: output side in pixels.
         resize: ``resize`` (stretch) or ``pad`` (keep aspect, zero-pad).
         seed: seed of the split when the source gives none.
@@ -261,6 +262,10 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
 
     if source == "demo":
         return make_demo(img_size=img_size, seed=seed, resize=resize)
+    if source == "synthetic_loc":  # a known object location per image (medtune explain's scores)
+        from medtune.data.synthetic import make_synthetic_localisation
+
+        return make_synthetic_localisation(num_samples=128, img_size=img_size, seed=seed)
     if source == "synthetic" or source.startswith("synthetic:"):
         k = int(source.split(":")[1]) if ":" in source else 2
         return make_synthetic(num_samples=64 * max(1, k // 2), img_size=img_size, num_classes=k, seed=seed)
