@@ -74,6 +74,7 @@ FORMATS = ("table", "json", "csv")
 # (tests/models/test_blocks.py); every other timm CNN gets the same generic rules.
 _CHECKED_ARCHS = {
     "convnext_tiny": "stem, stages.0..3 (each stage opens with its downsampling layer), final norm in stage_4",
+    "dcnn3": "stage_1..3: one per convolution (Rama et al.), head = linear after global average pooling",
     "densenet121": "stem, denseblock1, transition1, ..., denseblock4 (+ norm5): 9 blocks, as Davila et al.",
     "efficientnet_b0": "stem, blocks.0..6 (7 MBConv stages), conv_head + bn2 in stage_7",
     "inception_v3": "stem (Conv2d_1a-2b), Conv2d_3b-4a, Mixed_5*, Mixed_6*, Mixed_7*",
