@@ -15,7 +15,7 @@ from medtune.errors import MedtuneError
 
 __all__ = ["main", "build_parser"]
 
-_LIST_KEYS = {"arch", "strategy", "seeds", "train_fraction", "lr", "weight_decay"}
+_LIST_KEYS = {"arch", "strategy", "seeds", "train_fraction", "lr", "weight_decay", "resize"}
 _FIELD_HELP = {
     "data": "folder per class, CSV, MedMNIST .npz, medmnist:NAME, demo or synthetic",
     "arch": "timm model name(s), comma-separated for sweeps",

@@ -206,7 +206,7 @@ class RunConfig(_Base):
         check_choice(self.optimizer, "optimizer", ("adamw", "sgd"), owner=owner)
         check_choice(self.monitor, "monitor", ("auc", "accuracy", "balanced_accuracy", "f1", "loss"), owner=owner)
         check_choice(self.bn_mode, "bn_mode", ("eval", "train"), owner=owner)
-        check_choice(self.resize, "resize", ("resize", "pad"), owner=owner)
+        check_choice(self.resize, "resize", ("resize", "pad", "bucket"), owner=owner)
         check_choice(self.amp, "amp", ("auto", "on", "off"), owner=owner)
         check_choice(self.feature_cache, "feature_cache", ("auto", "off"), owner=owner)
         check_choice(self.channels_last, "channels_last", ("auto", "on", "off"), owner=owner)
@@ -268,7 +268,7 @@ class _WithBase(_Base):
 
 
 _LIST_FIELDS = {"arch": str, "strategy": lambda v: StrategySpec.parse(v, allow_all=True), "seeds": int,
-                "train_fraction": float, "lr": float, "weight_decay": float}
+                "train_fraction": float, "lr": float, "weight_decay": float, "resize": str}
 
 
 def expand_alternatives(spec: Any) -> list[Any]:
@@ -287,8 +287,8 @@ def expand_alternatives(spec: Any) -> list[Any]:
 
 @dataclass(frozen=True)
 class SweepConfig(_WithBase):
-    """A grid of runs: archs × strategies × learning rates × weight decays × seeds × train fractions
-    over one base config.
+    """A grid of runs: archs × strategies × learning rates × weight decays × resize policies × seeds ×
+    train fractions over one base config.
 
     ``strategy`` entries may use ``top_k:all`` / ``layers_k:all`` / ``surgical:all`` to expand to
     every depth of each architecture, and ``|`` between values of a parameter to make it an axis
@@ -303,10 +303,11 @@ class SweepConfig(_WithBase):
     train_fraction: tuple[float, ...] = (1.0,)
     lr: tuple[float, ...] | None = None  # None: the base run's
     weight_decay: tuple[float, ...] | None = None  # None: the base run's
+    resize: tuple[str, ...] | None = None  # None: the base run's; [resize, pad, bucket] compares them
     name: str = "sweep"
 
     def __post_init__(self) -> None:
-        for key in ("lr", "weight_decay"):
+        for key in ("lr", "weight_decay", "resize"):
             if getattr(self, key) is None:
                 object.__setattr__(self, key, (getattr(self.base, key),))
         for key, conv in _LIST_FIELDS.items():
@@ -332,6 +333,8 @@ class SweepConfig(_WithBase):
             check_scalar(wd, "weight_decay", (float, int), min_val=0, owner="sweep")
         for seed in self.seeds:
             check_scalar(seed, "seeds", int, min_val=0, owner="sweep")
+        for policy in self.resize:
+            check_choice(policy, "resize", ("resize", "pad", "bucket"), owner="sweep")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> SweepConfig:
@@ -339,7 +342,7 @@ class SweepConfig(_WithBase):
         # the base run takes the first arch and train fraction, so it validates like any run (its strategy
         # may be a template such as top_k:all and is replaced per run anyway)
         first = {k: _LIST_FIELDS[k](_as_tuple(v)[0]) for k, v in mine.items()
-                 if k in ("arch", "train_fraction", "lr", "weight_decay") and _as_tuple(v)}
+                 if k in ("arch", "train_fraction", "lr", "weight_decay", "resize") and _as_tuple(v)}
         return cls(base=RunConfig.from_dict({**base, **first}, source=source), **mine)
 
 

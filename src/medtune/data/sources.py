@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medtune.data._decode import IMAGE_EXTENSIONS, decode_image, resize_image, to_rgb_uint8
+from medtune.data._decode import (IMAGE_EXTENSIONS, choose_buckets, decode_image, nearest_bucket, resize_image,
+                                  to_rgb_uint8)
 from medtune.data.base import SPLITS, ImageSet
 from medtune.data.splits import make_splits
 from medtune.errors import ConfigError, DataError
@@ -191,8 +192,16 @@ def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]
     if len(found) < 2:
         raise DataError(f"{source}: only one class ({found[0] if found else 'none'}); a classifier needs at least two.")
     index = {c: i for i, c in enumerate(found)}
-    images = []
-    for path, _, _, _ in items:
+    images, sizes, buckets = [], None, None
+    if resize == "bucket":  # a few sides from the data's own sizes; each image at the nearest one
+        rgbs = [decode_image(path)[0] for path, _, _, _ in items]
+        buckets = choose_buckets([np.sqrt(r.shape[0] * r.shape[1]) for r in rgbs], img_size)
+        sizes = np.array([nearest_bucket(np.sqrt(r.shape[0] * r.shape[1]), buckets) for r in rgbs], dtype=np.int64)
+        canvas = max(buckets)
+        for rgb, side in zip(rgbs, sizes, strict=True):
+            x = resize_image(rgb, int(side), "resize")
+            images.append(torch.nn.functional.pad(x, (0, canvas - int(side), 0, canvas - int(side))))
+    for path, _, _, _ in items if resize != "bucket" else ():
         rgb, _, _ = decode_image(path)
         images.append(resize_image(rgb, img_size, resize))
     if multilabel:
@@ -216,7 +225,8 @@ def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]
                              test_fraction=test_fraction)
     return ImageSet(images=torch.stack(images), labels=labels, splits=splits, class_names=found, task=task,
                     ids=[str(p) for p, _, _, _ in items], groups=groups_arr, name=name,
-                    meta={"source": source, "img_size": img_size, "resize": resize})
+                    meta={"source": source, "img_size": img_size, "resize": resize,
+                          **({"buckets": list(buckets)} if buckets else {})}, sizes=sizes)
 
 
 def _validate(data: ImageSet, source: str) -> ImageSet:
