@@ -335,7 +335,7 @@ def explain(run: str, *, data: str | None = None, store: str | Path = "./medtune
 
     Raises:
         ConfigError: unknown method, target or split, a run id that matches no run or several, a
-            run without stored weights, a multi-label run, or Captum not installed.
+            run without stored weights, a multi-label or ``resize: bucket`` run, or Captum not installed.
         DataError: unreadable data or ground truth.
     """
     from medtune._tensors import resolve_device
@@ -360,6 +360,9 @@ def explain(run: str, *, data: str | None = None, store: str | Path = "./medtune
     dataset = prepare_data(cfg)
     if dataset.task == "multilabel":
         raise ConfigError("medtune explain supports binary and multiclass runs; this run is multi-label.")
+    if dataset.sizes is not None:
+        raise ConfigError("medtune explain does not support runs with resize: bucket yet (images of several "
+                          "sizes); explain a run trained with resize or pad.")
     device_ = resolve_device(device)
     model = load_run_model(db, record, device_)
     subset = dataset if split == "all" else dataset.split(split)

@@ -113,6 +113,7 @@ class TorchvisionBackbone(nn.Module):
         self.classifier_attr = classifier_attr
         if self.classifier_attr is None:
             raise ConfigError(f"arch {arch!r}: found no classifier ({', '.join(_CLASSIFIER_ATTRS)}) to replace.")
+        # torchvision's ImageClassification preset, or its defaults for a model without weights
         size = int(transforms.crop_size[0]) if transforms is not None else 224
         resize = int(transforms.resize_size[0]) if transforms is not None else 256
         self.pretrained_cfg = {
@@ -120,8 +121,7 @@ class TorchvisionBackbone(nn.Module):
             "mean": tuple(float(m) for m in (transforms.mean if transforms is not None else (0.485, 0.456, 0.406))),
             "std": tuple(float(s) for s in (transforms.std if transforms is not None else (0.229, 0.224, 0.225))),
             "input_size": (3, size, size),
-            "interpolation": str(getattr(transforms, "interpolation", "bilinear").value
-                                 if transforms is not None else "bilinear"),
+            "interpolation": transforms.interpolation.value if transforms is not None else "bilinear",
             "crop_pct": size / resize,
             "crop_mode": "center",
             "num_classes": self.num_classes,
@@ -199,19 +199,17 @@ class TorchvisionBackbone(nn.Module):
             if others:
                 groups[-1] += others
             return [(f"stage_{i + 1}", g) for i, g in enumerate(groups)], True
-        groups = []
+        # consecutive plain layers form one group (ResNet's stem conv1 + bn1); a plain layer after a
+        # composite block joins it (DenseNet's norm5); every composite child starts a block
+        groups: list[list[tuple[str, nn.Module]]] = []
         for path, module in units:
-            plain = _is_leaf(module)
-            if groups and plain and groups[-1][0]:
-                groups[-1][1].append((path, module))
-            elif groups and plain:  # a plain layer after blocks: the final norm joins the last block
-                groups[-1][1].append((path, module))
+            if groups and _is_leaf(module):
+                groups[-1].append((path, module))
             else:
-                groups.append((plain, [(path, module)]))
-        named = []
-        for i, (_, group) in enumerate(groups):
-            named.append(("stem" if i == 0 and len(groups) > 1 else f"stage_{i if len(groups) > 1 else 1}", group))
-        return named, False
+                groups.append([(path, module)])
+        if len(groups) == 1:
+            return [("stage_1", groups[0])], False
+        return [("stem" if i == 0 else f"stage_{i}", group) for i, group in enumerate(groups)], False
 
     def _layers_of(self, units: Sequence[tuple[str, nn.Module]], block_name: str, pooled: bool):
         """Layers (name, [module paths with params]) of one block."""
@@ -224,7 +222,7 @@ class TorchvisionBackbone(nn.Module):
                     layers[-1][1].append(path)
                 else:
                     layers.append((path, [path]))
-            elif type(module) in _CONTAINERS or isinstance(module, (nn.ModuleDict,)):
+            elif type(module) in _CONTAINERS or isinstance(module, nn.ModuleDict):  # DenseNet's _DenseBlock
                 layers += [(f"{path}.{n}", [f"{path}.{n}"]) for n, c in module.named_children() if _own_params(c)]
             else:
                 layers.append((path, [path]))
