@@ -23,5 +23,6 @@ def test_heat_map_gallery_renders_in_chromium(tmp_path):
     text = Path(report).read_text(encoding="utf-8")
     assert "Localisation: heat maps" in text
     state, console = _load(_harness_copy(Path(report), tmp_path / "harness.html"), tmp_path / "profile")
+    print("chromium:", state)
     assert state["images"] >= 2 and state["bad"] == [] and state["errors"] == [] and state["resources"] == []
     assert console == []
