@@ -4,7 +4,6 @@ at the nearest one, a bucket per batch; compared with ``resize`` and ``pad`` in 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
