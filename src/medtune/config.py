@@ -103,7 +103,7 @@ class RunConfig(_Base):
 
     Attributes:
         data: a folder per class, a CSV, a MedMNIST ``.npz``, ``medmnist:NAME``, ``demo`` or ``synthetic``.
-        arch: a timm model name.
+        arch: a timm model name, ``tv:NAME`` for a torchvision model (``tv:alexnet``), or ``dcnn3``.
         weights: ``imagenet`` (timm hub), ``none``, a local file, or ``efficientnet_lite0/1/2`` (offline).
         strategy: a registered strategy spec, e.g. ``full``, ``top_k:2``, ``l2_sp:alpha=0.1`` (parsed
             into a :class:`~medtune.strategies.StrategySpec` when the config is built).
@@ -122,6 +122,9 @@ class RunConfig(_Base):
             feature caching.
         feature_cache: ``auto`` computes a fixed frozen prefix once and trains the rest on its
             features (results equal to float tolerance); ``off`` always runs the whole network.
+        resize: how images reach ``img_size``: ``resize`` (stretch), ``pad`` (keep the aspect ratio,
+            zero-pad), or ``bucket`` (a few sizes from the data's own distribution, each image at the
+            nearest one; Liu et al.).
         split_seed: seed of the train/val/test split and of the train-fraction subsample (fixed
             across training seeds so seeds compare on the same data).
         train_fraction: share of the training split used, in (0, 1].
