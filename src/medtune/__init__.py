@@ -34,6 +34,7 @@ __all__ = [
     "load_model",
     "predict",
     "export",
+    "explain",
     "DEMO_SWEEP",
     "MedtuneError",
     "ConfigError",
@@ -81,9 +82,20 @@ def report(store: str = "./medtune-results", *, out_path: str | None = None, fmt
     from medtune.reporting import build_report
     from medtune.store import ResultsStore
 
+    from medtune.localisation import list_explanations
+
     db = ResultsStore(store)
     out = out_path or str(Path(store) / f"report.{fmt}")
-    return str(build_report(db.runs(), db.attacks(), db.searches(), title=title, out_path=out, fmt=fmt, metric=metric))
+    return str(build_report(db.runs(), db.attacks(), db.searches(), explanations=list_explanations(store),
+                            title=title, out_path=out, fmt=fmt, metric=metric))
+
+
+def explain(run: str, **kwargs: Any):
+    """Heat maps of a stored run's test images and their localisation scores (see
+    :func:`medtune.localisation.explain`)."""
+    from medtune.localisation import explain as _explain
+
+    return _explain(run, **kwargs)
 
 
 def attack(runs: Any = "all", **kwargs: Any) -> list[dict]:

@@ -18,7 +18,7 @@ from medtune.inference import PREDICT_SPLITS
 
 __all__ = ["main", "build_parser"]
 
-_LIST_KEYS = {"arch", "strategy", "seeds", "train_fraction", "lr", "weight_decay"}
+_LIST_KEYS = {"arch", "strategy", "seeds", "train_fraction", "lr", "weight_decay", "resize"}
 # timm's train.py spellings of the same settings, accepted as aliases
 _TIMM_ALIASES = {"arch": ("--model",), "optimizer": ("--opt",), "label_smoothing": ("--smoothing",)}
 
@@ -213,6 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="output folder (default: STORE/artifacts/RUN_ID)")
     p.add_argument("--store", default="./medtune-results", help="results store (default: %(default)s)")
 
+    p = sub.add_parser("explain", help="heat maps (Grad-CAM) of a stored run's test images; pointing game and IoU")
+    p.add_argument("run", help="run id (a unique prefix)")
+    p.add_argument("--data", default=None, help="explain another data source (default: the run's own)")
+    p.add_argument("--store", default="./medtune-results", help="results store folder (default: %(default)s)")
+    p.add_argument("--method", default="gradcam",
+                   help="attribution (choices: gradcam, grad_x_activation; default: %(default)s)")
+    p.add_argument("--target", default="label",
+                   help="the class each map explains (choices: label, predicted; default: %(default)s)")
+    p.add_argument("--split", default="test", help="images to explain (choices: test, val, train, all; "
+                   "default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="share of the map's maximum that defines its box (default: %(default)s)")
+    p.add_argument("--max-overlays", type=int, default=32, help="overlay PNGs written (default: %(default)s)")
+    p.add_argument("-o", "--out", default=None, help="output folder (default: STORE/artifacts/RUN/explain)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+
     p = sub.add_parser("strategies", help="list the registered strategies")
     p.add_argument("--format", choices=("table", "json"), default="table", help=_FORMAT_HELP)
 
@@ -347,6 +363,16 @@ def _cmd_blocks(args: argparse.Namespace) -> int:
     with torch.random.fork_rng(devices=[]):
         model = create_model(args.arch, num_classes=2, weights="none")
     print(format_blocks(get_blocks(model, granularity=args.granularity), fmt=args.format))
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    import medtune
+
+    e = medtune.explain(args.run, data=args.data, store=args.store, method=args.method, target=args.target,
+                        split=args.split, threshold=args.threshold, max_overlays=args.max_overlays,
+                        out_dir=args.out, device=args.device, log=_log)
+    print(e.out_dir)
     return 0
 
 
@@ -493,7 +519,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"predict": _cmd_predict, "export": _cmd_export, "attack": _cmd_attack, "preset": _cmd_preset, "report": _cmd_report, "search": _cmd_search, "demo": _cmd_demo, "run": _cmd_run, "sweep": _cmd_sweep, "results": _cmd_results,
-             "blocks": _cmd_blocks, "strategies": _cmd_strategies, "data": _cmd_data}
+             "blocks": _cmd_blocks, "strategies": _cmd_strategies, "data": _cmd_data,
+             "explain": _cmd_explain}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -107,7 +107,7 @@ class RunConfig(_Base):
 
     Attributes:
         data: a folder per class, a CSV, a MedMNIST ``.npz``, ``medmnist:NAME``, ``demo`` or ``synthetic``.
-        arch: a timm model name.
+        arch: a timm model name, ``tv:NAME`` for a torchvision model (``tv:alexnet``), or ``dcnn3``.
         weights: ``imagenet`` (timm hub), ``none``, a local file, or ``efficientnet_lite0/1/2`` (offline).
         strategy: a registered strategy spec, e.g. ``full``, ``top_k:2``, ``l2_sp:alpha=0.1`` (parsed
             into a :class:`~medtune.strategies.StrategySpec` when the config is built).
@@ -130,6 +130,9 @@ class RunConfig(_Base):
             feature caching.
         feature_cache: ``auto`` computes a fixed frozen prefix once and trains the rest on its
             features (results equal to float tolerance); ``off`` always runs the whole network.
+        resize: how images reach ``img_size``: ``resize`` (stretch), ``pad`` (keep the aspect ratio,
+            zero-pad), or ``bucket`` (a few sizes from the data's own distribution, each image at the
+            nearest one; Liu et al.).
         split_seed: seed of the train/val/test split and of the train-fraction subsample (fixed
             across training seeds so seeds compare on the same data).
         train_fraction: share of the training split used, in (0, 1].
@@ -164,7 +167,7 @@ class RunConfig(_Base):
     #: The fixed value sets of fields (validated on build, shown in the CLI's help).
     CHOICES: ClassVar[dict[str, tuple]] = {
         "optimizer": ("adamw", "sgd"), "monitor": MONITOR_METRICS,
-        "bn_mode": ("eval", "train"), "resize": ("resize", "pad"), "medmnist_size": (28, 64, 128, 224),
+        "bn_mode": ("eval", "train"), "resize": ("resize", "pad", "bucket"), "medmnist_size": (28, 64, 128, 224),
         "amp": ("auto", "on", "off"), "channels_last": ("auto", "on", "off"), "feature_cache": ("auto", "off"),
         "device": ("auto", "cpu", "cuda"), "class_weight": CLASS_WEIGHTS, "sampler": SAMPLERS,
         "tracker": TRACKERS,
@@ -305,7 +308,7 @@ class _WithBase(_Base):
 
 
 _LIST_FIELDS = {"arch": str, "strategy": lambda v: StrategySpec.parse(v, allow_all=True), "seeds": int,
-                "train_fraction": float, "lr": float, "weight_decay": float}
+                "train_fraction": float, "lr": float, "weight_decay": float, "resize": str}
 
 
 def expand_alternatives(spec: Any) -> list[Any]:
@@ -324,8 +327,8 @@ def expand_alternatives(spec: Any) -> list[Any]:
 
 @dataclass(frozen=True)
 class SweepConfig(_WithBase):
-    """A grid of runs: archs × strategies × learning rates × weight decays × seeds × train fractions
-    over one base config.
+    """A grid of runs: archs × strategies × learning rates × weight decays × resize policies × seeds ×
+    train fractions over one base config.
 
     ``strategy`` entries may use ``top_k:all`` / ``layers_k:all`` / ``surgical:all`` to expand to
     every depth of each architecture, and ``|`` between values of a parameter to make it an axis
@@ -340,6 +343,7 @@ class SweepConfig(_WithBase):
         train_fraction: shares of the training split (nested subsets), each in (0, 1] (a list, or comma-separated).
         lr: peak learning rates, an axis selected on validation (a list, or comma-separated).
         weight_decay: weight decays, an axis selected on validation (a list, or comma-separated).
+        resize: resize policies compared in one sweep (``resize``, ``pad``, ``bucket``; a list, or comma-separated).
         name: the sweep's name in logs.
     """
 
@@ -349,10 +353,11 @@ class SweepConfig(_WithBase):
     train_fraction: tuple[float, ...] = (1.0,)
     lr: tuple[float, ...] | None = None  # None: the base run's
     weight_decay: tuple[float, ...] | None = None  # None: the base run's
+    resize: tuple[str, ...] | None = None  # None: the base run's; [resize, pad, bucket] compares them
     name: str = "sweep"
 
     def __post_init__(self) -> None:
-        for key in ("lr", "weight_decay"):
+        for key in ("lr", "weight_decay", "resize"):
             if getattr(self, key) is None:
                 object.__setattr__(self, key, (getattr(self.base, key),))
         for key, conv in _LIST_FIELDS.items():
@@ -378,6 +383,8 @@ class SweepConfig(_WithBase):
             check_scalar(wd, "weight_decay", (float, int), min_val=0, owner="sweep")
         for seed in self.seeds:
             check_scalar(seed, "seeds", int, min_val=0, owner="sweep")
+        for policy in self.resize:
+            check_choice(policy, "resize", ("resize", "pad", "bucket"), owner="sweep")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> SweepConfig:
@@ -385,7 +392,7 @@ class SweepConfig(_WithBase):
         # the base run takes the first arch and train fraction, so it validates like any run (its strategy
         # may be a template such as top_k:all and is replaced per run anyway)
         first = {k: _LIST_FIELDS[k](_as_tuple(v)[0]) for k, v in mine.items()
-                 if k in ("arch", "train_fraction", "lr", "weight_decay") and _as_tuple(v)}
+                 if k in ("arch", "train_fraction", "lr", "weight_decay", "resize") and _as_tuple(v)}
         return cls(base=RunConfig.from_dict({**base, **first}, source=source), **mine)
 
 

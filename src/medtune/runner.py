@@ -174,7 +174,7 @@ def execute_run(cfg: RunConfig, checkpoint_path: str | None, heartbeat: Callable
     record = {
         "run_id": run_id, "status": "done", "dataset": data.name, "data_fingerprint": fingerprint,
         "arch": cfg.arch, "weights": cfg.weights if strategy.pretrained else "none",
-        "strategy": strategy.name, "strategy_params": strategy.params, "label": strategy.spec,
+        "strategy": strategy.name, "strategy_params": strategy.params, "label": strategy.spec + (f" [{cfg.resize}]" if cfg.resize != "resize" else ""),
         "depth": strategy.depth(len(blocks)),
         "seed": cfg.seed, "train_fraction": cfg.train_fraction, "config": cfg.to_dict(),
         "fold": cfg.fold if cfg.cv_folds >= 2 else None, "cv_folds": cfg.cv_folds or None,

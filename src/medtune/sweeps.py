@@ -50,10 +50,10 @@ def expand_sweep(config: SweepConfig) -> list[RunConfig]:
                     # validate the depth against the architecture before any training time is spent
                     checker.check_blocks(_blocks_of(arch, checker.granularity))
                 folds = range(config.base.cv_folds) if config.base.cv_folds >= 2 else [config.base.fold]
-                for lr, wd, frac, fold, seed in itertools.product(config.lr, config.weight_decay, config.train_fraction,
-                                                                  folds, config.seeds):
+                for policy, lr, wd, frac, fold, seed in itertools.product(
+                        config.resize, config.lr, config.weight_decay, config.train_fraction, folds, config.seeds):
                     runs.append(config.base.replace(arch=arch, strategy=spec, seed=int(seed), train_fraction=float(frac),
-                                                    lr=float(lr), weight_decay=float(wd), fold=fold))
+                                                    lr=float(lr), weight_decay=float(wd), fold=fold, resize=policy))
     return runs
 
 

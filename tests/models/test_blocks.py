@@ -13,7 +13,8 @@ from medtune.models import Blocks, create_model, format_blocks, get_blocks, list
 SLOW = {"vgg16", "vgg19", "vgg19_bn"}  # about 1.5 s each to build, plus the forward pass
 # timm CNNs beyond the checked list, through the generic rules
 GENERIC = ["test_resnet", "test_efficientnet", "test_convnext", "resnet34", "ghostnet_100"]
-ARCHS = [pytest.param(a, marks=pytest.mark.slow) if a in SLOW else a for a in list_archs() + GENERIC]
+ARCHS = [pytest.param(a, marks=pytest.mark.slow) if a in SLOW else a
+         for a in list_archs() + GENERIC if not a.startswith("tv:")]  # tv: models: tests/models/test_tv.py
 
 
 def _execution_order(model: nn.Module, size: int) -> dict[str, int]:
@@ -74,7 +75,7 @@ def test_blocks_and_layers_partition_every_parameter_in_forward_order(arch):
     stages = [n for n in names if n.startswith("stage_")]
     assert stages == [f"stage_{i}" for i in range(1, len(stages) + 1)] and len(stages) >= 3
     assert names == [*(["stem"] if names[0] == "stem" else []), *stages, "head"]
-    assert len(layers) > len(stages) or arch.startswith("medtune")
+    assert len(layers) > len(stages) or arch.startswith("medtune") or arch == "dcnn3"  # one conv per block
     for layer in layers:  # layers nest in blocks
         assert len({blocks.block_index(n) for n in layer.param_names}) == 1, layer.name
 
@@ -220,7 +221,8 @@ def test_format_blocks_table_json_csv():
 def test_list_archs_filters_by_pattern():
     assert {"resnet50", "vgg16", "tf_efficientnet_lite0", "medtune_tiny_cnn"} <= set(list_archs())
     assert list_archs("vgg*") == ["vgg16", "vgg19", "vgg19_bn"]
-    assert all(timm.is_model(a) for a in list_archs())
+    assert all(timm.is_model(a) or a.startswith("tv:") for a in list_archs())
+    assert list_archs("tv:*") == ["tv:alexnet", "tv:resnet18", "tv:vgg16"]
 
 
 @pytest.mark.slow

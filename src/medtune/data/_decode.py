@@ -124,7 +124,7 @@ def resize_image(rgb: np.ndarray, size: int, policy: str) -> torch.Tensor:
     (longer side scaled to ``size``, zero padding centred; MedMNIST+ style)."""
     x = torch.from_numpy(rgb if rgb.flags.writeable else rgb.copy()).permute(2, 0, 1)[None].float()
     h, w = rgb.shape[:2]
-    if policy == "resize":
+    if policy in ("resize", "bucket"):  # one image alone has no size distribution: bucket = resize
         if (h, w) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     else:
@@ -135,3 +135,31 @@ def resize_image(rgb: np.ndarray, size: int, policy: str) -> torch.Tensor:
         top, left = (size - nh) // 2, (size - nw) // 2
         x = F.pad(x, (left, size - nw - left, top, size - nh - top), value=0.0)
     return x[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def choose_buckets(sides, max_size: int, num_buckets: int = 3, multiple: int = 8) -> tuple[int, ...]:
+    """The "optimal size set" of a multi-size dataset (Liu et al.): a few square sides from its own sizes.
+
+    The sides are the ``(k + 0.5) / num_buckets`` quantiles (k = 0 … num_buckets − 1) of the
+    images' native side ``sqrt(h · w)``, rounded to a multiple of ``multiple``, at least 16 and at
+    most ``max_size`` (the run's ``img_size``); duplicates collapse, so a dataset of one size
+    has one bucket.
+
+    Args:
+        sides: native sides ``sqrt(h · w)`` in pixels, one per image.
+        max_size: the largest side fed to the model.
+        num_buckets: at most this many sides.
+        multiple: sides are rounded to a multiple of this.
+
+    Returns:
+        Increasing bucket sides.
+    """
+    arr = np.asarray(list(sides), dtype=float)
+    qs = np.quantile(arr, [(k + 0.5) / num_buckets for k in range(num_buckets)])
+    out = sorted({int(min(max_size, max(16, multiple * round(q / multiple)))) for q in qs})
+    return tuple(out)
+
+
+def nearest_bucket(side: float, buckets) -> int:
+    """The bucket side nearest to ``side`` on a log scale (so scaling up and down count alike)."""
+    return int(min(buckets, key=lambda b: abs(np.log(b) - np.log(max(side, 1e-6)))))

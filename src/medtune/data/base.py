@@ -31,6 +31,8 @@ class ImageSet:
         ids: one identifier per sample (a path, or ``"file.npz:train:12"``).
         groups: optional str array (N,) of group (patient) ids; no group spans two splits.
         name: short dataset name recorded with every run.
+        sizes: with ``resize: bucket``, int array (N,) of the side each image is fed at; the image
+            fills ``images[i, :, :sizes[i], :sizes[i]]`` (the rest is zero). None otherwise.
     """
 
     images: torch.Tensor
@@ -42,6 +44,7 @@ class ImageSet:
     groups: np.ndarray | None = None
     name: str = "data"
     meta: dict = field(default_factory=dict)
+    sizes: np.ndarray | None = None
     _fingerprint: str | None = field(default=None, init=False, repr=False)
 
     def __len__(self) -> int:
@@ -68,6 +71,7 @@ class ImageSet:
             groups=None if self.groups is None else self.groups[idx],
             name=self.name,
             meta=dict(self.meta),
+            sizes=None if self.sizes is None else self.sizes[idx],
         )
 
     def split(self, split: str) -> ImageSet:

@@ -99,6 +99,13 @@ def check_data(source: str, *, img_size: int = 64, seed: int = 0, val_fraction: 
     if heights:
         report.sizes = {"min_h": int(min(heights)), "max_h": int(max(heights)), "min_w": int(min(widths)),
                         "max_w": int(max(widths))}
+        if len(heights) == len(entries) and len(heights) > 1:  # native sizes: their distribution and buckets
+            from medtune.data._decode import choose_buckets
+
+            sides = np.sqrt(np.asarray(heights, float) * np.asarray(widths, float))
+            report.sizes["side_quantiles"] = [round(float(q), 1) for q in np.quantile(sides, [0, 0.25, 0.5, 0.75, 1])]
+            report.sizes["buckets"] = list(choose_buckets(sides, img_size))
+            report.sizes["img_size"] = int(img_size)
     for group in by_hash.values():
         if len(group) > 1:
             if len({s for s, _ in group}) > 1:
@@ -124,6 +131,11 @@ def format_data_report(report: DataReport, fmt: str = "table") -> str:
         s = report.sizes
         lines.append(f"sizes: {s['min_w']}-{s['max_w']} x {s['min_h']}-{s['max_h']} px; modes: "
                      + ", ".join(f"{m} ({n})" for m, n in sorted(report.modes.items())))
+        if "buckets" in s:
+            q = s["side_quantiles"]
+            lines.append(f"side sqrt(h*w): min {q[0]:g}, quartiles {q[1]:g} / {q[2]:g} / {q[3]:g}, max {q[4]:g} px; "
+                         f"resize: bucket at img_size {s['img_size']} feeds sizes "
+                         + ", ".join(str(b) for b in s["buckets"]))
     lines.append(f"unreadable files: {len(report.unreadable)}")
     lines += [f"  {u['error']}" for u in report.unreadable[:20]]
     lines.append(f"duplicates across splits (leakage): {len(report.leaks)}")

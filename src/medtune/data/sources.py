@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medtune.data._decode import IMAGE_EXTENSIONS, decode_image, resize_image, to_rgb_uint8
+from medtune.data._decode import (IMAGE_EXTENSIONS, choose_buckets, decode_image, nearest_bucket, resize_image,
+                                  to_rgb_uint8)
 from medtune.data.base import SPLITS, ImageSet
 from medtune.data.splits import make_splits
 from medtune.errors import ConfigError, DataError
@@ -191,8 +192,16 @@ def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]
     if len(found) < 2:
         raise DataError(f"{source}: only one class ({found[0] if found else 'none'}); a classifier needs at least two.")
     index = {c: i for i, c in enumerate(found)}
-    images = []
-    for path, _, _, _ in items:
+    images, sizes, buckets = [], None, None
+    if resize == "bucket":  # a few sides from the data's own sizes; each image at the nearest one
+        rgbs = [decode_image(path)[0] for path, _, _, _ in items]
+        buckets = choose_buckets([np.sqrt(r.shape[0] * r.shape[1]) for r in rgbs], img_size)
+        sizes = np.array([nearest_bucket(np.sqrt(r.shape[0] * r.shape[1]), buckets) for r in rgbs], dtype=np.int64)
+        canvas = max(buckets)
+        for rgb, side in zip(rgbs, sizes, strict=True):
+            x = resize_image(rgb, int(side), "resize")
+            images.append(torch.nn.functional.pad(x, (0, canvas - int(side), 0, canvas - int(side))))
+    for path, _, _, _ in items if resize != "bucket" else ():
         rgb, _, _ = decode_image(path)
         images.append(resize_image(rgb, img_size, resize))
     if multilabel:
@@ -216,7 +225,8 @@ def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]
                              test_fraction=test_fraction)
     return ImageSet(images=torch.stack(images), labels=labels, splits=splits, class_names=found, task=task,
                     ids=[str(p) for p, _, _, _ in items], groups=groups_arr, name=name,
-                    meta={"source": source, "img_size": img_size, "resize": resize})
+                    meta={"source": source, "img_size": img_size, "resize": resize,
+                          **({"buckets": list(buckets)} if buckets else {})}, sizes=sizes)
 
 
 def _validate(data: ImageSet, source: str) -> ImageSet:
@@ -244,7 +254,8 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
     Args:
         source: a folder per class (optionally inside train/ val/ test/), a CSV
             ``path,label[,split][,group]`` (multi-label: ``a|b``), a MedMNIST ``.npz``,
-            ``medmnist:NAME``, a ``.dcm`` tree (as a folder), ``demo``, or ``synthetic[:K]``.
+            ``medmnist:NAME``, a ``.dcm`` tree (as a folder), ``demo``, ``synthetic[:K]``, or
+            ``synthetic_loc`` (objects at known places, :func:`~medtune.data.synthetic.make_synthetic_localisation`).
         img_size: output side in pixels.
         resize: ``resize`` (stretch) or ``pad`` (keep aspect, zero-pad).
         seed: seed of the split when the source gives none.
@@ -261,6 +272,10 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
 
     if source == "demo":
         return make_demo(img_size=img_size, seed=seed, resize=resize)
+    if source == "synthetic_loc":  # a known object location per image (medtune explain's scores)
+        from medtune.data.synthetic import make_synthetic_localisation
+
+        return make_synthetic_localisation(num_samples=128, img_size=img_size, seed=seed)
     if source == "synthetic" or source.startswith("synthetic:"):
         k = int(source.split(":")[1]) if ":" in source else 2
         return make_synthetic(num_samples=64 * max(1, k // 2), img_size=img_size, num_classes=k, seed=seed)

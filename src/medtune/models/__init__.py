@@ -1,10 +1,10 @@
 """Backbones: the timm model factory, pretrained weights, and block / layer partitions.
 
-Importing this package registers the test backbone ``medtune_tiny_cnn`` with timm and does
-nothing else.
+Importing this package registers the test backbone ``medtune_tiny_cnn`` and Rama et al.'s
+``dcnn3`` with timm and does nothing else.
 """
 
-from . import tiny  # noqa: F401  (registers medtune_tiny_cnn with timm)
+from . import dcnn, tiny  # noqa: F401  (register dcnn3 and medtune_tiny_cnn with timm)
 from ._builder import WEIGHTS_CHOICES, NormalizedModel, create_model, get_num_params
 from .blocks import GRANULARITIES, Block, Blocks, format_blocks, get_blocks, list_archs
 

