@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from medtune.config import RunConfig
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, RunsFailedError
 
 __all__ = ["main", "build_parser"]
 
@@ -240,8 +241,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         from medtune.presets import get_preset
 
         base = {**get_preset(args.preset), **(medtune.load_yaml(args.config) if args.config else {})}
-    records = medtune.sweep(base, log=_log, executor=args.executor, workers=args.workers, address=args.address,
-                            cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, **_overrides(args))
+    try:
+        records = medtune.sweep(base, log=_log, executor=args.executor, workers=args.workers, address=args.address,
+                                cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, **_overrides(args))
+    except RunsFailedError as exc:  # the finished runs are stored: show them, then say which failed
+        _print_records([r for r in exc.records if r is not None], args.format)
+        raise
     _print_records(records, args.format)
     return 0
 
@@ -374,18 +379,45 @@ _COMMANDS = {"attack": _cmd_attack, "preset": _cmd_preset, "report": _cmd_report
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medtune`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    previous = _handle_sigterm()
     try:
         return _COMMANDS[args.command](args)
+    except RunsFailedError as exc:  # the sweep went on; exit 1 (not 2: the input was valid)
+        for run_id, reason in exc.failures:
+            print(f"medtune: run {run_id} failed: {reason}", file=sys.stderr)
+        print(f"medtune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except MedtuneError as exc:
         print(f"medtune: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `medtune results | head`
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print("medtune: interrupted; finished runs are stored and the current one resumes from its last epoch "
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+        print(f"medtune: {what}; finished runs are stored and the current one resumes from its last epoch "
               "when you run the same command again.", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the claimed runs are released and resume on the next start."""
+
+
+def _handle_sigterm():
+    """Turn SIGTERM into :class:`_Terminated` in the main thread; returns the previous handler (None if not set)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

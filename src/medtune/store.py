@@ -126,7 +126,11 @@ class ResultsStore:
     def run_dir(self, run_id: str) -> Path:
         """The artifacts folder of a run (created on demand)."""
         path = self.root / "artifacts" / run_id
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"Cannot create the artifacts folder {str(path)!r} ({exc.strerror or exc}); "
+                             "move the file that is in its way and run the same command again.") from None
         return path
 
     def checkpoint_path(self, run_id: str) -> Path:

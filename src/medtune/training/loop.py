@@ -42,7 +42,7 @@ from medtune._tensors import to_float
 from medtune.config import RunConfig
 from medtune.data.augment import augment_batch
 from medtune.data.base import ImageSet
-from medtune.errors import StoreError
+from medtune.errors import StoreError, TrainingError
 from medtune.models._norm import BATCH_STAT_LAYERS
 from medtune.strategies.base import EpochContext, SolveContext
 from medtune.training.cache import build_chain, cache_unusable_reason, cached_features, frozen_prefix_length
@@ -141,6 +141,9 @@ def evaluate(model: nn.Module, data: ImageSet, *, batch_size: int = 256, loss_fn
                                batch_size=batch_size, labels=data.labels,
                                loss_fn=loss_fn, channels_last=channels_last, autocast_dtype=autocast_dtype)
     y_true = data.labels.numpy()
+    if not np.isfinite(prob).all():  # diverged weights: say so instead of failing inside scikit-learn
+        raise TrainingError("training diverged: the model's outputs are NaN or infinite; lower the learning rate "
+                            "or the strategy's regularisation strength.")
     return compute_metrics(y_true, prob, task=data.task, class_names=data.class_names, loss=loss), y_true, prob
 
 
@@ -418,7 +421,12 @@ def train_one_epoch(run: _Setup, phase: _Phase) -> tuple[float, float]:
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     # .item() syncs CPU and GPU, so the loss is read once per epoch
-    return float(loss_sum.item()) / len(run.train), lr
+    mean_loss = float(loss_sum.item()) / len(run.train)
+    if not math.isfinite(mean_loss):  # diverged: stop before NaN weights reach validation and the metrics
+        raise TrainingError(f"training diverged: the loss became {mean_loss} in epoch {phase.epoch + 1} of phase "
+                            f"{phase.name!r} (lr {phase.base_lr:g}); lower the learning rate or the strategy's "
+                            "regularisation strength.")
+    return mean_loss, lr
 
 
 def _update_best(phase: _Phase, model: nn.Module, val_metrics: dict) -> None:
