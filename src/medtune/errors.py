@@ -71,7 +71,7 @@ def short_repr(value: object, limit: int = 80) -> str:
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest choice, or ``""`` if none is close."""
-    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(name)[:200], list(choices), n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
 
 

@@ -239,6 +239,9 @@ def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: C
 
     from medtune.executors import LocalExecutor
 
+    if isinstance(executor, LocalExecutor):  # the runs train on this machine: check their devices before any claim
+        for device in sorted({r.device for r in runs}):
+            resolve_device(device)
     records: list[dict | None] = [None] * len(runs)
     todo: list[tuple[int, str]] = []
     num_busy = 0

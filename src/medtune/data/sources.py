@@ -17,7 +17,7 @@ import torch
 from medtune.data._decode import IMAGE_EXTENSIONS, decode_image, resize_image, to_rgb_uint8
 from medtune.data.base import SPLITS, ImageSet
 from medtune.data.splits import make_splits
-from medtune.errors import ConfigError, DataError
+from medtune.errors import ConfigError, DataError, short_repr
 
 __all__ = ["load_data", "list_folder", "read_csv", "medmnist_path"]
 
@@ -262,14 +262,22 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
     if source == "demo":
         return make_demo(img_size=img_size, seed=seed, resize=resize)
     if source == "synthetic" or source.startswith("synthetic:"):
-        k = int(source.split(":")[1]) if ":" in source else 2
+        k_text = source.split(":", 1)[1] if ":" in source else "2"
+        if not k_text.isdigit() or not 2 <= int(k_text) <= 100:
+            raise ConfigError(f"Data {short_repr(source)}: synthetic:K takes a number of classes K from 2 to 100, "
+                              "e.g. synthetic:3.")
+        k = int(k_text)
         return make_synthetic(num_samples=64 * max(1, k // 2), img_size=img_size, num_classes=k, seed=seed)
     if source.startswith("medmnist:"):
         path = _medmnist_download(source.split(":", 1)[1], medmnist_size)
         return _validate(_load_npz(path, img_size, resize), str(path))
     path = Path(source).expanduser()
-    if not path.exists():
-        raise DataError(f"Data {source!r} not found; give a folder per class, a CSV, a MedMNIST .npz, "
+    try:
+        exists = path.exists()
+    except OSError as exc:  # e.g. ENAMETOOLONG
+        raise DataError(f"Data {short_repr(source)} cannot be read ({exc.strerror or exc}).") from None
+    if not exists:
+        raise DataError(f"Data {short_repr(source)} not found; give a folder per class, a CSV, a MedMNIST .npz, "
                         "medmnist:NAME, demo or synthetic.")
     kw = {"img_size": img_size, "resize": resize, "seed": seed, "val_fraction": val_fraction,
           "test_fraction": test_fraction, "classes": classes}
