@@ -292,7 +292,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
     report = check_data(args.data, img_size=args.img_size, seed=args.split_seed)
     print(format_data_report(report, fmt=args.format))
-    return 0
+    return 0 if report.ok else 1  # 1: problems found (listed above)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -388,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medtune: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except MedtuneError as exc:
-        print(f"medtune: error: {exc}", file=sys.stderr)
+        print(f"medtune: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever a library said
         return 2
     except BrokenPipeError:  # e.g. `medtune results | head`
         sys.stderr.close()

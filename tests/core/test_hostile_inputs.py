@@ -159,3 +159,149 @@ def test_train_fraction_list_reaches_the_config_as_numbers(tmp_path, capsys):
                             "--store", tmp_path], capsys)
     assert status == 0, err
     assert sorted(r["train_fraction"] for r in ResultsStore(tmp_path).runs()) == [0.5, 1.0]
+
+
+# -- data: no silent conversion, bounded inputs ----------------------------------------------------
+
+def _npz(path, *, images=None, labels=None, **extra):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 12), ("val", 6), ("test", 6)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 16, 16), dtype=np.uint8) if images is None \
+            else images(split, n)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2)[:, None] if labels is None else labels(split, n)
+    arrays.update(extra)
+    np.savez(path, **arrays)
+    return path
+
+
+def _huge_header_npz(path):
+    """An npz whose train_images header declares 100 GB (the data behind it is a few bytes)."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    _npz(path)
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False,
+                                              "shape": (10**6, 100_000)})
+    src = zipfile.ZipFile(path)
+    members = {name: src.read(name) for name in src.namelist()}
+    src.close()
+    members["train_images.npy"] = b"\x93NUMPY\x01\x00" + buf.getvalue()[8:] + b"\x00" * 16
+    with zipfile.ZipFile(path, "w") as out:
+        for name, data in members.items():
+            out.writestr(name, data)
+    return path
+
+
+def _png(path, size=16, value=0):
+    import numpy as np
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(path)
+
+
+def _csv(root, rows: list[tuple[str, str]], *, header="path,label", encoding="utf-8", prefix=b""):
+    for i, (name, _) in enumerate(rows):
+        if not (root / name).exists():
+            _png(root / name, value=i)
+    text = header + "\n" + "".join(f"{p},{lab}\n" for p, lab in rows)
+    (root / "labels.csv").write_bytes(prefix + text.encode(encoding))
+    return root / "labels.csv"
+
+
+def _classes(counts: dict[str, int]) -> list[tuple[str, str]]:
+    return [(f"img_{c}_{i}.png", c) for c, n in counts.items() for i in range(n)]
+
+
+def _data_case(case: str, root):
+    import numpy as np
+
+    if case == "npz_float_0_255":
+        return _npz(root / "f.npz", images=lambda s, n: np.full((n, 16, 16), 200.0, np.float32)), \
+            ["f.npz", "float pixels range from 200 to 200", "x / 255.0"]
+    if case == "npz_float_labels":
+        return _npz(root / "f.npz", labels=lambda s, n: (np.arange(n) % 2 + 0.7)[:, None]), \
+            ["f.npz", "non-integer values (e.g. 0.7", "integers"]
+    if case == "npz_one_class":
+        return _npz(root / "f.npz", labels=lambda s, n: np.zeros((n, 1), np.int64)), ["f.npz", "one class"]
+    if case == "npz_label_gap":
+        return _npz(root / "f.npz", labels=lambda s, n: (np.arange(n) % 2 * 2)[:, None]), \
+            ["f.npz", "class(es) 1 have no image", "renumber"]
+    if case == "npz_object_dtype":
+        path = root / "f.npz"
+        _npz(path)
+        arrays = dict(np.load(path))
+        arrays["train_labels"] = np.array([["a"]] * 12, dtype=object)
+        np.savez(path, **arrays)
+        return path, ["f.npz", "train_labels holds Python objects"]
+    if case == "npz_header_100gb":
+        return _huge_header_npz(root / "f.npz"), ["f.npz", "declare 100", "more than this machine's memory"]
+    if case == "csv_empty_class_name":
+        rows = _classes({"a": 8, "b": 8})
+        rows[3] = (rows[3][0], "a|")
+        return _csv(root, rows), ["labels.csv, line 5", "empty class name"]
+    if case == "csv_one_class":
+        return _csv(root, _classes({"a": 8})), ["labels.csv", "only one class"]
+    if case == "csv_two_per_class":
+        return _csv(root, _classes({"a": 8, "b": 2})), ["labels.csv", "b (2)", "at least 3"]
+    if case == "csv_latin1":
+        rows = _classes({"a": 8, "b": 8})
+        rows[0] = (rows[0][0], "caf\xe9")
+        return _csv(root, rows, encoding="latin-1"), ["labels.csv", "not UTF-8", "iconv"]
+    if case == "csv_field_over_limit":
+        rows = _classes({"a": 8, "b": 8})
+        path = _csv(root, rows)
+        path.write_text(path.read_text() + '"' + "x" * 200_000 + '",a\n')
+        return path, ["labels.csv, line", "field larger than field limit"]
+    if case == "image_bomb":
+        rows = _classes({"a": 8, "b": 8})
+        _png(root / rows[0][0], size=64)
+        return _csv(root, rows), ["img_a_0.png", "64x64 px, over the limit of 1,000 pixels"]
+    raise AssertionError(case)
+
+
+DATA_CASES = ["npz_float_0_255", "npz_float_labels", "npz_one_class", "npz_label_gap", "npz_object_dtype",
+              "npz_header_100gb", "csv_empty_class_name", "csv_one_class", "csv_two_per_class", "csv_latin1",
+              "csv_field_over_limit", "image_bomb"]
+
+
+@pytest.mark.parametrize("case", DATA_CASES)
+def test_bad_data_is_one_line_naming_the_file(case, store, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEDTUNE_MAX_IMAGE_PIXELS", "1000")
+    data, needles = _data_case(case, tmp_path)
+    flags = [a for a in TINY if a != "synthetic"]
+    flags[flags.index("--data") + 1:flags.index("--data") + 1] = [str(data)]
+    status, _, err = cli(["run", *flags, "--store", store], capsys)
+    assert_one_line_error(status, err, *needles)
+    assert_store_kept(store)
+
+
+def test_csv_with_a_byte_order_mark_loads(tmp_path):
+    from medtune.data import load_data
+
+    path = _csv(tmp_path, _classes({"a": 8, "b": 8}), prefix=b"\xef\xbb\xbf")
+    data = load_data(str(path), img_size=16)
+    assert data.class_names == ["a", "b"] and len(data) == 16
+
+
+def test_data_check_lists_an_image_bomb_and_exits_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEDTUNE_MAX_IMAGE_PIXELS", "1000")
+    data, _ = _data_case("image_bomb", tmp_path)
+    status, out, err = cli(["data", "check", data, "--img-size", "16"], capsys)
+    assert status == 1 and "Traceback" not in err
+    assert "unreadable files: 1" in out and "img_a_0.png: image is 64x64 px" in out
+    assert out.rstrip().endswith("PROBLEMS FOUND")
+    assert "leakage): 0" in out
+
+
+def test_data_check_of_clean_data_exits_0(tmp_path, capsys):
+    path = _csv(tmp_path, _classes({"a": 8, "b": 8}))
+    status, out, _ = cli(["data", "check", path, "--img-size", "16"], capsys)
+    assert status == 0 and out.rstrip().endswith("OK")
