@@ -90,7 +90,7 @@ def report(store: str = "./medtune-results", *, out_path: str | None = None, fmt
     from medtune.reporting import build_report
     from medtune.store import ResultsStore
 
-    db = ResultsStore(store)
+    db = ResultsStore(store, create=False)
     out = out_path or str(Path(store) / f"report.{fmt}")
     return str(build_report(db.runs(), db.attacks(), db.searches(), title=title, out_path=out, fmt=fmt, metric=metric))
 

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="./medtune-results")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--runs", action="store_true", help="one row per run instead of per strategy")
+    p.add_argument("--release", metavar="RUN", default=None,
+                   help="free the claim of a run (id or prefix) left 'running' by a process that is gone")
 
     p = sub.add_parser("blocks", help="the block/layer partition of an architecture")
     p.add_argument("arch")
@@ -254,7 +256,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_results(args: argparse.Namespace) -> int:
     from medtune.store import ResultsStore
 
-    _print_records(ResultsStore(args.store).runs(), args.format, per_run=args.runs)
+    store = ResultsStore(args.store, create=False)  # never creates a store (or tables in another app's file)
+    if args.release is not None:
+        for run_id in store.force_release(args.release):
+            print(f"released {run_id}: the next sweep or run resumes it from its last epoch checkpoint",
+                  file=sys.stderr)
+        return 0
+    _print_records(store.runs(), args.format, per_run=args.runs)
     return 0
 
 

@@ -167,7 +167,8 @@ def execute_run(cfg: RunConfig, checkpoint_path: str | None, heartbeat: Callable
         "num_blocks": len(blocks), "num_train": int((data.splits == "train").sum()),
         "num_classes": data.num_classes,
         "history": result.history, "extras": result.extras, "device": str(device),
-        "predictions": {"y_true": result.y_true.tolist(), "y_prob": np.round(result.y_prob, 6).tolist(),
+        # exact (no rounding, which creates ties): every metric recomputes from the record to the last bit
+        "predictions": {"y_true": result.y_true.tolist(), "y_prob": result.y_prob.tolist(),
                         "class_names": list(data.class_names)} if result.y_prob.size <= 200_000 else None,
         "versions": collect_versions(),
     }
@@ -187,6 +188,7 @@ def store_result(store: ResultsStore, payload: dict[str, Any]) -> dict[str, Any]
                                           payload["y_prob"], payload["class_names"])
     store.finish(run_id, record)
     store.checkpoint_path(run_id).unlink(missing_ok=True)
+    record["artifacts"] = {k: store.resolve_artifact(store._relative(v)) for k, v in record["artifacts"].items()}
     return record
 
 

@@ -29,6 +29,7 @@ import math
 import os
 import pickle
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,8 +191,7 @@ class Checkpoint:
             return cls(**data)
         except (RuntimeError, EOFError, OSError, TypeError, ValueError, KeyError, AttributeError,
                 pickle.UnpicklingError) as exc:  # what torch.load raises for a truncated or foreign file
-            raise StoreError(f"Epoch checkpoint {path} is unreadable ({type(exc).__name__}); delete it and run "
-                             "the same command again: the run then starts from its first epoch.") from None
+            raise StoreError(f"Epoch checkpoint {path} is unreadable ({type(exc).__name__}).") from None
 
 
 def _group_layout(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[dict]:
@@ -611,7 +611,16 @@ def _open_checkpoint(path: str | Path | None, run: _Setup, state: dict, log: Cal
         stale.unlink(missing_ok=True)
     if not ckpt.exists():
         return ckpt, None
-    resume = Checkpoint.load(ckpt)
+    try:
+        resume = Checkpoint.load(ckpt)
+    except StoreError as exc:  # truncated or garbage: set it aside and start the run afresh
+        aside = ckpt.with_name(ckpt.name + ".corrupt")
+        os.replace(ckpt, aside)
+        warnings.warn(f"{exc} It was renamed {aside.name} and the run starts from its first epoch.\n"
+                      "HINT: a checkpoint is cut short when the disk fills or the machine stops mid-write.",
+                      stacklevel=2)
+        log(f"corrupt checkpoint set aside as {aside}; starting afresh")
+        return ckpt, None
     named = dict(run.model.named_parameters())
     state.update(phase=resume.phase, history=resume.history, train_seconds=resume.train_seconds,
                  images_seen=resume.images_seen, extras=resume.extras,
