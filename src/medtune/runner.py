@@ -241,6 +241,10 @@ def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: C
 
     from medtune.executors import LocalExecutor
 
+    from medtune.models import check_input_size
+
+    for arch, img_size in sorted({(r.arch, r.img_size) for r in runs}):  # before any data is loaded
+        check_input_size(arch, img_size)
     if isinstance(executor, LocalExecutor):  # the runs train on this machine: check their devices before any claim
         for device in sorted({r.device for r in runs}):
             resolve_device(device)

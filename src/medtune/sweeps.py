@@ -21,10 +21,11 @@ def _blocks_of(arch: str, granularity: str):
     """The block partition of ``arch`` (random init; only its structure is used)."""
     import torch
 
-    from medtune.models import create_model, get_blocks
+    from medtune.models import get_blocks
+    from medtune.models._builder import probe_model
 
     with torch.random.fork_rng(devices=[]):
-        model = create_model(arch, num_classes=2, weights="none")
+        model = probe_model(arch)  # the one structural copy the driver keeps (also probes the input size)
     return get_blocks(model, granularity=granularity)
 
 

@@ -71,6 +71,8 @@ CONFIG_CASES = {
     "alpha_nan": (["--strategy", "l2_sp:alpha=nan"], ["'alpha'", "finite"]),
     "synthetic_abc": (["--data", "synthetic:abc"], ["synthetic:K"]),
     "path_too_long": (["--data", "x" * 5000], ["cannot be read", "chars)"]),
+    "img_size_28_densenet121": (["--arch", "densenet121", "--img-size", "28"],
+                                ["'img_size'", "28 px, too small for densenet121", "--img-size 29 or larger"]),
 }
 
 
