@@ -157,7 +157,7 @@ def test_duplicate_grid_cells_are_removed_and_said(tmp_path, capsys):
 
 
 def test_train_fraction_list_reaches_the_config_as_numbers(tmp_path, capsys):
-    status, out, err = cli(["sweep", *TINY, "--strategy", "linear", "--train-fraction", "0.5,1",
+    status, out, err = cli(["sweep", *TINY, "--strategy", "full", "--train-fraction", "0.5,1",
                             "--store", tmp_path], capsys)
     assert status == 0, err
     assert sorted(r["train_fraction"] for r in ResultsStore(tmp_path).runs()) == [0.5, 1.0]
@@ -307,3 +307,67 @@ def test_data_check_of_clean_data_exits_0(tmp_path, capsys):
     path = _csv(tmp_path, _classes({"a": 8, "b": 8}))
     status, out, _ = cli(["data", "check", path, "--img-size", "16"], capsys)
     assert status == 0 and out.rstrip().endswith("OK")
+
+
+# -- store state a user (or a crash) left behind ---------------------------------------------------
+
+ATTACK = ["--source", "train", "--zeta", "0.08", "--num-source-images", "8", "--max-passes", "1", "--num-random", "1",
+          "--device", "cpu"]
+
+
+def test_attack_on_corrupt_stored_weights_is_one_line(store, capsys):
+    [record] = ResultsStore(store).runs()
+    with open(record["artifacts"]["weights"], "r+b") as fh:
+        fh.truncate(100)
+    status, _, err = cli(["attack", record["run_id"], "--store", store, *ATTACK], capsys)
+    assert_one_line_error(status, err, "best.safetensors", record["run_id"], "unreadable")
+    assert_store_kept(store)
+
+
+def test_a_deleted_uap_file_is_audited_again(store, capsys):
+    import os
+
+    [record] = ResultsStore(store).runs()
+    assert cli(["attack", "all", "--store", store, *ATTACK], capsys)[0] == 0
+    [attack] = ResultsStore(store).attacks()
+    os.remove(attack["perturbation_file"])
+    status, _, err = cli(["attack", "all", "--store", store, *ATTACK], capsys)
+    assert status == 0 and "lacks 1 UAP file(s)" in err and "Traceback" not in err
+    [again] = ResultsStore(store).attacks()
+    assert os.path.isfile(again["perturbation_file"]) and again["fooling_rate"] == attack["fooling_rate"]
+
+
+def test_artifacts_folder_of_a_run_being_a_file_is_one_line_and_the_run_released(store, capsys):
+    import sqlite3
+
+    # train the linear run once to learn its id, then forget it and put a file where its artifacts go
+    assert cli(["run", *TINY, "--strategy", "linear", "--store", store], capsys)[0] == 0
+    rows = ResultsStore(store).runs(status=None)
+    linear = [r for r in rows if r["config"]["strategy"] == "linear"][0]["run_id"]
+    with sqlite3.connect(store / "medtune.sqlite") as conn:
+        conn.execute("DELETE FROM runs WHERE run_id=?", (linear,))
+    shutil.rmtree(store / "artifacts" / linear)
+    (store / "artifacts" / linear).write_text("in the way")
+    status, _, err = cli(["run", *TINY, "--strategy", "linear", "--store", store], capsys)
+    assert_one_line_error(status, err, f"artifacts/{linear}", "move the file")
+    statuses = {r["run_id"]: r["status"] for r in ResultsStore(store).runs(status=None)}
+    assert statuses[linear] == "pending", "released, not left running"
+    assert list(statuses.values()).count("done") == 1
+
+
+def test_a_sweep_says_which_runs_another_process_is_training(tmp_path, capsys):
+    import os
+    import socket
+    import sqlite3
+
+    from medtune.store import _process_start
+
+    assert cli(["sweep", *TINY, "--strategy", "full", "--seeds", "0,1", "--store", tmp_path], capsys)[0] == 0
+    rows = ResultsStore(tmp_path).runs(status=None)
+    parent = os.getppid()
+    with sqlite3.connect(tmp_path / "medtune.sqlite") as conn:  # the full run: claimed by a live process
+        conn.execute("UPDATE runs SET status='running', record=NULL, owner=? WHERE run_id=?",
+                     (f"{socket.gethostname()}:{parent}@{_process_start(parent)}", rows[1]["run_id"]))
+    status, _, err = cli(["sweep", *TINY, "--strategy", "full", "--seeds", "0,1", "--store", tmp_path], capsys)
+    assert status == 0
+    assert "1 runs already in the store, 1 being trained by another process, 0 to train" in err
