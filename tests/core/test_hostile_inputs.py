@@ -253,6 +253,8 @@ def _data_case(case: str, root):
         return _csv(root, _classes({"a": 8})), ["labels.csv", "only one class"]
     if case == "csv_two_per_class":
         return _csv(root, _classes({"a": 8, "b": 2})), ["labels.csv", "b (2)", "at least 3"]
+    if case == "csv_three_per_class":  # 6 images: one test image for two classes (scikit-learn refuses)
+        return _csv(root, _classes({"a": 3, "b": 3})), ["labels.csv", "cannot be split", "add images"]
     if case == "csv_latin1":
         rows = _classes({"a": 8, "b": 8})
         rows[0] = (rows[0][0], "caf\xe9")
@@ -270,7 +272,7 @@ def _data_case(case: str, root):
 
 
 DATA_CASES = ["npz_float_0_255", "npz_float_labels", "npz_one_class", "npz_label_gap", "npz_object_dtype",
-              "npz_header_100gb", "csv_empty_class_name", "csv_one_class", "csv_two_per_class", "csv_latin1",
+              "npz_header_100gb", "csv_empty_class_name", "csv_one_class", "csv_two_per_class", "csv_three_per_class", "csv_latin1",
               "csv_field_over_limit", "image_bomb"]
 
 
