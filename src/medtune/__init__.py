@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from medtune.config import RunConfig, SweepConfig, load_yaml, save_yaml
-from medtune.errors import ConfigError, DataError, MedtuneError, NotFittedError, StoreError
+from medtune.errors import (ConfigError, DataError, MedtuneError, NotFittedError, RunsFailedError, StoreError,
+                            TrainingError)
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,8 @@ __all__ = [
     "DataError",
     "StoreError",
     "NotFittedError",
+    "RunsFailedError",
+    "TrainingError",
 ]
 
 #: The offline demo: EfficientNet-Lite0 with its real ImageNet weights on the built-in demo data.

@@ -99,3 +99,23 @@ def test_sigterm_releases_the_run_with_one_line(tmp_path, monkeypatch, capsys):
         "when you run the same command again."]
     assert [r["status"] for r in ResultsStore(tmp_path).runs(status=None)] == ["pending"]
     assert signal.getsignal(signal.SIGTERM) is before, "the previous handler is restored"
+
+
+def test_a_non_finite_training_loss_stops_the_run_in_its_epoch(tiny_cfg, synthetic_data, monkeypatch):
+    import torch
+
+    from medtune.errors import TrainingError
+    from medtune.runner import build_run
+    from medtune.training.loop import fit
+
+    strategy, model, blocks = build_run(tiny_cfg, synthetic_data, torch.device("cpu"))
+    monkeypatch.setattr(type(strategy), "extra_loss", lambda self, m: torch.tensor(float("inf")))
+    epochs = []
+
+    class Seen:
+        def on_epoch_end(self, record):
+            epochs.append(record)
+
+    with pytest.raises(TrainingError, match=r"the loss became inf in epoch 1 of phase 'full' \(lr 0.01\)"):
+        fit(model, synthetic_data, strategy, tiny_cfg, blocks=blocks, callbacks=(Seen(),))
+    assert epochs == [], "stopped before validation and the metrics"
