@@ -218,6 +218,24 @@ def _csv(root, rows: list[tuple[str, str]], *, header="path,label", encoding="ut
     return root / "labels.csv"
 
 
+def _undecodable_dicom(path):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = JPEG2000Lossless
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.Rows, ds.Columns = 16, 16
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = encapsulate([b"\xff\x4f not a JPEG 2000 stream"])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(str(path), enforce_file_format=True)
+
+
 def _classes(counts: dict[str, int]) -> list[tuple[str, str]]:
     return [(f"img_{c}_{i}.png", c) for c, n in counts.items() for i in range(n)]
 
@@ -264,6 +282,12 @@ def _data_case(case: str, root):
         path = _csv(root, rows)
         path.write_text(path.read_text() + '"' + "x" * 200_000 + '",a\n')
         return path, ["labels.csv, line", "field larger than field limit"]
+    if case == "dicom_undecodable":  # compressed pixel data no installed handler decodes: a multi-line library error
+        for c in "ab":
+            for i in range(8):
+                _png(root / "d" / c / f"{i}.png", value=i + (c == "b") * 10)
+        _undecodable_dicom(root / "d" / "b" / "bad.dcm")
+        return root / "d", ["bad.dcm", "cannot decode the DICOM pixel data"]
     if case == "image_bomb":
         rows = _classes({"a": 8, "b": 8})
         _png(root / rows[0][0], size=64)
@@ -273,7 +297,7 @@ def _data_case(case: str, root):
 
 DATA_CASES = ["npz_float_0_255", "npz_float_labels", "npz_one_class", "npz_label_gap", "npz_object_dtype",
               "npz_header_100gb", "csv_empty_class_name", "csv_one_class", "csv_two_per_class", "csv_three_per_class", "csv_latin1",
-              "csv_field_over_limit", "image_bomb"]
+              "csv_field_over_limit", "dicom_undecodable", "image_bomb"]
 
 
 @pytest.mark.parametrize("case", DATA_CASES)
