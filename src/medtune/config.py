@@ -373,8 +373,17 @@ def load_config(cls: type, source: Any = None, **overrides: Any):
         data = load_yaml(source)
     else:
         raise ConfigError(f"Expected a {cls.__name__}, a mapping or a YAML path; got {type(source).__name__}.")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return cls.from_dict(data, source=str(source) if isinstance(source, (str, Path)) else "config")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    data.update(given)
+    try:
+        return cls.from_dict(data, source=str(source) if isinstance(source, (str, Path)) else "config")
+    except ConfigError as exc:
+        # a bad value read from a YAML file: name the file (a flag's value is named by its flag already)
+        text = str(exc)
+        from_flag = any(f"'{k}'" in text or f"'{k.rstrip('s')}'" in text for k in given)
+        if isinstance(source, (str, Path)) and not from_flag and not text.startswith(str(source)):
+            raise ConfigError(f"{source}: {text}") from None
+        raise
 
 
 class _YamlLoader(yaml.SafeLoader):
