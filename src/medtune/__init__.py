@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from medtune.config import RunConfig, SweepConfig, load_yaml, save_yaml
-from medtune.errors import ConfigError, DataError, MedtuneError, NotFittedError, StoreError
+from medtune.errors import (ConfigError, DataError, MedtuneError, NotFittedError, RunsFailedError, StoreError,
+                            TrainingError)
 from medtune.demo import DEMO_SWEEP
 
 __version__ = "0.1.0"
@@ -41,6 +42,8 @@ __all__ = [
     "DataError",
     "StoreError",
     "NotFittedError",
+    "RunsFailedError",
+    "TrainingError",
 ]
 
 def run(config: RunConfig | dict, **kwargs: Any) -> dict:
@@ -84,7 +87,7 @@ def report(store: str = "./medtune-results", *, out_path: str | None = None, fmt
 
     from medtune.localisation import list_explanations
 
-    db = ResultsStore(store)
+    db = ResultsStore(store, create=False)
     out = out_path or str(Path(store) / f"report.{fmt}")
     return str(build_report(db.runs(), db.attacks(), db.searches(), explanations=list_explanations(store),
                             title=title, out_path=out, fmt=fmt, metric=metric))

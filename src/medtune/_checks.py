@@ -11,23 +11,33 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from medtune.errors import ConfigError, did_you_mean
+from medtune.errors import ConfigError, did_you_mean, short_repr
 
 __all__ = ["param_error", "check_scalar", "check_choice", "check_fraction", "check_positive_int"]
 
 
 def param_error(name: str, owner: str, expected: str, value: Any, hint: str = "") -> ConfigError:
-    """The ConfigError ``The {name!r} parameter of {owner} must be {expected}. Got {value!r} instead.{hint}``."""
-    return ConfigError(f"The {name!r} parameter of {owner} must be {expected}. Got {value!r} instead.{hint}")
+    """The ConfigError ``The {name!r} parameter of {owner} must be {expected}. Got {value!r} instead.{hint}``
+    (the value's repr cut to 80 characters)."""
+    return ConfigError(f"The {name!r} parameter of {owner} must be {expected}. Got {short_repr(value)} instead.{hint}")
 
 
 def check_scalar(value: Any, name: str, kind: type | tuple[type, ...], *, min_val=None, max_val=None,
                  include_min: bool = True, include_max: bool = True, owner: str = "config") -> None:
-    """Raise ConfigError unless ``value`` is of ``kind`` (bool is not an int) and inside the bounds."""
+    """Raise ConfigError unless ``value`` is of ``kind`` (bool is not an int), finite and inside the bounds."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
     ok_type = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not ok_type:
-        raise param_error(name, owner, "of type " + " or ".join(k.__name__ for k in kinds), value)
+        hint = ""
+        if isinstance(value, str) and float in kinds:
+            try:
+                float(value)
+                hint = " YAML 1.1 reads numbers like 1e-3 as text; write 1.0e-3 or 0.001."
+            except ValueError:
+                pass
+        raise param_error(name, owner, "of type " + " or ".join(k.__name__ for k in kinds), value, hint)
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+        raise param_error(name, owner, "a finite number", value)
     if min_val is not None and (value < min_val or (not include_min and value == min_val)):
         raise param_error(name, owner, f"{'>=' if include_min else '>'} {min_val}", value)
     if max_val is not None and (value > max_val or (not include_max and value == max_val)):

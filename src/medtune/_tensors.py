@@ -11,14 +11,30 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from medtune.errors import ConfigError, short_repr
+
 __all__ = ["resolve_device", "model_device", "to_float", "batches", "eval_mode"]
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
-    """``auto`` (or None) → CUDA when available, else CPU; any other name as torch spells it."""
+    """``auto`` (or None) → CUDA when available, else CPU; any other name as torch spells it.
+
+    Raises:
+        ConfigError: an unknown device name, or CUDA asked for where torch sees no CUDA device.
+    """
     if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"Unknown device {short_repr(name)} ({exc}); use cpu, cuda, cuda:N or auto.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"Device {str(name)!r} asked for, but torch sees no CUDA device here (torch "
+                          f"{torch.__version__}); use --device cpu or auto, or install a CUDA build of torch.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"Device {str(name)!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) "
+                          "are visible; use another index.")
+    return device
 
 
 def model_device(model: nn.Module, device: str | torch.device | None = None) -> torch.device:

@@ -6,13 +6,14 @@ import argparse
 import dataclasses
 import json
 import math
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from medtune.config import RunConfig
-from medtune.errors import MedtuneError
+from medtune.errors import MedtuneError, RunsFailedError
 from medtune.exporters import EXPORT_FORMATS
 from medtune.inference import PREDICT_SPLITS
 
@@ -163,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", nargs=2, metavar=("TRACKER", "DIR"), default=None,
                    help="write every finished run for a tracker into DIR instead of printing (choices of TRACKER: "
                         "tensorboard; default: none)")
+    p.add_argument("--release", metavar="RUN", default=None,
+                   help="free the claim of a run (id or prefix) left 'running' by a process that is gone "
+                        "(default: none)")
 
     p = sub.add_parser("blocks", help="the block/layer partition of an architecture")
     p.add_argument("arch")
@@ -333,8 +337,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         from medtune.presets import get_preset
 
         base = {**get_preset(args.preset), **(medtune.load_yaml(args.config) if args.config else {})}
-    records = medtune.sweep(base, log=_log, executor=args.executor, workers=args.workers, address=args.address,
-                            cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, **_overrides(args))
+    try:
+        records = medtune.sweep(base, log=_log, executor=args.executor, workers=args.workers, address=args.address,
+                                cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, **_overrides(args))
+    except RunsFailedError as exc:  # the finished runs are stored: show them, then say which failed
+        _print_records([r for r in exc.records if r is not None], args.format)
+        raise
     _print_records(records, args.format)
     return 0
 
@@ -342,16 +350,22 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_results(args: argparse.Namespace) -> int:
     from medtune.store import ResultsStore
 
+    store = ResultsStore(args.store, create=False)  # never creates a store (or tables in another app's file)
+    if args.release is not None:
+        for run_id in store.force_release(args.release):
+            print(f"released {run_id}: the next sweep or run resumes it from its last epoch checkpoint",
+                  file=sys.stderr)
+        return 0
     if args.export:
         from medtune.tracking import export_runs
 
         tracker, folder = args.export
         if tracker == "none":
             raise MedtuneError("--export needs a tracker (tensorboard) and a folder.")
-        written = export_runs(ResultsStore(args.store).runs(), tracker, folder)
+        written = export_runs(store.runs(), tracker, folder)
         print(f"{len(written)} runs written for {tracker} to {folder}")
         return 0
-    _print_records(ResultsStore(args.store).runs(), args.format, per_run=args.runs)
+    _print_records(store.runs(), args.format, per_run=args.runs)
     return 0
 
 
@@ -399,7 +413,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
     report = check_data(args.data, img_size=args.img_size, seed=args.split_seed)
     print(format_data_report(report, fmt=args.format))
-    return 0
+    return 0 if report.ok else 1  # 1: problems found (listed above)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -526,18 +540,45 @@ _COMMANDS = {"predict": _cmd_predict, "export": _cmd_export, "attack": _cmd_atta
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medtune`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    previous = _handle_sigterm()
     try:
         return _COMMANDS[args.command](args)
-    except MedtuneError as exc:
+    except RunsFailedError as exc:  # the sweep went on; exit 1 (not 2: the input was valid)
+        for run_id, reason in exc.failures:
+            print(f"medtune: run {run_id} failed: {reason}", file=sys.stderr)
         print(f"medtune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except MedtuneError as exc:
+        print(f"medtune: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever a library said
         return 2
     except BrokenPipeError:  # e.g. `medtune results | head`
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print("medtune: interrupted; finished runs are stored and the current one resumes from its last epoch "
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+        print(f"medtune: {what}; finished runs are stored and the current one resumes from its last epoch "
               "when you run the same command again.", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the claimed runs are released and resume on the next start."""
+
+
+def _handle_sigterm():
+    """Turn SIGTERM into :class:`_Terminated` in the main thread; returns the previous handler (None if not set)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

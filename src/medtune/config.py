@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, ClassVar
 import yaml
 
 from medtune._checks import check_choice, check_scalar
-from medtune.errors import ConfigError, did_you_mean
+from medtune.errors import ConfigError, did_you_mean, short_repr
 from medtune.strategies.spec import StrategySpec, format_strategy_spec, parse_strategy_spec
 from medtune.tracking import TRACKERS
 from medtune.training.imbalance import CLASS_WEIGHTS, SAMPLERS
@@ -31,6 +32,16 @@ __all__ = [
     "load_yaml",
     "save_yaml",
 ]
+
+# Upper bounds of numeric fields: far above any sensible value, below what crashes (torch.set_num_threads(100000)
+# segfaults; scikit-learn's random_state takes seeds < 2**32; a learning rate above 10 only diverges).
+MAX_LR = 10.0
+MAX_EPOCHS = 100_000
+MAX_SEED = 2**32 - 1
+MAX_THREADS = 1024
+MAX_BATCH = 1 << 20
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
 
 # Fields that do not change what a run computes; they are left out of the run id.
 NON_SEMANTIC_FIELDS = frozenset({"store", "device", "num_threads", "progress", "num_workers", "executor", "address",
@@ -69,7 +80,7 @@ class _Base:
             norm = str(key).replace("-", "_")
             if norm not in names:
                 raise ConfigError(
-                    f"{source}: unknown config key {key!r}.{did_you_mean(norm, names)} Valid keys: {', '.join(names)}."
+                    f"{source}: unknown config key {short_repr(key)}.{did_you_mean(norm, names)} Valid keys: {', '.join(names)}."
                 )
             clean[norm] = value
         return cls(**clean)
@@ -223,19 +234,19 @@ class RunConfig(_Base):
                 raise ConfigError(f"The {name!r} parameter of {owner} must not be empty.")
         # the one place a strategy's text is parsed: from here on the run holds a typed spec
         object.__setattr__(self, "strategy", StrategySpec.parse(self.strategy))
-        check_scalar(self.epochs, "epochs", int, min_val=1, owner=owner)
-        check_scalar(self.scratch_epochs, "scratch_epochs", int, min_val=0, owner=owner)
+        check_scalar(self.epochs, "epochs", int, min_val=1, max_val=MAX_EPOCHS, owner=owner)
+        check_scalar(self.scratch_epochs, "scratch_epochs", int, min_val=0, max_val=MAX_EPOCHS, owner=owner)
         object.__setattr__(self, "augment", _check_augment(self.augment, owner))
         check_scalar(self.img_size, "img_size", int, min_val=16, max_val=2048, owner=owner)
-        check_scalar(self.batch_size, "batch_size", int, min_val=1, owner=owner)
-        check_scalar(self.eval_batch_size, "eval_batch_size", int, min_val=1, owner=owner)
-        check_scalar(self.lr, "lr", (float, int), min_val=0, include_min=False, owner=owner)
+        check_scalar(self.batch_size, "batch_size", int, min_val=1, max_val=MAX_BATCH, owner=owner)
+        check_scalar(self.eval_batch_size, "eval_batch_size", int, min_val=1, max_val=MAX_BATCH, owner=owner)
+        check_scalar(self.lr, "lr", (float, int), min_val=0, include_min=False, max_val=MAX_LR, owner=owner)
         check_scalar(self.momentum, "momentum", (float, int), min_val=0, max_val=1, owner=owner)
         check_scalar(self.weight_decay, "weight_decay", (float, int), min_val=0, owner=owner)
-        check_scalar(self.warmup_epochs, "warmup_epochs", (float, int), min_val=0, owner=owner)
+        check_scalar(self.warmup_epochs, "warmup_epochs", (float, int), min_val=0, max_val=MAX_EPOCHS, owner=owner)
         check_scalar(self.patience, "patience", int, min_val=0, owner=owner)
-        check_scalar(self.seed, "seed", int, min_val=0, owner=owner)
-        check_scalar(self.split_seed, "split_seed", int, min_val=0, owner=owner)
+        check_scalar(self.seed, "seed", int, min_val=0, max_val=MAX_SEED, owner=owner)
+        check_scalar(self.split_seed, "split_seed", int, min_val=0, max_val=MAX_SEED, owner=owner)
         check_scalar(self.train_fraction, "train_fraction", (float, int), min_val=0, max_val=1,
                      include_min=False, owner=owner)
         check_scalar(self.val_fraction, "val_fraction", (float, int), min_val=0, max_val=0.5,
@@ -247,7 +258,7 @@ class RunConfig(_Base):
             raise ConfigError("The 'cv_folds' parameter of RunConfig must be 0 (no cross-validation) or >= 2. Got 1.")
         check_scalar(self.fold, "fold", int, min_val=0, max_val=max(0, self.cv_folds - 1), owner=owner)
         check_scalar(self.label_smoothing, "label_smoothing", (float, int), min_val=0, max_val=0.5, owner=owner)
-        check_scalar(self.num_threads, "num_threads", int, min_val=0, owner=owner)
+        check_scalar(self.num_threads, "num_threads", int, min_val=0, max_val=MAX_THREADS, owner=owner)
         check_scalar(self.target_sensitivity, "target_sensitivity", (float, int), min_val=0, max_val=1,
                      include_min=False, owner=owner)
         for name, choices in self.CHOICES.items():
@@ -297,7 +308,7 @@ class _WithBase(_Base):
                 base[norm] = value
             else:
                 raise ConfigError(
-                    f"{source}: unknown config key {key!r}.{did_you_mean(norm, valid)} Valid keys: {', '.join(valid)}."
+                    f"{source}: unknown config key {short_repr(key)}.{did_you_mean(norm, valid)} Valid keys: {', '.join(valid)}."
                 )
         return mine, base
 
@@ -376,13 +387,13 @@ class SweepConfig(_WithBase):
         for frac in self.train_fraction:
             check_scalar(frac, "train_fraction", (float, int), min_val=0, max_val=1, include_min=False, owner="sweep")
         for lr in self.lr:
-            check_scalar(lr, "lr", (float, int), min_val=0, include_min=False, owner="sweep")
+            check_scalar(lr, "lr", (float, int), min_val=0, include_min=False, max_val=MAX_LR, owner="sweep")
             if not math.isfinite(lr):
                 raise ConfigError(f"The 'lr' list of the sweep has a non-finite value {lr!r}; give positive numbers.")
         for wd in self.weight_decay:
             check_scalar(wd, "weight_decay", (float, int), min_val=0, owner="sweep")
         for seed in self.seeds:
-            check_scalar(seed, "seeds", int, min_val=0, owner="sweep")
+            check_scalar(seed, "seeds", int, min_val=0, max_val=MAX_SEED, owner="sweep")
         for policy in self.resize:
             check_choice(policy, "resize", ("resize", "pad", "bucket"), owner="sweep")
 
@@ -415,17 +426,88 @@ def load_config(cls: type, source: Any = None, **overrides: Any):
         data = load_yaml(source)
     else:
         raise ConfigError(f"Expected a {cls.__name__}, a mapping or a YAML path; got {type(source).__name__}.")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return cls.from_dict(data, source=str(source) if isinstance(source, (str, Path)) else "config")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    data.update(given)
+    try:
+        return cls.from_dict(data, source=str(source) if isinstance(source, (str, Path)) else "config")
+    except ConfigError as exc:
+        # a bad value read from a YAML file: name the file (a flag's value is named by its flag already)
+        text = str(exc)
+        from_flag = any(f"'{k}'" in text or f"'{k.rstrip('s')}'" in text for k in given)
+        if isinstance(source, (str, Path)) and not from_flag and not text.startswith(str(source)):
+            raise ConfigError(f"{source}: {text}") from None
+        raise
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats (``1e-3`` is a number, not text) and duplicate keys refused."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {short_repr(key)} on lines {seen[key]} and {line}; keep one",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2's float pattern (PyYAML implements YAML 1.1, where 1e-3 without a dot is a string)
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _num_nodes(node, memo: dict[int, int]) -> int:
+    """Nodes of a composed YAML document with every alias expanded (an alias bomb is small on disk only)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a recursive alias counts once
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        total += sum(_num_nodes(n, memo) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total += sum(_num_nodes(k, memo) + _num_nodes(v, memo) for k, v in node.value)
+    memo[id(node)] = min(total, MAX_YAML_NODES + 1)
+    return memo[id(node)]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with a one-line error naming the file on failure."""
+    """Read a YAML mapping, with a one-line error naming the file on failure.
+
+    Numbers follow YAML 1.2 (``1e-3`` is a float); duplicate keys, files over 1 MiB and documents
+    that expand (through aliases) to more than 100,000 nodes are refused.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Config file {str(path)!r} does not exist; give the path of a YAML file.")
     try:
-        data = yaml.safe_load(path.read_text())
+        is_file, size = path.is_file(), path.stat().st_size if path.is_file() else 0
+    except OSError as exc:  # e.g. a name too long for the OS
+        raise ConfigError(f"Config file {short_repr(str(path))} cannot be read ({exc.strerror or exc}).") from None
+    if not is_file:
+        raise ConfigError(f"Config file {short_repr(str(path))} does not exist; give the path of a YAML file.")
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"Config file {str(path)!r} is {size:,} bytes, more than a config needs "
+                          f"({MAX_YAML_BYTES:,} at most); is it the right file?")
+    try:
+        loader = _YamlLoader(path.read_text(encoding="utf-8"))
+        try:
+            node = loader.get_single_node()
+            if node is not None and _num_nodes(node, {}) > MAX_YAML_NODES:
+                raise ConfigError(f"Config file {str(path)!r} holds more than {MAX_YAML_NODES:,} values (aliases "
+                                  "expanded), more than a config needs; is it the right file?")
+            data = None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"Config file {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

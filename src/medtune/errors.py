@@ -15,6 +15,9 @@ __all__ = [
     "DataError",
     "NotFittedError",
     "StoreError",
+    "TrainingError",
+    "RunsFailedError",
+    "short_repr",
     "did_you_mean",
     "unknown_name_error",
 ]
@@ -36,13 +39,39 @@ class StoreError(MedtuneError):
     """The results store cannot be opened or written."""
 
 
+class TrainingError(MedtuneError, RuntimeError):
+    """A run cannot go on, e.g. its training loss became NaN or infinite (divergence)."""
+
+
+class RunsFailedError(MedtuneError):
+    """Some runs of a sweep failed; every other run finished and is stored.
+
+    The CLI prints the one-line reason of each failed run and exits with status 1 (not 2: the
+    configuration was valid and the sweep went on). ``records`` holds one record per run of the
+    sweep (None for a failed or skipped run), ``failures`` the ``(run_id, reason)`` pairs.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, records: list | None = None, failures: list | None = None) -> None:
+        super().__init__(message)
+        self.records = list(records or [])
+        self.failures = list(failures or [])
+
+
 class NotFittedError(MedtuneError, RuntimeError):
     """An object was used before it was fitted."""
 
 
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so no message embeds an unbounded value."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 15]}... ({len(text):,} chars)"
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest choice, or ``""`` if none is close."""
-    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(name)[:200], list(choices), n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
 
 

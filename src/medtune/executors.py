@@ -21,7 +21,10 @@ __all__ = ["LocalExecutor", "RayExecutor", "create_executor", "EXECUTORS"]
 class _Executor:
     """What every executor offers: ``map_unordered`` (its own) and an ordered ``map`` on top."""
 
-    def map_unordered(self, fn: Callable, items: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
+    def map_unordered(self, fn: Callable, items: Sequence[tuple], *, return_exceptions: bool = False,
+                      ) -> Iterator[tuple[int, Any]]:
+        """Yield ``(index, fn(*items[index]))`` as calls finish; with ``return_exceptions`` a call that
+        raised (or whose worker died) yields its exception as the value and the others go on."""
         raise NotImplementedError
 
     def map(self, fn: Callable, iterable) -> list:
@@ -45,16 +48,37 @@ class LocalExecutor(_Executor):
             raise ConfigError(f"The 'workers' parameter of the local executor must be an int >= 1. Got {workers!r}.")
         self.workers = workers
 
-    def map_unordered(self, fn: Callable, items: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
-        """Yield ``(index, fn(*items[index]))`` as calls finish."""
+    def map_unordered(self, fn: Callable, items: Sequence[tuple], *, return_exceptions: bool = False,
+                      ) -> Iterator[tuple[int, Any]]:
         if self.workers == 1:
             for i, args in enumerate(items):
-                yield i, fn(*args)
+                try:
+                    value = fn(*args)
+                except Exception as exc:
+                    if not return_exceptions:
+                        raise
+                    value = exc
+                yield i, value
             return
-        with cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn")) as pool:
+        pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+        finished = False
+        try:
             futures = {pool.submit(fn, *args): i for i, args in enumerate(items)}
             for fut in cf.as_completed(futures):
-                yield futures[fut], fut.result()
+                try:
+                    value = fut.result()
+                except Exception as exc:  # the call raised, or its worker process died (BrokenProcessPool)
+                    if not return_exceptions:
+                        raise
+                    value = exc
+                yield futures[fut], value
+            finished = True
+        finally:
+            if not finished:  # an error, Ctrl-C or SIGTERM in the driver: stop the workers now (their runs are
+                # released by the caller and resume from their checkpoints); the pool has no public kill
+                for proc in list(getattr(pool, "_processes", {}).values()):
+                    proc.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 
@@ -84,7 +108,8 @@ class RayExecutor(_Executor):
             ray.init(address=self.address, include_dashboard=False, log_to_driver=True, **self.init_kwargs)
         return ray
 
-    def map_unordered(self, fn: Callable, items: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
+    def map_unordered(self, fn: Callable, items: Sequence[tuple], *, return_exceptions: bool = False,
+                      ) -> Iterator[tuple[int, Any]]:
         ray = self._ray()
         remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=0)(fn)
         pending = {remote.remote(*args): i for i, args in enumerate(items)}
@@ -92,7 +117,13 @@ class RayExecutor(_Executor):
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 ref = done[0]
-                yield pending.pop(ref), ray.get(ref)
+                try:
+                    value = ray.get(ref)
+                except Exception as exc:  # RayTaskError, WorkerCrashedError, ...
+                    if not return_exceptions:
+                        raise
+                    value = exc
+                yield pending.pop(ref), value
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)

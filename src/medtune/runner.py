@@ -20,7 +20,7 @@ from medtune.config import RunConfig, load_config
 from medtune.data import load_data, with_train_fraction
 from medtune.data.splits import with_cv_fold
 from medtune.data.base import ImageSet
-from medtune.errors import MedtuneError, StoreError
+from medtune.errors import MedtuneError, RunsFailedError, StoreError
 from medtune.models import create_model, get_blocks
 from medtune.store import ResultsStore
 from medtune._tensors import resolve_device
@@ -190,7 +190,8 @@ def execute_run(cfg: RunConfig, checkpoint_path: str | None, heartbeat: Callable
         "num_blocks": len(blocks), "num_train": int((data.splits == "train").sum()),
         "num_classes": data.num_classes,
         "history": result.history, "extras": result.extras, "device": str(device),
-        "predictions": {"y_true": result.y_true.tolist(), "y_prob": np.round(result.y_prob, 6).tolist(),
+        # exact (no rounding, which creates ties): every metric recomputes from the record to the last bit
+        "predictions": {"y_true": result.y_true.tolist(), "y_prob": result.y_prob.tolist(),
                         "class_names": list(data.class_names)} if result.y_prob.size <= 200_000 else None,
         # validation probabilities, exact, for the paired tests that select on validation
         "val_predictions": {"y_true": result.val_y_true.tolist(), "y_prob": result.val_y_prob.tolist()}
@@ -214,6 +215,7 @@ def store_result(store: ResultsStore, payload: dict[str, Any]) -> dict[str, Any]
                                           payload.get("val_y_prob"))
     store.finish(run_id, record)
     store.checkpoint_path(run_id).unlink(missing_ok=True)
+    record["artifacts"] = {k: store.resolve_artifact(store._relative(v)) for k, v in record["artifacts"].items()}
     return record
 
 
@@ -226,15 +228,28 @@ def _execute_in_worker(cfg: RunConfig, checkpoint: str) -> dict:
     return execute_run(cfg, checkpoint, log=_log_to_stderr)
 
 
+def failure_reason(exc: BaseException, limit: int = 500) -> str:
+    """One line saying why a run failed: a MedtuneError's own message, else the exception's type and
+    text (cut to ``limit`` characters; a worker that died has no message of its own)."""
+    cause = getattr(exc, "cause", None)  # Ray wraps a task's exception (RayTaskError.cause) with its traceback
+    if isinstance(cause, BaseException):
+        exc = cause
+    text = str(exc) if isinstance(exc, MedtuneError) else f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: Callable[[str], None],
             progress: str | None = None) -> list[dict | None]:
     """Claim → execute → store → release for a list of runs; the one path of ``run`` and ``sweep``.
 
     Runs already in the store are returned as stored; runs another live process has claimed are
     skipped (None in the result); the rest are claimed, trained on ``executor`` and written by this
-    process (artifacts by temp file + rename, the record in one transaction). On any exception —
-    Ctrl-C included — the runs not yet stored are released, so the next start resumes them from
-    their epoch checkpoints.
+    process (artifacts by temp file + rename, the record in one transaction). A run that fails
+    (an exception in its training, a diverging loss, a dead worker) is marked ``failed`` with its
+    one-line reason and the others go on; at the end :class:`RunsFailedError` names the failed
+    runs. On Ctrl-C or SIGTERM the runs not yet stored are released, so the next start resumes
+    them from their epoch checkpoints.
 
     Args:
         runs: the runs, in the order of the returned records.
@@ -245,13 +260,24 @@ def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: C
 
     Returns:
         One record per run (None for a run another process is training).
+
+    Raises:
+        RunsFailedError: after every other run finished and was stored, if some runs failed.
     """
     from tqdm import tqdm
 
     from medtune.executors import LocalExecutor
 
+    from medtune.models import check_input_size
+
+    for arch, img_size in sorted({(r.arch, r.img_size) for r in runs}):  # before any data is loaded
+        check_input_size(arch, img_size)
+    if isinstance(executor, LocalExecutor):  # the runs train on this machine: check their devices before any claim
+        for device in sorted({r.device for r in runs}):
+            resolve_device(device)
     records: list[dict | None] = [None] * len(runs)
     todo: list[tuple[int, str]] = []
+    num_busy = 0
     for i, run_cfg in enumerate(runs):
         run_id = run_id_of(run_cfg, prepare_data(run_cfg).fingerprint())
         records[i] = store.get(run_id)
@@ -260,9 +286,11 @@ def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: C
         elif store.claim(run_id, run_cfg.to_dict()):
             todo.append((i, run_id))
         else:
+            num_busy += 1
             log(f"{run_id} is being trained by another live process; skipped here")
     if len(runs) > 1:
-        log(f"{len(runs) - len(todo)} runs already in the store, {len(todo)} to train")
+        log(f"{len(runs) - len(todo) - num_busy} runs already in the store, "
+            + (f"{num_busy} being trained by another process, " if num_busy else "") + f"{len(todo)} to train")
     in_process = isinstance(executor, LocalExecutor) and executor.workers == 1
     if in_process:  # the driver trains: it can keep each claim's heartbeat fresh itself
         def worker(cfg: RunConfig, checkpoint: str) -> dict:
@@ -273,22 +301,37 @@ def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: C
     items = [(runs[i], str(store.checkpoint_path(run_id))) for i, run_id in todo]
     bar = tqdm(total=len(todo), desc=progress, unit="run", file=sys.stderr,
                disable=progress is None or not sys.stderr.isatty())
+    failures: list[tuple[str, str]] = []
+    settled: set[int] = set()
     try:
-        for j, payload in executor.map_unordered(worker, items):
-            records[todo[j][0]] = store_result(store, payload)
-            cfg = runs[todo[j][0]]
-            if cfg.tracker != "none":
+        for j, payload in executor.map_unordered(worker, items, return_exceptions=True):
+            i, run_id = todo[j]
+            if not isinstance(payload, BaseException):
+                records[i] = store_result(store, payload)  # a StoreError (disk full) ends the sweep, resumable
+            if isinstance(payload, BaseException):  # this run failed; the others go on
+                reason = failure_reason(payload)
+                store.fail(run_id, reason)
+                failures.append((run_id, reason))
+                log(f"{run_id} {runs[i].arch} {runs[i].strategy} seed {runs[i].seed} FAILED: {reason}")
+            settled.add(j)
+            if records[i] is not None and runs[i].tracker != "none":
                 from medtune.tracking import log_run
 
-                log_run(records[todo[j][0]], cfg.tracker, store.root / cfg.tracker)
+                log_run(records[i], runs[i].tracker, store.root / runs[i].tracker)
             bar.update(1)
     except BaseException:
-        for i, run_id in todo:
-            if records[i] is None:
+        for j, (i, run_id) in enumerate(todo):
+            if j not in settled:
                 store.release(run_id)
         raise
     finally:
         bar.close()
+    if failures:
+        done = sum(r is not None for r in records)
+        raise RunsFailedError(
+            f"{len(failures)} of {len(runs)} run(s) failed and are marked 'failed' in {store.root} "
+            f"({done} finished and stored); fix the cause and run the same command again: only the failed "
+            "runs train again.", records=records, failures=failures)
     return records
 
 

@@ -14,15 +14,16 @@ import os
 import socket
 import sqlite3
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from medtune.errors import StoreError
+from medtune.errors import StoreError, short_repr
 
-__all__ = ["ResultsStore"]
+__all__ = ["ResultsStore", "StoreWarning"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -35,6 +36,12 @@ CREATE TABLE IF NOT EXISTS genomes (key TEXT PRIMARY KEY, value TEXT NOT NULL, c
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _SCHEMA_VERSION = "1"
+_ATTACK_FILES = ("perturbation_file", "uap_png", "examples_png")  # artifact paths at an attack record's top level
+
+
+class StoreWarning(UserWarning):
+    """A record of the store cannot be read and is skipped."""
+
 STALE_SECONDS = 1800.0
 
 
@@ -42,22 +49,46 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _is_json_object(text: str | None) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, TypeError):
+        return False
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a process (clock ticks since boot, Linux ``/proc``), or None where unknown: with the
+    PID it identifies a process even after its PID is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read().decode(errors="replace")
+        return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+    except (OSError, IndexError):
+        return None
+
+
 def _owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    start = _process_start(os.getpid())
+    return f"{socket.gethostname()}:{os.getpid()}" + (f"@{start}" if start else "")
 
 
 def _owner_alive(owner: str | None, heartbeat: float | None, stale_seconds: float) -> bool:
-    """Whether the process that claimed a run may still be working on it."""
+    """Whether the process that claimed a run may still be working on it (a live process with the claimed
+    PID but another start time is a reused PID: the owner is dead)."""
     if not owner:
         return False
-    host, _, pid = owner.rpartition(":")
+    host, _, pid_start = owner.rpartition(":")
+    pid, _, start = pid_start.partition("@")
     if host == socket.gethostname() and pid.isdigit():
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
             return False
         except PermissionError:
-            return True
+            pass
+        if start:
+            now = _process_start(int(pid))
+            return now is None or now == start
         return True
     return heartbeat is not None and time.time() - heartbeat < stale_seconds
 
@@ -66,30 +97,51 @@ class ResultsStore:
     """A results store rooted at a folder: ``medtune.sqlite``, ``artifacts/``, ``checkpoints/``.
 
     Args:
-        root: the store folder; created if missing.
+        root: the store folder; created if missing (unless ``create`` is False).
+        timeout: seconds to wait for a lock held by another process.
+        create: False for readers (``results``, ``report``): a folder that holds no ``medtune.sqlite``
+            is refused instead of becoming a new store.
 
     Raises:
         StoreError: the folder cannot be created or written, or ``medtune.sqlite`` is not a
             medtune store (not SQLite, or another schema), or the database stays locked.
     """
 
-    def __init__(self, root: str | Path, *, timeout: float = 30.0) -> None:
+    def __init__(self, root: str | Path, *, timeout: float = 30.0, create: bool = True) -> None:
         self.root = Path(root)
+        if not create:  # a reader (results, report): never create a store, or tables in another app's file
+            try:
+                found = (self.root / "medtune.sqlite").is_file()
+            except OSError:
+                found = False
+            if not found:
+                where = "does not exist" if not self.root.exists() else "holds no medtune.sqlite"
+                raise StoreError(f"{str(self.root)!r} is not a medtune results store (it {where}); give the "
+                                 "--store folder of a sweep.")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            (self.root / "artifacts").mkdir(exist_ok=True)
-            (self.root / "checkpoints").mkdir(exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"Cannot create the results store folder {str(self.root)!r}: {exc.strerror}; "
+            raise StoreError(f"Cannot create the results store folder {short_repr(str(self.root))}: {exc.strerror}; "
                              "choose a writable --store.") from None
         if not os.access(self.root, os.W_OK):
             raise StoreError(f"The results store folder {str(self.root)!r} is not writable; choose a writable --store.")
         self.path = self.root / "medtune.sqlite"
         try:
             self._conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
+            tables = {r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables and ("meta" not in tables or self._conn.execute(
+                    "SELECT value FROM meta WHERE key='schema'").fetchone() is None):
+                raise StoreError(f"{str(self.path)!r} is an SQLite file of another application (tables "
+                                 f"{', '.join(sorted(tables)[:5])}); choose another --store.")
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(_SCHEMA)
+            try:  # after the schema check: nothing is created beside another application's file
+                (self.root / "artifacts").mkdir(exist_ok=True)
+                (self.root / "checkpoints").mkdir(exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"Cannot create the folders of the results store {str(self.root)!r}: "
+                                 f"{exc.strerror}; choose a writable --store.") from None
             row = self._conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
@@ -126,7 +178,11 @@ class ResultsStore:
     def run_dir(self, run_id: str) -> Path:
         """The artifacts folder of a run (created on demand)."""
         path = self.root / "artifacts" / run_id
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"Cannot create the artifacts folder {str(path)!r} ({exc.strerror or exc}); "
+                             "move the file that is in its way and run the same command again.") from None
         return path
 
     def checkpoint_path(self, run_id: str) -> Path:
@@ -136,11 +192,11 @@ class ResultsStore:
     def claim(self, run_id: str, config: dict[str, Any], *, stale_seconds: float = STALE_SECONDS) -> bool:
         """Claim a run for this process; False if it is done or another live process holds it."""
         with self._transaction() as conn:
-            row = conn.execute("SELECT status, owner, heartbeat FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            row = conn.execute("SELECT status, owner, heartbeat, record FROM runs WHERE run_id=?", (run_id,)).fetchone()
             if row is not None:
-                status, owner, heartbeat = row
-                if status == "done":
-                    return False
+                status, owner, heartbeat, record = row
+                if status == "done" and _is_json_object(record):
+                    return False  # (a done run whose record is unreadable is trained again)
                 if status == "running" and owner != _owner_id() and _owner_alive(owner, heartbeat, stale_seconds):
                     return False
             now = _now()
@@ -155,8 +211,59 @@ class ResultsStore:
     def heartbeat(self, run_id: str) -> None:
         self._conn.execute("UPDATE runs SET heartbeat=? WHERE run_id=? AND owner=?", (time.time(), run_id, _owner_id()))
 
+    # -- records: artifact paths relative to the store, resolved on read (the store can be moved) ---------
+    def _relative(self, path: str) -> str:
+        """An artifact path as stored: relative to the store root (``artifacts/RUN/x``)."""
+        p = Path(path)
+        for base in (self.root, self.root.resolve()):
+            try:
+                return p.relative_to(base).as_posix()
+            except ValueError:
+                pass
+        try:
+            return p.resolve().relative_to(self.root.resolve()).as_posix()
+        except (ValueError, OSError):
+            return str(path)
+
+    def resolve_artifact(self, path: str) -> str:
+        """A stored artifact path as a path to open from here: relative ones (and, for records written by
+        earlier versions, the part from ``artifacts/`` on) are taken inside this store's root."""
+        p = Path(path)
+        if not p.is_absolute():
+            parts = p.parts
+            if "artifacts" in parts:
+                p = Path(*parts[len(parts) - 1 - parts[::-1].index("artifacts"):])
+            return str(self.root / p)
+        return str(p)
+
+    def _with_paths(self, record: dict[str, Any], keys, convert) -> dict[str, Any]:
+        record = dict(record)
+        if isinstance(record.get("artifacts"), dict):
+            record["artifacts"] = {k: convert(v) if isinstance(v, str) else v for k, v in record["artifacts"].items()}
+        for key in keys:
+            if isinstance(record.get(key), str):
+                record[key] = convert(record[key])
+        return record
+
+    def _decode(self, table: str, key: str, text: str | None) -> dict[str, Any] | None:
+        """One stored record, or None (with a warning naming it) when it is not a JSON object."""
+        try:
+            record = json.loads(text) if text is not None else None
+        except (ValueError, TypeError) as exc:
+            record, why = None, f"{type(exc).__name__}: {str(exc)[:80]}"
+        else:
+            why = "NULL" if text is None else f"a JSON {type(record).__name__}, not an object"
+        if isinstance(record, dict):
+            return self._with_paths(record, _ATTACK_FILES, self.resolve_artifact)
+        warnings.warn(f"{self.path}: the {table} record {key!r} is unreadable ({why}); skipped.\n"
+                      f"HINT: re-run it, or delete its row: sqlite3 {self.path} \"DELETE FROM {table} WHERE "
+                      f"{'run_id' if table == 'runs' else 'rowid'}='{key}'\"", StoreWarning, stacklevel=3)
+        return None
+
     def finish(self, run_id: str, record: dict[str, Any]) -> None:
-        """Write a finished run's record (one atomic transaction)."""
+        """Write a finished run's record (one atomic transaction); artifact paths are stored relative to the
+        store, so it can be moved."""
+        record = self._with_paths(record, (), self._relative)
         with self._transaction() as conn:
             conn.execute("UPDATE runs SET status='done', record=?, updated=?, error=NULL WHERE run_id=?",
                          (json.dumps(record, sort_keys=True, allow_nan=True), _now(), run_id))
@@ -172,39 +279,71 @@ class ResultsStore:
             conn.execute("UPDATE runs SET status='pending', owner=NULL, updated=? WHERE run_id=? AND status='running'",
                          (_now(), run_id))
 
+    def force_release(self, run_id: str) -> list[str]:
+        """Free the claims of the runs whose id starts with ``run_id`` (``medtune results --release``), whoever
+        holds them: for a claim whose owner is gone in a way the store cannot see. Returns the freed ids.
+
+        Raises:
+            StoreError: the prefix matches no claimed (running) run.
+        """
+        with self._transaction() as conn:
+            rows = conn.execute("SELECT run_id, status FROM runs WHERE run_id LIKE ? ESCAPE '\\'",
+                                (run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",
+                                 )).fetchall()
+            running = [r[0] for r in rows if r[1] == "running"]
+            if not running:
+                have = f"its status is {rows[0][1]}" if len(rows) == 1 else f"{len(rows)} runs match, none running"
+                raise StoreError(f"No claimed run {short_repr(run_id)} in {self.root} "
+                                 f"({have if rows else 'no run has that id'}); see medtune results --runs.")
+            for rid in running:
+                conn.execute("UPDATE runs SET status='pending', owner=NULL, updated=? WHERE run_id=?", (_now(), rid))
+        return running
+
     def status(self, run_id: str) -> str | None:
         row = self._conn.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
         return row[0] if row else None
 
     def get(self, run_id: str) -> dict[str, Any] | None:
+        """A finished run's record; None if it is not done (or its record is unreadable: a warning says so,
+        and the run is trained again)."""
         row = self._conn.execute("SELECT record FROM runs WHERE run_id=? AND status='done'", (run_id,)).fetchone()
-        return json.loads(row[0]) if row and row[0] else None
+        return self._decode("runs", run_id, row[0]) if row else None
 
     def runs(self, status: str | None = "done") -> list[dict[str, Any]]:
-        """Finished run records (or, with ``status=None``, one status row per run)."""
+        """Finished run records (or, with ``status=None``, one status row per run); an unreadable record is
+        skipped with a :class:`StoreWarning` naming it."""
         if status == "done":
-            rows = self._conn.execute("SELECT record FROM runs WHERE status='done' ORDER BY rowid").fetchall()
-            return [json.loads(r[0]) for r in rows]
+            rows = self._conn.execute("SELECT run_id, record FROM runs WHERE status='done' ORDER BY rowid").fetchall()
+            return [r for r in (self._decode("runs", rid, text) for rid, text in rows) if r is not None]
         query = "SELECT run_id, status, owner, created, updated, error, config FROM runs"
         args: tuple = ()
         if status is not None:
             query, args = query + " WHERE status=?", (status,)
         rows = self._conn.execute(query + " ORDER BY rowid", args).fetchall()
         keys = ("run_id", "status", "owner", "created", "updated", "error", "config")
-        return [{**dict(zip(keys, r)), "config": json.loads(r[6])} for r in rows]
+        out = []
+        for r in rows:
+            try:
+                config = json.loads(r[6])
+            except (ValueError, TypeError):
+                config = None
+            out.append({**dict(zip(keys, r)), "config": config})
+        return out
 
     # -- attacks, searches, genome cache -----------------------------------------------------
     def put_attack(self, attack_id: str, run_id: str, record: dict[str, Any]) -> None:
+        record = self._with_paths(record, _ATTACK_FILES, self._relative)
         with self._transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO attacks VALUES (?, ?, ?, ?)",
                          (attack_id, run_id, json.dumps(record, sort_keys=True), _now()))
 
     def attacks(self, run_id: str | None = None) -> list[dict[str, Any]]:
         if run_id is None:
-            rows = self._conn.execute("SELECT record FROM attacks ORDER BY rowid").fetchall()
+            rows = self._conn.execute("SELECT attack_id, record FROM attacks ORDER BY rowid").fetchall()
         else:
-            rows = self._conn.execute("SELECT record FROM attacks WHERE run_id=? ORDER BY rowid", (run_id,)).fetchall()
-        return [json.loads(r[0]) for r in rows]
+            rows = self._conn.execute("SELECT attack_id, record FROM attacks WHERE run_id=? ORDER BY rowid",
+                                      (run_id,)).fetchall()
+        return [r for r in (self._decode("attacks", aid, text) for aid, text in rows) if r is not None]
 
     def put_search(self, search_id: str, record: dict[str, Any]) -> None:
         with self._transaction() as conn:
@@ -212,7 +351,8 @@ class ResultsStore:
                          (search_id, json.dumps(record, sort_keys=True), _now()))
 
     def searches(self) -> list[dict[str, Any]]:
-        return [json.loads(r[0]) for r in self._conn.execute("SELECT record FROM searches ORDER BY rowid").fetchall()]
+        rows = self._conn.execute("SELECT search_id, record FROM searches ORDER BY rowid").fetchall()
+        return [r for r in (self._decode("searches", sid, text) for sid, text in rows) if r is not None]
 
     def get_genome(self, key: str) -> dict[str, Any] | None:
         row = self._conn.execute("SELECT value FROM genomes WHERE key=?", (key,)).fetchone()

@@ -21,10 +21,11 @@ def _blocks_of(arch: str, granularity: str):
     """The block partition of ``arch`` (random init; only its structure is used)."""
     import torch
 
-    from medtune.models import create_model, get_blocks
+    from medtune.models import get_blocks
+    from medtune.models._builder import probe_model
 
     with torch.random.fork_rng(devices=[]):
-        model = create_model(arch, num_classes=2, weights="none")
+        model = probe_model(arch)  # the one structural copy the driver keeps (also probes the input size)
     return get_blocks(model, granularity=granularity)
 
 
@@ -33,8 +34,10 @@ def load_sweep_config(source: str | Path | dict | SweepConfig | None = None, **o
     return load_config(SweepConfig, source, **overrides)
 
 
-def expand_sweep(config: SweepConfig) -> list[RunConfig]:
-    """Every RunConfig of the grid, in a stable order; ``:all`` specs expand per architecture.
+def expand_sweep(config: SweepConfig, log: Callable[[str], None] | None = None) -> list[RunConfig]:
+    """Every distinct RunConfig of the grid, in a stable order; ``:all`` specs expand per architecture.
+
+    Grid cells that are the same run (``seeds: 0,0``, ``lr: 0.001,1e-3``) are kept once; ``log`` is told how many were removed.
 
     Raises:
         ConfigError: a strategy or a depth that does not fit an architecture (checked before any training).
@@ -54,7 +57,11 @@ def expand_sweep(config: SweepConfig) -> list[RunConfig]:
                         config.resize, config.lr, config.weight_decay, config.train_fraction, folds, config.seeds):
                     runs.append(config.base.replace(arch=arch, strategy=spec, seed=int(seed), train_fraction=float(frac),
                                                     lr=float(lr), weight_decay=float(wd), fold=fold, resize=policy))
-    return runs
+    seen: set[str] = set()
+    unique = [run for run in runs if not (run.to_json() in seen or seen.add(run.to_json()))]
+    if len(unique) < len(runs) and log is not None:
+        log(f"removed {len(runs) - len(unique)} duplicate grid cell(s): the same run listed more than once")
+    return unique
 
 
 def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: ResultsStore | str | Path | None = None,
@@ -83,7 +90,7 @@ def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: Resul
     if isinstance(store, (str, Path)):  # a folder, as from --store: it is a config key
         overrides["store"], store = str(store), None
     cfg = load_sweep_config(config, **overrides)
-    runs = expand_sweep(cfg)
+    runs = expand_sweep(cfg, log)
     store = store or ResultsStore(cfg.base.store)
     log = log or (lambda _m: None)
     if isinstance(executor, str):

@@ -82,12 +82,15 @@ def test_the_spec_text_is_parsed_once_on_the_way_from_sweep_to_store(tmp_path, m
     assert [r["label"] for r in records][:2] == ["lp_ft:lp_epochs=1", "top_k:1"]
 
 
-def test_a_damaged_checkpoint_is_one_store_error_naming_the_file(tiny_cfg, synthetic_data, tmp_path):
+def test_a_damaged_checkpoint_is_one_warning_naming_the_file_and_set_aside(tiny_cfg, synthetic_data, tmp_path):
     from medtune.runner import build_run
-    from medtune.training.loop import fit
+    from medtune.training.loop import Checkpoint, fit
 
     ckpt = tmp_path / "run.ckpt"
     ckpt.write_bytes(b"not a checkpoint")
-    strategy, model, blocks = build_run(tiny_cfg, synthetic_data, torch.device("cpu"))
     with pytest.raises(StoreError, match=str(ckpt)):
+        Checkpoint.load(ckpt)
+    strategy, model, blocks = build_run(tiny_cfg, synthetic_data, torch.device("cpu"))
+    with pytest.warns(UserWarning, match=f"{ckpt}.*renamed run.ckpt.corrupt"):
         fit(model, synthetic_data, strategy, tiny_cfg, blocks=blocks, checkpoint_path=ckpt)
+    assert (tmp_path / "run.ckpt.corrupt").read_bytes() == b"not a checkpoint"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -10,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from medtune.errors import DataError
+from medtune.errors import ConfigError, DataError, short_repr
 
-__all__ = ["IMAGE_EXTENSIONS", "decode_image", "to_rgb_uint8", "resize_image", "MIN_SIDE"]
+__all__ = ["IMAGE_EXTENSIONS", "decode_image", "to_rgb_uint8", "resize_image", "check_unit_range", "MIN_SIDE"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm"})
 MIN_SIDE = 8
@@ -23,7 +24,7 @@ def to_rgb_uint8(array: np.ndarray, *, where: str) -> np.ndarray:
 
     Grey → 3 channels by repetition; 16-bit (and other integer) images are scaled by their
     dtype's full range (65535 → 255), so intensities stay comparable across images; float images
-    are taken as [0, 1] and clipped; a 4th (alpha) channel is dropped.
+    must be in [0, 1] (else DataError); a 4th (alpha) channel is dropped.
 
     Raises:
         DataError: NaN/inf pixels or an unsupported shape.
@@ -34,6 +35,7 @@ def to_rgb_uint8(array: np.ndarray, *, where: str) -> np.ndarray:
     if np.issubdtype(a.dtype, np.floating):
         if not np.isfinite(a).all():
             raise DataError(f"{where}: image has NaN or infinite pixels; clean the file or drop it.")
+        check_unit_range(a, where)
         a = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     elif a.dtype != np.uint8:
         info = np.iinfo(a.dtype)
@@ -53,6 +55,30 @@ def to_rgb_uint8(array: np.ndarray, *, where: str) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """A library's exception text on one line, cut to ``limit`` characters."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def max_image_pixels() -> int:
+    """The largest image (width × height) medtune decodes: ``MEDTUNE_MAX_IMAGE_PIXELS``, default PIL's
+    ``Image.MAX_IMAGE_PIXELS`` (89,478,485); PIL's own decompression-bomb check stays on as well."""
+    value = os.environ.get("MEDTUNE_MAX_IMAGE_PIXELS", "")
+    if not value:
+        return int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"MEDTUNE_MAX_IMAGE_PIXELS must be a positive integer. Got {short_repr(value)}.")
+    return int(value)
+
+
+def check_unit_range(a: np.ndarray, where: str) -> None:
+    """Float pixels are read on the [0, 1] scale; anything else (0–255 floats) would be clipped to white."""
+    if a.size and (float(a.min()) < -1e-6 or float(a.max()) > 1 + 1e-6):
+        raise DataError(f"{where}: float pixels range from {float(a.min()):g} to {float(a.max()):g}, but float images "
+                        "must be in [0, 1]; convert them first, e.g. x / 255.0 for 0-255 values, or store uint8.")
+
+
 def _decode_dicom(path: Path) -> tuple[np.ndarray, str]:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -60,13 +86,13 @@ def _decode_dicom(path: Path) -> tuple[np.ndarray, str]:
     try:
         ds = pydicom.dcmread(str(path))
     except (InvalidDicomError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable DICOM file ({exc}); check it with `medtune data check`.") from None
+        raise DataError(f"{path}: not a readable DICOM file ({_one_line(exc)}); check it with `medtune data check`.") from None
     if "PixelData" not in ds:
         raise DataError(f"{path}: DICOM file has no pixel data (PixelData); remove it from the data folder.")
     try:
         px = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for unsupported transfer syntaxes
-        raise DataError(f"{path}: cannot decode the DICOM pixel data ({exc}); convert it to PNG or install the "
+        raise DataError(f"{path}: cannot decode the DICOM pixel data ({_one_line(exc)}); convert it to PNG or install the "
                         "pydicom pixel handlers (pylibjpeg).") from None
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
     if px.ndim == 3 and photometric not in ("RGB", "YBR_FULL", "YBR_FULL_422"):
@@ -97,6 +123,10 @@ def decode_image(path: str | Path) -> tuple[np.ndarray, str, tuple[int, int]]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                limit = max_image_pixels()
+                if img.size[0] * img.size[1] > limit:  # read from the header, before any pixel is decoded
+                    raise DataError(f"{path}: image is {img.size[0]}x{img.size[1]} px, over the limit of {limit:,} "
+                                    "pixels (a decompression bomb?); shrink it, or raise MEDTUNE_MAX_IMAGE_PIXELS.")
                 img.load()
                 mode = img.mode
                 if mode in ("RGBA", "LA", "P", "PA"):
@@ -113,8 +143,11 @@ def decode_image(path: str | Path) -> tuple[np.ndarray, str, tuple[int, int]]:
                         array = array.astype(np.uint16)
                 else:
                     array = np.asarray(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
-        raise DataError(f"{path}: unreadable or truncated image ({type(exc).__name__}: {exc}); "
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: unreadable or truncated image ({type(exc).__name__}: {_one_line(exc)}); "
                         "re-export it or remove it (see `medtune data check`).") from None
     return to_rgb_uint8(array, where=str(path)), mode, tuple(array.shape[:2])
 

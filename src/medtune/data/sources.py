@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medtune.data._decode import (IMAGE_EXTENSIONS, choose_buckets, decode_image, nearest_bucket, resize_image,
-                                  to_rgb_uint8)
+from medtune.data._decode import (IMAGE_EXTENSIONS, check_unit_range, choose_buckets, decode_image, nearest_bucket,
+                                  resize_image, to_rgb_uint8)
 from medtune.data.base import SPLITS, ImageSet
 from medtune.data.splits import make_splits
-from medtune.errors import ConfigError, DataError
+from medtune.errors import ConfigError, DataError, short_repr
 
 __all__ = ["load_data", "list_folder", "read_csv", "medmnist_path"]
 
@@ -59,32 +59,48 @@ def read_csv(path: Path) -> list[dict]:
             a duplicate path, or a bad split name.
     """
     root = path.parent.resolve()
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in ("path", "label") if c not in columns]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the header must be "
-                            f"path,label[,split][,group]. Found: {', '.join(columns) or 'no header'}.")
-        rows, seen = [], {}
-        for line, raw in enumerate(reader, start=2):
-            row = {k.strip(): (v or "").strip() for k, v in raw.items() if k}
-            full = (root / row["path"]).resolve()
-            if not full.is_relative_to(root):
-                raise DataError(f"{path}, line {line}: path {row['path']!r} points outside the data folder {root}; "
-                                "keep images under the CSV's folder.")
-            if not full.is_file():
-                raise DataError(f"{path}, line {line}: file {row['path']!r} not found; fix the path or drop the row.")
-            if full in seen:
-                raise DataError(f"{path}, line {line}: duplicate path {row['path']!r} (also on line {seen[full]}); "
-                                "list each image once.")
-            seen[full] = line
-            if not row["label"]:
-                raise DataError(f"{path}, line {line}: empty label; give every row a label.")
-            split = row.get("split") or None
-            if split is not None and split not in SPLITS:
-                raise DataError(f"{path}, line {line}: split {split!r} is not one of {', '.join(SPLITS)}.")
-            rows.append({"path": full, "label": row["label"], "split": split, "group": row.get("group") or None})
+    try:
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            return _read_csv_rows(reader, path, root)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save the "
+                        "CSV as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
+    except csv.Error as exc:  # e.g. a field over the csv module's size limit (an unclosed quote)
+        raise DataError(f"{path}, line {reader.line_num}: unreadable CSV ({exc}); check the quoting of that line."
+                        ) from None
+
+
+def _read_csv_rows(reader: csv.DictReader, path: Path, root: Path) -> list[dict]:
+    """The rows of :func:`read_csv` (inside its decoding guard)."""
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    missing = [c for c in ("path", "label") if c not in columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the header must be "
+                        f"path,label[,split][,group]. Found: {', '.join(map(short_repr, columns)) or 'no header'}.")
+    rows, seen = [], {}
+    for line, raw in enumerate(reader, start=2):
+        row = {k.strip(): (v or "").strip() for k, v in raw.items() if k}
+        full = (root / row["path"]).resolve()
+        if not full.is_relative_to(root):
+            raise DataError(f"{path}, line {line}: path {short_repr(row['path'])} points outside the data folder {root}; "
+                            "keep images under the CSV's folder.")
+        if not full.is_file():
+            raise DataError(f"{path}, line {line}: file {short_repr(row['path'])} not found; fix the path or drop the row.")
+        if full in seen:
+            raise DataError(f"{path}, line {line}: duplicate path {short_repr(row['path'])} (also on line {seen[full]}); "
+                            "list each image once.")
+        seen[full] = line
+        if not row["label"]:
+            raise DataError(f"{path}, line {line}: empty label; give every row a label.")
+        if "|" in row["label"] and not all(p.strip() for p in row["label"].split("|")):
+            raise DataError(f"{path}, line {line}: label {short_repr(row['label'])} has an empty class name "
+                            "between '|' separators; write multi-label rows as a|b.")
+        split = row.get("split") or None
+        if split is not None and split not in SPLITS:
+            raise DataError(f"{path}, line {line}: split {short_repr(split)} is not one of {', '.join(SPLITS)}.")
+        rows.append({"path": full, "label": row["label"], "split": split, "group": row.get("group") or None})
     if not rows:
         raise DataError(f"{path}: no rows; add one line per image.")
     return rows
@@ -130,13 +146,24 @@ def _load_npz(path: Path, img_size: int, resize: str) -> ImageSet:
     if missing:
         raise DataError(f"{path}: missing key(s) {', '.join(missing)}; expected the MedMNIST keys "
                         f"{', '.join(expected)}. Found: {', '.join(npz.files) or 'none'}.")
+    _check_npz_headers(npz, path, expected)
     images, labels, splits = [], [], []
     for split in SPLITS:
         x, y = npz[f"{split}_images"], npz[f"{split}_labels"]
         if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
             raise DataError(f"{path}: {split}_images has shape {x.shape}; expected (N, H, W) or (N, H, W, 3).")
-        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-            raise DataError(f"{path}: {split}_images contains NaN or infinite values; clean the file.")
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+            raise DataError(f"{path}: {split}_images has dtype {x.dtype}; store the pixels as uint8 (or floats in [0, 1]).")
+        if np.issubdtype(x.dtype, np.floating):
+            if not np.isfinite(x).all():
+                raise DataError(f"{path}: {split}_images contains NaN or infinite values; clean the file.")
+            check_unit_range(x, f"{path}: {split}_images")
+        if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
+            raise DataError(f"{path}: {split}_labels has dtype {y.dtype}; store class indices as integers.")
+        if np.issubdtype(y.dtype, np.floating) and not (np.isfinite(y).all() and (y == np.round(y)).all()):
+            bad = y[~(np.isfinite(y) & (y == np.round(y)))].ravel()[:3]
+            raise DataError(f"{path}: {split}_labels holds non-integer values (e.g. {', '.join(f'{v:g}' for v in bad)}); "
+                            "labels are class indices 0 … K-1: store them as integers.")
         if y.ndim == 1:
             y = y[:, None]
         if y.ndim != 2 or y.shape[0] != x.shape[0]:
@@ -163,11 +190,58 @@ def _load_npz(path: Path, img_size: int, resize: str) -> ImageSet:
         k = int(y.max()) + 1
         if y.min() < 0:
             raise DataError(f"{path}: negative class labels; labels must be 0 … K-1.")
+        present = np.unique(y)
+        if len(present) < 2:
+            raise DataError(f"{path}: every image has label {int(present[0])}: one class; a classifier needs at least "
+                            "two.")
+        if len(present) < k:
+            missing = sorted(set(range(k)) - set(present.tolist()))
+            raise DataError(f"{path}: labels run to {k - 1} but class(es) {_cut_list(missing)} have no image; labels "
+                            f"must be 0 … K-1 with every class present: renumber them.")
         names = [info.get(str(i), str(i)) for i in range(k)] if info else [str(i) for i in range(k)]
         task, label_t = ("binary" if k == 2 else "multiclass"), torch.from_numpy(y)
     return ImageSet(images=torch.stack(images), labels=label_t, splits=np.array(splits), class_names=names, task=task,
                     ids=[f"{path.name}:{s}:{i}" for s, n in zip(SPLITS, [len(npz[f'{s}_images']) for s in SPLITS])
                          for i in range(n)], name=name, meta={"source": str(path)})
+
+
+def _cut_list(values: list, limit: int = 10) -> str:
+    """``1, 2, 3, … (+N more)``: a list cut for a one-line message."""
+    head = ", ".join(map(str, values[:limit]))
+    return head + (f", … (+{len(values) - limit} more)" if len(values) > limit else "")
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return 1 << 40
+
+
+def _check_npz_headers(npz, path: Path, keys: list[str]) -> None:
+    """Read each array's .npy header (not its data): object arrays and arrays larger than this machine's
+    memory are refused before anything is loaded."""
+    import math
+    import zipfile
+
+    total = 0
+    for key in keys:
+        try:
+            with npz.zip.open(f"{key}.npy") as fh:
+                version = np.lib.format.read_magic(fh)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(fh)
+        except (KeyError, ValueError, OSError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{path}: array {key} has an unreadable header ({type(exc).__name__}); re-save the file "
+                            "with numpy.savez.") from None
+        if dtype.hasobject:
+            raise DataError(f"{path}: array {key} holds Python objects (dtype {dtype}), which medtune never "
+                            "unpickles; save numeric arrays (uint8 images, integer labels).")
+        total += math.prod(shape) * dtype.itemsize
+    memory = _memory_bytes()
+    if total > memory:
+        raise DataError(f"{path}: its arrays declare {total / 1e9:,.1f} GB, more than this machine's memory "
+                        f"({memory / 1e9:,.1f} GB); use a smaller file (e.g. a lower MedMNIST size).")
 
 
 def _medmnist_info(name: str) -> dict | None:
@@ -221,8 +295,11 @@ def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]
     elif any(s is not None for s in given):
         raise DataError(f"{source}: some rows have a split and some do not; give a split for every row or none.")
     else:
-        splits = make_splits(labels.numpy(), groups=groups_arr, seed=seed, val_fraction=val_fraction,
-                             test_fraction=test_fraction)
+        try:
+            splits = make_splits(labels.numpy(), groups=groups_arr, seed=seed, val_fraction=val_fraction,
+                                 test_fraction=test_fraction, class_names=found)
+        except DataError as exc:
+            raise DataError(f"{source}: {exc}") from None
     return ImageSet(images=torch.stack(images), labels=labels, splits=splits, class_names=found, task=task,
                     ids=[str(p) for p, _, _, _ in items], groups=groups_arr, name=name,
                     meta={"source": source, "img_size": img_size, "resize": resize,
@@ -237,8 +314,14 @@ def _validate(data: ImageSet, source: str) -> ImageSet:
         train_classes = set(data.labels[torch.from_numpy(data.splits == "train")].tolist())
         absent = [data.class_names[c] for c in range(data.num_classes) if c not in train_classes]
         if absent:
-            raise DataError(f"{source}: class(es) {', '.join(absent)} have no training images (only in val/test); "
+            raise DataError(f"{source}: class(es) {_cut_list(absent)} have no training images (only in val/test); "
                             "move some of their images to the training split.")
+        for split in ("val", "test"):  # one class only: AUC is undefined and the run would be stored as NaN
+            present = set(data.labels[torch.from_numpy(data.splits == split)].tolist())
+            if len(present) < 2:
+                raise DataError(f"{source}: the {split} split holds one class only "
+                                f"({data.class_names[next(iter(present))]}); it needs at least two to measure AUC: "
+                                "add images of the other classes to it.")
     if data.groups is not None:
         for g in np.unique(data.groups):
             if len(set(data.splits[data.groups == g])) > 1:
@@ -277,14 +360,22 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
 
         return make_synthetic_localisation(num_samples=128, img_size=img_size, seed=seed)
     if source == "synthetic" or source.startswith("synthetic:"):
-        k = int(source.split(":")[1]) if ":" in source else 2
+        k_text = source.split(":", 1)[1] if ":" in source else "2"
+        if not k_text.isdigit() or not 2 <= int(k_text) <= 100:
+            raise ConfigError(f"Data {short_repr(source)}: synthetic:K takes a number of classes K from 2 to 100, "
+                              "e.g. synthetic:3.")
+        k = int(k_text)
         return make_synthetic(num_samples=64 * max(1, k // 2), img_size=img_size, num_classes=k, seed=seed)
     if source.startswith("medmnist:"):
         path = _medmnist_download(source.split(":", 1)[1], medmnist_size)
         return _validate(_load_npz(path, img_size, resize), str(path))
     path = Path(source).expanduser()
-    if not path.exists():
-        raise DataError(f"Data {source!r} not found; give a folder per class, a CSV, a MedMNIST .npz, "
+    try:
+        exists = path.exists()
+    except OSError as exc:  # e.g. ENAMETOOLONG
+        raise DataError(f"Data {short_repr(source)} cannot be read ({exc.strerror or exc}).") from None
+    if not exists:
+        raise DataError(f"Data {short_repr(source)} not found; give a folder per class, a CSV, a MedMNIST .npz, "
                         "medmnist:NAME, demo or synthetic.")
     kw = {"img_size": img_size, "resize": resize, "seed": seed, "val_fraction": val_fraction,
           "test_fraction": test_fraction, "classes": classes}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
@@ -18,20 +19,46 @@ def _strata(labels: np.ndarray) -> np.ndarray:
 
 
 def make_splits(labels: np.ndarray, *, groups: np.ndarray | None, seed: int, val_fraction: float,
-                test_fraction: float) -> np.ndarray:
+                test_fraction: float, class_names: list[str] | None = None) -> np.ndarray:
     """Assign "train"/"val"/"test" per sample, stratified by label and, with groups, group-aware
     (no group in two splits; sklearn's StratifiedGroupKFold picks the folds)."""
     n = len(labels)
     strata = _strata(np.asarray(labels))
     idx = np.arange(n)
     out = np.empty(n, dtype=object)
-    if groups is None:
+    if groups is None and np.asarray(labels).ndim == 2:  # multi-label: stratify on the first label where it can
         counts = np.bincount(strata)
         stratify = strata if counts[counts > 0].min() >= 3 else None
         rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=stratify)
         stratify_rest = strata[rest] if stratify is not None else None
         train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction), random_state=seed,
                                       stratify=stratify_rest)
+    elif groups is None:
+        counts = np.bincount(strata)
+        # each split must hold every class (else the class is not learnt, or AUC is undefined): at least 3 images
+        # (one per split), and enough that the stratified fractions give each split one
+        def too_few(small: list[tuple[int, int]], need: str) -> DataError:
+            listed = ", ".join(f"{class_names[c] if class_names else c} ({k})" for c, k in small[:10])
+            return DataError(f"class(es) {listed}{' …' if len(small) > 10 else ''} have too few images to split "
+                             f"with val_fraction {val_fraction:g} and test_fraction {test_fraction:g}: {need}; add "
+                             "images, raise the fractions, or give a 'split' column.")
+
+        small = [(c, int(k)) for c, k in enumerate(counts) if 0 < k < 3]
+        if small:
+            raise too_few(small, "each class needs at least 3 (one in each split)")
+        try:
+            rest, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=strata)
+            train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction), random_state=seed,
+                                          stratify=strata[rest])
+        except ValueError as exc:  # scikit-learn's own size checks, e.g. fewer test images than classes
+            raise DataError(f"{n} images in {int((counts > 0).sum())} classes cannot be split with val_fraction "
+                            f"{val_fraction:g} and test_fraction {test_fraction:g} ({exc}); add images or raise the "
+                            "fractions.") from None
+        for part in (train, val, test):
+            missing = [(c, int(counts[c])) for c in np.flatnonzero(counts) if not (strata[part] == c).any()]
+            if missing:
+                need = math.ceil(1 / min(val_fraction, test_fraction) - 1e-9)
+                raise too_few(missing, f"a split got none of them; about {need} images per class give each split one")
     else:
         def take(ids: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
             k = max(2, round(1 / fraction))

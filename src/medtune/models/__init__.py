@@ -5,7 +5,7 @@ Importing this package registers the test backbone ``medtune_tiny_cnn`` and Rama
 """
 
 from . import dcnn, tiny  # noqa: F401  (register dcnn3 and medtune_tiny_cnn with timm)
-from ._builder import WEIGHTS_CHOICES, NormalizedModel, create_model, get_num_params
+from ._builder import WEIGHTS_CHOICES, NormalizedModel, check_input_size, create_model, get_num_params
 from .blocks import GRANULARITIES, Block, Blocks, format_blocks, get_blocks, list_archs
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "Block",
     "Blocks",
     "NormalizedModel",
+    "check_input_size",
     "create_model",
     "format_blocks",
     "get_blocks",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 from pathlib import Path
 
 import timm
@@ -184,3 +185,37 @@ def create_model(
         backbone = timm.create_model(arch, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
         load_weights_file(backbone, weights, arch=arch)
     return NormalizedModel(backbone)
+
+
+@functools.lru_cache(maxsize=64)
+def _works_at(arch: str, size: int) -> bool:
+    """Whether ``arch`` (random init, eval mode) runs a forward pass on one ``size`` × ``size`` image."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        model = probe_model(arch)
+        try:
+            model(torch.zeros(1, 3, size, size))
+        except (RuntimeError, ValueError):  # e.g. "Given input size: (512x1x1). Calculated output size: (512x0x0)"
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=4)
+def probe_model(arch: str) -> nn.Module:
+    """A randomly initialised ``arch`` in eval mode, kept once per process, for structural questions."""
+    return create_model(arch, num_classes=2, weights="none").eval()
+
+
+def check_input_size(arch: str, img_size: int, *, max_size: int = 2048) -> None:
+    """Raise ConfigError if ``arch`` cannot take ``img_size`` px inputs (its down-sampling would shrink a
+    feature map to nothing), naming the nearest size that works. Probed with one forward pass per size
+    on a randomly initialised copy, once per process (timm records no minimum input size).
+
+    Raises:
+        ConfigError: the size is too small for the architecture.
+    """
+    if _works_at(arch, img_size):
+        return
+    nearest = next((s for s in range(img_size + 1, max_size + 1) if _works_at(arch, s)), None)
+    hint = f"use --img-size {nearest} or larger" if nearest else "use a larger --img-size"
+    raise ConfigError(f"The 'img_size' parameter of RunConfig is {img_size} px, too small for {arch}: its "
+                      f"down-sampling shrinks the feature maps to nothing; {hint}.")

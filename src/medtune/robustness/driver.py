@@ -17,7 +17,7 @@ import torch
 
 from medtune._tensors import resolve_device
 from medtune.config import RunConfig, load_config
-from medtune.errors import ConfigError
+from medtune.errors import ConfigError, StoreError
 from medtune.robustness.config import AuditConfig
 from medtune.store import ResultsStore
 
@@ -59,10 +59,18 @@ def load_run_model(store: ResultsStore, record: dict, device: torch.device):
     if not path.exists():
         raise ConfigError(f"Run {record['run_id']} has no stored weights at {path}; re-run it to audit it.")
     num_classes = record.get("num_classes") or len(record["predictions"]["class_names"])
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
+        raise StoreError(f"The stored weights {path} of run {record['run_id']} are unreadable "
+                         f"({type(exc).__name__}); delete the run's row and artifacts and re-run it.") from None
     with torch.random.fork_rng(devices=[]):
         model = create_model(record["arch"], num_classes=num_classes, weights="none")
-    model.backbone.load_state_dict(state)
+    try:
+        model.backbone.load_state_dict(state)
+    except RuntimeError as exc:
+        raise StoreError(f"The stored weights {path} do not fit run {record['run_id']}'s {record['arch']} "
+                         f"({' '.join(str(exc).split())[:200]}); re-run it.") from None
     return model.to(device).eval()
 
 
@@ -113,6 +121,11 @@ def _load_run(store: ResultsStore, record: dict, device: torch.device):
 
 def _stored_audit(store: ResultsStore, record: dict, cfg: AuditConfig, log: Callable[[str], None]) -> list[dict]:
     done = [a for a in store.attacks(record["run_id"]) if a.get("params") == cfg.semantic_dict()]
+    lost = [a["perturbation_file"] for a in done if a.get("perturbation_file") and not Path(a["perturbation_file"]).is_file()]
+    if lost:  # a deleted UAP file: audit the run again (its records are replaced)
+        log(f"{record['run_id']} {record['label']}: stored audit lacks {len(lost)} UAP file(s), e.g. {lost[0]}; "
+            "auditing again")
+        return []
     if done:
         log(f"{record['run_id']} {record['label']}: audit already stored")
     return done
@@ -190,7 +203,12 @@ def _transfer(store: ResultsStore, records: Sequence[dict], attacks: Sequence[di
     chosen = [a for a in attacks if a.get("source") == source and a.get("zeta") == zeta and a.get("run_id") in by_id]
     groups: dict[tuple, dict] = {}  # (fingerprint, H, W) -> {target: {run_id: attack}}
     for a in chosen:
-        v = load_file(a["perturbation_file"])["v"]
+        try:
+            v = load_file(a["perturbation_file"])["v"]
+        except Exception as exc:  # deleted or damaged file (FileNotFoundError, SafetensorError, KeyError)
+            log(f"transfer: skipped the UAP of run {a['run_id']}: {a['perturbation_file']} is missing or unreadable "
+                f"({type(exc).__name__}); re-run `medtune attack {a['run_id']}` to write it again")
+            continue
         run = by_id[a["run_id"]]
         key = (run.get("data_fingerprint") or run.get("dataset"), *v.shape[-2:])
         groups.setdefault(key, {}).setdefault(a.get("targeted"), {})[a["run_id"]] = (a, v)

@@ -81,14 +81,19 @@ def _to_chw_uint8(image: np.ndarray) -> torch.Tensor:
 
 
 def _read_file(path: Path) -> torch.Tensor:
+    from medtune.data._decode import max_image_pixels
+
     try:
         with Image.open(path) as im:
+            if im.size[0] * im.size[1] > max_image_pixels():  # from the header, before decoding
+                raise Image.DecompressionBombError(f"{im.size[0]}x{im.size[1]} px is over the limit of "
+                                                   f"{max_image_pixels():,} pixels (MEDTUNE_MAX_IMAGE_PIXELS)")
             image = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(
-            f"Cannot read image file {str(path)!r} in the natural-image folder: {err}. "
+            f"Cannot read image file {str(path)!r} in the natural-image folder: {' '.join(str(err).split())}. "
             "Remove or replace the file."
-        ) from err
+        ) from None
     return _to_chw_uint8(image)
 
 

@@ -29,6 +29,7 @@ import math
 import os
 import pickle
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from medtune._tensors import to_float
 from medtune.config import RunConfig
 from medtune.data.augment import augment_batch
 from medtune.data.base import ImageSet
-from medtune.errors import StoreError
+from medtune.errors import StoreError, TrainingError
 from medtune.models._norm import BATCH_STAT_LAYERS
 from medtune.strategies.base import EpochContext, SolveContext
 from medtune.training.imbalance import balanced_order, class_weights
@@ -177,6 +178,9 @@ def evaluate(model: nn.Module, data: ImageSet, *, batch_size: int = 256, loss_fn
                                loss_fn=loss_fn, channels_last=channels_last, autocast_dtype=autocast_dtype,
                                sizes=data.sizes if inputs is None else None)
     y_true = data.labels.numpy()
+    if not np.isfinite(prob).all():  # diverged weights: say so instead of failing inside scikit-learn
+        raise TrainingError("training diverged: the model's outputs are NaN or infinite; lower the learning rate "
+                            "or the strategy's regularisation strength.")
     return compute_metrics(y_true, prob, task=data.task, class_names=data.class_names, loss=loss), y_true, prob
 
 
@@ -223,8 +227,7 @@ class Checkpoint:
             return cls(**data)
         except (RuntimeError, EOFError, OSError, TypeError, ValueError, KeyError, AttributeError,
                 pickle.UnpicklingError) as exc:  # what torch.load raises for a truncated or foreign file
-            raise StoreError(f"Epoch checkpoint {path} is unreadable ({type(exc).__name__}); delete it and run "
-                             "the same command again: the run then starts from its first epoch.") from None
+            raise StoreError(f"Epoch checkpoint {path} is unreadable ({type(exc).__name__}).") from None
 
 
 def _group_layout(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[dict]:
@@ -458,7 +461,12 @@ def train_one_epoch(run: _Setup, phase: _Phase) -> tuple[float, float]:
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     # .item() syncs CPU and GPU, so the loss is read once per epoch
-    return float(loss_sum.item()) / len(run.train), lr
+    mean_loss = float(loss_sum.item()) / len(run.train)
+    if not math.isfinite(mean_loss):  # diverged: stop before NaN weights reach validation and the metrics
+        raise TrainingError(f"training diverged: the loss became {mean_loss} in epoch {phase.epoch + 1} of phase "
+                            f"{phase.name!r} (lr {phase.base_lr:g}); lower the learning rate or the strategy's "
+                            "regularisation strength.")
+    return mean_loss, lr
 
 
 def _update_best(phase: _Phase, model: nn.Module, val_metrics: dict) -> None:
@@ -648,7 +656,16 @@ def _open_checkpoint(path: str | Path | None, run: _Setup, state: dict, log: Cal
         stale.unlink(missing_ok=True)
     if not ckpt.exists():
         return ckpt, None
-    resume = Checkpoint.load(ckpt)
+    try:
+        resume = Checkpoint.load(ckpt)
+    except StoreError as exc:  # truncated or garbage: set it aside and start the run afresh
+        aside = ckpt.with_name(ckpt.name + ".corrupt")
+        os.replace(ckpt, aside)
+        warnings.warn(f"{exc} It was renamed {aside.name} and the run starts from its first epoch.\n"
+                      "HINT: a checkpoint is cut short when the disk fills or the machine stops mid-write.",
+                      stacklevel=2)
+        log(f"corrupt checkpoint set aside as {aside}; starting afresh")
+        return ckpt, None
     named = dict(run.model.named_parameters())
     state.update(phase=resume.phase, history=resume.history, train_seconds=resume.train_seconds,
                  images_seen=resume.images_seen, extras=resume.extras,
