@@ -124,7 +124,7 @@ def demo(*, store: str = "./medtune-results", seeds: str | Sequence[int] = "0,1"
     if "audit" in stages:
         runs = out["runs"] or medtune.sweep(dict(DEMO_SWEEP), store=store, log=log, **overrides)
         targets = [r["run_id"] for r in _audited_runs(runs, DEMO_SWEEP["monitor"])]
-        out["attacks"] = timed("audit", lambda: medtune.attack(targets, dict(DEMO_AUDIT), store=store, log=log,
+        out["attacks"] = timed("audit", lambda: medtune.attack(targets, config=dict(DEMO_AUDIT), store=store, log=log,
                                                                 device=device))
     out["report"] = timed("report", lambda: medtune.report(store))
     return out
