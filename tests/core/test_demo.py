@@ -20,8 +20,9 @@ def test_the_audit_takes_linear_full_and_the_top_k_best_on_validation_not_test()
     runs += [_record("top_k:2", s, 0.90, 0.99) for s in (0, 1)]  # best on test
     runs += [_record("full", s, 0.85, 0.85) for s in (0, 1)] + [_record("scratch", 0, 0.99, 0.99)]
     runs.append(_record("top_k:3", 0, 0.99, 0.99, status="failed"))
+    runs.append(_record("deft:mask=0011,granularity=block", 1, 0.9, 0.9))
     chosen = _audited_runs(runs, "auc")
-    assert [r["run_id"] for r in chosen] == ["linear-0", "linear-1", "top_k:1-0", "top_k:1-1", "full-0", "full-1"]
+    assert [r["run_id"] for r in chosen] == ["linear-0", "top_k:1-0", "full-0", "deft:mask=0011,granularity=block-1"]
 
 
 def test_an_unknown_stage_is_one_config_error(tmp_path):

@@ -139,3 +139,27 @@ def test_report_data_holds_the_numbers_the_blocks_show(runs):
     report = format_report(data, "t")
     assert [s.anchor for s in report.sections] == ["summary", "plots", "statistics", "classes", "robustness", "deft",
                                                    "runs", "reproducibility"]
+
+
+def test_first_screen_answers_how_deep_which_strategy_how_exposed(full_records):
+    runs, attacks, searches = full_records
+    data = build_report_data(runs, attacks, searches, metric="auc", alpha=0.05, main_zeta=0.04)
+    box = format_report(data, "t").recommendation
+    rec = data.recommendation
+    assert box.answers.startswith("How deep: fine-tuning ")
+    assert f"Which strategy: {rec['label']}," in box.answers
+    # the recommended configuration was audited: its own rates (fake audits: 0.2 + 6ζ from train images)
+    assert rec["label"] == "top_k:1" and "How exposed, at ζ = 4%: top_k:1: UAP fooling" in box.answers
+    assert "from train images 44%" in box.answers
+    assert [f.name for f in box.figures] == ["headline_depth", "headline_cost", "headline_fooling"]
+    assert all(f.scale == 0.5 for f in box.figures)
+    # the best depth is chosen on validation: make validation prefer linear (depth 0) against test
+    flipped = [{**r, "val_metrics": {**r["val_metrics"], "auc": 0.999 if r["label"] == "linear" else 0.5}}
+               for r in runs]
+    depth = build_report_data(flipped, [], [], metric="auc", alpha=0.05, main_zeta=0.04).depth
+    assert depth["depth"] == 0 and depth["val_mean"] == pytest.approx(0.999)
+    # without an audit of the recommended configuration, the audited ones are named instead
+    others = [a for a in attacks if a["run_id"] not in {r["run_id"] for r in runs if r["label"] == "top_k:1"}]
+    data = build_report_data(runs, others, searches, metric="auc", alpha=0.05, main_zeta=0.04)
+    answers = format_report(data, "t").recommendation.answers
+    assert "top_k:1 was not audited" in answers and "full: UAP fooling" in answers and "linear: UAP" in answers

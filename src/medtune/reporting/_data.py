@@ -162,6 +162,8 @@ class ReportData:
     reproducibility: ReproducibilityData
     csv: dict[str, pd.DataFrame]
     depth: dict[str, Any] | None = None  # the best fine-tuning depth on validation (see best_depth)
+    # non-targeted fooling at main_zeta per audited configuration: {label: {source: rates}}
+    exposure: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     hp_choices: list[dict] = field(default_factory=list)  # tuned hyper-parameters chosen on validation
     folds: pd.DataFrame | None = None  # cross-validation: the test metric per configuration and fold
     classes: ClassesData | None = None  # per-class metrics, operating points and calibration
@@ -194,6 +196,15 @@ def best_depth(runs: Sequence[Record], metric: str) -> dict[str, Any] | None:
             "test_mean": float(row["test_mean"]), "n": int(row["n"]), "num_depths": len(per),
             "num_blocks": int(frame["num_blocks"].max() - 1) if frame["num_blocks"].notna().any() else None,
             "scope": f"{frame['dataset'].nunique()} dataset(s) × {frame['arch'].nunique()} arch(s)"}
+
+
+def _exposure(attacks: Sequence[Record], runs: Sequence[Record], zeta: float) -> dict[str, dict[str, dict]]:
+    """Mean non-targeted fooling rates at ``zeta`` per audited configuration and source."""
+    from medtune.reporting.stats import fooling_at
+
+    labels = dict.fromkeys(str(r.get("label") or r.get("strategy")) for r in runs)
+    out = {lab: fooling_at(attacks, runs, lab, zeta) for lab in labels} if attacks else {}
+    return {lab: f for lab, f in out.items() if f}
 
 
 def build_report_data(runs: Sequence[Record], attacks: Sequence[Record], searches: Sequence[Record], *,
@@ -246,6 +257,7 @@ def build_report_data(runs: Sequence[Record], attacks: Sequence[Record], searche
         recommendation=rec, headline_fooling=headline_fooling, fraction_note=fraction_note,
         summary=_summary(main, metric, metrics, rec) if done else None, figures=figures, statistics=statistics,
         robustness=robustness, searches=search_data, appendix=appendix, depth=best_depth(done, metric) if done else None,
+        exposure=_exposure(attacks, done, main_zeta),
         reproducibility=_reproducibility(runs, attacks, searches), csv=csv, hp_choices=hp_choices,
         folds=_folds(main, metric), classes=classes)
 

@@ -136,15 +136,21 @@ def _answers(data: ReportData) -> str:
                      f"{d['test_mean']:.3f}; {d['num_depths']} depths, {d['scope']}).")
     if r.get("label") is not None:
         test = "" if r.get("mean") is None else f", test {m} {r['mean']:.3f}"
-        parts.append(f"Which strategy: {r['label']}, the cheapest configuration not worse than the best on "
-                     f"validation ({r['best_label']}){test}.")
-    if data.headline_fooling is not None:
-        source, fool = data.headline_fooling
-        exposed = ("far above" if fool["rate"] > 2 * fool["random_rate"] + 0.05 else
-                   "above" if fool["rate"] > fool["random_rate"] else "no higher than")
-        parts.append(f"How exposed: a UAP at ζ = {100 * data.main_zeta:.3g}% made from {source} images fools "
-                     f"{fool['rate']:.0%} [{fool['ci_low']:.0%}, {fool['ci_high']:.0%}] of its test images, "
-                     f"{exposed} random noise of the same norm ({fool['random_rate']:.0%}).")
+        why = ("the best on validation, with no cheaper configuration as good" if r["label"] == r["best_label"]
+               else f"the cheapest configuration not worse on validation than the best, {r['best_label']}")
+        parts.append(f"Which strategy: {r['label']}, {why}{test}.")
+    exposure = data.exposure
+    if exposure:
+        zeta = f"ζ = {100 * data.main_zeta:.3g}%"
+        if r.get("label") not in exposure:
+            parts.append(f"How exposed ({r.get('label')} was not audited; the audited configurations at {zeta}):")
+        else:
+            exposure = {r["label"]: exposure[r["label"]]}
+            parts.append(f"How exposed, at {zeta}:")
+        for label, fool in exposure.items():
+            rates = ", ".join(f"from {src} images {f['rate']:.0%}" for src, f in sorted(fool.items()))
+            random = max(f["random_rate"] for f in fool.values())
+            parts.append(f"{label}: UAP fooling {rates} vs random noise of the same norm {random:.0%}.")
     elif data.counts.num_done:
         parts.append("How exposed: no UAP audit yet (medtune attack).")
     return " ".join(parts)

@@ -521,7 +521,7 @@ def recommend(
             out["time_ratio"] = float(full["seconds"] / row["seconds"])
     else:
         out["notes"].append("No 'full' runs: cost saving versus full fine-tuning is not available.")
-    out["fooling_rate"] = _fooling_at(attacks or (), main, label, main_zeta)
+    out["fooling_rate"] = fooling_at(attacks or (), main, label, main_zeta)
     if attacks and out["fooling_rate"] is None:
         out["notes"].append(f"No non-targeted UAP audit of {label} at zeta={main_zeta:g}.")
     out["text"] = _recommend_text(out, main_zeta, alpha)
@@ -584,7 +584,9 @@ def paired_validation_tests(runs: Sequence[Record], labels: Sequence[str], best:
     return out
 
 
-def _fooling_at(attacks: Sequence[Record], runs: Sequence[Record], label: str, zeta: float) -> dict | None:
+def fooling_at(attacks: Sequence[Record], runs: Sequence[Record], label: str, zeta: float) -> dict | None:
+    """Mean non-targeted fooling rates of configuration ``label`` at ``zeta`` per source
+    (``{source: {rate, ci_low, ci_high, random_rate, num_runs}}``), or None without such audits."""
     if not attacks:
         return None
     frame = attacks_frame(attacks, runs)
