@@ -261,7 +261,8 @@ def test_dicom_with_and_without_pixels(tmp_path):
         for i in range(6):
             write(tmp_path / "d" / c / f"{i}.dcm", ramp + i)
     data = load_data(str(tmp_path / "d"), img_size=16)
-    assert data.images[0, 0, 0, 0] == 0 and data.images[0, 0, 0, -1] == 255, "windowed to the image's range"
+    # no window in the file: scaled by the 12 stored bits (0 … 4095), not stretched to the image's own range
+    assert data.images[0, 0, 0, 0] == 0 and data.images[0, 0, 0, -1] == round(3000 / 4095 * 255)
     write(tmp_path / "d" / "a" / "empty.dcm", None)
     with pytest.raises(DataError, match="empty.dcm: DICOM file has no pixel data"):
         load_data(str(tmp_path / "d"))

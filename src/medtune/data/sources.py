@@ -254,7 +254,7 @@ def _medmnist_info(name: str) -> dict | None:
 
 def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]], *, name: str, source: str,
                 img_size: int, resize: str, seed: int, val_fraction: float, test_fraction: float,
-                classes: list[str] | None) -> ImageSet:
+                classes: list[str] | None, dicom_window: str = "auto") -> ImageSet:
     multilabel = any(isinstance(lbl, list) for _, lbl, _, _ in items)
     found = sorted({c for _, lbl, _, _ in items for c in (lbl if isinstance(lbl, list) else [lbl])})
     if classes is not None:
@@ -268,7 +268,7 @@ def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]
     index = {c: i for i, c in enumerate(found)}
     images, sizes, buckets = [], None, None
     if resize == "bucket":  # a few sides from the data's own sizes; each image at the nearest one
-        rgbs = [decode_image(path)[0] for path, _, _, _ in items]
+        rgbs = [decode_image(path, dicom_window)[0] for path, _, _, _ in items]
         buckets = choose_buckets([np.sqrt(r.shape[0] * r.shape[1]) for r in rgbs], img_size)
         sizes = np.array([nearest_bucket(np.sqrt(r.shape[0] * r.shape[1]), buckets) for r in rgbs], dtype=np.int64)
         canvas = max(buckets)
@@ -276,7 +276,7 @@ def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]
             x = resize_image(rgb, int(side), "resize")
             images.append(torch.nn.functional.pad(x, (0, canvas - int(side), 0, canvas - int(side))))
     for path, _, _, _ in items if resize != "bucket" else ():
-        rgb, _, _ = decode_image(path)
+        rgb, _, _ = decode_image(path, dicom_window)
         images.append(resize_image(rgb, img_size, resize))
     if multilabel:
         y = np.zeros((len(items), len(found)), dtype=np.float32)
@@ -331,7 +331,8 @@ def _validate(data: ImageSet, source: str) -> ImageSet:
 
 
 def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: int = 0, val_fraction: float = 0.15,
-              test_fraction: float = 0.15, medmnist_size: int = 28, classes: list[str] | None = None) -> ImageSet:
+              test_fraction: float = 0.15, medmnist_size: int = 28, classes: list[str] | None = None,
+              dicom_window: str = "auto") -> ImageSet:
     """Load any supported source into an :class:`ImageSet` at ``img_size``.
 
     Args:
@@ -345,6 +346,8 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
         val_fraction, test_fraction: split shares when the source gives none.
         medmnist_size: 28, 64, 128 or 224 for ``medmnist:NAME``.
         classes: the known class names; any other label is an error.
+        dicom_window: how a ``.dcm`` without a window is scaled (``auto``, ``percentile``, ``bits``;
+            :func:`~medtune.data._decode.dicom_to_unit`).
 
     Raises:
         DataError: any problem with the files (named in the message).
@@ -378,7 +381,7 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
         raise DataError(f"Data {short_repr(source)} not found; give a folder per class, a CSV, a MedMNIST .npz, "
                         "medmnist:NAME, demo or synthetic.")
     kw = {"img_size": img_size, "resize": resize, "seed": seed, "val_fraction": val_fraction,
-          "test_fraction": test_fraction, "classes": classes}
+          "test_fraction": test_fraction, "classes": classes, "dicom_window": dicom_window}
     if path.is_dir():
         items, skipped = list_folder(path)
         if skipped:
