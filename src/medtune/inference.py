@@ -167,7 +167,7 @@ def _load(data: str, cfg: RunConfig, class_names: list[str]) -> ImageSet:
     ``external``), never re-split and without the training-set checks (an external set may hold a
     few images, or some of the classes only)."""
     from medtune.data import load_data
-    from medtune.data.sources import _from_items, _load_npz, list_folder, read_csv
+    from medtune.data.sources import _from_items, _load_npz, csv_label, list_folder, read_csv
 
     if data == "demo" or data.startswith(("synthetic", "medmnist:")):
         images = load_data(data, img_size=cfg.img_size, resize=cfg.resize, seed=cfg.split_seed,
@@ -187,8 +187,7 @@ def _load(data: str, cfg: RunConfig, class_names: list[str]) -> ImageSet:
             if path.is_dir():
                 items = [(p, c, s or EXTERNAL, None) for p, c, s in list_folder(path)[0]]
             elif path.suffix.lower() == ".csv":
-                items = [(r["path"], r["label"].split("|") if "|" in r["label"] else r["label"], r["split"] or EXTERNAL,
-                          None) for r in read_csv(path)]
+                items = [(r["path"], csv_label(r), r["split"] or EXTERNAL, None) for r in read_csv(path)]
             else:
                 raise DataError(f"{path}: unsupported data file; give a folder per class, a .csv or a .npz.")
             images = _from_items(items, name=path.stem, source=str(path), img_size=cfg.img_size, resize=cfg.resize,

@@ -274,3 +274,41 @@ def test_missing_medmnist_file_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "MEDMNIST_ROOT", tmp_path)
     with pytest.raises(DataError, match=f"put it at {tmp_path}/pathmnist_64.npz"):
         load_data("medmnist:pathmnist", medmnist_size=64)
+
+
+def test_csv_with_one_column_per_label_equals_the_pipe_form(tmp_path):
+    rng = np.random.default_rng(0)
+    names = ["Atelectasis", "Cardiomegaly", "Effusion"]
+    flags = rng.integers(0, 2, (24, 3))
+    flags[:, 2] = 0  # a label no image has stays a column of zeros
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    cells = [["1.0" if v else ("0" if i % 2 else "0.0") for v in row] for i, row in enumerate(flags)]
+    (tmp_path / "wide.csv").write_text("path,Atelectasis,Cardiomegaly,Effusion,split\n" + "".join(
+        f"{i}.png,{','.join(c)},{('train', 'val', 'test')[i % 3]}\n" for i, c in enumerate(cells)))
+    wide = load_data(str(tmp_path / "wide.csv"), img_size=16)
+    assert wide.task == "multilabel" and wide.class_names == names
+    np.testing.assert_array_equal(wide.labels.numpy(), flags.astype(np.float32))
+    # the same labels written as path,label with a|b: the same images and labels
+    (tmp_path / "pipe.csv").write_text("path,label,split\n" + "".join(
+        f"{i}.png,{'|'.join(n for n, v in zip(names, row) if v) or 'none'},{('train', 'val', 'test')[i % 3]}\n"
+        for i, row in enumerate(flags)))
+    pipe = load_data(str(tmp_path / "pipe.csv"), img_size=16, classes=names + ["none"])
+    np.testing.assert_array_equal(pipe.labels.numpy()[:, :3], wide.labels.numpy())
+    assert torch.equal(pipe.images, wide.images)
+
+
+@pytest.mark.parametrize("cell,match", [
+    ("-1.0", "line 3: label column 'b' is -1 \\(uncertain\\); label columns hold 1"),
+    ("", "line 3: label column 'b' is blank"),
+    ("Female", "line 3: label column 'b' is 'Female'.*drop columns that are not labels"),
+])
+def test_csv_label_columns_refuse_uncertain_and_blank_cells(tmp_path, cell, match):
+    _png(tmp_path / "0.png")
+    _png(tmp_path / "1.png")
+    (tmp_path / "d.csv").write_text(f"path,a,b\n0.png,1,0\n1.png,0,{cell}\n")
+    with pytest.raises(DataError, match=match):
+        load_data(str(tmp_path / "d.csv"))
+    (tmp_path / "one.csv").write_text("path,a\n0.png,1\n")
+    with pytest.raises(DataError, match="one label column \\('a'\\) and no 'label' column"):
+        load_data(str(tmp_path / "one.csv"))

@@ -59,7 +59,8 @@ def check_data(source: str, *, img_size: int = 64, seed: int = 0, val_fraction: 
             items, _ = list_folder(path)
             listing = [(p, c, s) for p, c, s in items]
         else:
-            listing = [(r["path"], r["label"], r["split"]) for r in read_csv(path)]
+            listing = [(r["path"], "|".join(r["label"]) if isinstance(r["label"], list) else r["label"], r["split"])
+                       for r in read_csv(path)]
         for p, c, s in listing:
             try:
                 rgb, mode, (h, w) = decode_image(p, dicom_window)

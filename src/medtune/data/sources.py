@@ -20,7 +20,7 @@ from medtune.data.base import SPLITS, ImageSet
 from medtune.data.splits import make_splits
 from medtune.errors import ConfigError, DataError, short_repr
 
-__all__ = ["load_data", "list_folder", "read_csv", "medmnist_path"]
+__all__ = ["load_data", "list_folder", "read_csv", "csv_label", "medmnist_path"]
 
 MEDMNIST_ROOT = Path(os.environ.get("MEDMNIST_ROOT", Path.home() / ".medmnist"))
 
@@ -51,12 +51,25 @@ def list_folder(root: Path) -> tuple[list[tuple[Path, str, str | None]], list[st
     return items, skipped
 
 
+#: CSV columns that are never label columns of a one-column-per-label CSV.
+RESERVED_CSV_COLUMNS = ("path", "label", "split", "group", "bbox", "mask")
+_POSITIVE, _NEGATIVE = frozenset({"1", "1.0"}), frozenset({"0", "0.0"})
+
+
 def read_csv(path: Path) -> list[dict]:
     """Rows of a ``path,label[,split][,group]`` CSV with paths resolved inside the CSV's folder.
 
+    A CSV without a ``label`` column holds one column per label (CheXpert style,
+    ``path,Atelectasis,Cardiomegaly,…[,split][,group]``): every column other than
+    ``RESERVED_CSV_COLUMNS`` is a label whose cells are ``1``/``1.0`` (present) or ``0``/``0.0``
+    (absent); the row's ``label`` is then the list of present labels (maybe empty) and
+    ``label_columns`` the columns in file order. Uncertain (``-1``) and blank cells are refused,
+    naming the line and column: medtune does not guess whether "uncertain" or "not mentioned"
+    means absent.
+
     Raises:
         DataError: missing columns, empty file, a path escaping the data root, a missing file,
-            a duplicate path, or a bad split name.
+            a duplicate path, a bad split name, or a label cell that is not 0/1.
     """
     root = path.parent.resolve()
     try:
@@ -75,7 +88,11 @@ def read_csv(path: Path) -> list[dict]:
 def _read_csv_rows(reader: csv.DictReader, path: Path, root: Path) -> list[dict]:
     """The rows of :func:`read_csv` (inside its decoding guard)."""
     columns = [c.strip() for c in (reader.fieldnames or [])]
-    missing = [c for c in ("path", "label") if c not in columns]
+    label_columns = [c for c in columns if c and c not in RESERVED_CSV_COLUMNS] if "label" not in columns else []
+    if "path" in columns and len(label_columns) == 1:
+        raise DataError(f"{path}: one label column ({short_repr(label_columns[0])}) and no 'label' column; write a "
+                        "path,label CSV, or give one 0/1 column per label (at least two).")
+    missing = [c for c in ("path", "label") if c not in columns and not (c == "label" and label_columns)]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the header must be "
                         f"path,label[,split][,group]. Found: {', '.join(map(short_repr, columns)) or 'no header'}.")
@@ -92,18 +109,44 @@ def _read_csv_rows(reader: csv.DictReader, path: Path, root: Path) -> list[dict]
             raise DataError(f"{path}, line {line}: duplicate path {short_repr(row['path'])} (also on line {seen[full]}); "
                             "list each image once.")
         seen[full] = line
-        if not row["label"]:
+        if label_columns:
+            row["label"] = _label_cells(row, label_columns, path, line)
+        elif not row["label"]:
             raise DataError(f"{path}, line {line}: empty label; give every row a label.")
-        if "|" in row["label"] and not all(p.strip() for p in row["label"].split("|")):
+        if isinstance(row["label"], str) and "|" in row["label"] and not all(p.strip() for p in row["label"].split("|")):
             raise DataError(f"{path}, line {line}: label {short_repr(row['label'])} has an empty class name "
                             "between '|' separators; write multi-label rows as a|b.")
         split = row.get("split") or None
         if split is not None and split not in SPLITS:
             raise DataError(f"{path}, line {line}: split {short_repr(split)} is not one of {', '.join(SPLITS)}.")
-        rows.append({"path": full, "label": row["label"], "split": split, "group": row.get("group") or None})
+        rows.append({"path": full, "label": row["label"], "split": split, "group": row.get("group") or None,
+                     **({"label_columns": label_columns} if label_columns else {})})
     if not rows:
         raise DataError(f"{path}: no rows; add one line per image.")
     return rows
+
+
+def _label_cells(row: dict, label_columns: list[str], path: Path, line: int) -> list[str]:
+    """The present labels of one row of a one-column-per-label CSV."""
+    present = []
+    for column in label_columns:
+        cell = row.get(column, "")
+        if cell in _POSITIVE:
+            present.append(column)
+        elif cell not in _NEGATIVE:
+            what = ("is blank" if not cell else "is -1 (uncertain)" if cell in ("-1", "-1.0")
+                    else f"is {short_repr(cell)}")
+            raise DataError(f"{path}, line {line}: label column {short_repr(column)} {what}; label columns hold 1 "
+                            "(present) or 0 (absent): map uncertain and blank cells to 0 or 1 first (CheXpert's "
+                            "U-Zeros / U-Ones), and drop columns that are not labels.")
+    return present
+
+
+def csv_label(row: dict) -> str | list[str]:
+    """A :func:`read_csv` row's label as the loaders take it: a class name, or a list of labels
+    (``a|b``, or the present labels of a one-column-per-label CSV)."""
+    label = row["label"]
+    return label if isinstance(label, list) else label.split("|") if "|" in label else label
 
 
 def medmnist_path(name: str, size: int) -> Path:
@@ -390,8 +433,9 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
         data = _from_items([(p, c, s, None) for p, c, s in items], name=path.name, source=str(path), **kw)
     elif path.suffix.lower() == ".csv":
         rows = read_csv(path)
-        items = [(r["path"], r["label"].split("|") if "|" in r["label"] else r["label"], r["split"], r["group"])
-                 for r in rows]
+        items = [(r["path"], csv_label(r), r["split"], r["group"]) for r in rows]
+        if "label_columns" in rows[0] and classes is None:  # every column is a label, present in any row or not
+            kw["classes"] = list(rows[0]["label_columns"])
         data = _from_items(items, name=path.stem, source=str(path), **kw)
     elif path.suffix.lower() == ".npz":
         data = _load_npz(path, img_size, resize)
