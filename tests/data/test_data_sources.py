@@ -312,3 +312,28 @@ def test_csv_label_columns_refuse_uncertain_and_blank_cells(tmp_path, cell, matc
     (tmp_path / "one.csv").write_text("path,a\n0.png,1\n")
     with pytest.raises(DataError, match="one label column \\('a'\\) and no 'label' column"):
         load_data(str(tmp_path / "one.csv"))
+
+
+@pytest.mark.parametrize("val_name", ["valid", "validation"])
+def test_valid_and_validation_folders_are_the_val_split(tmp_path, val_name):
+    for split, n in (("train", 4), (val_name, 2), ("test", 3)):
+        for c in ("x", "y"):
+            for i in range(n):
+                _png(tmp_path / split / c / f"{i}.png", color=(i * 20, 0, 0))
+    data = load_data(str(tmp_path), img_size=16)
+    assert sorted(set(data.splits)) == ["test", "train", "val"]
+    assert [(data.splits == s).sum() for s in ("train", "val", "test")] == [8, 4, 6]
+    assert all(f"/{val_name}/" in i for i, s in zip(data.ids, data.splits) if s == "val")
+    _png(tmp_path / "val" / "x" / "0.png")
+    with pytest.raises(DataError, match=f"has val and {val_name} folders, both read as the validation split"):
+        load_data(str(tmp_path), img_size=16)
+
+
+def test_csv_split_cell_valid_is_val(tmp_path):
+    rows = []
+    for i in range(12):
+        _png(tmp_path / f"{i}.png", color=(i * 20, 0, 0))
+        rows.append(f"{i}.png,{'ab'[i % 2]},{('train', 'valid', 'validation', 'test')[i // 3]}")
+    (tmp_path / "d.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    data = load_data(str(tmp_path / "d.csv"), img_size=16)
+    assert list(data.splits) == ["train"] * 3 + ["val"] * 6 + ["test"] * 3

@@ -16,7 +16,7 @@ import torch
 
 from medtune.data._decode import (IMAGE_EXTENSIONS, check_unit_range, choose_buckets, decode_image, nearest_bucket,
                                   resize_image, to_rgb_uint8)
-from medtune.data.base import SPLITS, ImageSet
+from medtune.data.base import SPLIT_ALIASES, SPLITS, ImageSet
 from medtune.data.splits import make_splits
 from medtune.errors import ConfigError, DataError, short_repr
 
@@ -26,13 +26,20 @@ MEDMNIST_ROOT = Path(os.environ.get("MEDMNIST_ROOT", Path.home() / ".medmnist"))
 
 
 def list_folder(root: Path) -> tuple[list[tuple[Path, str, str | None]], list[str]]:
-    """(path, class, given split or None) for every image of a folder-per-class tree; skipped files."""
+    """(path, class, given split or None) for every image of a folder-per-class tree; skipped files.
+
+    Split folders are ``train``, ``val`` and ``test``; ``valid`` or ``validation`` is read as ``val``."""
     root = Path(root)
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    given = {p.name for p in subdirs} & set(SPLITS)
-    layout = [(p, p.name) for p in subdirs] if given else [(root, None)]
+    split_names = set(SPLITS) | set(SPLIT_ALIASES)
+    given = {p.name for p in subdirs} & split_names
+    layout = [(p, SPLIT_ALIASES.get(p.name, p.name)) for p in subdirs] if given else [(root, None)]
+    named_val = sorted(n for n in given if SPLIT_ALIASES.get(n, n) == "val")
+    if len(named_val) > 1:
+        raise DataError(f"{root}: has {' and '.join(named_val)} folders, both read as the validation split; "
+                        "merge them into one.")
     if given and given != {p.name for p in subdirs}:
-        extra = sorted({p.name for p in subdirs} - set(SPLITS))
+        extra = sorted({p.name for p in subdirs} - split_names)
         raise DataError(f"{root}: mixes split folders ({', '.join(sorted(given))}) with class folders "
                         f"({', '.join(extra)}); put every class folder inside train/, val/ and test/.")
     items, skipped = [], []
@@ -117,6 +124,7 @@ def _read_csv_rows(reader: csv.DictReader, path: Path, root: Path) -> list[dict]
             raise DataError(f"{path}, line {line}: label {short_repr(row['label'])} has an empty class name "
                             "between '|' separators; write multi-label rows as a|b.")
         split = row.get("split") or None
+        split = SPLIT_ALIASES.get(split, split)
         if split is not None and split not in SPLITS:
             raise DataError(f"{path}, line {line}: split {short_repr(split)} is not one of {', '.join(SPLITS)}.")
         rows.append({"path": full, "label": row["label"], "split": split, "group": row.get("group") or None,
