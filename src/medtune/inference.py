@@ -187,7 +187,7 @@ def _load(data: str, cfg: RunConfig, class_names: list[str]) -> ImageSet:
             if path.is_dir():
                 items = [(p, c, s or EXTERNAL, None) for p, c, s in list_folder(path)[0]]
             elif path.suffix.lower() == ".csv":
-                items = [(r["path"], csv_label(r), r["split"] or EXTERNAL, None) for r in read_csv(path)]
+                items = [(r["path"], csv_label(r), r["split"] or EXTERNAL, None) for r in read_csv(path, cfg.uncertain_labels)]
             else:
                 raise DataError(f"{path}: unsupported data file; give a folder per class, a .csv or a .npz.")
             images = _from_items(items, name=path.stem, source=str(path), img_size=cfg.img_size, resize=cfg.resize,

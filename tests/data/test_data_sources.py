@@ -299,7 +299,7 @@ def test_csv_with_one_column_per_label_equals_the_pipe_form(tmp_path):
 
 
 @pytest.mark.parametrize("cell,match", [
-    ("-1.0", "line 3: label column 'b' is -1 \\(uncertain\\); label columns hold 1"),
+    ("-1.0", "line 3: label column 'b' is -1 \\(uncertain\\); .*--uncertain-labels zeros\\|ones"),
     ("", "line 3: label column 'b' is blank"),
     ("Female", "line 3: label column 'b' is 'Female'.*drop columns that are not labels"),
 ])
@@ -309,6 +309,9 @@ def test_csv_label_columns_refuse_uncertain_and_blank_cells(tmp_path, cell, matc
     (tmp_path / "d.csv").write_text(f"path,a,b\n0.png,1,0\n1.png,0,{cell}\n")
     with pytest.raises(DataError, match=match):
         load_data(str(tmp_path / "d.csv"))
+    if cell == "Female":  # not a label whatever uncertain_labels says
+        with pytest.raises(DataError, match="is 'Female'"):
+            load_data(str(tmp_path / "d.csv"), uncertain_labels="zeros")
     (tmp_path / "one.csv").write_text("path,a\n0.png,1\n")
     with pytest.raises(DataError, match="one label column \\('a'\\) and no 'label' column"):
         load_data(str(tmp_path / "one.csv"))
@@ -337,3 +340,21 @@ def test_csv_split_cell_valid_is_val(tmp_path):
     (tmp_path / "d.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
     data = load_data(str(tmp_path / "d.csv"), img_size=16)
     assert list(data.splits) == ["train"] * 3 + ["val"] * 6 + ["test"] * 3
+
+
+@pytest.mark.parametrize("policy,expected", [("zeros", [0, 0, 0]), ("ones", [1, 0, 1])])
+def test_csv_uncertain_labels_zeros_and_ones(tmp_path, policy, expected):
+    """CheXpert's U-Zeros / U-Ones: -1 is absent / present; a blank ("not mentioned") is absent in both."""
+    from medtune.config import RunConfig
+
+    rng = np.random.default_rng(1)
+    lines = ["path,a,b,c,split"]
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        cells = "-1.0,,-1" if i == 0 else ",".join("01"[(i + k) % 2] for k in range(3))
+        lines.append(f"{i}.png,{cells},{('train', 'val', 'test')[i % 3]}")
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    data = load_data(str(tmp_path / "d.csv"), img_size=16, uncertain_labels=policy)
+    assert data.labels[0].tolist() == expected and data.labels[1].tolist() == [1, 0, 1]
+    assert "uncertain_labels" not in RunConfig().semantic_dict()  # the default keeps existing run ids
+    assert RunConfig(uncertain_labels=policy).semantic_dict()["uncertain_labels"] == policy

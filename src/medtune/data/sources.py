@@ -60,19 +60,22 @@ def list_folder(root: Path) -> tuple[list[tuple[Path, str, str | None]], list[st
 
 #: CSV columns that are never label columns of a one-column-per-label CSV.
 RESERVED_CSV_COLUMNS = ("path", "label", "split", "group", "bbox", "mask")
+#: What an uncertain (-1) or blank cell of a label column means (RunConfig.uncertain_labels).
+UNCERTAIN_LABELS = ("error", "zeros", "ones")
 _POSITIVE, _NEGATIVE = frozenset({"1", "1.0"}), frozenset({"0", "0.0"})
 
 
-def read_csv(path: Path) -> list[dict]:
+def read_csv(path: Path, uncertain_labels: str = "error") -> list[dict]:
     """Rows of a ``path,label[,split][,group]`` CSV with paths resolved inside the CSV's folder.
 
     A CSV without a ``label`` column holds one column per label (CheXpert style,
     ``path,Atelectasis,Cardiomegaly,…[,split][,group]``): every column other than
     ``RESERVED_CSV_COLUMNS`` is a label whose cells are ``1``/``1.0`` (present) or ``0``/``0.0``
     (absent); the row's ``label`` is then the list of present labels (maybe empty) and
-    ``label_columns`` the columns in file order. Uncertain (``-1``) and blank cells are refused,
-    naming the line and column: medtune does not guess whether "uncertain" or "not mentioned"
-    means absent.
+    ``label_columns`` the columns in file order. Uncertain (``-1``) and blank ("not mentioned")
+    cells follow ``uncertain_labels``: ``error`` refuses them naming the line and column (medtune
+    does not guess); ``zeros`` reads both as absent (CheXpert's U-Zeros); ``ones`` reads ``-1`` as
+    present and blank as absent (U-Ones; Irvin et al., 2019).
 
     Raises:
         DataError: missing columns, empty file, a path escaping the data root, a missing file,
@@ -83,7 +86,7 @@ def read_csv(path: Path) -> list[dict]:
         # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            return _read_csv_rows(reader, path, root)
+            return _read_csv_rows(reader, path, root, uncertain_labels)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save the "
                         "CSV as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
@@ -92,7 +95,7 @@ def read_csv(path: Path) -> list[dict]:
                         ) from None
 
 
-def _read_csv_rows(reader: csv.DictReader, path: Path, root: Path) -> list[dict]:
+def _read_csv_rows(reader: csv.DictReader, path: Path, root: Path, uncertain_labels: str) -> list[dict]:
     """The rows of :func:`read_csv` (inside its decoding guard)."""
     columns = [c.strip() for c in (reader.fieldnames or [])]
     label_columns = [c for c in columns if c and c not in RESERVED_CSV_COLUMNS] if "label" not in columns else []
@@ -117,7 +120,7 @@ def _read_csv_rows(reader: csv.DictReader, path: Path, root: Path) -> list[dict]
                             "list each image once.")
         seen[full] = line
         if label_columns:
-            row["label"] = _label_cells(row, label_columns, path, line)
+            row["label"] = _label_cells(row, label_columns, path, line, uncertain_labels)
         elif not row["label"]:
             raise DataError(f"{path}, line {line}: empty label; give every row a label.")
         if isinstance(row["label"], str) and "|" in row["label"] and not all(p.strip() for p in row["label"].split("|")):
@@ -134,19 +137,24 @@ def _read_csv_rows(reader: csv.DictReader, path: Path, root: Path) -> list[dict]
     return rows
 
 
-def _label_cells(row: dict, label_columns: list[str], path: Path, line: int) -> list[str]:
+def _label_cells(row: dict, label_columns: list[str], path: Path, line: int, uncertain_labels: str) -> list[str]:
     """The present labels of one row of a one-column-per-label CSV."""
     present = []
     for column in label_columns:
         cell = row.get(column, "")
-        if cell in _POSITIVE:
+        uncertain = cell in ("-1", "-1.0")
+        if cell in _POSITIVE or (uncertain and uncertain_labels == "ones"):
             present.append(column)
-        elif cell not in _NEGATIVE:
-            what = ("is blank" if not cell else "is -1 (uncertain)" if cell in ("-1", "-1.0")
-                    else f"is {short_repr(cell)}")
-            raise DataError(f"{path}, line {line}: label column {short_repr(column)} {what}; label columns hold 1 "
-                            "(present) or 0 (absent): map uncertain and blank cells to 0 or 1 first (CheXpert's "
-                            "U-Zeros / U-Ones), and drop columns that are not labels.")
+        elif cell in _NEGATIVE or ((uncertain or not cell) and uncertain_labels != "error"):
+            continue
+        elif uncertain or not cell:
+            raise DataError(f"{path}, line {line}: label column {short_repr(column)} is "
+                            f"{'-1 (uncertain)' if uncertain else 'blank'}; label columns hold 1 (present) or 0 "
+                            "(absent): say what uncertain and blank cells mean with --uncertain-labels zeros|ones "
+                            "(CheXpert's U-Zeros / U-Ones), or map them to 0/1 in the file.")
+        else:
+            raise DataError(f"{path}, line {line}: label column {short_repr(column)} is {short_repr(cell)}; label "
+                            "columns hold 1 (present) or 0 (absent): drop columns that are not labels.")
     return present
 
 
@@ -383,7 +391,7 @@ def _validate(data: ImageSet, source: str) -> ImageSet:
 
 def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: int = 0, val_fraction: float = 0.15,
               test_fraction: float = 0.15, medmnist_size: int = 28, classes: list[str] | None = None,
-              dicom_window: str = "auto") -> ImageSet:
+              dicom_window: str = "auto", uncertain_labels: str = "error") -> ImageSet:
     """Load any supported source into an :class:`ImageSet` at ``img_size``.
 
     Args:
@@ -399,6 +407,8 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
         classes: the known class names; any other label is an error.
         dicom_window: how a ``.dcm`` without a window is scaled (``auto``, ``percentile``, ``bits``;
             :func:`~medtune.data._decode.dicom_to_unit`).
+        uncertain_labels: what ``-1`` and blank cells of a one-column-per-label CSV mean
+            (``error``, ``zeros``, ``ones``; :func:`read_csv`).
 
     Raises:
         DataError: any problem with the files (named in the message).
@@ -440,7 +450,7 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
                           "HINT: keep only images in class folders.", stacklevel=2)
         data = _from_items([(p, c, s, None) for p, c, s in items], name=path.name, source=str(path), **kw)
     elif path.suffix.lower() == ".csv":
-        rows = read_csv(path)
+        rows = read_csv(path, uncertain_labels)
         items = [(r["path"], csv_label(r), r["split"], r["group"]) for r in rows]
         if "label_columns" in rows[0] and classes is None:  # every column is a label, present in any row or not
             kw["classes"] = list(rows[0]["label_columns"])
