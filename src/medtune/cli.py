@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--img-size", type=int, default=64, help="decode size in pixels (default: %(default)s)")
     c.add_argument("--split-seed", type=int, default=0, help="seed of the split when the data has none "
                    "(default: %(default)s)")
+    for name in ("dicom_window", "uncertain_labels"):  # as the runs will read the files
+        c.add_argument("--" + name.replace("_", "-"), choices=RunConfig.CHOICES[name],
+                       default=getattr(RunConfig(), name), help=f"as in run (choices: %(choices)s; default: %(default)s)")
     c.add_argument("--format", choices=("table", "json"), default="table", help=_FORMAT_HELP)
     return parser
 
@@ -453,7 +456,8 @@ def _cmd_strategies(args: argparse.Namespace) -> int:
 def _cmd_data(args: argparse.Namespace) -> int:
     from medtune.data import check_data, format_data_report
 
-    report = check_data(args.data, img_size=args.img_size, seed=args.split_seed)
+    report = check_data(args.data, img_size=args.img_size, seed=args.split_seed, dicom_window=args.dicom_window,
+                        uncertain_labels=args.uncertain_labels)
     print(format_data_report(report, fmt=args.format))
     return 0 if report.ok else 1  # 1: problems found (listed above)
 

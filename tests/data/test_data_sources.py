@@ -356,5 +356,9 @@ def test_csv_uncertain_labels_zeros_and_ones(tmp_path, policy, expected):
     (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
     data = load_data(str(tmp_path / "d.csv"), img_size=16, uncertain_labels=policy)
     assert data.labels[0].tolist() == expected and data.labels[1].tolist() == [1, 0, 1]
+    from medtune.cli import main
+
+    assert main(["data", "check", str(tmp_path / "d.csv"), "--uncertain-labels", policy]) == 0
+    assert main(["data", "check", str(tmp_path / "d.csv")]) == 2  # the default refuses the -1 and blank cells
     assert "uncertain_labels" not in RunConfig().semantic_dict()  # the default keeps existing run ids
     assert RunConfig(uncertain_labels=policy).semantic_dict()["uncertain_labels"] == policy
