@@ -395,8 +395,9 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
     """Load any supported source into an :class:`ImageSet` at ``img_size``.
 
     Args:
-        source: a folder per class (optionally inside train/ val/ test/), a CSV
-            ``path,label[,split][,group]`` (multi-label: ``a|b``), a MedMNIST ``.npz``,
+        source: a folder per class (optionally inside train/ val/ test/; valid/ or validation/ is
+            val/), a CSV ``path,label[,split][,group]`` (multi-label: ``a|b``) or with one 0/1 column
+            per label (:func:`read_csv`), a MedMNIST ``.npz``,
             ``medmnist:NAME``, a ``.dcm`` tree (as a folder), ``demo``, ``synthetic[:K]``, or
             ``synthetic_loc`` (objects at known places, :func:`~medtune.data.synthetic.make_synthetic_localisation`).
         img_size: output side in pixels.
