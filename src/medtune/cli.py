@@ -159,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("results", help="print the runs in a store")
     p.add_argument("--store", default="./medtune-results", help="results store folder (default: %(default)s)")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
+    p.add_argument("--format", choices=("table", "json", "csv", "parquet"), default="table",
+                   help=_FORMAT_HELP + "; parquet needs -o and pyarrow (pip install -e '.[parquet]')")
+    p.add_argument("-o", "--output", default=None,
+                   help="write to this file instead of printing (needed for parquet; default: none)")
     p.add_argument("--runs", action="store_true", help="one row per run instead of per strategy (default: off)")
     p.add_argument("--export", nargs=2, metavar=("TRACKER", "DIR"), default=None,
                    help="write every finished run for a tracker into DIR instead of printing (choices of TRACKER: "
@@ -249,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--img-size", type=int, default=64, help="decode size in pixels (default: %(default)s)")
     c.add_argument("--split-seed", type=int, default=0, help="seed of the split when the data has none "
                    "(default: %(default)s)")
+    for name in ("dicom_window", "uncertain_labels"):  # as the runs will read the files
+        c.add_argument("--" + name.replace("_", "-"), choices=RunConfig.CHOICES[name],
+                       default=getattr(RunConfig(), name), help=f"as in run (choices: %(choices)s; default: %(default)s)")
     c.add_argument("--format", choices=("table", "json"), default="table", help=_FORMAT_HELP)
     return parser
 
@@ -267,8 +273,20 @@ def _strict_json(obj: Any, **kwargs: Any) -> str:
     return json.dumps(clean(obj), allow_nan=False, **kwargs)
 
 
+def _record_rows(records: list[dict], per_run: bool) -> list[dict]:
+    """The rows of ``results`` (csv, parquet, table): one per run, or one per strategy (mean ± sd over seeds)."""
+    from medtune.sweeps import results_table
+
+    if per_run:
+        return [{"run_id": r["run_id"], "arch": r["arch"], "strategy": r["label"], "seed": r["seed"],
+                 "train_fraction": r["train_fraction"], **{f"test_{k}": v for k, v in r["metrics"].items()},
+                 "trainable_params": r["trainable_params"], "train_seconds": round(r["train_seconds"], 2)}
+                for r in records]
+    return results_table(records)
+
+
 def _print_records(records: list[dict], fmt: str, *, per_run: bool = False) -> None:
-    from medtune.sweeps import format_table, results_table
+    from medtune.sweeps import format_table
 
     if fmt == "json":
         for r in records:
@@ -277,13 +295,7 @@ def _print_records(records: list[dict], fmt: str, *, per_run: bool = False) -> N
                                                      "trainable_params", "per_class", "operating_point", "calibration",
                                                      "train_seconds", "config")}, sort_keys=True))
         return
-    if per_run:
-        rows = [{"run_id": r["run_id"], "arch": r["arch"], "strategy": r["label"], "seed": r["seed"],
-                 "train_fraction": r["train_fraction"], **{f"test_{k}": v for k, v in r["metrics"].items()},
-                 "trainable_params": r["trainable_params"], "train_seconds": round(r["train_seconds"], 2)}
-                for r in records]
-    else:
-        rows = results_table(records)
+    rows = _record_rows(records, per_run)
     if fmt == "csv":
         import pandas as pd
 
@@ -365,8 +377,41 @@ def _cmd_results(args: argparse.Namespace) -> int:
         written = export_runs(store.runs(), tracker, folder)
         print(f"{len(written)} runs written for {tracker} to {folder}")
         return 0
-    _print_records(store.runs(), args.format, per_run=args.runs)
+    if args.format == "parquet" or args.output:
+        _write_records(store.runs(), args.format, args.output, per_run=args.runs)
+    else:
+        _print_records(store.runs(), args.format, per_run=args.runs)
     return 0
+
+
+def _write_records(records: list[dict], fmt: str, output: str | None, *, per_run: bool) -> None:
+    """``results -o FILE``: what ``--format`` prints, written to FILE; parquet holds the rows of csv."""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from medtune.errors import ConfigError
+
+    if output is None:
+        raise ConfigError("--format parquet writes a binary file: give it with -o FILE.parquet.")
+    try:
+        if fmt == "parquet":
+            import pandas as pd
+
+            rows = _record_rows(records, per_run)
+            try:
+                pd.DataFrame(rows).to_parquet(output, index=False)
+            except ImportError:
+                raise ConfigError("--format parquet needs pyarrow: pip install -e '.[parquet]' (or use --format "
+                                  "csv).") from None
+        else:
+            buffer = io.StringIO()
+            with contextlib.redirect_stdout(buffer):
+                _print_records(records, fmt, per_run=per_run)
+            Path(output).write_text(buffer.getvalue())
+    except OSError as exc:
+        raise ConfigError(f"Cannot write {output!r} ({exc.strerror or exc}); give another -o path.") from None
+    print(f"{len(records)} runs written to {output}", file=sys.stderr)
 
 
 def _cmd_blocks(args: argparse.Namespace) -> int:
@@ -411,7 +456,8 @@ def _cmd_strategies(args: argparse.Namespace) -> int:
 def _cmd_data(args: argparse.Namespace) -> int:
     from medtune.data import check_data, format_data_report
 
-    report = check_data(args.data, img_size=args.img_size, seed=args.split_seed)
+    report = check_data(args.data, img_size=args.img_size, seed=args.split_seed, dicom_window=args.dicom_window,
+                        uncertain_labels=args.uncertain_labels)
     print(format_data_report(report, fmt=args.format))
     return 0 if report.ok else 1  # 1: problems found (listed above)
 

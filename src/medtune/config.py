@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 import yaml
 
 from medtune._checks import check_choice, check_scalar
+from medtune.data._decode import DICOM_WINDOWS
+from medtune.data.sources import UNCERTAIN_LABELS
 from medtune.errors import ConfigError, did_you_mean, short_repr
 from medtune.strategies.spec import StrategySpec, format_strategy_spec, parse_strategy_spec
 from medtune.tracking import TRACKERS
@@ -50,7 +52,8 @@ NON_SEMANTIC_FIELDS = frozenset({"store", "device", "num_threads", "progress", "
 # Fields added after the first stores were written: at these values they leave the run id as it was,
 # so an existing store keeps its runs.
 ID_NEUTRAL_DEFAULTS: dict[str, Any] = {"cv_folds": 0, "fold": 0, "class_weight": "none", "sampler": "none",
-                                       "target_sensitivity": 0.9}
+                                       "target_sensitivity": 0.9, "dicom_window": "auto",
+                                       "uncertain_labels": "error"}
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,13 @@ class RunConfig(_Base):
         test_fraction: share of the images held out for testing when the data has no split.
         resize: ``resize`` (bilinear, antialiased) or ``pad`` (longer side scaled, zero padding centred).
         medmnist_size: image size of a ``medmnist:NAME`` download.
+        dicom_window: how a DICOM reaches 0–255 after pydicom's modality LUT (Rescale Slope/Intercept):
+            ``auto`` uses the file's VOI LUT or Window Center/Width, else the range of its stored bits
+            (BitsStored: 12-bit data spans 0–4095); ``percentile`` the file's window, else the image's
+            0.5–99.5th percentiles; ``bits`` always the stored bits' range (any window ignored).
+        uncertain_labels: a CSV with one 0/1 column per label (CheXpert style): ``error`` refuses its
+            uncertain (-1) and blank cells; ``zeros`` reads both as absent (U-Zeros); ``ones`` reads -1 as
+            present and blank as absent (U-Ones).
         label_smoothing: label smoothing of the cross-entropy loss, in [0, 0.5].
         class_weight: ``balanced`` weighs the loss by scikit-learn's balanced class weights of the training
             split (n / (K · n_k); multi-label: BCE ``pos_weight`` = negatives / positives per label); ``none``.
@@ -181,7 +191,8 @@ class RunConfig(_Base):
         "bn_mode": ("eval", "train"), "resize": ("resize", "pad", "bucket"), "medmnist_size": (28, 64, 128, 224),
         "amp": ("auto", "on", "off"), "channels_last": ("auto", "on", "off"), "feature_cache": ("auto", "off"),
         "device": ("auto", "cpu", "cuda"), "class_weight": CLASS_WEIGHTS, "sampler": SAMPLERS,
-        "tracker": TRACKERS,
+        "tracker": TRACKERS, "dicom_window": DICOM_WINDOWS,
+        "uncertain_labels": UNCERTAIN_LABELS,
     }
 
     data: str = "demo"
@@ -208,6 +219,8 @@ class RunConfig(_Base):
     test_fraction: float = 0.15
     resize: str = "resize"
     medmnist_size: int = 28
+    dicom_window: str = "auto"
+    uncertain_labels: str = "error"
     cv_folds: int = 0
     fold: int = 0
     label_smoothing: float = 0.0

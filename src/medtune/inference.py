@@ -142,7 +142,7 @@ class Predictions:
         return path
 
 
-def _unlabelled_folder(path: Path, img_size: int, resize: str) -> ImageSet | None:
+def _unlabelled_folder(path: Path, img_size: int, resize: str, dicom_window: str = "auto") -> ImageSet | None:
     """A folder holding images directly (no class folders): unlabelled images, else None."""
     from medtune.data._decode import IMAGE_EXTENSIONS, decode_image, resize_image
 
@@ -151,7 +151,7 @@ def _unlabelled_folder(path: Path, img_size: int, resize: str) -> ImageSet | Non
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise DataError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) and no class folders.")
-    images = torch.stack([resize_image(decode_image(p)[0], img_size, resize) for p in files])
+    images = torch.stack([resize_image(decode_image(p, dicom_window)[0], img_size, resize) for p in files])
     return ImageSet(images=images, labels=torch.full((len(files),), -1, dtype=torch.long),
                     splits=np.array(["test"] * len(files)), class_names=[], task="unlabelled",
                     ids=[str(p) for p in files], name=path.name)
@@ -167,18 +167,18 @@ def _load(data: str, cfg: RunConfig, class_names: list[str]) -> ImageSet:
     ``external``), never re-split and without the training-set checks (an external set may hold a
     few images, or some of the classes only)."""
     from medtune.data import load_data
-    from medtune.data.sources import _from_items, _load_npz, list_folder, read_csv
+    from medtune.data.sources import _from_items, _load_npz, csv_label, list_folder, read_csv
 
     if data == "demo" or data.startswith(("synthetic", "medmnist:")):
         images = load_data(data, img_size=cfg.img_size, resize=cfg.resize, seed=cfg.split_seed,
                            val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                           medmnist_size=cfg.medmnist_size)
+                           medmnist_size=cfg.medmnist_size, dicom_window=cfg.dicom_window)
     else:
         path = Path(data).expanduser()
         if not path.exists():
             raise DataError(f"Data {data!r} not found; give a folder per class, a CSV, a MedMNIST .npz, a folder of "
                             "images, demo or synthetic.")
-        folder = _unlabelled_folder(path, cfg.img_size, cfg.resize)
+        folder = _unlabelled_folder(path, cfg.img_size, cfg.resize, cfg.dicom_window)
         if folder is not None:
             return folder
         if path.suffix.lower() == ".npz":
@@ -187,13 +187,12 @@ def _load(data: str, cfg: RunConfig, class_names: list[str]) -> ImageSet:
             if path.is_dir():
                 items = [(p, c, s or EXTERNAL, None) for p, c, s in list_folder(path)[0]]
             elif path.suffix.lower() == ".csv":
-                items = [(r["path"], r["label"].split("|") if "|" in r["label"] else r["label"], r["split"] or EXTERNAL,
-                          None) for r in read_csv(path)]
+                items = [(r["path"], csv_label(r), r["split"] or EXTERNAL, None) for r in read_csv(path, cfg.uncertain_labels)]
             else:
                 raise DataError(f"{path}: unsupported data file; give a folder per class, a .csv or a .npz.")
             images = _from_items(items, name=path.stem, source=str(path), img_size=cfg.img_size, resize=cfg.resize,
                                  seed=cfg.split_seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                                 classes=class_names)
+                                 classes=class_names, dicom_window=cfg.dicom_window)
     if list(images.class_names) != list(class_names):
         raise DataError(f"{data}: its classes ({', '.join(images.class_names)}) are not the run's "
                         f"({', '.join(class_names)}); give images of the run's classes.")

@@ -55,9 +55,10 @@ def collect_versions() -> dict[str, str]:
 
 @lru_cache(maxsize=4)
 def _load_cached(data: str, img_size: int, resize: str, split_seed: int, val_fraction: float, test_fraction: float,
-                 medmnist_size: int) -> ImageSet:
+                 medmnist_size: int, dicom_window: str = "auto", uncertain_labels: str = "error") -> ImageSet:
     return load_data(data, img_size=img_size, resize=resize, seed=split_seed, val_fraction=val_fraction,
-                     test_fraction=test_fraction, medmnist_size=medmnist_size)
+                     test_fraction=test_fraction, medmnist_size=medmnist_size, dicom_window=dicom_window,
+                     uncertain_labels=uncertain_labels)
 
 
 @lru_cache(maxsize=16)
@@ -72,7 +73,7 @@ def prepare_data(cfg: RunConfig) -> ImageSet:
     """Load (once per process), cut to the run's cross-validation fold and subsample the data a run
     trains on; the same config gives the same ImageSet object, so its fingerprint is computed once."""
     key = (cfg.data, cfg.img_size, cfg.resize, cfg.split_seed, float(cfg.val_fraction), float(cfg.test_fraction),
-           cfg.medmnist_size)
+           cfg.medmnist_size, cfg.dicom_window, cfg.uncertain_labels)
     return _subsample_cached(key, (cfg.cv_folds, cfg.fold), float(cfg.train_fraction))
 
 

@@ -4,12 +4,14 @@ The store is the single source of truth of a sweep. A run is keyed by a hash of 
 config (seed and data fingerprint included); it is *claimed* before training so two sweeps on
 the same store never train the same run twice, written atomically when done, and a run whose
 owner died (SIGKILL, power loss) is reclaimed on the next start and resumes from its epoch
-checkpoint. Records are JSON documents under stable snake_case keys (see ``docs``/README).
+checkpoint. Records are strict JSON documents under stable snake_case keys (see ``docs``/README): NaN
+and ±inf are stored as ``null`` (so SQLite's ``json_extract`` reads every record) and restored on read.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sqlite3
@@ -49,10 +51,57 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+#: Where a record's NaN and ±inf values were: ``[[key path], "nan" | "inf" | "-inf"], …``.
+NONFINITE_KEY = "_nonfinite"
+
+
+def dumps(obj: Any) -> str:
+    """Strict JSON for the store (every JSON parser and SQLite's ``json_extract`` read it): NaN and ±inf
+    are written as ``null``, and their places are listed under ``_nonfinite`` of a top-level object so
+    that :func:`loads` restores them exactly."""
+    found: list[list] = []
+
+    def clean(x: Any, path: list) -> Any:
+        if isinstance(x, float) and not math.isfinite(x):
+            found.append([path, repr(float(x))])
+            return None
+        if isinstance(x, dict):  # keys as JSON writes them (1 -> "1"), so the path finds them after reading
+            keys = [k if isinstance(k, str) else json.dumps(k) for k in x]
+            return {key: clean(v, [*path, key]) for key, v in zip(keys, x.values())}
+        if isinstance(x, (list, tuple)):
+            return [clean(v, [*path, i]) for i, v in enumerate(x)]
+        return x
+
+    out = clean(obj, [])
+    if found and isinstance(out, dict):
+        out[NONFINITE_KEY] = found
+    return json.dumps(out, sort_keys=True, allow_nan=False)
+
+
+def loads(text: str) -> Any:
+    """Read what :func:`dumps` wrote (NaN and ±inf back in their places); records of earlier versions,
+    which wrote the non-standard ``NaN`` token, read as they always did.
+
+    Raises:
+        ValueError, TypeError, KeyError, IndexError: not JSON, or a broken ``_nonfinite`` list.
+    """
+    obj = json.loads(text)
+    if isinstance(obj, dict) and NONFINITE_KEY in obj:
+        for path, value in obj.pop(NONFINITE_KEY):
+            target = obj
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = float(value)
+    return obj
+
+
+_BAD_JSON = (ValueError, TypeError, KeyError, IndexError)
+
+
 def _is_json_object(text: str | None) -> bool:
     try:
-        return isinstance(json.loads(text), dict)
-    except (ValueError, TypeError):
+        return isinstance(loads(text), dict)
+    except _BAD_JSON:
         return False
 
 
@@ -204,7 +253,7 @@ class ResultsStore:
                 "INSERT INTO runs (run_id, status, config, owner, heartbeat, created, updated) "
                 "VALUES (?, 'running', ?, ?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET status='running', "
                 "owner=excluded.owner, heartbeat=excluded.heartbeat, updated=excluded.updated, error=NULL",
-                (run_id, json.dumps(config, sort_keys=True), _owner_id(), time.time(), now, now),
+                (run_id, dumps(config), _owner_id(), time.time(), now, now),
             )
         return True
 
@@ -248,8 +297,8 @@ class ResultsStore:
     def _decode(self, table: str, key: str, text: str | None) -> dict[str, Any] | None:
         """One stored record, or None (with a warning naming it) when it is not a JSON object."""
         try:
-            record = json.loads(text) if text is not None else None
-        except (ValueError, TypeError) as exc:
+            record = loads(text) if text is not None else None
+        except _BAD_JSON as exc:
             record, why = None, f"{type(exc).__name__}: {str(exc)[:80]}"
         else:
             why = "NULL" if text is None else f"a JSON {type(record).__name__}, not an object"
@@ -266,7 +315,7 @@ class ResultsStore:
         record = self._with_paths(record, (), self._relative)
         with self._transaction() as conn:
             conn.execute("UPDATE runs SET status='done', record=?, updated=?, error=NULL WHERE run_id=?",
-                         (json.dumps(record, sort_keys=True, allow_nan=True), _now(), run_id))
+                         (dumps(record), _now(), run_id))
 
     def fail(self, run_id: str, error: str) -> None:
         with self._transaction() as conn:
@@ -324,8 +373,8 @@ class ResultsStore:
         out = []
         for r in rows:
             try:
-                config = json.loads(r[6])
-            except (ValueError, TypeError):
+                config = loads(r[6])
+            except _BAD_JSON:
                 config = None
             out.append({**dict(zip(keys, r)), "config": config})
         return out
@@ -335,7 +384,7 @@ class ResultsStore:
         record = self._with_paths(record, _ATTACK_FILES, self._relative)
         with self._transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO attacks VALUES (?, ?, ?, ?)",
-                         (attack_id, run_id, json.dumps(record, sort_keys=True), _now()))
+                         (attack_id, run_id, dumps(record), _now()))
 
     def attacks(self, run_id: str | None = None) -> list[dict[str, Any]]:
         if run_id is None:
@@ -348,7 +397,7 @@ class ResultsStore:
     def put_search(self, search_id: str, record: dict[str, Any]) -> None:
         with self._transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO searches VALUES (?, ?, ?)",
-                         (search_id, json.dumps(record, sort_keys=True), _now()))
+                         (search_id, dumps(record), _now()))
 
     def searches(self) -> list[dict[str, Any]]:
         rows = self._conn.execute("SELECT search_id, record FROM searches ORDER BY rowid").fetchall()
@@ -356,9 +405,9 @@ class ResultsStore:
 
     def get_genome(self, key: str) -> dict[str, Any] | None:
         row = self._conn.execute("SELECT value FROM genomes WHERE key=?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
+        return loads(row[0]) if row else None
 
     def put_genome(self, key: str, value: dict[str, Any]) -> None:
         with self._transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO genomes VALUES (?, ?, ?)", (key, json.dumps(value, sort_keys=True), _now()))
+            conn.execute("INSERT OR REPLACE INTO genomes VALUES (?, ?, ?)", (key, dumps(value), _now()))
 

@@ -49,10 +49,8 @@ def test_same_config_same_result_on_cpu(tmp_path):
     assert a["run_id"] == b["run_id"] and a["metrics"] == b["metrics"]
 
 
-def test_cli_results_json_is_one_parseable_record_per_run(tmp_path, capsys):
-    store = tmp_path / "s"
-    assert main(["sweep", "--data", "synthetic", "--arch", "medtune_tiny_cnn", "--weights", "none", "--strategy",
-                 "linear,full", "--epochs", "1", "--img-size", "16", "--device", "cpu", "--store", str(store)]) == 0
+def test_cli_results_json_is_one_parseable_record_per_run(two_run_store, capsys):
+    store = two_run_store
     capsys.readouterr()
     assert main(["results", "--store", str(store), "--format", "json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -141,3 +139,46 @@ def test_deft_mask_strategy_trains_exactly_the_masked_blocks(tiny_cfg, synthetic
         assert changed == (idx in (0, 2, blocks.head_idx)), block.name
     with pytest.raises(medtune.ConfigError, match="has 3 bits but this model has 4 non-head blocks"):
         create_strategy("deft:101").set_trainable(blocks)
+
+
+
+@pytest.fixture(scope="module")
+def two_run_store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("results") / "s"
+    assert main(["sweep", "--data", "synthetic", "--arch", "medtune_tiny_cnn", "--weights", "none", "--strategy",
+                 "linear,full", "--epochs", "1", "--img-size", "16", "--device", "cpu", "--store", str(store)]) == 0
+    return store
+
+
+def test_cli_results_output_file_and_parquet_without_an_engine(two_run_store, tmp_path, capsys, monkeypatch):
+    import sys
+
+    store = two_run_store
+    capsys.readouterr()
+    for per_run in ([], ["--runs"]):
+        assert main(["results", "--store", str(store), "--format", "csv", *per_run]) == 0
+        printed = capsys.readouterr().out
+        assert main(["results", "--store", str(store), "--format", "csv", "-o", str(tmp_path / "r.csv"), *per_run]) == 0
+        assert (tmp_path / "r.csv").read_text() == printed and len(printed.splitlines()) == 3
+    assert main(["results", "--store", str(store), "--format", "parquet"]) == 2
+    assert "give it with -o FILE.parquet" in capsys.readouterr().err
+    with monkeypatch.context() as m:  # no parquet engine installed: one line naming the extra
+        m.setitem(sys.modules, "pyarrow", None)
+        m.setitem(sys.modules, "fastparquet", None)
+        assert main(["results", "--store", str(store), "--format", "parquet", "-o", str(tmp_path / "r.parquet")]) == 2
+        err = capsys.readouterr().err
+        assert "needs pyarrow: pip install -e '.[parquet]'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_results_parquet_holds_the_csv_rows(two_run_store, tmp_path):
+    import pandas as pd
+
+    pytest.importorskip("pyarrow")
+    for per_run in ([], ["--runs"]):
+        assert main(["results", "--store", str(two_run_store), "--format", "csv", "-o", str(tmp_path / "r.csv"),
+                     *per_run]) == 0
+        assert main(["results", "--store", str(two_run_store), "--format", "parquet", "-o",
+                     str(tmp_path / "r.parquet"), *per_run]) == 0
+        table = pd.read_parquet(tmp_path / "r.parquet")
+        pd.testing.assert_frame_equal(table, pd.read_csv(tmp_path / "r.csv"), check_dtype=False)
+        assert len(table) == 2 and set(table["strategy"]) == {"linear", "full"}

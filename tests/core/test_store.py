@@ -85,3 +85,38 @@ def test_records_come_back_in_insertion_order_within_one_second(tmp_path):
         store.put_attack(aid, "run", {"attack_id": aid})
     assert [a["attack_id"] for a in store.attacks()] == ids
     assert [a["attack_id"] for a in store.attacks("run")] == ids
+
+
+def test_records_are_strict_json_that_sqlite_json_extract_reads_and_nan_comes_back(tmp_path):
+    import json
+    import math
+
+    record = {"run_id": "r1", "metrics": {"auc": float("nan"), "accuracy": 0.75, "loss": float("inf")},
+              "history": [{"epoch": 0, "val_auc": float("-inf")}, {"epoch": 1, "val_auc": 0.5}],
+              "per_class": {"0": {"pr_auc": float("nan")}}, "note": None}
+    store = ResultsStore(tmp_path)
+    store.claim("r1", {"lr": 1e-3})
+    store.finish("r1", record)
+    text = store._conn.execute("SELECT record FROM runs WHERE run_id='r1'").fetchone()[0]
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON token {c} in the store"))
+    rows = store._conn.execute("SELECT json_extract(record, '$.metrics.auc'), json_extract(record, '$.metrics.accuracy'), "
+                               "json_extract(record, '$.history[1].val_auc'), json_extract(record, '$.metrics.loss') "
+                               "FROM runs").fetchall()
+    assert rows == [(None, 0.75, 0.5, None)]
+    back = store.get("r1")
+    assert math.isnan(back["metrics"]["auc"]) and back["metrics"]["loss"] == math.inf
+    assert back["history"][0]["val_auc"] == -math.inf and math.isnan(back["per_class"]["0"]["pr_auc"])
+    assert back["note"] is None and back["metrics"]["accuracy"] == 0.75 and "_nonfinite" not in back
+    assert set(back) == set(record)
+
+
+def test_a_record_written_with_nan_tokens_by_an_earlier_version_still_reads(tmp_path):
+    import math
+
+    store = ResultsStore(tmp_path)
+    store.claim("old", {})
+    store._conn.execute("UPDATE runs SET status='done', record=? WHERE run_id='old'",
+                        ('{"run_id": "old", "metrics": {"auc": NaN, "accuracy": 0.5}}',))
+    old = store.get("old")
+    assert math.isnan(old["metrics"]["auc"]) and old["metrics"]["accuracy"] == 0.5
+    assert not store.claim("old", {}), "an old record is a finished run, not trained again"

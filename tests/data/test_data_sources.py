@@ -261,7 +261,8 @@ def test_dicom_with_and_without_pixels(tmp_path):
         for i in range(6):
             write(tmp_path / "d" / c / f"{i}.dcm", ramp + i)
     data = load_data(str(tmp_path / "d"), img_size=16)
-    assert data.images[0, 0, 0, 0] == 0 and data.images[0, 0, 0, -1] == 255, "windowed to the image's range"
+    # no window in the file: scaled by the 12 stored bits (0 … 4095), not stretched to the image's own range
+    assert data.images[0, 0, 0, 0] == 0 and data.images[0, 0, 0, -1] == round(3000 / 4095 * 255)
     write(tmp_path / "d" / "a" / "empty.dcm", None)
     with pytest.raises(DataError, match="empty.dcm: DICOM file has no pixel data"):
         load_data(str(tmp_path / "d"))
@@ -273,3 +274,91 @@ def test_missing_medmnist_file_says_where_to_put_it(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "MEDMNIST_ROOT", tmp_path)
     with pytest.raises(DataError, match=f"put it at {tmp_path}/pathmnist_64.npz"):
         load_data("medmnist:pathmnist", medmnist_size=64)
+
+
+def test_csv_with_one_column_per_label_equals_the_pipe_form(tmp_path):
+    rng = np.random.default_rng(0)
+    names = ["Atelectasis", "Cardiomegaly", "Effusion"]
+    flags = rng.integers(0, 2, (24, 3))
+    flags[:, 2] = 0  # a label no image has stays a column of zeros
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    cells = [["1.0" if v else ("0" if i % 2 else "0.0") for v in row] for i, row in enumerate(flags)]
+    (tmp_path / "wide.csv").write_text("path,Atelectasis,Cardiomegaly,Effusion,split\n" + "".join(
+        f"{i}.png,{','.join(c)},{('train', 'val', 'test')[i % 3]}\n" for i, c in enumerate(cells)))
+    wide = load_data(str(tmp_path / "wide.csv"), img_size=16)
+    assert wide.task == "multilabel" and wide.class_names == names
+    np.testing.assert_array_equal(wide.labels.numpy(), flags.astype(np.float32))
+    # the same labels written as path,label with a|b: the same images and labels
+    (tmp_path / "pipe.csv").write_text("path,label,split\n" + "".join(
+        f"{i}.png,{'|'.join(n for n, v in zip(names, row) if v) or 'none'},{('train', 'val', 'test')[i % 3]}\n"
+        for i, row in enumerate(flags)))
+    pipe = load_data(str(tmp_path / "pipe.csv"), img_size=16, classes=names + ["none"])
+    np.testing.assert_array_equal(pipe.labels.numpy()[:, :3], wide.labels.numpy())
+    assert torch.equal(pipe.images, wide.images)
+
+
+@pytest.mark.parametrize("cell,match", [
+    ("-1.0", "line 3: label column 'b' is -1 \\(uncertain\\); .*--uncertain-labels zeros\\|ones"),
+    ("", "line 3: label column 'b' is blank"),
+    ("Female", "line 3: label column 'b' is 'Female'.*drop columns that are not labels"),
+])
+def test_csv_label_columns_refuse_uncertain_and_blank_cells(tmp_path, cell, match):
+    _png(tmp_path / "0.png")
+    _png(tmp_path / "1.png")
+    (tmp_path / "d.csv").write_text(f"path,a,b\n0.png,1,0\n1.png,0,{cell}\n")
+    with pytest.raises(DataError, match=match):
+        load_data(str(tmp_path / "d.csv"))
+    if cell == "Female":  # not a label whatever uncertain_labels says
+        with pytest.raises(DataError, match="is 'Female'"):
+            load_data(str(tmp_path / "d.csv"), uncertain_labels="zeros")
+    (tmp_path / "one.csv").write_text("path,a\n0.png,1\n")
+    with pytest.raises(DataError, match="one label column \\('a'\\) and no 'label' column"):
+        load_data(str(tmp_path / "one.csv"))
+
+
+@pytest.mark.parametrize("val_name", ["valid", "validation"])
+def test_valid_and_validation_folders_are_the_val_split(tmp_path, val_name):
+    for split, n in (("train", 4), (val_name, 2), ("test", 3)):
+        for c in ("x", "y"):
+            for i in range(n):
+                _png(tmp_path / split / c / f"{i}.png", color=(i * 20, 0, 0))
+    data = load_data(str(tmp_path), img_size=16)
+    assert sorted(set(data.splits)) == ["test", "train", "val"]
+    assert [(data.splits == s).sum() for s in ("train", "val", "test")] == [8, 4, 6]
+    assert all(f"/{val_name}/" in i for i, s in zip(data.ids, data.splits) if s == "val")
+    _png(tmp_path / "val" / "x" / "0.png")
+    with pytest.raises(DataError, match=f"has val and {val_name} folders, both read as the validation split"):
+        load_data(str(tmp_path), img_size=16)
+
+
+def test_csv_split_cell_valid_is_val(tmp_path):
+    rows = []
+    for i in range(12):
+        _png(tmp_path / f"{i}.png", color=(i * 20, 0, 0))
+        rows.append(f"{i}.png,{'ab'[i % 2]},{('train', 'valid', 'validation', 'test')[i // 3]}")
+    (tmp_path / "d.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    data = load_data(str(tmp_path / "d.csv"), img_size=16)
+    assert list(data.splits) == ["train"] * 3 + ["val"] * 6 + ["test"] * 3
+
+
+@pytest.mark.parametrize("policy,expected", [("zeros", [0, 0, 0]), ("ones", [1, 0, 1])])
+def test_csv_uncertain_labels_zeros_and_ones(tmp_path, policy, expected):
+    """CheXpert's U-Zeros / U-Ones: -1 is absent / present; a blank ("not mentioned") is absent in both."""
+    from medtune.config import RunConfig
+
+    rng = np.random.default_rng(1)
+    lines = ["path,a,b,c,split"]
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        cells = "-1.0,,-1" if i == 0 else ",".join("01"[(i + k) % 2] for k in range(3))
+        lines.append(f"{i}.png,{cells},{('train', 'val', 'test')[i % 3]}")
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    data = load_data(str(tmp_path / "d.csv"), img_size=16, uncertain_labels=policy)
+    assert data.labels[0].tolist() == expected and data.labels[1].tolist() == [1, 0, 1]
+    from medtune.cli import main
+
+    assert main(["data", "check", str(tmp_path / "d.csv"), "--uncertain-labels", policy]) == 0
+    assert main(["data", "check", str(tmp_path / "d.csv")]) == 2  # the default refuses the -1 and blank cells
+    assert "uncertain_labels" not in RunConfig().semantic_dict()  # the default keeps existing run ids
+    assert RunConfig(uncertain_labels=policy).semantic_dict()["uncertain_labels"] == policy

@@ -13,7 +13,8 @@ from PIL import Image, UnidentifiedImageError
 
 from medtune.errors import ConfigError, DataError, short_repr
 
-__all__ = ["IMAGE_EXTENSIONS", "decode_image", "to_rgb_uint8", "resize_image", "check_unit_range", "MIN_SIDE"]
+__all__ = ["IMAGE_EXTENSIONS", "decode_image", "to_rgb_uint8", "resize_image", "check_unit_range", "MIN_SIDE",
+           "DICOM_WINDOWS", "dicom_to_unit"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm"})
 MIN_SIDE = 8
@@ -79,7 +80,84 @@ def check_unit_range(a: np.ndarray, where: str) -> None:
                         "must be in [0, 1]; convert them first, e.g. x / 255.0 for 0-255 values, or store uint8.")
 
 
-def _decode_dicom(path: Path) -> tuple[np.ndarray, str]:
+#: How a DICOM's modality values reach [0, 1] when the file has no window (RunConfig.dicom_window).
+DICOM_WINDOWS = ("auto", "percentile", "bits")
+#: The percentiles of ``dicom_window: percentile``, as nnU-Net clips CT intensities.
+DICOM_PERCENTILES = (0.5, 99.5)
+
+
+def _dicom_luts():
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom < 3
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    return apply_modality_lut, apply_voi_lut
+
+
+def _has_voi(ds) -> str | None:
+    """``lut`` (a VOI LUT Sequence table), ``window`` (Window Center/Width) or None: the VOI transform
+    pydicom's ``apply_voi_lut`` applies (it prefers the table when both are present)."""
+    seq = ds.get("VOILUTSequence")
+    if seq and seq[0].get("LUTDescriptor") is not None and seq[0].get("LUTData") is not None:
+        return "lut"
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        return "window"
+    return None
+
+
+def dicom_to_unit(ds, px: np.ndarray, window: str = "auto") -> np.ndarray:
+    """A single-frame grey DICOM's stored values → floats in [0, 1], through pydicom's LUTs.
+
+    1. pydicom's ``apply_modality_lut`` (Modality LUT Sequence, or Rescale Slope/Intercept) gives
+       the modality values (e.g. Hounsfield units).
+    2. If the file has a VOI transform (its first VOI LUT Sequence table, else its first Window
+       Center/Width with its VOI LUT Function), pydicom's ``apply_voi_lut`` applies it, and the
+       transform's output range (PS3.3 C.11.2: ``0 … 2**bits − 1`` of a table; for a window, the
+       values pydicom gives below and above it) maps linearly to [0, 1]. ``window: bits`` ignores
+       the file's window.
+    3. Without one, a fixed range maps linearly to [0, 1]: ``auto``/``bits``: the range of the
+       stored bits (BitsStored, PixelRepresentation) through the modality LUT, so 12-bit data in
+       16-bit words spans 0 … 4095, not 0 … 65535, and never the image's own min–max;
+       ``percentile``: the image's 0.5th–99.5th percentiles (``DICOM_PERCENTILES``).
+    4. Values outside [0, 1] are clipped; ``MONOCHROME1`` (0 is white) is inverted to ``1 − x``.
+
+    medtune then stores ``floor(255 · x + 0.5)`` as uint8 (:func:`to_rgb_uint8`).
+    """
+    apply_modality_lut, apply_voi_lut = _dicom_luts()
+    values = apply_modality_lut(px, ds)
+    voi = _has_voi(ds) if window != "bits" else None
+    if voi == "lut":
+        if np.issubdtype(values.dtype, np.floating) and np.array_equal(values, np.round(values)):
+            values = values.astype(np.int64)  # a table is indexed by integers (pydicom warns on floats)
+        values = apply_voi_lut(values, ds).astype(np.float64)
+        lo, hi = 0.0, float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+    elif voi == "window":
+        values = apply_voi_lut(values, ds)
+        # the window's output range is pydicom's own: what it gives far below and far above the window
+        lo, hi = (float(v) for v in apply_voi_lut(np.array([-np.inf, np.inf]), ds))
+    elif window == "percentile":
+        values = np.asarray(values, dtype=np.float64)
+        lo, hi = (float(v) for v in np.percentile(values, DICOM_PERCENTILES))
+    else:
+        values = np.asarray(values, dtype=np.float64)
+        modality_seq = ds.get("ModalityLUTSequence")
+        if modality_seq:  # PS3.3 C.11.1.1.1: a modality table's output is unsigned, 2**bits values
+            lo, hi = 0.0, float(2 ** int(modality_seq[0].LUTDescriptor[2]) - 1)
+        else:
+            bits = int(ds.get("BitsStored") or px.dtype.itemsize * 8)
+            signed = int(ds.get("PixelRepresentation") or 0) == 1
+            raw = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2 ** bits - 1])
+            lo, hi = (float(v) for v in apply_modality_lut(raw, ds))
+    values = np.asarray(values, dtype=np.float64)
+    # lo > hi under a negative slope: the mapping still sends "below the window" to 0
+    unit = (values - lo) / (hi - lo) if hi != lo else np.zeros_like(values)
+    unit = np.clip(unit, 0.0, 1.0)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
+        unit = 1.0 - unit
+    return unit
+
+
+def _decode_dicom(path: Path, window: str = "auto") -> tuple[np.ndarray, str]:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -98,17 +176,18 @@ def _decode_dicom(path: Path) -> tuple[np.ndarray, str]:
     if px.ndim == 3 and photometric not in ("RGB", "YBR_FULL", "YBR_FULL_422"):
         raise DataError(f"{path}: a {px.shape[0]}-frame DICOM; medtune classifies 2-D images, give one slice per file.")
     if px.ndim == 2:
-        # window to the image's own range: DICOM bit depths (10, 12, 16 bit) vary per modality
-        px = px.astype(np.float64)
-        lo, hi = float(px.min()), float(px.max())
-        px = (px - lo) / (hi - lo) if hi > lo else np.zeros_like(px)
-        if photometric == "MONOCHROME1":
-            px = 1.0 - px
+        try:
+            px = dicom_to_unit(ds, px, window)
+        except (ValueError, TypeError, AttributeError, NotImplementedError, KeyError, IndexError) as exc:
+            raise DataError(f"{path}: bad DICOM rescale or window attributes ({_one_line(exc)}); fix the header, or "
+                            "convert the image to PNG.") from None
     return px, f"DICOM {photometric}"
 
 
-def decode_image(path: str | Path) -> tuple[np.ndarray, str, tuple[int, int]]:
+def decode_image(path: str | Path, dicom_window: str = "auto") -> tuple[np.ndarray, str, tuple[int, int]]:
     """Read an image file; return (RGB uint8 (H, W, 3), original mode, original (H, W)).
+
+    A ``.dcm`` file is scaled by :func:`dicom_to_unit` with ``dicom_window``.
 
     Raises:
         DataError: unreadable, truncated, too small, or without pixel data.
@@ -117,7 +196,7 @@ def decode_image(path: str | Path) -> tuple[np.ndarray, str, tuple[int, int]]:
     if not path.is_file():
         raise DataError(f"{path}: file not found; fix the path or remove the entry.")
     if path.suffix.lower() == ".dcm":
-        px, mode = _decode_dicom(path)
+        px, mode = _decode_dicom(path, dicom_window)
         return to_rgb_uint8(px, where=str(path)), mode, tuple(px.shape[:2])
     try:
         with warnings.catch_warnings():

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["ImageSet", "TASKS", "SPLITS"]
+__all__ = ["ImageSet", "TASKS", "SPLITS", "SPLIT_ALIASES"]
 
 TASKS = ("binary", "multiclass", "multilabel")
 SPLITS = ("train", "val", "test")
+#: Other names of a split, as split folders and CSV ``split`` cells may spell them (Kaggle's ``valid``).
+SPLIT_ALIASES = {"valid": "val", "validation": "val"}
 
 
 @dataclass(eq=False)

@@ -41,7 +41,8 @@ class DataReport:
 
 
 def check_data(source: str, *, img_size: int = 64, seed: int = 0, val_fraction: float = 0.15,
-               test_fraction: float = 0.15, medmnist_size: int = 28) -> DataReport:
+               test_fraction: float = 0.15, medmnist_size: int = 28, dicom_window: str = "auto",
+               uncertain_labels: str = "error") -> DataReport:
     """Inspect a data source without stopping at the first bad file.
 
     Files of folder and CSV sources are decoded one by one (unreadable ones are listed, not
@@ -59,10 +60,11 @@ def check_data(source: str, *, img_size: int = 64, seed: int = 0, val_fraction: 
             items, _ = list_folder(path)
             listing = [(p, c, s) for p, c, s in items]
         else:
-            listing = [(r["path"], r["label"], r["split"]) for r in read_csv(path)]
+            listing = [(r["path"], "|".join(r["label"]) if isinstance(r["label"], list) else r["label"], r["split"])
+                       for r in read_csv(path, uncertain_labels)]
         for p, c, s in listing:
             try:
-                rgb, mode, (h, w) = decode_image(p)
+                rgb, mode, (h, w) = decode_image(p, dicom_window)
             except DataError as exc:
                 report.unreadable.append({"file": str(p), "error": str(exc)})
                 continue
@@ -73,7 +75,8 @@ def check_data(source: str, *, img_size: int = 64, seed: int = 0, val_fraction: 
         if entries and any(s is None for _, _, s, _ in entries):
             try:
                 data = load_data(str(source), img_size=img_size, seed=seed, val_fraction=val_fraction,
-                                 test_fraction=test_fraction)
+                                 test_fraction=test_fraction, dicom_window=dicom_window,
+                                 uncertain_labels=uncertain_labels)
                 split_of = dict(zip(data.ids, data.splits))
                 entries = [(i, c, split_of.get(i, "?"), px) for i, c, _, px in entries]
             except MedtuneError as exc:

@@ -16,23 +16,30 @@ import torch
 
 from medtune.data._decode import (IMAGE_EXTENSIONS, check_unit_range, choose_buckets, decode_image, nearest_bucket,
                                   resize_image, to_rgb_uint8)
-from medtune.data.base import SPLITS, ImageSet
+from medtune.data.base import SPLIT_ALIASES, SPLITS, ImageSet
 from medtune.data.splits import make_splits
 from medtune.errors import ConfigError, DataError, short_repr
 
-__all__ = ["load_data", "list_folder", "read_csv", "medmnist_path"]
+__all__ = ["load_data", "list_folder", "read_csv", "csv_label", "medmnist_path"]
 
 MEDMNIST_ROOT = Path(os.environ.get("MEDMNIST_ROOT", Path.home() / ".medmnist"))
 
 
 def list_folder(root: Path) -> tuple[list[tuple[Path, str, str | None]], list[str]]:
-    """(path, class, given split or None) for every image of a folder-per-class tree; skipped files."""
+    """(path, class, given split or None) for every image of a folder-per-class tree; skipped files.
+
+    Split folders are ``train``, ``val`` and ``test``; ``valid`` or ``validation`` is read as ``val``."""
     root = Path(root)
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    given = {p.name for p in subdirs} & set(SPLITS)
-    layout = [(p, p.name) for p in subdirs] if given else [(root, None)]
+    split_names = set(SPLITS) | set(SPLIT_ALIASES)
+    given = {p.name for p in subdirs} & split_names
+    layout = [(p, SPLIT_ALIASES.get(p.name, p.name)) for p in subdirs] if given else [(root, None)]
+    named_val = sorted(n for n in given if SPLIT_ALIASES.get(n, n) == "val")
+    if len(named_val) > 1:
+        raise DataError(f"{root}: has {' and '.join(named_val)} folders, both read as the validation split; "
+                        "merge them into one.")
     if given and given != {p.name for p in subdirs}:
-        extra = sorted({p.name for p in subdirs} - set(SPLITS))
+        extra = sorted({p.name for p in subdirs} - split_names)
         raise DataError(f"{root}: mixes split folders ({', '.join(sorted(given))}) with class folders "
                         f"({', '.join(extra)}); put every class folder inside train/, val/ and test/.")
     items, skipped = [], []
@@ -51,19 +58,35 @@ def list_folder(root: Path) -> tuple[list[tuple[Path, str, str | None]], list[st
     return items, skipped
 
 
-def read_csv(path: Path) -> list[dict]:
+#: CSV columns that are never label columns of a one-column-per-label CSV.
+RESERVED_CSV_COLUMNS = ("path", "label", "split", "group", "bbox", "mask")
+#: What an uncertain (-1) or blank cell of a label column means (RunConfig.uncertain_labels).
+UNCERTAIN_LABELS = ("error", "zeros", "ones")
+_POSITIVE, _NEGATIVE = frozenset({"1", "1.0"}), frozenset({"0", "0.0"})
+
+
+def read_csv(path: Path, uncertain_labels: str = "error") -> list[dict]:
     """Rows of a ``path,label[,split][,group]`` CSV with paths resolved inside the CSV's folder.
+
+    A CSV without a ``label`` column holds one column per label (CheXpert style,
+    ``path,Atelectasis,Cardiomegaly,…[,split][,group]``): every column other than
+    ``RESERVED_CSV_COLUMNS`` is a label whose cells are ``1``/``1.0`` (present) or ``0``/``0.0``
+    (absent); the row's ``label`` is then the list of present labels (maybe empty) and
+    ``label_columns`` the columns in file order. Uncertain (``-1``) and blank ("not mentioned")
+    cells follow ``uncertain_labels``: ``error`` refuses them naming the line and column (medtune
+    does not guess); ``zeros`` reads both as absent (CheXpert's U-Zeros); ``ones`` reads ``-1`` as
+    present and blank as absent (U-Ones; Irvin et al., 2019).
 
     Raises:
         DataError: missing columns, empty file, a path escaping the data root, a missing file,
-            a duplicate path, or a bad split name.
+            a duplicate path, a bad split name, or a label cell that is not 0/1.
     """
     root = path.parent.resolve()
     try:
         # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            return _read_csv_rows(reader, path, root)
+            return _read_csv_rows(reader, path, root, uncertain_labels)
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save the "
                         "CSV as UTF-8 (e.g. iconv -f latin1 -t utf-8).") from None
@@ -72,10 +95,14 @@ def read_csv(path: Path) -> list[dict]:
                         ) from None
 
 
-def _read_csv_rows(reader: csv.DictReader, path: Path, root: Path) -> list[dict]:
+def _read_csv_rows(reader: csv.DictReader, path: Path, root: Path, uncertain_labels: str) -> list[dict]:
     """The rows of :func:`read_csv` (inside its decoding guard)."""
     columns = [c.strip() for c in (reader.fieldnames or [])]
-    missing = [c for c in ("path", "label") if c not in columns]
+    label_columns = [c for c in columns if c and c not in RESERVED_CSV_COLUMNS] if "label" not in columns else []
+    if "path" in columns and len(label_columns) == 1:
+        raise DataError(f"{path}: one label column ({short_repr(label_columns[0])}) and no 'label' column; write a "
+                        "path,label CSV, or give one 0/1 column per label (at least two).")
+    missing = [c for c in ("path", "label") if c not in columns and not (c == "label" and label_columns)]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; the header must be "
                         f"path,label[,split][,group]. Found: {', '.join(map(short_repr, columns)) or 'no header'}.")
@@ -92,18 +119,50 @@ def _read_csv_rows(reader: csv.DictReader, path: Path, root: Path) -> list[dict]
             raise DataError(f"{path}, line {line}: duplicate path {short_repr(row['path'])} (also on line {seen[full]}); "
                             "list each image once.")
         seen[full] = line
-        if not row["label"]:
+        if label_columns:
+            row["label"] = _label_cells(row, label_columns, path, line, uncertain_labels)
+        elif not row["label"]:
             raise DataError(f"{path}, line {line}: empty label; give every row a label.")
-        if "|" in row["label"] and not all(p.strip() for p in row["label"].split("|")):
+        if isinstance(row["label"], str) and "|" in row["label"] and not all(p.strip() for p in row["label"].split("|")):
             raise DataError(f"{path}, line {line}: label {short_repr(row['label'])} has an empty class name "
                             "between '|' separators; write multi-label rows as a|b.")
         split = row.get("split") or None
+        split = SPLIT_ALIASES.get(split, split)
         if split is not None and split not in SPLITS:
             raise DataError(f"{path}, line {line}: split {short_repr(split)} is not one of {', '.join(SPLITS)}.")
-        rows.append({"path": full, "label": row["label"], "split": split, "group": row.get("group") or None})
+        rows.append({"path": full, "label": row["label"], "split": split, "group": row.get("group") or None,
+                     **({"label_columns": label_columns} if label_columns else {})})
     if not rows:
         raise DataError(f"{path}: no rows; add one line per image.")
     return rows
+
+
+def _label_cells(row: dict, label_columns: list[str], path: Path, line: int, uncertain_labels: str) -> list[str]:
+    """The present labels of one row of a one-column-per-label CSV."""
+    present = []
+    for column in label_columns:
+        cell = row.get(column, "")
+        uncertain = cell in ("-1", "-1.0")
+        if cell in _POSITIVE or (uncertain and uncertain_labels == "ones"):
+            present.append(column)
+        elif cell in _NEGATIVE or ((uncertain or not cell) and uncertain_labels != "error"):
+            continue
+        elif uncertain or not cell:
+            raise DataError(f"{path}, line {line}: label column {short_repr(column)} is "
+                            f"{'-1 (uncertain)' if uncertain else 'blank'}; label columns hold 1 (present) or 0 "
+                            "(absent): say what uncertain and blank cells mean with --uncertain-labels zeros|ones "
+                            "(CheXpert's U-Zeros / U-Ones), or map them to 0/1 in the file.")
+        else:
+            raise DataError(f"{path}, line {line}: label column {short_repr(column)} is {short_repr(cell)}; label "
+                            "columns hold 1 (present) or 0 (absent): drop columns that are not labels.")
+    return present
+
+
+def csv_label(row: dict) -> str | list[str]:
+    """A :func:`read_csv` row's label as the loaders take it: a class name, or a list of labels
+    (``a|b``, or the present labels of a one-column-per-label CSV)."""
+    label = row["label"]
+    return label if isinstance(label, list) else label.split("|") if "|" in label else label
 
 
 def medmnist_path(name: str, size: int) -> Path:
@@ -254,7 +313,7 @@ def _medmnist_info(name: str) -> dict | None:
 
 def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]], *, name: str, source: str,
                 img_size: int, resize: str, seed: int, val_fraction: float, test_fraction: float,
-                classes: list[str] | None) -> ImageSet:
+                classes: list[str] | None, dicom_window: str = "auto") -> ImageSet:
     multilabel = any(isinstance(lbl, list) for _, lbl, _, _ in items)
     found = sorted({c for _, lbl, _, _ in items for c in (lbl if isinstance(lbl, list) else [lbl])})
     if classes is not None:
@@ -268,7 +327,7 @@ def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]
     index = {c: i for i, c in enumerate(found)}
     images, sizes, buckets = [], None, None
     if resize == "bucket":  # a few sides from the data's own sizes; each image at the nearest one
-        rgbs = [decode_image(path)[0] for path, _, _, _ in items]
+        rgbs = [decode_image(path, dicom_window)[0] for path, _, _, _ in items]
         buckets = choose_buckets([np.sqrt(r.shape[0] * r.shape[1]) for r in rgbs], img_size)
         sizes = np.array([nearest_bucket(np.sqrt(r.shape[0] * r.shape[1]), buckets) for r in rgbs], dtype=np.int64)
         canvas = max(buckets)
@@ -276,7 +335,7 @@ def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]
             x = resize_image(rgb, int(side), "resize")
             images.append(torch.nn.functional.pad(x, (0, canvas - int(side), 0, canvas - int(side))))
     for path, _, _, _ in items if resize != "bucket" else ():
-        rgb, _, _ = decode_image(path)
+        rgb, _, _ = decode_image(path, dicom_window)
         images.append(resize_image(rgb, img_size, resize))
     if multilabel:
         y = np.zeros((len(items), len(found)), dtype=np.float32)
@@ -331,12 +390,14 @@ def _validate(data: ImageSet, source: str) -> ImageSet:
 
 
 def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: int = 0, val_fraction: float = 0.15,
-              test_fraction: float = 0.15, medmnist_size: int = 28, classes: list[str] | None = None) -> ImageSet:
+              test_fraction: float = 0.15, medmnist_size: int = 28, classes: list[str] | None = None,
+              dicom_window: str = "auto", uncertain_labels: str = "error") -> ImageSet:
     """Load any supported source into an :class:`ImageSet` at ``img_size``.
 
     Args:
-        source: a folder per class (optionally inside train/ val/ test/), a CSV
-            ``path,label[,split][,group]`` (multi-label: ``a|b``), a MedMNIST ``.npz``,
+        source: a folder per class (optionally inside train/ val/ test/; valid/ or validation/ is
+            val/), a CSV ``path,label[,split][,group]`` (multi-label: ``a|b``) or with one 0/1 column
+            per label (:func:`read_csv`), a MedMNIST ``.npz``,
             ``medmnist:NAME``, a ``.dcm`` tree (as a folder), ``demo``, ``synthetic[:K]``, or
             ``synthetic_loc`` (objects at known places, :func:`~medtune.data.synthetic.make_synthetic_localisation`).
         img_size: output side in pixels.
@@ -345,6 +406,10 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
         val_fraction, test_fraction: split shares when the source gives none.
         medmnist_size: 28, 64, 128 or 224 for ``medmnist:NAME``.
         classes: the known class names; any other label is an error.
+        dicom_window: how a ``.dcm`` without a window is scaled (``auto``, ``percentile``, ``bits``;
+            :func:`~medtune.data._decode.dicom_to_unit`).
+        uncertain_labels: what ``-1`` and blank cells of a one-column-per-label CSV mean
+            (``error``, ``zeros``, ``ones``; :func:`read_csv`).
 
     Raises:
         DataError: any problem with the files (named in the message).
@@ -378,7 +443,7 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
         raise DataError(f"Data {short_repr(source)} not found; give a folder per class, a CSV, a MedMNIST .npz, "
                         "medmnist:NAME, demo or synthetic.")
     kw = {"img_size": img_size, "resize": resize, "seed": seed, "val_fraction": val_fraction,
-          "test_fraction": test_fraction, "classes": classes}
+          "test_fraction": test_fraction, "classes": classes, "dicom_window": dicom_window}
     if path.is_dir():
         items, skipped = list_folder(path)
         if skipped:
@@ -386,9 +451,10 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
                           "HINT: keep only images in class folders.", stacklevel=2)
         data = _from_items([(p, c, s, None) for p, c, s in items], name=path.name, source=str(path), **kw)
     elif path.suffix.lower() == ".csv":
-        rows = read_csv(path)
-        items = [(r["path"], r["label"].split("|") if "|" in r["label"] else r["label"], r["split"], r["group"])
-                 for r in rows]
+        rows = read_csv(path, uncertain_labels)
+        items = [(r["path"], csv_label(r), r["split"], r["group"]) for r in rows]
+        if "label_columns" in rows[0] and classes is None:  # every column is a label, present in any row or not
+            kw["classes"] = list(rows[0]["label_columns"])
         data = _from_items(items, name=path.stem, source=str(path), **kw)
     elif path.suffix.lower() == ".npz":
         data = _load_npz(path, img_size, resize)
