@@ -523,6 +523,8 @@ def compute_uap(
             if step_decay != 1.0:
                 stepper.set_step(stepper.step * step_decay)
         last_rate = history[-1] if exact[-1] else _source_rate(model, images, v, clean, target, **score)
+        if not best_exact and best_pass == len(history):  # the best is the last v: scored just above
+            best_rate, best_exact = last_rate, True
         if not best_exact:
             best_rate = _source_rate(model, images, best_v, clean, target, **score)
         if last_rate > best_rate:  # a counted rate can rank a v too high; never return worse than the last
