@@ -93,6 +93,7 @@ def test_export_timm_round_trip_restores_head_labels_and_input_size(trained, tmp
     out = medtune.export(record["run_id"], fmt="timm", store=root)
     folder = root / "artifacts" / record["run_id"]
     assert out["path"] == str(folder) and out["max_abs_diff"] < 1e-5
+    # local-dir: reads the exported folder (no hub access), as a user of the export would
     restored = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     model = medtune.load_model(record["run_id"], store=root)
     assert restored.num_classes == 2

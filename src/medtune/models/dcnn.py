@@ -28,6 +28,8 @@ from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from medtune.models._pooled_head import PooledHeadMixin
+
 __all__ = ["DCNN3", "dcnn3"]
 
 
@@ -41,7 +43,7 @@ class _ConvUnit(nn.Sequential):
         super().__init__(*layers)
 
 
-class DCNN3(nn.Module):
+class DCNN3(PooledHeadMixin, nn.Module):
     """Three conv units, global average pooling and a linear classifier (Rama et al.).
 
     Args:
@@ -70,25 +72,10 @@ class DCNN3(nn.Module):
         """One group per convolution, at either granularity (the convolutions are the layers)."""
         return dict(blocks=r"^stages\.(\d+)")
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with a freshly initialised one with ``num_classes`` outputs."""
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_chans, H, W) normalised images -> (N, widths[-1], H/4, W/4) feature maps."""
         return self.stages(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Feature maps -> logits (N, num_classes): average pooling over the whole maps, then linear."""
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 default_cfgs = generate_default_cfgs(

@@ -26,6 +26,8 @@ from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
+from medtune.models._pooled_head import PooledHeadMixin
+
 __all__ = ["TinyCNN", "medtune_tiny_cnn"]
 
 
@@ -42,7 +44,7 @@ class ConvBnAct(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-class TinyCNN(nn.Module):
+class TinyCNN(PooledHeadMixin, nn.Module):
     """A stem and three stride-2 stages of conv+BN+ReLU units, then pooling and a linear head.
 
     Args:
@@ -93,25 +95,10 @@ class TinyCNN(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier with a freshly initialised one with ``num_classes`` outputs."""
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_chans, H, W) normalised images -> (N, widths[-1], H/8, W/8) feature maps."""
         return self.stages(self.stem(x))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Feature maps -> logits (N, num_classes), or pooled features (N, widths[-1]) if ``pre_logits``."""
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 default_cfgs = generate_default_cfgs(
