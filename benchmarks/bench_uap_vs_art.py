@@ -12,6 +12,10 @@ scored by the same ``evaluate_perturbation``. Two comparisons, each repeated and
   ``--passes`` passes: medtune runs 1, 2, ... passes (each run from scratch, timed whole) until the v
   it returns fools at least as many test images as ART's.
 
+Each comparison is made for every ``--step-scales`` value of medtune's batched loop (``fixed``: the
+step size of every step; ``sqrt_batch``: √(images still to fool in the batch) × that), against the
+same ART runs.
+
 ART is a test/benchmark dependency (``pip install -e ".[test]"``).
 
     PYTHONPATH=src python benchmarks/bench_uap_vs_art.py [--threads 2] [--passes 3] [--repeats 2]
@@ -77,6 +81,7 @@ def main() -> None:
     parser.add_argument("--norms", default="2,inf")
     parser.add_argument("--num-source-images", type=int, default=240, help="first N training images")
     parser.add_argument("--reference", action="store_true", help="also time medtune's reference mode (once)")
+    parser.add_argument("--step-scales", default="fixed,sqrt_batch", help="batched step scales to compare")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -96,49 +101,55 @@ def main() -> None:
     def fooling(v: torch.Tensor) -> float:
         return evaluate_perturbation(model, test.images, None, v)["fooling_rate"]
 
-    def ours(norm: str, passes: int, algorithm: str = "batched"):
+    def ours(norm: str, passes: int, algorithm: str = "batched", step_scale: str = "fixed"):
         res = compute_uap(model, source, zeta=args.zeta, norm=norm, step_size=args.step_fraction * budget_xi(
             source, args.zeta, norm), max_passes=passes, goal_rate=1.0, batch_size=args.batch_size,
-            algorithm=algorithm, seed=0)
+            algorithm=algorithm, step_scale=step_scale, seed=0)
         return res.perturbation, res.seconds
 
+    scales = args.step_scales.split(",")
     rows = []
     for norm in args.norms.split(","):
         xi = budget_xi(source, args.zeta, norm)
-        art_s, bat_s, ref_s = [], [], []
+        art_s, ref_s = [], []
+        bat_s: dict[str, list[float]] = {scale: [] for scale in scales}
+        v_bat: dict[str, torch.Tensor] = {}
         for _ in range(args.repeats):  # interleaved, so load changes hit all alike
             v_art, s = run_art(model, source, xi=xi, norm=norm, step=args.step_fraction * xi, passes=args.passes,
                                num_classes=num_classes)
             art_s.append(s)
-            v_bat, s = ours(norm, args.passes)
-            bat_s.append(s)
+            for scale in scales:
+                v_bat[scale], s = ours(norm, args.passes, step_scale=scale)
+                bat_s[scale].append(s)
         if args.reference:
             v_ref, s = ours(norm, args.passes, "reference")
             ref_s.append(s)
-        art_fool, bat_fool = fooling(v_art), fooling(v_bat)
+        art_fool = fooling(v_art)
         ref_fool = fooling(v_ref) if args.reference else float("nan")
-        # equal test fooling: fewest batched passes whose v reaches ART's test fooling rate
-        reach_passes, reach_s, reach_fool = None, None, None
-        for k in range(1, args.max_medtune_passes + 1):
-            times = []
-            for _ in range(args.repeats):
-                v_k, s = ours(norm, k)
-                times.append(s)
-            if fooling(v_k) >= art_fool:
-                reach_passes, reach_s, reach_fool = k, statistics.median(times), fooling(v_k)
-                break
-        rows.append((norm, statistics.median(art_s), art_fool, statistics.median(bat_s), bat_fool,
-                     statistics.median(ref_s) if ref_s else float("nan"), ref_fool, reach_passes, reach_s, reach_fool))
+        for scale in scales:
+            # equal test fooling: fewest batched passes whose v reaches ART's test fooling rate
+            reach_passes, reach_s, reach_fool = None, None, None
+            for k in range(1, args.max_medtune_passes + 1):
+                times = []
+                for _ in range(args.repeats):
+                    v_k, s = ours(norm, k, step_scale=scale)
+                    times.append(s)
+                if fooling(v_k) >= art_fool:
+                    reach_passes, reach_s, reach_fool = k, statistics.median(times), fooling(v_k)
+                    break
+            rows.append((norm, scale, statistics.median(art_s), art_fool, statistics.median(bat_s[scale]),
+                         fooling(v_bat[scale]), statistics.median(ref_s) if ref_s else float("nan"), ref_fool,
+                         reach_passes, reach_s, reach_fool))
 
-    print(f"\n| norm | ART s ({args.passes} passes) | ART test fooling | medtune batched s | fooling | ART/medtune "
-          "(equal passes) | medtune reference s | fooling | ART/reference | batched passes to ART's fooling | s | "
-          "fooling | ART/medtune (equal fooling) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for norm, art, af, bat, bf, ref, rf, kp, ks, kf in rows:
+    print(f"\n| norm | step scale | ART s ({args.passes} passes) | ART test fooling | medtune batched s | fooling | "
+          "ART/medtune (equal passes) | medtune reference s | fooling | ART/reference | batched passes to ART's "
+          "fooling | s | fooling | ART/medtune (equal fooling) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for norm, scale, art, af, bat, bf, ref, rf, kp, ks, kf in rows:
         reach = (f"{kp} | {ks:.2f} | {kf:.3f} | **{art / ks:.1f}×**" if kp is not None else
                  f"not reached in {args.max_medtune_passes} | – | – | –")
-        print(f"| L{norm} | {art:.2f} | {af:.3f} | {bat:.2f} | {bf:.3f} | **{art / bat:.1f}×** | {ref:.2f} | {rf:.3f} | "
-              f"{art / ref:.1f}× | {reach} |")
+        print(f"| L{norm} | {scale} | {art:.2f} | {af:.3f} | {bat:.2f} | {bf:.3f} | **{art / bat:.1f}×** | {ref:.2f} | "
+              f"{rf:.3f} | {art / ref:.1f}× | {reach} |")
 
 
 if __name__ == "__main__":

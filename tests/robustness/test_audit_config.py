@@ -164,3 +164,14 @@ def test_cli_reads_a_yaml_config_and_flags_override_it(cli_config, tmp_path):
     path.write_text("zetas: [0.08, 0.04]\nnorm: inf\nmax_passes: 3\n")
     assert cli_config("--config", str(path), "--max-passes", "5") == AuditConfig(zetas=(0.04, 0.08), norm="inf",
                                                                                   max_passes=5)
+
+
+def test_step_scale_is_hashed_only_when_set():
+    # a field added after stores existed: the default leaves every stored attack id as it was
+    cfg = AuditConfig()
+    assert "step_scale" not in cfg.semantic_dict()
+    scaled = cfg.replace(step_scale="sqrt_batch")
+    assert scaled.semantic_dict()["step_scale"] == "sqrt_batch"
+    assert scaled.attack_id("r1", key="k") != cfg.attack_id("r1", key="k")
+    with pytest.raises(ConfigError, match="batched algorithm only"):
+        AuditConfig(algorithm="reference", step_scale="sqrt_batch")

@@ -354,3 +354,30 @@ def test_init_and_an_absolute_budget(random_setup):
     assert perturbation_norm(resumed.perturbation, 2) <= 0.5 + 1e-6  # init is projected first
     with pytest.raises(DataError, match=r"init has shape \(3, 4, 4\)"):
         compute_uap(model, images, init=torch.zeros(3, 4, 4))
+
+
+@pytest.mark.parametrize("norm", [2, "inf"])
+def test_sqrt_batch_step_is_the_step_times_root_of_the_images_stepped_for(random_setup, norm):
+    # one batch of all images, one pass, a budget the step cannot reach: v is exactly the first step
+    model, images = random_setup
+    common = dict(zeta=0.1, xi=1e3, norm=norm, step_size=0.05, max_passes=1, goal_rate=1.0,
+                  batch_size=images.shape[0])
+    fixed = compute_uap(model, images, **common)
+    scaled = compute_uap(model, images, step_scale="sqrt_batch", **common)
+    n = images.shape[0]  # none is fooled before the first step: every image is stepped for
+    assert fixed.step_scale == "fixed" and scaled.step_scale == "sqrt_batch"
+    assert perturbation_norm(fixed.last_perturbation, norm) == pytest.approx(0.05, rel=1e-5)
+    assert perturbation_norm(scaled.last_perturbation, norm) == pytest.approx(0.05 * math.sqrt(n), rel=1e-5)
+    # the same direction, √n times longer
+    torch.testing.assert_close(scaled.last_perturbation, fixed.last_perturbation * math.sqrt(n), rtol=1e-4,
+                               atol=1e-6)
+
+
+def test_sqrt_batch_stays_within_budget_and_is_batched_only(random_setup):
+    model, images = random_setup
+    result = compute_uap(model, images, zeta=0.04, norm=2, step_scale="sqrt_batch", max_passes=2, batch_size=8)
+    assert perturbation_norm(result.perturbation, 2) <= result.xi + 1e-6
+    with pytest.raises(ConfigError, match="'step_scale' parameter of compute_uap .* batched algorithm only"):
+        compute_uap(model, images, algorithm="reference", step_scale="sqrt_batch")
+    with pytest.raises(ConfigError, match="'step_scale' parameter of UAPAttack"):
+        UAPAttack(step_scale="sqrt")

@@ -127,6 +127,7 @@ def audit(
     step_fraction: float = DEFAULT_STEP_FRACTION,
     step_norm: str | None = None,
     step_decay: float = 1.0,
+    step_scale: str = "fixed",
     max_passes: int = DEFAULT_MAX_PASSES,
     goal_rate: float = DEFAULT_GOAL_RATE,
     batch_size: int = 32,
@@ -151,7 +152,7 @@ def audit(
             channels and are the ``train`` source (``num_source_images`` drawn, seeded).
         class_names: K names for the per-class rates; default "0".."K-1".
         sources, zetas, norm, targeted, natural_folder, num_source_images, mix_fraction, chunk_size,
-            algorithm, channels, step_fraction, step_norm, step_decay, max_passes, goal_rate,
+            algorithm, channels, step_fraction, step_norm, step_decay, step_scale, max_passes, goal_rate,
             batch_size, num_random, random_linf, seed: the :class:`AuditConfig` fields of the same
             names (same defaults), validated by building one.
         device: default the model's device.
@@ -165,7 +166,7 @@ def audit(
         ([[source images so far, test rate]] after each chunk); the loop: ``num_passes``,
         ``num_updates``, ``goal_reached``, ``goal_rate``, ``fooling_rate_source`` (per pass),
         ``source_rate_exact`` (per pass), ``source_rate_best``, ``best_pass``, ``step_size``,
-        ``step_norm``, ``seconds``, ``seed``; for the UAP: ``fooling_rate``, ``fooling_ci_low``,
+        ``step_norm``, ``step_scale``, ``seconds``, ``seed``; for the UAP: ``fooling_rate``, ``fooling_ci_low``,
         ``fooling_ci_high``, ``ci_method``, ``targeted_success`` (+ ``targeted_ci_low``/``_high``),
         ``clean_target_share``, ``clean_accuracy``, ``perturbed_accuracy``, ``per_class``,
         ``confusion``; the random controls: ``random_num_draws``, ``random_linf``,
@@ -186,7 +187,7 @@ def audit(
                       norm=norm, targeted=targeted, natural_folder=natural_folder,
                       num_source_images=num_source_images, mix_fraction=mix_fraction, chunk_size=chunk_size,
                       algorithm=algorithm, channels=channels, step_fraction=step_fraction, step_norm=step_norm,
-                      step_decay=step_decay, max_passes=max_passes, goal_rate=goal_rate, batch_size=batch_size,
+                      step_decay=step_decay, step_scale=step_scale, max_passes=max_passes, goal_rate=goal_rate, batch_size=batch_size,
                       num_random=num_random, random_linf=random_linf, seed=seed)
     test_images = check_images(test_images, "test_images")
     if train_images is None:
@@ -214,7 +215,7 @@ def audit(
                 attack = create_attack(
                     "uap", zeta=zeta, norm=cfg.norm, xi=xi, targeted=target, algorithm=cfg.algorithm,
                     channels=mode, step_size=cfg.step_fraction * xi, step_norm=cfg.step_norm,
-                    step_decay=cfg.step_decay, max_passes=cfg.max_passes, goal_rate=cfg.goal_rate,
+                    step_decay=cfg.step_decay, step_scale=cfg.step_scale, max_passes=cfg.max_passes, goal_rate=cfg.goal_rate,
                     batch_size=cfg.batch_size, seed=uap_seed, device=dev)
                 key = _perturbation_key(name, zeta, cfg.norm, target)
                 record, v, control = _one_uap(model, attack, source, cfg, test_images, test_labels, clean_test,
@@ -283,6 +284,7 @@ def _one_uap(model, attack, source: _Source, cfg: AuditConfig, test_images, test
         "best_pass": res.best_pass,
         "step_size": res.step_size,
         "step_norm": res.step_norm,
+        "step_scale": res.step_scale,
         "seconds": seconds,
         "seed": uap_seed,
     }

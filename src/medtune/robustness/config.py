@@ -23,6 +23,8 @@ from medtune.robustness.uap import (
     DEFAULT_MAX_PASSES,
     DEFAULT_STEP_FRACTION,
     RANDOM_LINF,
+    STEP_SCALES,
+    check_step_scale,
 )
 
 __all__ = ["AuditConfig", "CHANNELS", "SOURCES"]
@@ -34,6 +36,9 @@ CHANNELS = ("auto", "grey", "rgb")
 
 # Fields that do not change what an audit computes; the attack id leaves them out.
 _NOT_HASHED = frozenset({"device", "transfer", "store"})
+# Fields added after stores existed: hashed only when set away from these defaults, so the audits of
+# older stores keep their attack ids.
+_HASHED_WHEN_SET = {"step_scale": "fixed"}
 
 
 def check_sources(sources: Any, owner: str) -> list[str]:
@@ -103,6 +108,9 @@ class AuditConfig(_Base):
         step_norm: None (steps in the budget's norm) or ``inf`` (sign steps, ART's FGSM default
             that the papers' code used under L2 budgets too).
         step_decay: the step is multiplied by this after every pass, in (0, 1]; 1 keeps it fixed.
+        step_scale: ``fixed`` (every step has the step size; the papers') or ``sqrt_batch`` (batched
+            only: a batch's step is √(its images still to fool) × the step size, as long as that
+            many per-image steps summed in independent directions — fewer passes to the same fooling).
         max_passes: maximum passes of the UAP loop over each chunk of source images.
         goal_rate: a UAP stops once it fools this share of its source images, in (0, 1].
         batch_size: images per UAP gradient step (batched) and per evaluation forward.
@@ -121,7 +129,8 @@ class AuditConfig(_Base):
 
     #: The fixed value sets of fields, shown in the CLI's help (each is checked in __post_init__).
     CHOICES: ClassVar[dict[str, tuple]] = {"sources": SOURCES, "norm": ("2", "inf"), "step_norm": ("2", "inf"),
-                                           "algorithm": ALGORITHMS, "channels": CHANNELS, "random_linf": RANDOM_LINF}
+                                           "algorithm": ALGORITHMS, "channels": CHANNELS, "random_linf": RANDOM_LINF,
+                                           "step_scale": STEP_SCALES}
 
     sources: tuple[str, ...] = ("train", "natural")
     zetas: tuple[float, ...] = (0.02, 0.04, 0.08)
@@ -136,6 +145,7 @@ class AuditConfig(_Base):
     step_fraction: float = DEFAULT_STEP_FRACTION
     step_norm: str | None = None
     step_decay: float = 1.0
+    step_scale: str = "fixed"
     max_passes: int = DEFAULT_MAX_PASSES
     goal_rate: float = DEFAULT_GOAL_RATE
     batch_size: int = 32
@@ -169,6 +179,7 @@ class AuditConfig(_Base):
         check_choice(self.algorithm, "algorithm", ALGORITHMS, owner=owner)
         check_choice(self.channels, "channels", CHANNELS, owner=owner)
         check_choice(self.random_linf, "random_linf", RANDOM_LINF, owner=owner)
+        check_step_scale(self.step_scale, self.algorithm, owner)
         if self.step_norm is not None:
             step_norm = resolve_norm(self.step_norm, owner=owner)
             if step_norm == "2" and self.norm == "inf":
@@ -180,7 +191,8 @@ class AuditConfig(_Base):
 
     def semantic_dict(self) -> dict[str, Any]:
         """The fields that decide the result: audit()'s keywords, each attack record's ``params``, the hashed part."""
-        return {k: v for k, v in self.to_dict().items() if k not in _NOT_HASHED}
+        return {k: v for k, v in self.to_dict().items()
+                if k not in _NOT_HASHED and not (k in _HASHED_WHEN_SET and v == _HASHED_WHEN_SET[k])}
 
     def attack_id(self, run_id: str, **extra: Any) -> str:
         """16 hex chars: a hash of ``run_id``, :meth:`semantic_dict` and ``extra`` (e.g. ``key=...``)."""

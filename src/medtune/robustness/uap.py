@@ -20,7 +20,9 @@ where ART returns the last; ``last_perturbation`` holds that one).
 along the summed loss gradient of the batch's images not yet fooled, always kept (mini-batch instead
 of per-sample updates, as SGD relates to per-sample steps); projection and clipping as above. It
 makes N/batch_size updates per pass where the reference makes up to N, so at equal passes it may
-need a larger step; in exchange the reference moves only when one step flips one image. The
+need a larger step (``step_scale="sqrt_batch"`` lengthens each batched step by √(images in the
+batch still to fool), the length of that many per-image steps added in independent directions; the
+default ``fixed`` keeps the step size); in exchange the reference moves only when one step flips one image. The
 gradient is taken w.r.t. clip(x+v), straight through the clip. No end-of-pass evaluation: a pass's
 source rate is counted from the forwards it already made (each image under the v it met); v is
 scored exactly only when that count is within ``CHECK_MARGIN`` of the goal (or with
@@ -66,6 +68,7 @@ from medtune.robustness._registry import register_attack
 
 __all__ = [
     "ALGORITHMS",
+    "STEP_SCALES",
     "UAPAttack",
     "UAPResult",
     "apply_perturbation",
@@ -81,6 +84,9 @@ __all__ = [
 
 #: The UAP algorithms, default first.
 ALGORITHMS = ("batched", "reference")
+#: How long a batched step is: the step size (the papers'), or the step size × √(images the step is
+#: taken for) — as long as the sum of that many per-image steps in independent directions.
+STEP_SCALES = ("fixed", "sqrt_batch")
 #: Perturbation spaces of :func:`compute_uap`: colour, or grey (R = G = B).
 CHANNEL_MODES = ("rgb", "grey")
 #: Random controls under an L∞ budget: uniform in the cube (as the papers' code), or its corners.
@@ -121,6 +127,7 @@ class UAPResult:
         step_size: the FGSM step in the budget's norm, [0, 1] pixel units (first pass).
         step_norm: the norm of the FGSM step: "2" or "inf" (sign steps).
         step_decay: factor applied to the step after every pass.
+        step_scale: "fixed" or "sqrt_batch" (batched steps × √(images stepped for)).
         goal_rate: the source rate at which the loop stops early.
         num_source_images: number of images the UAP was computed from.
         goal_reached: whether the loop stopped because ``goal_rate`` was reached (exactly scored).
@@ -145,6 +152,7 @@ class UAPResult:
     step_size: float = 0.0
     step_norm: str = "2"
     step_decay: float = 1.0
+    step_scale: str = "fixed"
     goal_rate: float = DEFAULT_GOAL_RATE
     num_source_images: int = 0
     goal_reached: bool = False
@@ -247,18 +255,19 @@ class _Stepper:
         self.step = step
         self.elementwise = step / math.sqrt(self.numel) if (self.step_norm == "inf" and self.norm == "2") else step
 
-    def direction(self, grad: torch.Tensor) -> torch.Tensor:
+    def direction(self, grad: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
         if self.grey:
             grad = grad.mean(dim=1, keepdim=True).expand_as(grad)
         if self.step_norm == "inf":
-            return self.elementwise * grad.sign()
+            return (self.elementwise * scale) * grad.sign()
         # ART's float32 normalisation: a gradient whose squares underflow (a saturated softmax) is
         # zero, not a unit direction, so such an image is not stepped
         length = grad.square().sum().sqrt()
-        return torch.where(length > 0, self.step / length.clamp_min(1e-38), torch.zeros_like(length)) * grad
+        return torch.where(length > 0, self.step * scale / length.clamp_min(1e-38), torch.zeros_like(length)) * grad
 
-    def __call__(self, v: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        return _project(v + self.sign * self.direction(grad), self.xi, self.norm)
+    def __call__(self, v: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """v one step along ``grad`` (``scale`` × the step size), projected onto the ξ-ball."""
+        return _project(v + self.sign * self.direction(grad, scale), self.xi, self.norm)
 
 
 def _source_rate(model, images, v, clean, target, *, batch_size, device, channels_last) -> float:
@@ -269,12 +278,13 @@ def _source_rate(model, images, v, clean, target, *, batch_size, device, channel
 
 
 def _batched_pass(model, images, order, v, clean_dev, target, stepper, *, batch_size, device, channels_last,
-                  mask_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  mask_first: bool, sqrt_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass of the batched loop; returns (v, number of images met fooled, number of updates).
 
     ``mask_first`` (CPU, most images fooled): a gradient-free forward finds the images still to
     fool and only those go through forward/backward. Otherwise one forward/backward over the whole
-    batch, whose logits also give the mask, with no host sync.
+    batch, whose logits also give the mask, with no host sync. ``sqrt_batch``: the step is
+    √(images still to fool in the batch) times the step size (a device tensor, no sync).
     """
     fooled = torch.zeros((), dtype=torch.int64, device=device)
     updates = torch.zeros((), dtype=torch.int64, device=device)
@@ -302,13 +312,15 @@ def _batched_pass(model, images, order, v, clean_dev, target, stepper, *, batch_
         loss = F.cross_entropy(logits, y, reduction="none")
         if mask_first:
             updates += 1
+            scale = math.sqrt(x.shape[0]) if sqrt_batch else 1.0
         else:
             active = is_active(logits.detach().argmax(dim=1), labels)
             fooled += (~active).sum()
             updates += active.any()
             loss = loss * active
+            scale = active.sum().sqrt() if sqrt_batch else 1.0
         (grad,) = torch.autograd.grad(loss.sum(), x_in)
-        v = stepper(v, grad.sum(dim=0, keepdim=True))  # a zero gradient (nothing left to fool) keeps v
+        v = stepper(v, grad.sum(dim=0, keepdim=True), scale)  # a zero gradient (nothing left to fool) keeps v
     return v, fooled, updates
 
 
@@ -381,10 +393,21 @@ def _check_step_norm(step_norm: object, norm: str, owner: str) -> str:
     return resolved
 
 
-def _check_options(owner: str, *, algorithm: str, channels: str, step_decay: object) -> float:
+def _check_options(owner: str, *, algorithm: str, channels: str, step_decay: object,
+                   step_scale: object = "fixed") -> float:
     check_choice(algorithm, "algorithm", ALGORITHMS, owner=owner)
     check_choice(channels, "channels", CHANNEL_MODES, owner=owner)
+    check_step_scale(step_scale, algorithm, owner)
     return check_fraction(step_decay, "step_decay", owner)
+
+
+def check_step_scale(step_scale: object, algorithm: str, owner: str) -> None:
+    """``step_scale`` is one of STEP_SCALES, and ``sqrt_batch`` only with the batched algorithm."""
+    check_choice(step_scale, "step_scale", STEP_SCALES, owner=owner)
+    if step_scale != "fixed" and algorithm != "batched":
+        raise ConfigError(f"The 'step_scale' parameter of {owner} is {step_scale!r}, which applies to the batched "
+                          f"algorithm only; the {algorithm!r} algorithm takes one step per image: "
+                          "use step_scale='fixed'.")
 
 
 def compute_uap(
@@ -400,6 +423,7 @@ def compute_uap(
     step_size: float | None = None,
     step_norm: object = None,
     step_decay: float = 1.0,
+    step_scale: str = "fixed",
     max_passes: int = DEFAULT_MAX_PASSES,
     goal_rate: float = DEFAULT_GOAL_RATE,
     batch_size: int = 64,
@@ -429,6 +453,9 @@ def compute_uap(
         step_norm: None (the budget's norm) or "inf": sign steps, as ART's FGSM default that the
             papers' code used under L2 budgets too (L∞ size step_size/√(C·H·W) under an L2 budget).
         step_decay: the step is multiplied by this after every pass, in (0, 1]; 1 keeps it fixed.
+        step_scale: "fixed" (default: every step has length ``step_size``) or "sqrt_batch" (batched
+            only: a batch's step is √(its images still to fool) × ``step_size``, the length of that
+            many per-image steps summed in independent directions; fewer passes to a given fooling rate).
         max_passes: maximum passes over the source images.
         goal_rate: stop once the exactly scored fooling rate (targeted: success rate) on the source
             reaches this, in (0, 1].
@@ -446,7 +473,7 @@ def compute_uap(
 
     Raises:
         ConfigError: a parameter is out of range (zeta, norm, xi, targeted, algorithm, channels,
-            step_size, step_norm, step_decay, max_passes, goal_rate, batch_size) or the model does not
+            step_size, step_norm, step_decay, step_scale, max_passes, goal_rate, batch_size) or the model does not
             output (N, K) logits.
         DataError: images is not a non-empty 4-d uint8/[0, 1] tensor, or ``init`` does not fit them.
 
@@ -458,7 +485,8 @@ def compute_uap(
     zeta = check_fraction(zeta, "zeta", owner)
     norm = resolve_norm(norm, owner=owner)
     xi = _check_xi(xi, owner)
-    step_decay = _check_options(owner, algorithm=algorithm, channels=channels, step_decay=step_decay)
+    step_decay = _check_options(owner, algorithm=algorithm, channels=channels, step_decay=step_decay,
+                                step_scale=step_scale)
     step_norm = _check_step_norm(step_norm, norm, owner)
     max_passes = check_positive_int(max_passes, "max_passes", owner)
     batch_size = check_positive_int(batch_size, "batch_size", owner)
@@ -507,7 +535,8 @@ def compute_uap(
                 order = torch.randperm(num, generator=generator)
                 v, fooled, updates = _batched_pass(model, images, order, v, clean_dev, target, stepper,
                                                    batch_size=batch_size, device=dev, channels_last=channels_last,
-                                                   mask_first=dev.type == "cpu" and share_left < 0.5)
+                                                   mask_first=dev.type == "cpu" and share_left < 0.5,
+                                                   sqrt_batch=step_scale == "sqrt_batch")
                 counted = float(fooled) / num  # one host sync per pass
                 num_updates += int(updates)
                 share_left = 1.0 - counted
@@ -549,6 +578,7 @@ def compute_uap(
         step_size=step,
         step_norm=step_norm,
         step_decay=step_decay,
+        step_scale=step_scale,
         goal_rate=goal_rate,
         num_source_images=num,
         goal_reached=goal_reached,
@@ -668,6 +698,7 @@ class UAPAttack:
         step_size: float | None = None,
         step_norm: object = None,
         step_decay: float = 1.0,
+        step_scale: str = "fixed",
         max_passes: int = DEFAULT_MAX_PASSES,
         goal_rate: float = DEFAULT_GOAL_RATE,
         batch_size: int = 64,
@@ -680,8 +711,9 @@ class UAPAttack:
         self.norm = resolve_norm(norm, owner=owner)
         self.xi = _check_xi(xi, owner)
         self.targeted = check_target(targeted, owner)
-        self.step_decay = _check_options(owner, algorithm=algorithm, channels=channels, step_decay=step_decay)
-        self.algorithm, self.channels = algorithm, channels
+        self.step_decay = _check_options(owner, algorithm=algorithm, channels=channels, step_decay=step_decay,
+                                         step_scale=step_scale)
+        self.algorithm, self.channels, self.step_scale = algorithm, channels, step_scale
         self.step_size = _check_step_size(step_size, owner)
         self.step_norm = None if step_norm is None else _check_step_norm(step_norm, self.norm, owner)
         self.max_passes = check_positive_int(max_passes, "max_passes", owner)
@@ -710,6 +742,7 @@ class UAPAttack:
             step_size=self.step_size,
             step_norm=self.step_norm,
             step_decay=self.step_decay,
+            step_scale=self.step_scale,
             max_passes=self.max_passes,
             goal_rate=self.goal_rate,
             batch_size=self.batch_size,
