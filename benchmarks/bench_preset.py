@@ -183,7 +183,11 @@ def main() -> None:
         parts = sorted(r["by_strategy"].items(), key=lambda kv: -kv[1])
         print(f"  {r['arch']} (workers {r['workers']}): " + ", ".join(f"{k} {v:.0f}s" for k, v in parts))
 
-    result = {"preset": args.preset, "num_runs": num_runs, "img_size": px, "num_images": args.num_images,
+    smoke = (args.epochs is not None or args.strategies or args.archs or args.num_images != 5000 or args.px != 28)
+    if smoke:
+        print("(smoke settings: epochs, strategies, architectures or the data differ from the preset's benchmark; "
+              "the goal check below is for these settings, not the preset)")
+    result = {"preset": args.preset, "smoke": bool(smoke), "num_runs": num_runs, "img_size": px, "num_images": args.num_images,
               "cores": args.cores, "quick": args.quick, "rows": rows}
     print()
     if args.quick or args.probe_only:
