@@ -34,3 +34,13 @@ def make_tiny(num_classes: int = 2, seed: int = 0):
 @pytest.fixture
 def tiny_model():
     return make_tiny()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device: skipped (with the reason) where torch sees none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run benchmarks/gpu/run_gpu_checks.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
