@@ -5,10 +5,14 @@ pair alternates), each from a fresh model with the same seed, so load from other
 on both alike; each pair gives one ratio medtune/plain and the median ratio is the result (goal
 ≥ 0.95). medtune's images/s is ``FitResult.images_per_s``: its training epochs (the strategy's
 epoch-start hook included), validation timed separately and left out; the plain loop's is its
-epochs' wall time.
+epochs' wall time. ``--clock cpu`` times both by the process's CPU seconds instead
+(``time.process_time``, for medtune by pointing its loop's clock there): on cores shared with other
+jobs, wall time measures their load as much as either loop, CPU time what each loop computes (use
+it with ``--threads 1``, where no thread spins waiting for a descheduled one).
 
     PYTHONPATH=src python benchmarks/bench_loop_vs_plain.py [--arch resnet18] [--img-size 64] \
-        [--batch-size 64] [--images 1024] [--epochs 2] [--repeats 5] [--amp off|on]
+        [--batch-size 64] [--images 1024] [--epochs 2] [--repeats 5] [--amp off|on] \
+        [--threads N] [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import types
 
 import numpy as np
 import torch
@@ -25,7 +30,10 @@ from medtune.config import RunConfig
 from medtune.data.base import ImageSet
 from medtune.models import create_model, get_blocks
 from medtune.strategies import create_strategy
+from medtune.training import loop
 from medtune.training.loop import fit
+
+CLOCK = time.perf_counter
 
 
 def make_data(n: int, size: int) -> ImageSet:
@@ -44,7 +52,7 @@ def plain_loop(model, images, labels, epochs, batch_size, lr, device, amp_dtype=
     model.train()
     images, labels = images.to(device), labels.to(device)
     g = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=g)
         for b in range(0, len(images), batch_size):
@@ -58,7 +66,7 @@ def plain_loop(model, images, labels, epochs, batch_size, lr, device, amp_dtype=
             opt.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return epochs * len(images) / (time.perf_counter() - t0)
+    return epochs * len(images) / (CLOCK() - t0)
 
 
 def fresh_model(arch: str, device: torch.device) -> torch.nn.Module:
@@ -84,7 +92,12 @@ def main() -> None:
     p.add_argument("--amp", default="off", choices=("off", "on"))
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"))
     args = p.parse_args()
+    if args.clock == "cpu":
+        global CLOCK
+        CLOCK = time.process_time
+        loop.time = types.SimpleNamespace(perf_counter=time.process_time)  # fit's epoch timer (a benchmark, not the library)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -106,7 +119,7 @@ def main() -> None:
     medtune_loop(args.arch, warm, 1, args.batch_size, device, args.amp)
 
     print(f"device {device}, {args.arch} at {args.img_size}px, batch {args.batch_size}, {args.images} images, "
-          f"{args.epochs} epochs, amp {args.amp}, {torch.get_num_threads()} threads, {args.repeats} interleaved repeats")
+          f"{args.epochs} epochs, amp {args.amp}, {torch.get_num_threads()} threads, {args.clock} clock, {args.repeats} interleaved repeats")
     print("repeat  order          plain img/s  medtune img/s  ratio")
     ratios = []
     for r in range(args.repeats):
