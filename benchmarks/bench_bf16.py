@@ -11,7 +11,8 @@ is the effect of bf16, not of noise between seeds; ``--seeds`` adds seeds to sho
 spread it should be compared with.
 
     PYTHONPATH=src python benchmarks/bench_bf16.py [--archs resnet18,tf_efficientnet_lite0] \
-        [--img-size 64] [--epochs 3] [--repeats 3] [--seeds 0] [--channels-last off]
+        [--img-size 64] [--epochs 3] [--repeats 3] [--seeds 0] [--channels-last off] \
+        [--threads N] [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import types
 
 import torch
 
 from medtune._tensors import cpu_has_native_bf16, resolve_amp_dtype
 from medtune.config import RunConfig
 from medtune.runner import build_run, prepare_data
+from medtune.training import loop
 from medtune.training.loop import evaluate, fit
+
+CLOCK = time.perf_counter
 
 #: offline weights for the backbones that have them (README: ``weights: efficientnet_lite0``)
 WEIGHTS = {"tf_efficientnet_lite0": "efficientnet_lite0"}
@@ -43,10 +48,10 @@ def one_run(arch: str, amp: str, args, seed: int) -> dict:
     dtype = resolve_amp_dtype(amp, device)
     channels_last = args.channels_last == "on"
     evaluate(model, test, batch_size=args.batch_size, channels_last=channels_last, autocast_dtype=dtype)  # warm
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     for _ in range(args.eval_repeats):
         evaluate(model, test, batch_size=args.batch_size, channels_last=channels_last, autocast_dtype=dtype)
-    eval_ips = args.eval_repeats * len(test) / (time.perf_counter() - t0)
+    eval_ips = args.eval_repeats * len(test) / (CLOCK() - t0)
     return {"train": result.images_per_s, "eval": eval_ips, "precision": result.precision,
             "acc": result.test_metrics["accuracy"], "auc": result.test_metrics["auc"]}
 
@@ -64,13 +69,18 @@ def main() -> None:
     p.add_argument("--channels-last", default="off", choices=("off", "on"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"))
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":  # CPU seconds of this process: robust to other jobs on shared cores (use --threads 1)
+        global CLOCK
+        CLOCK = time.process_time
+        loop.time = types.SimpleNamespace(perf_counter=time.process_time)
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"device {args.device}, {torch.get_num_threads()} threads, native bf16 (AMX / AVX-512-BF16): "
           f"{cpu_has_native_bf16()}; demo data at {args.img_size}px, full fine-tuning {args.epochs} epochs, "
-          f"batch {args.batch_size}, channels_last {args.channels_last}, {args.repeats} interleaved repeats")
+          f"batch {args.batch_size}, channels_last {args.channels_last}, {args.clock} clock, {args.repeats} interleaved repeats")
     rows = []
     for arch in args.archs.split(","):
         runs: dict[str, list[dict]] = {"off": [], "on": []}
