@@ -57,9 +57,8 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     ``on``: bfloat16 (float16 with a gradient scaler on a CUDA GPU without bf16); on a CPU without
     native bf16 it is emulated and slow, but allowed. ``off``: float32. ``auto``: on for CUDA; float32
     on CPU, even one with native bf16: measured on an AMX CPU (benchmarks/README.md, bench_bf16.py),
-    bf16 autocast speeds up ResNet training but slows EfficientNet's depthwise convolutions and most
-    evaluation, so no CPU default is faster for every backbone; ``amp: on`` is the choice for the
-    backbones where it pays.
+    bf16 autocast trains ResNet-18 1.2× faster but EfficientNet-Lite0 0.85–0.95× as fast, so no CPU
+    default is faster for every backbone; ``amp: on`` is the choice for the backbones where it pays.
     """
     use = amp == "on" or (amp == "auto" and device.type == "cuda")
     if not use:
