@@ -13,7 +13,8 @@ from torch import nn
 
 from medtune.errors import ConfigError, short_repr
 
-__all__ = ["resolve_device", "model_device", "to_float", "batches", "eval_mode"]
+__all__ = ["resolve_device", "model_device", "to_float", "batches", "eval_mode", "cpu_has_native_bf16",
+           "resolve_amp_dtype", "precision_name"]
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -35,6 +36,41 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
         raise ConfigError(f"Device {str(name)!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) "
                           "are visible; use another index.")
     return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware: Intel AMX tiles or AVX-512-BF16.
+
+    torch's own queries, ``torch.cpu._is_amx_tile_supported()`` and
+    ``torch.cpu._is_avx512_bf16_supported()`` (semi-public, in ``torch.cpu`` since 2.3; what
+    inductor uses to pick its bf16 kernels). ``torch.backends.cpu.get_cpu_capability()`` only says
+    ``AVX512``, which CPUs without bf16 also report; ``mkldnn._is_mkldnn_bf16_supported`` is true on
+    any AVX-512 CPU, where oneDNN emulates bf16 (slower than float32).
+    """
+    query = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(bool(q()) for q in query if q is not None)
+
+
+def resolve_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype a run's ``amp`` setting means on ``device``; None is float32 (no autocast).
+
+    ``on``: bfloat16 (float16 with a gradient scaler on a CUDA GPU without bf16); on a CPU without
+    native bf16 it is emulated and slow, but allowed. ``off``: float32. ``auto``: on for CUDA; float32
+    on CPU, even one with native bf16: measured on an AMX CPU (benchmarks/README.md, bench_bf16.py),
+    bf16 autocast trains ResNet-18 1.2× faster but EfficientNet-Lite0 0.85–0.95× as fast, so no CPU
+    default is faster for every backbone; ``amp: on`` is the choice for the backbones where it pays.
+    """
+    use = amp == "on" or (amp == "auto" and device.type == "cuda")
+    if not use:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: the precision a run's forward passes ran in (its record's ``precision``)."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
 
 
 def model_device(model: nn.Module, device: str | torch.device | None = None) -> torch.device:

@@ -175,7 +175,9 @@ class RunConfig(_Base):
         target_sensitivity: binary tasks: the decision threshold is chosen on validation as the highest
             one reaching this sensitivity, and reported with its test operating point.
         eval_batch_size: images per forward pass when evaluating.
-        amp: mixed precision: ``auto`` (on CUDA only), ``on`` or ``off``.
+        amp: mixed precision of training and evaluation: ``on`` (bf16 autocast; fp16 with a gradient
+            scaler on a CUDA GPU without bf16; on a CPU too), ``off`` (float32), ``auto`` (on CUDA only).
+            The run record's ``precision`` says what a run used (fp32, bf16, fp16).
         channels_last: channels-last memory format: ``auto`` (on CUDA only), ``on`` or ``off``.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         num_threads: torch CPU threads of a run (0: torch's default).

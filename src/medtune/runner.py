@@ -191,6 +191,7 @@ def execute_run(cfg: RunConfig, checkpoint_path: str | None, heartbeat: Callable
         "num_blocks": len(blocks), "num_train": int((data.splits == "train").sum()),
         "num_classes": data.num_classes,
         "history": result.history, "extras": result.extras, "device": str(device),
+        "precision": result.precision,
         # exact (no rounding, which creates ties): every metric recomputes from the record to the last bit
         "predictions": {"y_true": result.y_true.tolist(), "y_prob": result.y_prob.tolist(),
                         "class_names": list(data.class_names)} if result.y_prob.size <= 200_000 else None,

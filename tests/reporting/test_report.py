@@ -163,3 +163,13 @@ def test_first_screen_answers_how_deep_which_strategy_how_exposed(full_records):
     data = build_report_data(runs, others, searches, metric="auc", alpha=0.05, main_zeta=0.04)
     answers = format_report(data, "t").recommendation.answers
     assert "top_k:1 was not audited" in answers and "full: UAP fooling" in answers and "linear: UAP" in answers
+
+
+def test_appendix_shows_the_precision_where_runs_differ(make_runs, tmp_path):
+    runs = make_runs(MEANS, seeds=(0, 1), datasets=("d",), archs=("resnet18",))
+    same = build_report([{**r, "precision": "fp32"} for r in runs], out_path=tmp_path / "same.html")
+    assert "<th>precision</th>" not in same.read_text(encoding="utf-8")
+    mixed = [{**r, "precision": "bf16" if r["seed"] == 1 else "fp32"} for r in runs]
+    text = build_report(mixed, out_path=tmp_path / "mixed.html").read_text(encoding="utf-8")
+    assert "<th>precision</th>" in text
+    assert text.count("<td>bf16</td>") == sum(r["seed"] == 1 for r in runs) > 0

@@ -39,7 +39,7 @@ DEFAULT_METRICS: tuple[str, ...] = ("auc", "accuracy", "balanced_accuracy", "f1"
 RUN_COLUMNS: tuple[str, ...] = (
     "run_id", "status", "dataset", "arch", "strategy", "label", "depth", "seed",
     "train_fraction", "trainable_params", "total_params", "train_seconds", "images_per_s",
-    "num_blocks", "configuration", "hp", "fold",
+    "num_blocks", "configuration", "hp", "fold", "precision",
 )
 
 #: Run-config fields that are hyper-parameters (beside a strategy's non-main parameters).

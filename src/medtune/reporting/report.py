@@ -403,16 +403,20 @@ def _appendix(data: ReportData) -> list[Block]:
     if data.appendix is None:
         return [Note("No runs.")]
     metrics = data.appendix.metrics
+    runs = data.appendix.runs
+    # the precision the runs computed in (fp32, bf16, fp16): a column only where it differs between runs
+    precision = runs["precision"].fillna("?").nunique() > 1 if "precision" in runs else False
     header = ["run", "status", "dataset", "arch", "configuration", "seed", "fraction", *metrics,
-              "params", "time (s)", "config sha"]
+              "params", "time (s)", *(["precision"] if precision else []), "config sha"]
     def with_ci(r, m: str) -> str:
         ci = (r.get("metric_ci") or {}).get(m)
         return fmt_number(r[m]) + (f" [{fmt_number(ci[0])}, {fmt_number(ci[1])}]" if ci else "")
 
     rows = [[str(r["run_id"]), str(r["status"]), str(r["dataset"]), str(r["arch"]), str(r["label"]),
              str(r["seed"]), fmt_number(r["train_fraction"], 2), *[with_ci(r, m) for m in metrics],
-             fmt_count(r["trainable_params"]), fmt_number(r["train_seconds"], 1), r["config_sha"]]
-            for _, r in data.appendix.runs.iterrows()]
+             fmt_count(r["trainable_params"]), fmt_number(r["train_seconds"], 1),
+             *([r["precision"] if isinstance(r["precision"], str) else "?"] if precision else []), r["config_sha"]]
+            for _, r in runs.iterrows()]
     return [Table(header, rows, caption="All runs, including unfinished ones. Test metrics with their 95% interval "
                                         "over the test images (DeLong for a binary AUC, else a percentile "
                                         "bootstrap), where the run records one.")]
