@@ -144,9 +144,10 @@ class RunConfig(_Base):
             :mod:`medtune.data.augment`); ``none`` or empty for none. Any augmentation disables
             feature caching.
         feature_cache: ``auto`` computes a fixed frozen prefix once and trains the rest on its
-            features, stored in float16 where they fit its range (else float32; results within
-            float16's rounding of the uncached run's); ``fp32`` the same in float32 (results equal
-            to float tolerance); ``off`` always runs the whole network.
+            features, feature maps stored in float16 where they fit its range (else float32; results
+            within float16's rounding of the uncached run's), pooled vectors in float32; ``fp32``
+            stores all in float32 (results equal to float tolerance); ``off`` always runs the whole
+            network.
         feature_cache_memory_gb: memory the feature cache may hold, GiB (0: min(2, 25% of the
             available RAM)); features beyond it go to disk.
         feature_cache_disk_gb: disk the feature cache may fill under ``STORE/feature-cache``, GiB
