@@ -112,7 +112,11 @@ def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: Resul
                                    num_gpus=gpus_per_run)
     log(f"sweep {cfg.name!r}: {len(runs)} runs into {store.root}")
     expect_cuts(_frozen_blocks(runs))  # in-process runs share the cache; others ignore the hint
-    records = run_all(runs, store=store, executor=executor, log=log, progress=cfg.name if cfg.base.progress else None)
+    try:
+        records = run_all(runs, store=store, executor=executor, log=log,
+                          progress=cfg.name if cfg.base.progress else None)
+    finally:
+        expect_cuts(())
     return [r for r in records if r is not None]
 
 

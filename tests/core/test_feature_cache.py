@@ -212,12 +212,15 @@ def test_feature_seconds_do_not_depend_on_run_order(tiny_cfg, synthetic_data):
 
 
 def test_a_sweep_announces_its_depths_so_one_pass_fills_every_cut(tmp_path):
-    from medtune.sweeps import sweep
+    from medtune.sweeps import _frozen_blocks, expand_sweep, load_sweep_config, sweep
 
     FEATURE_CACHE.clear()
-    records = sweep({"data": "synthetic", "arch": "medtune_tiny_cnn", "weights": "none", "img_size": 16,
-                     "epochs": 1, "batch_size": 16, "device": "cpu", "progress": False, "eval_batch_size": 64,
-                     "strategy": ["top_k:0", "top_k:1", "top_k:2"], "seeds": [0]}, store=tmp_path / "store")
+    config = {"data": "synthetic", "arch": "medtune_tiny_cnn", "weights": "none", "img_size": 16, "epochs": 1,
+               "batch_size": 16, "device": "cpu", "progress": False, "eval_batch_size": 64,
+              "strategy": ["top_k:0", "top_k:1", "top_k:2", "full"], "seeds": [0]}
+    assert _frozen_blocks(expand_sweep(load_sweep_config(config))) == {4, 3, 2, 0}  # 5 blocks: top_k:k freezes 4 - k
+    config["strategy"] = config["strategy"][:3]
+    records = sweep(config, store=tmp_path / "store")
     assert [r["status"] for r in records] == ["done"] * 3
-    assert FEATURE_CACHE.expected_blocks == {4, 3, 2}  # tiny CNN: 5 blocks, top_k:k freezes the first 4 - k
     assert FEATURE_CACHE.misses == 3 and FEATURE_CACHE.hits == 6  # top_k:0's pass (per split) served the others
+    assert FEATURE_CACHE.expected_blocks == set(), "the hint ends with the sweep"
