@@ -96,13 +96,12 @@ def main() -> None:
         diff = max(abs(a["metrics"][k] - b["metrics"][k]) for a, b in zip(runs["off"][spec], runs["on"][spec])
                    for k in a["metrics"])
         c_off, c_on = med("off", spec, "cost"), med("on", spec, "cost")
-        eligible = first["cut"] is not None
+        ratio, speedup = (f"{c_on / c_off:7.2f}", f"{c_off / c_on:7.2f}x") if first["cut"] else ("-", "-")
         print(f"{spec:10} {first['cut'] or 'not cache-eligible':28} {first['dtype'] or '-':8} {c_off:9.2f} {c_on:8.2f} "
-              f"{(f'{c_on / c_off:7.2f}' if eligible else '      -')} {(f'{c_off / c_on:7.2f}x' if eligible else '       -')} "
-              f"{med('off', spec, 'wall'):9.2f} {med('on', spec, 'wall'):8.2f} {diff:13.2e}")
+              f"{ratio:>7} {speedup:>8} {med('off', spec, 'wall'):9.2f} {med('on', spec, 'wall'):8.2f} {diff:13.2e}")
     t_off, t_on = statistics.median(walls["off"]), statistics.median(walls["on"])
-    print(f"whole sweep: without cache {t_off:.1f} s, with {t_on:.1f} s: {t_off / t_on:.2f}x "
-          f"(per repeat: off {', '.join(f'{w:.1f}' for w in walls['off'])}; on {', '.join(f'{w:.1f}' for w in walls['on'])})")
+    per_repeat = "; ".join(f"{mode} {', '.join(f'{w:.1f}' for w in walls[mode])}" for mode in ("off", "on"))
+    print(f"whole sweep: without cache {t_off:.1f} s, with {t_on:.1f} s: {t_off / t_on:.2f}x (per repeat: {per_repeat})")
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ def test_a_sweep_announces_its_depths_so_one_pass_fills_every_cut(tmp_path):
 
     FEATURE_CACHE.clear()
     config = {"data": "synthetic", "arch": "medtune_tiny_cnn", "weights": "none", "img_size": 16, "epochs": 1,
-               "batch_size": 16, "device": "cpu", "progress": False, "eval_batch_size": 64,
+              "batch_size": 16, "device": "cpu", "progress": False, "eval_batch_size": 64,
               "strategy": ["top_k:0", "top_k:1", "top_k:2", "full"], "seeds": [0]}
     assert _frozen_blocks(expand_sweep(load_sweep_config(config))) == {4, 3, 2, 0}  # 5 blocks: top_k:k freezes 4 - k
     config["strategy"] = config["strategy"][:3]

@@ -305,8 +305,8 @@ FEATURE_CACHE = FeatureCache()
 
 def expect_cuts(frozen_blocks: Iterable[int], cache: FeatureCache | None = None) -> None:
     """Announce that runs in this process will freeze the first ``b`` blocks for each ``b`` in
-    ``frozen_blocks`` (e.g. a top-k sweep over k = 0..S of S+1 blocks: ``b = S + 1 - k``): a pass
-    then also stores those of these cuts that lie before its own, budget permitting."""
+    ``frozen_blocks`` (a top-k sweep on B blocks, head included: ``b = B - 1 - k``; ``sweep`` does
+    this): a pass then also stores those of these cuts that lie before its own, where memory is left."""
     (cache if cache is not None else FEATURE_CACHE).expected_blocks = frozenset(int(b) for b in frozen_blocks)
 
 
