@@ -224,3 +224,24 @@ def test_a_sweep_announces_its_depths_so_one_pass_fills_every_cut(tmp_path):
     assert [r["status"] for r in records] == ["done"] * 3
     assert FEATURE_CACHE.misses == 3 and FEATURE_CACHE.hits == 6  # top_k:0's pass (per split) served the others
     assert FEATURE_CACHE.expected_blocks == set(), "the hint ends with the sweep"
+
+
+def test_default_budgets_count_what_the_cache_holds_as_available(monkeypatch, tmp_path):
+    from medtune.training import cache as cache_mod
+
+    gib = 1 << 30
+    monkeypatch.setattr(cache_mod, "_available_ram", lambda: 4 * gib)
+    assert cache_mod.default_memory_bytes() == gib  # 25% of 4 GiB
+    assert cache_mod.default_memory_bytes(held=2 * gib) == 1.5 * gib  # what it holds is not lost to it
+    monkeypatch.setattr(cache_mod, "_available_ram", lambda: 64 * gib)
+    assert cache_mod.default_memory_bytes() == 2 * gib  # capped
+    seen = []
+    monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda p: seen.append(p) or _Usage(free=10 * gib))
+    assert cache_mod.default_disk_bytes(tmp_path / "not" / "yet") == 5 * gib  # half the free space
+    assert seen == [tmp_path]  # of the nearest existing folder
+    assert cache_mod.default_disk_bytes(tmp_path, held=60 * gib) == 32 * gib  # capped
+
+
+class _Usage:
+    def __init__(self, free: int) -> None:
+        self.free = free

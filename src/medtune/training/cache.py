@@ -193,13 +193,14 @@ def _available_ram() -> int:
         return 8 * GIB
 
 
-def default_memory_bytes() -> int:
-    """min(2 GiB, 25% of the RAM available now)."""
-    return int(min(2 * GIB, 0.25 * _available_ram()))
+def default_memory_bytes(held: int = 0) -> int:
+    """min(2 GiB, 25% of the RAM available now plus the ``held`` bytes the cache already takes)."""
+    return int(min(2 * GIB, 0.25 * (_available_ram() + held)))
 
 
-def default_disk_bytes(folder: str | Path | None) -> int:
-    """min(32 GiB, half the free space of ``folder`` (its nearest existing parent; None: the temp folder))."""
+def default_disk_bytes(folder: str | Path | None, held: int = 0) -> int:
+    """min(32 GiB, half the free space of ``folder`` (its nearest existing parent; None: the temp
+    folder) plus the ``held`` bytes the cache's spills already take)."""
     path = Path(folder) if folder is not None else Path(tempfile.gettempdir())
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -207,7 +208,7 @@ def default_disk_bytes(folder: str | Path | None) -> int:
         free = shutil.disk_usage(path).free
     except OSError:
         return 0
-    return int(min(32 * GIB, 0.5 * free))
+    return int(min(32 * GIB, 0.5 * (free + held)))
 
 
 def _fmt_bytes(n: float) -> str:
@@ -458,16 +459,19 @@ def cached_features(chain: list[tuple[str, nn.Module]], upto: int, splits: Mappi
         storage: ``auto`` (float16 where every feature fits its range, else float32) or ``fp32``.
         block_starts: the chain index where each block begins; the cuts at the blocks announced by
             :func:`expect_cuts` that lie before ``upto`` are stored too, where memory is left.
-        memory_bytes, disk_bytes, spill_dir: the budgets and the spill folder (None: the cache's).
+        memory_bytes, disk_bytes: the budgets (None: :func:`default_memory_bytes`,
+            :func:`default_disk_bytes`, counting what the cache holds as available).
+        spill_dir: where features beyond the memory budget go (None: the cache's).
 
     Raises:
         FeaturesDoNotFit: the missing features would exceed the memory and disk budgets together
             (estimated from a one-image probe, before anything else is computed).
     """
     cache = cache if cache is not None else FEATURE_CACHE
-    cache.configure(memory_bytes=cache.memory_bytes if memory_bytes is None else memory_bytes,
-                    disk_bytes=cache.disk_bytes if disk_bytes is None else disk_bytes,
-                    spill_dir=cache.spill_dir if spill_dir is None else spill_dir)
+    spill_dir = cache.spill_dir if spill_dir is None else spill_dir
+    cache.configure(memory_bytes=default_memory_bytes(cache.nbytes()) if memory_bytes is None else memory_bytes,
+                    disk_bytes=default_disk_bytes(spill_dir, cache.disk_nbytes()) if disk_bytes is None else disk_bytes,
+                    spill_dir=spill_dir)
     salt = f"{storage}:"
     keys = {name: _prefix_fingerprint(chain, upto, salt + s) for name, (_, s) in splits.items()}
     out: dict[str, CachedFeatures] = {}

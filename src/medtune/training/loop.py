@@ -48,7 +48,7 @@ from medtune.models._norm import BATCH_STAT_LAYERS
 from medtune.strategies.base import EpochContext, SolveContext
 from medtune.training.imbalance import balanced_order, class_weights
 from medtune.training.cache import (FeaturesDoNotFit, build_chain, cache_unusable_reason, cached_features,
-                                    default_disk_bytes, default_memory_bytes, frozen_prefix_length)
+                                    frozen_prefix_length)
 from medtune.training.metrics import compute_metrics, higher_is_better
 
 __all__ = ["fit", "train_one_epoch", "evaluate", "predict_proba", "lr_at", "FitResult", "Checkpoint",
@@ -360,8 +360,10 @@ def _cache_prefix(run: _Setup, phase: _Phase, log: Callable[[str], None]) -> dic
         try:
             feats = cached_features(run.chain, cut, splits, batch_size=cfg.eval_batch_size, to_input=run.to_input,
                                     storage=cfg.feature_cache, block_starts=run.chain_starts, spill_dir=spill,
-                                    memory_bytes=int(cfg.feature_cache_memory_gb * 2**30) or default_memory_bytes(),
-                                    disk_bytes=int(cfg.feature_cache_disk_gb * 2**30) or default_disk_bytes(spill))
+                                    memory_bytes=max(1, int(cfg.feature_cache_memory_gb * 2**30))
+                                    if cfg.feature_cache_memory_gb else None,  # None: the defaults
+                                    disk_bytes=max(1, int(cfg.feature_cache_disk_gb * 2**30))
+                                    if cfg.feature_cache_disk_gb else None)
         except FeaturesDoNotFit as exc:
             reason = f"{exc}; running uncached (raise feature_cache_memory_gb or feature_cache_disk_gb to cache it)"
     if reason is not None:
