@@ -360,10 +360,8 @@ def _cache_prefix(run: _Setup, phase: _Phase, log: Callable[[str], None]) -> dic
         try:
             feats = cached_features(run.chain, cut, splits, batch_size=cfg.eval_batch_size, to_input=run.to_input,
                                     storage=cfg.feature_cache, block_starts=run.chain_starts, spill_dir=spill,
-                                    memory_bytes=max(1, int(cfg.feature_cache_memory_gb * 2**30))
-                                    if cfg.feature_cache_memory_gb else None,  # None: the defaults
-                                    disk_bytes=max(1, int(cfg.feature_cache_disk_gb * 2**30))
-                                    if cfg.feature_cache_disk_gb else None)
+                                    memory_bytes=_gib_to_bytes(cfg.feature_cache_memory_gb),
+                                    disk_bytes=_gib_to_bytes(cfg.feature_cache_disk_gb))
         except FeaturesDoNotFit as exc:
             reason = f"{exc}; running uncached (raise feature_cache_memory_gb or feature_cache_disk_gb to cache it)"
     if reason is not None:
@@ -380,6 +378,11 @@ def _cache_prefix(run: _Setup, phase: _Phase, log: Callable[[str], None]) -> dic
             "max_abs": max(f.max_abs for f in feats.values()), "cut": run.chain[cut - 1][0],
             "feature_shape": list(train.values.shape[1:]),
             "bytes": sum(f.values.numel() * f.values.element_size() for f in feats.values())}
+
+
+def _gib_to_bytes(gib: float) -> int | None:
+    """A budget setting in GiB as bytes (0: None, the cache's default)."""
+    return max(1, int(gib * 2**30)) if gib else None
 
 
 def _charge_features(state: dict, phase_name: str, cached: dict[str, Any] | None) -> None:
