@@ -47,7 +47,8 @@ MAX_YAML_NODES = 100_000
 
 # Fields that do not change what a run computes; they are left out of the run id.
 NON_SEMANTIC_FIELDS = frozenset({"store", "device", "num_threads", "progress", "num_workers", "executor", "address",
-                                 "feature_cache", "tracker"})
+                                 "feature_cache", "feature_cache_memory_gb", "feature_cache_disk_gb",
+                                 "tracker"})
 
 # Fields added after the first stores were written: at these values they leave the run id as it was,
 # so an existing store keeps its runs.
@@ -143,7 +144,14 @@ class RunConfig(_Base):
             :mod:`medtune.data.augment`); ``none`` or empty for none. Any augmentation disables
             feature caching.
         feature_cache: ``auto`` computes a fixed frozen prefix once and trains the rest on its
-            features (results equal to float tolerance); ``off`` always runs the whole network.
+            features, feature maps stored in float16 where they fit its range (else float32; results
+            within float16's rounding of the uncached run's), pooled vectors in float32; ``fp32``
+            stores all in float32 (results equal to float tolerance); ``off`` always runs the whole
+            network.
+        feature_cache_memory_gb: memory the feature cache may hold, GiB (0: min(2, 25% of the
+            available RAM)); features beyond it go to disk.
+        feature_cache_disk_gb: disk the feature cache may fill under ``STORE/feature-cache``, GiB
+            (0: min(32, half the free space)). Features that fit neither: the run trains uncached.
         resize: how images reach ``img_size``: ``resize`` (stretch), ``pad`` (keep the aspect ratio,
             zero-pad), or ``bucket`` (a few sizes from the data's own distribution, each image at the
             nearest one; Liu et al.).
@@ -191,7 +199,7 @@ class RunConfig(_Base):
     CHOICES: ClassVar[dict[str, tuple]] = {
         "optimizer": ("adamw", "sgd"), "monitor": MONITOR_METRICS,
         "bn_mode": ("eval", "train"), "resize": ("resize", "pad", "bucket"), "medmnist_size": (28, 64, 128, 224),
-        "amp": ("auto", "on", "off"), "channels_last": ("auto", "on", "off"), "feature_cache": ("auto", "off"),
+        "amp": ("auto", "on", "off"), "channels_last": ("auto", "on", "off"), "feature_cache": ("auto", "fp32", "off"),
         "device": ("auto", "cpu", "cuda"), "class_weight": CLASS_WEIGHTS, "sampler": SAMPLERS,
         "tracker": TRACKERS, "dicom_window": DICOM_WINDOWS,
         "uncertain_labels": UNCERTAIN_LABELS,
@@ -233,6 +241,8 @@ class RunConfig(_Base):
     amp: str = "auto"
     channels_last: str = "auto"
     feature_cache: str = "auto"
+    feature_cache_memory_gb: float = 0.0
+    feature_cache_disk_gb: float = 0.0
     device: str = "auto"
     num_threads: int = 0
     store: str = "./medtune-results"
@@ -274,6 +284,8 @@ class RunConfig(_Base):
         check_scalar(self.fold, "fold", int, min_val=0, max_val=max(0, self.cv_folds - 1), owner=owner)
         check_scalar(self.label_smoothing, "label_smoothing", (float, int), min_val=0, max_val=0.5, owner=owner)
         check_scalar(self.num_threads, "num_threads", int, min_val=0, max_val=MAX_THREADS, owner=owner)
+        for name in ("feature_cache_memory_gb", "feature_cache_disk_gb"):
+            check_scalar(getattr(self, name), name, (float, int), min_val=0, max_val=1 << 20, owner=owner)
         check_scalar(self.target_sensitivity, "target_sensitivity", (float, int), min_val=0, max_val=1,
                      include_min=False, owner=owner)
         for name, choices in self.CHOICES.items():

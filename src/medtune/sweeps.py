@@ -29,6 +29,19 @@ def _blocks_of(arch: str, granularity: str):
     return get_blocks(model, granularity=granularity)
 
 
+def _frozen_blocks(runs: Sequence[RunConfig]) -> set[int]:
+    """How many leading blocks each depth strategy of ``runs`` freezes: the feature cache's hint, so the
+    pass of a sweep's longest frozen prefix also stores its shorter ones (a top-k sweep pays one pass)."""
+    out = set()
+    for run in runs:
+        strategy = run.strategy.create()
+        num_blocks = len(_blocks_of(run.arch, strategy.granularity))
+        depth = strategy.depth(num_blocks)
+        if depth is not None:
+            out.add(num_blocks - 1 - depth)
+    return out
+
+
 def load_sweep_config(source: str | Path | dict | SweepConfig | None = None, **overrides: Any) -> SweepConfig:
     """A SweepConfig from a YAML path, a dict or a SweepConfig, with keyword overrides on top."""
     return load_config(SweepConfig, source, **overrides)
@@ -86,6 +99,7 @@ def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: Resul
     """
     from medtune.executors import create_executor
     from medtune.runner import run_all
+    from medtune.training.cache import expect_cuts
 
     if isinstance(store, (str, Path)):  # a folder, as from --store: it is a config key
         overrides["store"], store = str(store), None
@@ -97,7 +111,12 @@ def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: Resul
         executor = create_executor(executor, workers=workers, address=address, num_cpus=cpus_per_run,
                                    num_gpus=gpus_per_run)
     log(f"sweep {cfg.name!r}: {len(runs)} runs into {store.root}")
-    records = run_all(runs, store=store, executor=executor, log=log, progress=cfg.name if cfg.base.progress else None)
+    expect_cuts(_frozen_blocks(runs))  # in-process runs share the cache; others ignore the hint
+    try:
+        records = run_all(runs, store=store, executor=executor, log=log,
+                          progress=cfg.name if cfg.base.progress else None)
+    finally:
+        expect_cuts(())
     return [r for r in records if r is not None]
 
 

@@ -47,7 +47,8 @@ from medtune.errors import StoreError, TrainingError
 from medtune.models._norm import BATCH_STAT_LAYERS
 from medtune.strategies.base import EpochContext, SolveContext
 from medtune.training.imbalance import balanced_order, class_weights
-from medtune.training.cache import build_chain, cache_unusable_reason, cached_features, frozen_prefix_length
+from medtune.training.cache import (FeaturesDoNotFit, build_chain, cache_unusable_reason, cached_features,
+                                    frozen_prefix_length)
 from medtune.training.metrics import compute_metrics, higher_is_better
 
 __all__ = ["fit", "train_one_epoch", "evaluate", "predict_proba", "lr_at", "FitResult", "Checkpoint",
@@ -281,7 +282,7 @@ class _Setup:
         gen = torch.Generator().manual_seed(cfg.seed)
         weight = class_weights(train.labels.numpy(), data.task, data.num_classes, cfg.class_weight)
         chain, starts, fingerprint = None, [], ""
-        if cfg.feature_cache == "auto":
+        if cfg.feature_cache != "off":
             chain = build_chain(model, to_float(train.images[:2], device))
             block_of = {id(p): i for i in range(len(blocks)) for p in blocks.parameters(i)}
             last = -1
@@ -349,43 +350,60 @@ class _Phase:
         return run.build_optimizer(groups, self.optimizer_kind)
 
 
-def _cache_prefix(run: _Setup, phase: _Phase, log: Callable[[str], None]) -> dict[str, float] | None:
-    """Train this phase on cached features of its frozen prefix when that is exact; returns the
-    stored extraction seconds per split (the same for every run of that prefix), or None."""
+def _cache_prefix(run: _Setup, phase: _Phase, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Train this phase on cached features of its frozen prefix when that is exact and they fit the
+    budgets; returns what the run record keeps of them (the stored extraction seconds per split, the
+    same for every run of that prefix; the storage dtype, max |feature|, the cut, the bytes), or None."""
     cfg = run.cfg
     cut = frozen_prefix_length(run.chain, cfg.bn_mode) if run.chain is not None else 0
     reason = ("images come in several sizes (resize: bucket)" if run.train.sizes is not None else
               cache_unusable_reason(augment=cfg.augment, prefix_fixed=phase.strategy.frozen_prefix_is_fixed(),
                                     prefix_len=cut, chain_ok=run.chain is not None))
+    if reason is None:
+        spill = os.path.join(cfg.store, "feature-cache")
+        splits = {name: (split.images, f"{run.data_fingerprint}:{name}:{cfg.bn_mode}")
+                  for name, split in (("train", run.train), ("val", run.val), ("test", run.test))}
+        try:
+            feats = cached_features(run.chain, cut, splits, batch_size=cfg.eval_batch_size, to_input=run.to_input,
+                                    storage=cfg.feature_cache, block_starts=run.chain_starts, spill_dir=spill,
+                                    memory_bytes=_gib_to_bytes(cfg.feature_cache_memory_gb),
+                                    disk_bytes=_gib_to_bytes(cfg.feature_cache_disk_gb))
+        except FeaturesDoNotFit as exc:
+            reason = f"{exc}; running uncached (raise feature_cache_memory_gb or feature_cache_disk_gb to cache it)"
     if reason is not None:
         log(f"[{phase.name}] feature cache off: {reason}")
         return None
-    seconds = {}
-    for name, split in (("train", run.train), ("val", run.val), ("test", run.test)):
-        feats = cached_features(run.chain, cut, split.images, salt=f"{run.data_fingerprint}:{name}:{cfg.bn_mode}",
-                                device=run.device, batch_size=cfg.eval_batch_size, boundaries=run.chain_starts,
-                                to_input=run.to_input)
-        phase.feats[name] = feats.values.to(run.device) if run.device.type == "cuda" else feats.values
-        seconds[name] = feats.seconds
+    for name, features in feats.items():
+        phase.feats[name] = features.values.to(run.device) if run.device.type == "cuda" else features.values
     phase.net = nn.Sequential(*[m for _, m in run.chain[cut:]])
+    train = feats["train"]
     log(f"[{phase.name}] feature cache: frozen prefix of {cut} modules ({run.chain[cut - 1][0]}) "
-        f"computed once ({seconds['train']:.2f}s on the training split); training on "
-        f"{tuple(phase.feats['train'].shape[1:])} features")
-    return seconds
+        f"computed once ({train.seconds:.2f}s on the training split); training on "
+        f"{tuple(train.values.shape[1:])} features stored in {train.dtype} (max |x| {train.max_abs:.3g})")
+    return {**{name: f.seconds for name, f in feats.items()}, "dtype": train.dtype,
+            "max_abs": max(f.max_abs for f in feats.values()), "cut": run.chain[cut - 1][0],
+            "feature_shape": list(train.values.shape[1:]),
+            "bytes": sum(f.values.numel() * f.values.element_size() for f in feats.values())}
 
 
-def _charge_features(state: dict, phase_name: str, seconds: dict[str, float] | None) -> None:
-    """Charge a phase's feature extraction once (a resumed phase finds its charge in ``extras``)."""
+def _gib_to_bytes(gib: float) -> int | None:
+    """A budget setting in GiB as bytes (0: None, the cache's default)."""
+    return max(1, int(gib * 2**30)) if gib else None
+
+
+def _charge_features(state: dict, phase_name: str, cached: dict[str, Any] | None) -> None:
+    """Charge a phase's feature extraction once (a resumed phase finds its charge in ``extras``) and
+    record the cache's precision, cut and size under ``extras["feature_cache"][phase]``."""
     extras = state["extras"]
     charged = extras.setdefault("feature_cache", {})
     extras.setdefault("feature_seconds", 0.0)
     extras.setdefault("feature_seconds_eval", 0.0)
-    if seconds is None or phase_name in charged:
+    if cached is None or phase_name in charged:
         return
-    charged[phase_name] = seconds
-    extras["feature_seconds"] += seconds["train"]
-    extras["feature_seconds_eval"] += seconds["val"] + seconds["test"]
-    state["train_seconds"] += seconds["train"]
+    charged[phase_name] = cached
+    extras["feature_seconds"] += cached["train"]
+    extras["feature_seconds_eval"] += cached["val"] + cached["test"]
+    state["train_seconds"] += cached["train"]
 
 
 def _start_phase(run: _Setup, idx: int, spec, state: dict, resume: Checkpoint | None,
@@ -421,7 +439,7 @@ def _start_phase(run: _Setup, idx: int, spec, state: dict, resume: Checkpoint | 
         if resume.scaler is not None:
             run.scaler.load_state_dict(resume.scaler)
     _log_groups(log, phase.name, phase.optimizer, model)
-    _charge_features(state, phase.name, _cache_prefix(run, phase, log) if cfg.feature_cache == "auto" else None)
+    _charge_features(state, phase.name, _cache_prefix(run, phase, log) if cfg.feature_cache != "off" else None)
     return phase
 
 
