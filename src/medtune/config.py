@@ -20,6 +20,7 @@ import yaml
 
 from medtune._checks import check_choice, check_scalar
 from medtune.data._decode import DICOM_WINDOWS
+from medtune.data.diskcache import DATA_CACHES
 from medtune.data.sources import UNCERTAIN_LABELS
 from medtune.errors import ConfigError, did_you_mean, short_repr
 from medtune.strategies.spec import StrategySpec, format_strategy_spec, parse_strategy_spec
@@ -47,7 +48,7 @@ MAX_YAML_NODES = 100_000
 
 # Fields that do not change what a run computes; they are left out of the run id.
 NON_SEMANTIC_FIELDS = frozenset({"store", "device", "num_threads", "progress", "num_workers", "executor", "address",
-                                 "feature_cache", "tracker"})
+                                 "feature_cache", "tracker", "data_cache", "decode_workers"})
 
 # Fields added after the first stores were written: at these values they leave the run id as it was,
 # so an existing store keeps its runs.
@@ -144,6 +145,11 @@ class RunConfig(_Base):
             feature caching.
         feature_cache: ``auto`` computes a fixed frozen prefix once and trains the rest on its
             features (results equal to float tolerance); ``off`` always runs the whole network.
+        data_cache: where a folder or CSV source is decoded to: ``memory`` (one uint8 tensor),
+            ``disk`` (decoded once into ``STORE/data-cache/KEY/images.npy``, reused by every later
+            run and process, and read batch by batch with bounded RAM), or ``auto``: disk when the
+            decoded size (N · 3 · img_size²) exceeds 1 GiB. Results are the same either way.
+        decode_workers: processes that decode images into the disk cache (0: min(4, CPUs)).
         resize: how images reach ``img_size``: ``resize`` (stretch), ``pad`` (keep the aspect ratio,
             zero-pad), or ``bucket`` (a few sizes from the data's own distribution, each image at the
             nearest one; Liu et al.).
@@ -192,7 +198,7 @@ class RunConfig(_Base):
         "amp": ("auto", "on", "off"), "channels_last": ("auto", "on", "off"), "feature_cache": ("auto", "off"),
         "device": ("auto", "cpu", "cuda"), "class_weight": CLASS_WEIGHTS, "sampler": SAMPLERS,
         "tracker": TRACKERS, "dicom_window": DICOM_WINDOWS,
-        "uncertain_labels": UNCERTAIN_LABELS,
+        "uncertain_labels": UNCERTAIN_LABELS, "data_cache": DATA_CACHES,
     }
 
     data: str = "demo"
@@ -231,6 +237,8 @@ class RunConfig(_Base):
     amp: str = "auto"
     channels_last: str = "auto"
     feature_cache: str = "auto"
+    data_cache: str = "auto"
+    decode_workers: int = 0
     device: str = "auto"
     num_threads: int = 0
     store: str = "./medtune-results"
@@ -272,6 +280,7 @@ class RunConfig(_Base):
         check_scalar(self.fold, "fold", int, min_val=0, max_val=max(0, self.cv_folds - 1), owner=owner)
         check_scalar(self.label_smoothing, "label_smoothing", (float, int), min_val=0, max_val=0.5, owner=owner)
         check_scalar(self.num_threads, "num_threads", int, min_val=0, max_val=MAX_THREADS, owner=owner)
+        check_scalar(self.decode_workers, "decode_workers", int, min_val=0, max_val=MAX_THREADS, owner=owner)
         check_scalar(self.target_sensitivity, "target_sensitivity", (float, int), min_val=0, max_val=1,
                      include_min=False, owner=owner)
         for name, choices in self.CHOICES.items():

@@ -16,7 +16,8 @@ import torch
 
 from medtune.data._decode import (IMAGE_EXTENSIONS, check_unit_range, choose_buckets, decode_image, nearest_bucket,
                                   resize_image, to_rgb_uint8)
-from medtune.data.base import SPLIT_ALIASES, SPLITS, ImageSet
+from medtune.data.base import SPLIT_ALIASES, SPLITS, ImageSet, fingerprint_of
+from medtune.data.diskcache import DATA_CACHES, load_or_decode, resolve_workers, source_key, use_disk
 from medtune.data.splits import make_splits
 from medtune.errors import ConfigError, DataError, short_repr
 
@@ -313,7 +314,8 @@ def _medmnist_info(name: str) -> dict | None:
 
 def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]], *, name: str, source: str,
                 img_size: int, resize: str, seed: int, val_fraction: float, test_fraction: float,
-                classes: list[str] | None, dicom_window: str = "auto") -> ImageSet:
+                classes: list[str] | None, dicom_window: str = "auto", data_cache: str = "memory",
+                cache_dir: str | Path | None = None, workers: int = 0) -> ImageSet:
     multilabel = any(isinstance(lbl, list) for _, lbl, _, _ in items)
     found = sorted({c for _, lbl, _, _ in items for c in (lbl if isinstance(lbl, list) else [lbl])})
     if classes is not None:
@@ -325,18 +327,6 @@ def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]
     if len(found) < 2:
         raise DataError(f"{source}: only one class ({found[0] if found else 'none'}); a classifier needs at least two.")
     index = {c: i for i, c in enumerate(found)}
-    images, sizes, buckets = [], None, None
-    if resize == "bucket":  # a few sides from the data's own sizes; each image at the nearest one
-        rgbs = [decode_image(path, dicom_window)[0] for path, _, _, _ in items]
-        buckets = choose_buckets([np.sqrt(r.shape[0] * r.shape[1]) for r in rgbs], img_size)
-        sizes = np.array([nearest_bucket(np.sqrt(r.shape[0] * r.shape[1]), buckets) for r in rgbs], dtype=np.int64)
-        canvas = max(buckets)
-        for rgb, side in zip(rgbs, sizes, strict=True):
-            x = resize_image(rgb, int(side), "resize")
-            images.append(torch.nn.functional.pad(x, (0, canvas - int(side), 0, canvas - int(side))))
-    for path, _, _, _ in items if resize != "bucket" else ():
-        rgb, _, _ = decode_image(path, dicom_window)
-        images.append(resize_image(rgb, img_size, resize))
     if multilabel:
         y = np.zeros((len(items), len(found)), dtype=np.float32)
         for i, (_, lbl, _, _) in enumerate(items):
@@ -359,10 +349,37 @@ def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]
                                  test_fraction=test_fraction, class_names=found)
         except DataError as exc:
             raise DataError(f"{source}: {exc}") from None
-    return ImageSet(images=torch.stack(images), labels=labels, splits=splits, class_names=found, task=task,
-                    ids=[str(p) for p, _, _, _ in items], groups=groups_arr, name=name,
-                    meta={"source": source, "img_size": img_size, "resize": resize,
-                          **({"buckets": list(buckets)} if buckets else {})}, sizes=sizes)
+    paths = [p for p, _, _, _ in items]
+    meta = {"source": source, "img_size": img_size, "resize": resize}
+    fingerprint = None
+    sizes, buckets = None, None
+    # the labels and splits are known before any decoding: they key the decode cache with the files
+    if resize != "bucket" and use_disk(data_cache, len(items) * 3 * img_size * img_size, cache_dir):
+        key = source_key(paths, labels=labels.tolist(), splits=splits.tolist(), classes=found, task=task,
+                         groups=None if groups_arr is None else groups_arr.tolist(), img_size=img_size,
+                         resize=resize, dicom_window=dicom_window)
+        images, fingerprint = load_or_decode(
+            Path(cache_dir) / "data-cache", key, paths, img_size=img_size, resize=resize, dicom_window=dicom_window,
+            workers=resolve_workers(workers),
+            fingerprint=lambda imgs: fingerprint_of(imgs.chunks(), labels, splits, found, task))
+        meta["data_cache"] = str(images.path.parent)
+    elif resize == "bucket":  # a few sides from the data's own sizes; each image at the nearest one
+        rgbs = [decode_image(path, dicom_window)[0] for path in paths]
+        buckets = choose_buckets([np.sqrt(r.shape[0] * r.shape[1]) for r in rgbs], img_size)
+        sizes = np.array([nearest_bucket(np.sqrt(r.shape[0] * r.shape[1]), buckets) for r in rgbs], dtype=np.int64)
+        canvas = max(buckets)
+        images = torch.stack([torch.nn.functional.pad(resize_image(rgb, int(side), "resize"),
+                                                      (0, canvas - int(side), 0, canvas - int(side)))
+                              for rgb, side in zip(rgbs, sizes, strict=True)])
+        meta["buckets"] = list(buckets)
+    else:
+        images = torch.empty((len(paths), 3, img_size, img_size), dtype=torch.uint8)
+        for i, path in enumerate(paths):  # straight into the array: no list of every image
+            images[i] = resize_image(decode_image(path, dicom_window)[0], img_size, resize)
+    data = ImageSet(images=images, labels=labels, splits=splits, class_names=found, task=task,
+                    ids=[str(p) for p in paths], groups=groups_arr, name=name, meta=meta, sizes=sizes)
+    data._fingerprint = fingerprint
+    return data
 
 
 def _validate(data: ImageSet, source: str) -> ImageSet:
@@ -391,7 +408,8 @@ def _validate(data: ImageSet, source: str) -> ImageSet:
 
 def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: int = 0, val_fraction: float = 0.15,
               test_fraction: float = 0.15, medmnist_size: int = 28, classes: list[str] | None = None,
-              dicom_window: str = "auto", uncertain_labels: str = "error") -> ImageSet:
+              dicom_window: str = "auto", uncertain_labels: str = "error", data_cache: str = "auto",
+              cache_dir: str | Path | None = None, decode_workers: int = 0) -> ImageSet:
     """Load any supported source into an :class:`ImageSet` at ``img_size``.
 
     Args:
@@ -410,6 +428,12 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
             :func:`~medtune.data._decode.dicom_to_unit`).
         uncertain_labels: what ``-1`` and blank cells of a one-column-per-label CSV mean
             (``error``, ``zeros``, ``ones``; :func:`read_csv`).
+        data_cache: where a folder or CSV source is decoded to: ``memory`` (one tensor), ``disk``
+            (the decode cache under ``cache_dir/data-cache``, :mod:`medtune.data.diskcache`), or
+            ``auto``: disk when the decoded size exceeds
+            :data:`~medtune.data.diskcache.DISK_THRESHOLD_BYTES` (1 GiB) and ``cache_dir`` is given.
+        cache_dir: the folder holding ``data-cache/`` (runs pass their results store).
+        decode_workers: processes decoding into the disk cache (0: min(4, CPUs)).
 
     Raises:
         DataError: any problem with the files (named in the message).
@@ -417,6 +441,9 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
     """
     from medtune.data.demo import make_demo
     from medtune.data.synthetic import make_synthetic
+
+    if data_cache not in DATA_CACHES:
+        raise ConfigError(f"data_cache {short_repr(data_cache)} is not one of {', '.join(DATA_CACHES)}.")
 
     if source == "demo":
         return make_demo(img_size=img_size, seed=seed, resize=resize)
@@ -443,7 +470,8 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
         raise DataError(f"Data {short_repr(source)} not found; give a folder per class, a CSV, a MedMNIST .npz, "
                         "medmnist:NAME, demo or synthetic.")
     kw = {"img_size": img_size, "resize": resize, "seed": seed, "val_fraction": val_fraction,
-          "test_fraction": test_fraction, "classes": classes, "dicom_window": dicom_window}
+          "test_fraction": test_fraction, "classes": classes, "dicom_window": dicom_window,
+          "data_cache": data_cache, "cache_dir": cache_dir, "workers": decode_workers}
     if path.is_dir():
         items, skipped = list_folder(path)
         if skipped:

@@ -295,7 +295,9 @@ class _Setup:
         return cls(cfg=cfg, model=model, blocks=blocks, device=device, channels_last=channels_last,
                    amp_dtype=amp_dtype, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
                    train=train, val=val, test=test,
-                   train_images=train.images.to(device) if device.type == "cuda" else train.images,
+                   # disk-backed images stay on disk: batches are read (pinned on CUDA) as they are drawn
+                   train_images=(train.images.to(device) if device.type == "cuda"
+                                 and isinstance(train.images, torch.Tensor) else train.images),
                    train_labels=train.labels.to(device),
                    loss_fn=_loss_fn(data.task, cfg.label_smoothing, device=device, weight=weight), class_weight=weight,
                    steps_per_epoch=max(1, len(bucket_batches(torch.arange(len(train)), train.sizes, cfg.batch_size))),
