@@ -162,3 +162,17 @@ def test_a_run_on_disk_equals_the_run_in_memory(folder, tmp_path):
 
 def _untimed(d: dict) -> dict:
     return {k: v for k, v in d.items() if not any(t in k for t in ("second", "per_s", "time")) and k != "phase"}
+
+
+def test_read_ahead_serves_the_announced_batches_and_falls_back_on_another_order(folder, tmp_path):
+    data = load_data(str(folder), img_size=16, data_cache="disk", cache_dir=tmp_path)
+    mem = data.images[:]
+    images = data.images.view(np.arange(len(data)))
+    batches = list(torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).split(5))
+    images.prefetch(batches)
+    for idx in batches[:3]:
+        assert torch.equal(images[idx], mem[idx])
+    assert images._ahead is not None and len(images._ahead.pending) == 2  # two batches read ahead
+    assert torch.equal(images[batches[5]], mem[batches[5]])  # out of order: a direct read, read-ahead stops
+    assert images._ahead is None
+    assert torch.equal(images[batches[3]], mem[batches[3]])

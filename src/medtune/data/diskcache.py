@@ -24,6 +24,7 @@ import os
 import shutil
 import uuid
 import warnings
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -94,9 +95,17 @@ class DiskImages:
         self.pin = torch.cuda.is_available()
         self._fd: int | None = None
         self._pid = -1
+        self._ahead: _ReadAhead | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fd": None, "_pid": -1}
+        return {**self.__dict__, "_fd": None, "_pid": -1, "_ahead": None}
+
+    def prefetch(self, batches: Sequence) -> None:
+        """Read ``batches`` (index tensors or arrays, in the order they will be asked for) ahead on a
+        background thread, two at a time; asking for them in another order just reads directly."""
+        if self._ahead is not None:
+            self._ahead.close()
+        self._ahead = _ReadAhead(self, [self._positions(b) for b in batches])
 
     def __del__(self) -> None:
         if self._fd is not None and self._pid == os.getpid():
@@ -152,7 +161,13 @@ class DiskImages:
             return self._read(self.rows(self._positions([key])))[0]
         if isinstance(key, tuple):  # e.g. images[:4, 0]: rows first, then the rest in memory
             return self[key[0]][(slice(None),) + key[1:]]
-        return self._read(self.rows(self._positions(key)))
+        pos = self._positions(key)
+        if self._ahead is not None:
+            batch = self._ahead.take(pos)
+            if batch is not None:
+                return batch
+            self._ahead = None
+        return self._read(self.rows(pos))
 
     def _file(self) -> int:
         if self._fd is None or self._pid != os.getpid():  # a forked child opens its own descriptor
@@ -206,6 +221,41 @@ class DiskImages:
         return self[:].float()
 
 
+class _ReadAhead:
+    """The next ``depth`` batches of a known order, read on one background thread (``os.preadv``
+    releases the GIL), so disk reads overlap the training step."""
+
+    def __init__(self, images: DiskImages, order: list[np.ndarray], depth: int = 2) -> None:
+        self.images, self.order = images, deque(order)
+        self.pool = cf.ThreadPoolExecutor(1, thread_name_prefix="medtune-readahead")
+        self.pending: deque[tuple[np.ndarray, cf.Future]] = deque()
+        for _ in range(depth):
+            self._submit()
+
+    def _submit(self) -> None:
+        if self.order:
+            pos = self.order.popleft()
+            self.pending.append((pos, self.pool.submit(self.images._read, self.images.rows(pos))))
+        else:
+            self.pool.shutdown(wait=False)
+
+    def take(self, pos: np.ndarray) -> torch.Tensor | None:
+        """The batch at ``pos`` if it is the next one read ahead; else None (and stop)."""
+        if not self.pending or not np.array_equal(self.pending[0][0], pos):
+            self.close()
+            return None
+        _, future = self.pending.popleft()
+        self._submit()
+        return future.result()
+
+    def close(self) -> None:
+        for _, future in self.pending:
+            future.cancel()
+        self.pending.clear()
+        self.order.clear()
+        self.pool.shutdown(wait=False)
+
+
 # ----------------------------------------------------------------------------------------- building
 
 
@@ -256,6 +306,15 @@ def _decode_rows(npy: str, offset: int, rows: list[tuple[int, str]], img_size: i
     return len(rows)
 
 
+def _context() -> mp.context.BaseContext:
+    """fork where it is safe (POSIX, CUDA not started in this process): a spawned worker imports
+    medtune and torch again, 5-10 s each on a busy 2-core machine, more than decoding 2,000 images.
+    The workers only decode (PIL) and resize on one CPU thread, as DataLoader workers do."""
+    if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized():
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
+
+
 def _decode_all(npy: Path, offset: int, paths: Sequence[Path], img_size: int, resize: str, dicom_window: str,
                 workers: int) -> None:
     tasks = [[(i, str(p)) for i, p in enumerate(paths[s:s + _CHUNK_ROWS], start=s)]
@@ -264,8 +323,7 @@ def _decode_all(npy: Path, offset: int, paths: Sequence[Path], img_size: int, re
         for rows in tasks:
             _decode_rows(str(npy), offset, rows, img_size, resize, dicom_window)
         return
-    # spawn, not fork: a forked child of a process that has used torch's OpenMP pool can hang
-    with cf.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=mp.get_context("spawn")) as pool:
+    with cf.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=_context()) as pool:
         futures = [pool.submit(_decode_rows, str(npy), offset, rows, img_size, resize, dicom_window)
                    for rows in tasks]
         try:
