@@ -176,3 +176,25 @@ def test_read_ahead_serves_the_announced_batches_and_falls_back_on_another_order
     assert torch.equal(images[batches[5]], mem[batches[5]])  # out of order: a direct read, read-ahead stops
     assert images._ahead is None
     assert torch.equal(images[batches[3]], mem[batches[3]])
+
+
+def test_a_concurrent_decode_of_the_same_data_uses_the_first_finished_cache(folder, tmp_path, monkeypatch):
+    real, calls = diskcache._decode_all, []
+
+    def racing(*args, **kwargs):  # another process finishes the same cache while this one decodes
+        calls.append(1)
+        if len(calls) == 1:
+            load_data(str(folder), img_size=16, data_cache="disk", cache_dir=tmp_path, decode_workers=1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(diskcache, "_decode_all", racing)
+    data = load_data(str(folder), img_size=16, data_cache="disk", cache_dir=tmp_path, decode_workers=1)
+    assert len(calls) == 2 and [p.name for p in (tmp_path / "data-cache").iterdir()] == [data.images.path.parent.name]
+    assert data.fingerprint() == load_data(str(folder), img_size=16, data_cache="memory").fingerprint()
+
+
+def test_the_audit_reads_disk_backed_images(folder, tmp_path):
+    from medtune.robustness._common import check_images
+
+    data = load_data(str(folder), img_size=16, data_cache="disk", cache_dir=tmp_path)
+    assert torch.equal(check_images(data.split("test").images), data.images[data.indices("test")])
