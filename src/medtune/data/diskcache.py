@@ -34,7 +34,7 @@ import torch
 from medtune.errors import DataError
 
 __all__ = ["DiskImages", "DATA_CACHES", "DISK_THRESHOLD_BYTES", "resolve_workers", "source_key", "load_or_decode",
-           "use_disk"]
+           "open_cached", "build", "write_row", "use_disk"]
 
 #: ``data_cache`` policies (RunConfig.data_cache).
 DATA_CACHES = ("auto", "memory", "disk")
@@ -295,12 +295,7 @@ def _decode_rows(npy: str, offset: int, rows: list[tuple[int, str]], img_size: i
     try:
         for i, path in rows:
             rgb, _, _ = decode_image(Path(path), dicom_window)
-            x = np.ascontiguousarray(resize_image(rgb, img_size, resize).numpy())
-            data = memoryview(x).cast("B")
-            pos = offset + i * len(data)
-            while len(data):  # pwrite may write less than asked
-                n = os.pwrite(fd, data, pos)
-                data, pos = data[n:], pos + n
+            write_row(fd, offset, i, resize_image(rgb, img_size, resize).numpy())
     finally:
         os.close(fd)
     return len(rows)
@@ -335,33 +330,44 @@ def _decode_all(npy: Path, offset: int, paths: Sequence[Path], img_size: int, re
             raise
 
 
-def load_or_decode(cache_root: str | Path, key: str, paths: Sequence[Path], *, img_size: int, resize: str,
-                   dicom_window: str, workers: int, fingerprint) -> tuple[DiskImages, str]:
-    """The decoded images of ``paths`` from the cache folder ``cache_root/key``, decoding them
-    (in ``workers`` processes) first when it is missing or damaged.
+def open_cached(cache_root: str | Path, key: str) -> tuple[DiskImages, str] | None:
+    """(images, fingerprint) of the cache ``cache_root/key``; None when there is none. A damaged
+    one (truncated, unreadable meta) is removed with a one-line warning, and None returned."""
+    folder = Path(cache_root) / key
+    if not folder.exists():
+        return None
+    try:
+        images, meta = _open(folder, key)
+        return images, meta["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        warnings.warn(f"{folder}: damaged decode cache ({' '.join(str(exc).split())[:200]}); decoding again.",
+                      stacklevel=3)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def write_row(fd: int, offset: int, row: int, image: torch.Tensor | np.ndarray) -> None:
+    """Write one (3, S, S) uint8 image at its row of an open ``.npy`` file."""
+    data = memoryview(np.ascontiguousarray(image)).cast("B")
+    pos = offset + row * len(data)
+    while len(data):  # pwrite may write less than asked
+        n = os.pwrite(fd, data, pos)
+        data, pos = data[n:], pos + n
+
+
+def build(cache_root: str | Path, key: str, shape: tuple[int, ...], fill, fingerprint) -> tuple[DiskImages, str]:
+    """Build the cache ``cache_root/key`` of ``shape`` in a temporary folder and rename it into place.
 
     Args:
-        fingerprint: called with the new DiskImages after decoding; returns the data fingerprint
+        fill: ``fill(npy_path, offset)`` writes every row (e.g. with :func:`write_row`).
+        fingerprint: called with the new DiskImages after ``fill``; returns the data fingerprint
             stored in the meta (the value :meth:`ImageSet.fingerprint` gives for the same data).
 
-    Returns:
-        (images, fingerprint).
-
     Raises:
-        DataError: the cache folder cannot be written, or a file cannot be decoded.
+        DataError: the folder cannot be written (or the disk fills up); whatever ``fill`` raises.
     """
     root = Path(cache_root)
     folder = root / key
-    if folder.exists():
-        try:
-            images, meta = _open(folder, key)
-            return images, meta["fingerprint"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            warnings.warn(f"{folder}: damaged decode cache ({' '.join(str(exc).split())[:200]}); decoding again.",
-                          stacklevel=3)
-            shutil.rmtree(folder, ignore_errors=True)
-    side = img_size
-    shape = (len(paths), 3, side, side)
     tmp = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
@@ -379,14 +385,13 @@ def load_or_decode(cache_root: str | Path, key: str, paths: Sequence[Path], *, i
                             "or --data-cache memory.") from None
         _, offset = _read_header(npy)
         try:
-            _decode_all(npy, offset, paths, img_size, resize, dicom_window, workers)
+            fill(npy, offset)
         except OSError as exc:  # e.g. the disk filled up while writing
             raise DataError(f"{tmp}: writing the decode cache failed ({exc.strerror or exc}); free disk space, give "
                             "another --store, or --data-cache memory.") from None
         images = DiskImages(npy, offset, shape)
-        fp = fingerprint(images)
-        meta = {"version": _VERSION, "key": key, "shape": list(shape), "offset": offset, "fingerprint": fp,
-                "img_size": img_size, "resize": resize, "num_images": len(paths)}
+        meta = {"version": _VERSION, "key": key, "shape": list(shape), "offset": offset,
+                "fingerprint": fingerprint(images)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             os.rename(tmp, folder)
@@ -399,3 +404,19 @@ def load_or_decode(cache_root: str | Path, key: str, paths: Sequence[Path], *, i
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_or_decode(cache_root: str | Path, key: str, paths: Sequence[Path], *, img_size: int, resize: str,
+                   dicom_window: str, workers: int, fingerprint) -> tuple[DiskImages, str]:
+    """The decoded images of ``paths`` from the cache folder ``cache_root/key``, decoding them
+    (in ``workers`` processes) first when it is missing or damaged (:func:`build`).
+
+    Returns:
+        (images, fingerprint).
+
+    Raises:
+        DataError: the cache folder cannot be written, or a file cannot be decoded.
+    """
+    return open_cached(cache_root, key) or build(
+        cache_root, key, (len(paths), 3, img_size, img_size),
+        lambda npy, offset: _decode_all(npy, offset, paths, img_size, resize, dicom_window, workers), fingerprint)
