@@ -198,3 +198,24 @@ def test_the_audit_reads_disk_backed_images(folder, tmp_path):
 
     data = load_data(str(folder), img_size=16, data_cache="disk", cache_dir=tmp_path)
     assert torch.equal(check_images(data.split("test").images), data.images[data.indices("test")])
+
+
+def test_an_npz_on_disk_equals_it_in_memory_and_loads_again_without_resizing(tmp_path, monkeypatch):
+    from medtune.data import sources
+
+    rng = np.random.default_rng(1)
+    arrays = {}
+    for split, n in (("train", 20), ("val", 8), ("test", 8)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 20, 20), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 3)[:, None]
+    np.savez(tmp_path / "toy_28.npz", **arrays)
+    mem = load_data(str(tmp_path / "toy_28.npz"), img_size=16, data_cache="memory")
+    disk = load_data(str(tmp_path / "toy_28.npz"), img_size=16, data_cache="disk", cache_dir=tmp_path / "store")
+    assert isinstance(disk.images, DiskImages) and torch.equal(disk.images[:], mem.images)
+    assert torch.equal(disk.labels, mem.labels) and (disk.splits == mem.splits).all() and disk.ids == mem.ids
+    assert disk.fingerprint() == mem.fingerprint() and disk.class_names == mem.class_names
+    calls = []
+    real = sources.resize_image
+    monkeypatch.setattr(sources, "resize_image", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    again = load_data(str(tmp_path / "toy_28.npz"), img_size=16, data_cache="disk", cache_dir=tmp_path / "store")
+    assert calls == [] and again.fingerprint() == mem.fingerprint() and torch.equal(again.labels, mem.labels)

@@ -17,7 +17,8 @@ import torch
 from medtune.data._decode import (IMAGE_EXTENSIONS, check_unit_range, choose_buckets, decode_image, nearest_bucket,
                                   resize_image, to_rgb_uint8)
 from medtune.data.base import SPLIT_ALIASES, SPLITS, ImageSet, fingerprint_of
-from medtune.data.diskcache import DATA_CACHES, load_or_decode, resolve_workers, source_key, use_disk
+from medtune.data.diskcache import (DATA_CACHES, build, load_or_decode, open_cached, resolve_workers, source_key,
+                                   use_disk, write_row)
 from medtune.data.splits import make_splits
 from medtune.errors import ConfigError, DataError, short_repr
 
@@ -196,7 +197,11 @@ def _medmnist_download(name: str, size: int) -> Path:
                     f"https://zenodo.org/records/10519652 and put it at {path}, or pass --data PATH/{path.name}.")
 
 
-def _load_npz(path: Path, img_size: int, resize: str) -> ImageSet:
+def _load_npz(path: Path, img_size: int, resize: str, data_cache: str = "memory", cache_dir: str | Path | None = None
+              ) -> ImageSet:
+    """A MedMNIST-style ``.npz``; its images resized into one tensor, or with ``data_cache`` into
+    the decode cache (keyed by the file's path, size and mtime, ``img_size`` and ``resize``; a cache
+    built from this file is not re-validated)."""
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -206,10 +211,55 @@ def _load_npz(path: Path, img_size: int, resize: str) -> ImageSet:
     if missing:
         raise DataError(f"{path}: missing key(s) {', '.join(missing)}; expected the MedMNIST keys "
                         f"{', '.join(expected)}. Found: {', '.join(npz.files) or 'none'}.")
-    _check_npz_headers(npz, path, expected)
-    images, labels, splits = [], [], []
+    counts = {s: shape[0] if shape else 0 for s, shape in
+              zip(SPLITS, (_check_npz_headers(npz, path, expected)[f"{s}_images"] for s in SPLITS), strict=True)}
+    shape = (sum(counts.values()), 3, img_size, img_size)
+    if not use_disk(data_cache, int(np.prod(shape)), cache_dir):
+        images = torch.empty(shape, dtype=torch.uint8)
+
+        def write(i: int, x: torch.Tensor) -> None:
+            images[i] = x
+
+        label_t, splits, names, task = _npz_parts(npz, path, img_size, resize, counts, write)
+        fingerprint = None
+    else:
+        root, key = Path(cache_dir) / "data-cache", source_key([path], kind="npz", img_size=img_size, resize=resize)
+        found = open_cached(root, key)
+        if found:  # the labels only: the images were validated when the cache was built
+            label_t, splits, names, task = _npz_parts(npz, path, img_size, resize, counts, None)
+            images, fingerprint = found
+        else:
+            parts = []
+
+            def fill(npy: Path, offset: int) -> None:
+                fd = os.open(npy, os.O_WRONLY)
+                try:
+                    parts.extend(_npz_parts(npz, path, img_size, resize, counts,
+                                            lambda i, x: write_row(fd, offset, i, x.numpy())))
+                finally:
+                    os.close(fd)
+
+            images, fingerprint = build(root, key, shape, fill, lambda imgs: fingerprint_of(imgs.chunks(), *parts))
+            label_t, splits, names, task = parts
+    data = ImageSet(images=images, labels=label_t, splits=splits, class_names=names, task=task,
+                    ids=[f"{path.name}:{s}:{i}" for s in SPLITS for i in range(counts[s])],
+                    name=path.stem.split("_")[0], meta={"source": str(path)})
+    data._fingerprint = fingerprint
+    return data
+
+
+def _npz_parts(npz, path: Path, img_size: int, resize: str, counts: dict[str, int], write
+               ) -> tuple[torch.Tensor, np.ndarray, list[str], str]:
+    """Validate an npz's arrays; ``write(row, image)`` each resized image unless ``write`` is None
+    (labels only). Returns (labels, splits, class names, task)."""
+    labels, splits, row = [], [], 0
     for split in SPLITS:
-        x, y = npz[f"{split}_images"], npz[f"{split}_labels"]
+        y = npz[f"{split}_labels"]
+        if write is None:
+            labels.append(y if y.ndim != 1 else y[:, None])
+            splits += [split] * counts[split]
+            continue
+        x = npz[f"{split}_images"]
         if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
             raise DataError(f"{path}: {split}_images has shape {x.shape}; expected (N, H, W) or (N, H, W, 3).")
         if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
@@ -232,7 +282,8 @@ def _load_npz(path: Path, img_size: int, resize: str) -> ImageSet:
         if len(x) == 0:
             raise DataError(f"{path}: the {split} split has no images.")
         for img in x:
-            images.append(resize_image(to_rgb_uint8(img, where=f"{path}:{split}"), img_size, resize))
+            write(row, resize_image(to_rgb_uint8(img, where=f"{path}:{split}"), img_size, resize))
+            row += 1
         labels.append(y)
         splits += [split] * len(x)
     y = np.concatenate(labels)
@@ -260,9 +311,7 @@ def _load_npz(path: Path, img_size: int, resize: str) -> ImageSet:
                             f"must be 0 … K-1 with every class present: renumber them.")
         names = [info.get(str(i), str(i)) for i in range(k)] if info else [str(i) for i in range(k)]
         task, label_t = ("binary" if k == 2 else "multiclass"), torch.from_numpy(y)
-    return ImageSet(images=torch.stack(images), labels=label_t, splits=np.array(splits), class_names=names, task=task,
-                    ids=[f"{path.name}:{s}:{i}" for s, n in zip(SPLITS, [len(npz[f'{s}_images']) for s in SPLITS])
-                         for i in range(n)], name=name, meta={"source": str(path)})
+    return label_t, np.array(splits), names, task
 
 
 def _cut_list(values: list, limit: int = 10) -> str:
@@ -278,13 +327,13 @@ def _memory_bytes() -> int:
         return 1 << 40
 
 
-def _check_npz_headers(npz, path: Path, keys: list[str]) -> None:
+def _check_npz_headers(npz, path: Path, keys: list[str]) -> dict[str, tuple[int, ...]]:
     """Read each array's .npy header (not its data): object arrays and arrays larger than this machine's
-    memory are refused before anything is loaded."""
+    memory are refused before anything is loaded. Returns each array's shape."""
     import math
     import zipfile
 
-    total = 0
+    total, shapes = 0, {}
     for key in keys:
         try:
             with npz.zip.open(f"{key}.npy") as fh:
@@ -298,10 +347,12 @@ def _check_npz_headers(npz, path: Path, keys: list[str]) -> None:
             raise DataError(f"{path}: array {key} holds Python objects (dtype {dtype}), which medtune never "
                             "unpickles; save numeric arrays (uint8 images, integer labels).")
         total += math.prod(shape) * dtype.itemsize
+        shapes[key] = tuple(shape)
     memory = _memory_bytes()
     if total > memory:
         raise DataError(f"{path}: its arrays declare {total / 1e9:,.1f} GB, more than this machine's memory "
                         f"({memory / 1e9:,.1f} GB); use a smaller file (e.g. a lower MedMNIST size).")
+    return shapes
 
 
 def _medmnist_info(name: str) -> dict | None:
@@ -460,7 +511,7 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
         return make_synthetic(num_samples=64 * max(1, k // 2), img_size=img_size, num_classes=k, seed=seed)
     if source.startswith("medmnist:"):
         path = _medmnist_download(source.split(":", 1)[1], medmnist_size)
-        return _validate(_load_npz(path, img_size, resize), str(path))
+        return _validate(_load_npz(path, img_size, resize, data_cache, cache_dir), str(path))
     path = Path(source).expanduser()
     try:
         exists = path.exists()
@@ -485,7 +536,7 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
             kw["classes"] = list(rows[0]["label_columns"])
         data = _from_items(items, name=path.stem, source=str(path), **kw)
     elif path.suffix.lower() == ".npz":
-        data = _load_npz(path, img_size, resize)
+        data = _load_npz(path, img_size, resize, data_cache, cache_dir)
     else:
         raise DataError(f"{path}: unsupported data file; give a folder per class, a .csv or a MedMNIST .npz.")
     return _validate(data, str(path))
