@@ -9,8 +9,13 @@ Generates (once; reused through ``--dir``) a folder of ``--num-images`` varied 2
    decoded (goal: 0).
 3. a one-epoch ``linear`` run of ``medtune_tiny_cnn`` at ``--img-size`` through the CLI on that
    cache, feature cache on (the default): wall time and peak RSS (goal: below a quarter of the
-   decoded size; ``--data-cache disk``, which ``auto`` is above 1 GiB); the same with ``--feature-cache off`` (its own results store, the same
-   decode cache through a symlink, so both runs decode nothing).
+   decoded size; ``--data-cache disk``, which ``auto`` is above 1 GiB); the same with
+   ``--feature-cache off`` (its own results store, the same decode cache through a symlink, so
+   both runs decode nothing). ``--eval-batch-size`` sets the runs' (activations grow with it).
+
+Every step also reports its sampled peak anonymous RSS (``/proc/PID/status`` RssAnon: heap and
+tensors, without the mapped library files), and a first row gives what a process importing
+medtune holds before any data.
 
     python benchmarks/bench_data_scale.py [--num-images 30000] [--dir /tmp/medtune-data-scale]
 """
@@ -144,7 +149,8 @@ def main() -> None:
         (store / "data-cache").symlink_to((base / "store-w2" / "data-cache").resolve())
         cmd = [sys.executable, "-m", "medtune.cli", "run", "--data", str(images), "--arch", "medtune_tiny_cnn",
                "--weights", "none", "--strategy", "linear", "--epochs", "1", "--img-size", str(args.img_size),
-               "--feature-cache", fc, "--data-cache", "disk", "--store", str(store), "--device", "cpu", "--format", "json", "--eval-batch-size", str(args.eval_batch_size)]
+               "--feature-cache", fc, "--data-cache", "disk", "--store", str(store), "--device", "cpu",
+               "--format", "json", "--eval-batch-size", str(args.eval_batch_size)]
         wall, rss, anon, _ = child(cmd, env)
         fresh = sorted(p.name for p in (store / "data-cache").iterdir())
         rows[f"linear run, feature cache {fc}"] = (wall, rss, anon, f"peak RSS {rss / decoded_gib:.2f} × the decoded "

@@ -145,7 +145,7 @@ class RunConfig(_Base):
             feature caching.
         feature_cache: ``auto`` computes a fixed frozen prefix once and trains the rest on its
             features (results equal to float tolerance); ``off`` always runs the whole network.
-        data_cache: where a folder or CSV source is decoded to: ``memory`` (one uint8 tensor),
+        data_cache: where a folder, CSV or .npz source is decoded to: ``memory`` (one uint8 tensor),
             ``disk`` (decoded once into ``STORE/data-cache/KEY/images.npy``, reused by every later
             run and process, and read batch by batch with bounded RAM), or ``auto``: disk when the
             decoded size (N · 3 · img_size²) exceeds 1 GiB. Results are the same either way.

@@ -1,13 +1,14 @@
 """The decode cache: images decoded once, in parallel processes, into an on-disk uint8 array.
 
-A folder or CSV source whose decoded size is over :data:`DISK_THRESHOLD_BYTES` (or any size with
-``data_cache: disk``) is decoded into ``STORE/data-cache/KEY/images.npy`` (an ``.npy`` file of shape
+A folder, CSV or ``.npz`` source whose decoded size is over :data:`DISK_THRESHOLD_BYTES` (or any
+size with ``data_cache: disk``) is decoded into ``STORE/data-cache/KEY/images.npy`` (an ``.npy`` file of shape
 (N, 3, S, S), uint8) beside ``meta.json`` (shape, header offset and the data fingerprint).
 ``KEY`` hashes what the pixels and labels come from, computed before any decoding: every file's
 path, size and modification time, the labels, splits and groups, ``img_size``, ``resize`` and
-``dicom_window``. A second run, process or Ray worker on the machine finds the folder and decodes
-nothing. A cache is built in a temporary folder and renamed into place, so a killed or concurrent
-decode never leaves half a cache; a damaged one (truncated file, unreadable meta) is decoded again.
+``dicom_window`` (of an ``.npz``: its path, size and mtime). A second run, process or Ray worker
+on the machine finds the folder and decodes nothing. A cache is built in a temporary folder and
+renamed into place, so a killed or concurrent decode never leaves half a cache; a damaged one
+(truncated file, unreadable meta) is decoded again.
 
 :class:`DiskImages` reads rows with explicit positioned reads (``os.preadv``) into fresh tensors:
 nothing is memory-mapped, so a process's resident memory does not grow with the data set (pages

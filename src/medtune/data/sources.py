@@ -479,7 +479,7 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
             :func:`~medtune.data._decode.dicom_to_unit`).
         uncertain_labels: what ``-1`` and blank cells of a one-column-per-label CSV mean
             (``error``, ``zeros``, ``ones``; :func:`read_csv`).
-        data_cache: where a folder or CSV source is decoded to: ``memory`` (one tensor), ``disk``
+        data_cache: where a folder, CSV or .npz source is decoded to: ``memory`` (one tensor), ``disk``
             (the decode cache under ``cache_dir/data-cache``, :mod:`medtune.data.diskcache`), or
             ``auto``: disk when the decoded size exceeds
             :data:`~medtune.data.diskcache.DISK_THRESHOLD_BYTES` (1 GiB) and ``cache_dir`` is given.
