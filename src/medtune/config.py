@@ -20,6 +20,7 @@ import yaml
 
 from medtune._checks import check_choice, check_scalar
 from medtune.data._decode import DICOM_WINDOWS
+from medtune.data.diskcache import DATA_CACHES
 from medtune.data.sources import UNCERTAIN_LABELS
 from medtune.errors import ConfigError, did_you_mean, short_repr
 from medtune.strategies.spec import StrategySpec, format_strategy_spec, parse_strategy_spec
@@ -48,7 +49,7 @@ MAX_YAML_NODES = 100_000
 # Fields that do not change what a run computes; they are left out of the run id.
 NON_SEMANTIC_FIELDS = frozenset({"store", "device", "num_threads", "progress", "num_workers", "executor", "address",
                                  "feature_cache", "feature_cache_memory_gb", "feature_cache_disk_gb",
-                                 "tracker"})
+                                 "tracker", "data_cache", "decode_workers"})
 
 # Fields added after the first stores were written: at these values they leave the run id as it was,
 # so an existing store keeps its runs.
@@ -152,6 +153,11 @@ class RunConfig(_Base):
             available RAM)); features beyond it go to disk.
         feature_cache_disk_gb: disk the feature cache may fill under ``STORE/feature-cache``, GiB
             (0: min(32, half the free space)). Features that fit neither: the run trains uncached.
+        data_cache: where a folder, CSV or .npz source is decoded to: ``memory`` (one uint8 tensor),
+            ``disk`` (decoded once into ``STORE/data-cache/KEY/images.npy``, reused by every later
+            run and process, and read batch by batch with bounded RAM), or ``auto``: disk when the
+            decoded size (N · 3 · img_size²) exceeds 1 GiB. Results are the same either way.
+        decode_workers: processes that decode images into the disk cache (0: min(4, CPUs)).
         resize: how images reach ``img_size``: ``resize`` (stretch), ``pad`` (keep the aspect ratio,
             zero-pad), or ``bucket`` (a few sizes from the data's own distribution, each image at the
             nearest one; Liu et al.).
@@ -202,7 +208,7 @@ class RunConfig(_Base):
         "amp": ("auto", "on", "off"), "channels_last": ("auto", "on", "off"), "feature_cache": ("auto", "fp32", "off"),
         "device": ("auto", "cpu", "cuda"), "class_weight": CLASS_WEIGHTS, "sampler": SAMPLERS,
         "tracker": TRACKERS, "dicom_window": DICOM_WINDOWS,
-        "uncertain_labels": UNCERTAIN_LABELS,
+        "uncertain_labels": UNCERTAIN_LABELS, "data_cache": DATA_CACHES,
     }
 
     data: str = "demo"
@@ -243,6 +249,8 @@ class RunConfig(_Base):
     feature_cache: str = "auto"
     feature_cache_memory_gb: float = 0.0
     feature_cache_disk_gb: float = 0.0
+    data_cache: str = "auto"
+    decode_workers: int = 0
     device: str = "auto"
     num_threads: int = 0
     store: str = "./medtune-results"
@@ -286,6 +294,7 @@ class RunConfig(_Base):
         check_scalar(self.num_threads, "num_threads", int, min_val=0, max_val=MAX_THREADS, owner=owner)
         for name in ("feature_cache_memory_gb", "feature_cache_disk_gb"):
             check_scalar(getattr(self, name), name, (float, int), min_val=0, max_val=1 << 20, owner=owner)
+        check_scalar(self.decode_workers, "decode_workers", int, min_val=0, max_val=MAX_THREADS, owner=owner)
         check_scalar(self.target_sensitivity, "target_sensitivity", (float, int), min_val=0, max_val=1,
                      include_min=False, owner=owner)
         for name, choices in self.CHOICES.items():

@@ -55,10 +55,12 @@ def collect_versions() -> dict[str, str]:
 
 @lru_cache(maxsize=4)
 def _load_cached(data: str, img_size: int, resize: str, split_seed: int, val_fraction: float, test_fraction: float,
-                 medmnist_size: int, dicom_window: str = "auto", uncertain_labels: str = "error") -> ImageSet:
+                 medmnist_size: int, dicom_window: str = "auto", uncertain_labels: str = "error",
+                 data_cache: str = "memory", store: str | None = None, decode_workers: int = 0) -> ImageSet:
     return load_data(data, img_size=img_size, resize=resize, seed=split_seed, val_fraction=val_fraction,
                      test_fraction=test_fraction, medmnist_size=medmnist_size, dicom_window=dicom_window,
-                     uncertain_labels=uncertain_labels)
+                     uncertain_labels=uncertain_labels, data_cache=data_cache, cache_dir=store,
+                     decode_workers=decode_workers)
 
 
 @lru_cache(maxsize=16)
@@ -71,9 +73,10 @@ def _subsample_cached(key: tuple, cv: tuple[int, int], train_fraction: float) ->
 
 def prepare_data(cfg: RunConfig) -> ImageSet:
     """Load (once per process), cut to the run's cross-validation fold and subsample the data a run
-    trains on; the same config gives the same ImageSet object, so its fingerprint is computed once."""
+    trains on; the same config gives the same ImageSet object, so its fingerprint is computed once.
+    Large sets are decoded once per machine into ``STORE/data-cache`` (``data_cache``)."""
     key = (cfg.data, cfg.img_size, cfg.resize, cfg.split_seed, float(cfg.val_fraction), float(cfg.test_fraction),
-           cfg.medmnist_size, cfg.dicom_window, cfg.uncertain_labels)
+           cfg.medmnist_size, cfg.dicom_window, cfg.uncertain_labels, cfg.data_cache, cfg.store, cfg.decode_workers)
     return _subsample_cached(key, (cfg.cv_folds, cfg.fold), float(cfg.train_fraction))
 
 

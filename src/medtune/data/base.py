@@ -1,18 +1,23 @@
-"""The in-memory dataset every part of medtune works on.
+"""The dataset every part of medtune works on.
 
 Images are decoded once, converted to RGB and resized to the model's input size at load time,
-and kept as one uint8 tensor; batch-wise float conversion happens on the training device.
+and kept as one uint8 tensor, or for large sets as a :class:`~medtune.data.diskcache.DiskImages`
+(the same array on disk, read batch by batch); batch-wise float conversion happens on the
+training device.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-__all__ = ["ImageSet", "TASKS", "SPLITS", "SPLIT_ALIASES"]
+from medtune.data.diskcache import DiskImages
+
+__all__ = ["ImageSet", "fingerprint_of", "TASKS", "SPLITS", "SPLIT_ALIASES"]
 
 TASKS = ("binary", "multiclass", "multilabel")
 SPLITS = ("train", "val", "test")
@@ -25,7 +30,8 @@ class ImageSet:
     """A decoded, labelled image set.
 
     Attributes:
-        images: uint8 tensor (N, 3, H, W), RGB, already at the model input size.
+        images: uint8 tensor (N, 3, H, W), RGB, already at the model input size; or a
+            :class:`~medtune.data.diskcache.DiskImages` of that shape (indexing it reads tensors).
         labels: int64 tensor (N,) of class indices, or float32 (N, L) of 0/1 for multi-label.
         splits: str array (N,) with values in ``SPLITS``.
         class_names: one name per class (per label for multi-label).
@@ -37,7 +43,7 @@ class ImageSet:
             fills ``images[i, :, :sizes[i], :sizes[i]]`` (the rest is zero). None otherwise.
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | DiskImages
     labels: torch.Tensor
     splits: np.ndarray
     class_names: list[str]
@@ -61,10 +67,10 @@ class ImageSet:
         return np.flatnonzero(self.splits == split)
 
     def subset(self, idx: np.ndarray) -> ImageSet:
-        """A new ImageSet holding the samples at ``idx`` (views where possible)."""
+        """A new ImageSet holding the samples at ``idx`` (disk-backed images: an index view, no read)."""
         idx_t = torch.as_tensor(np.asarray(idx), dtype=torch.long)
         return ImageSet(
-            images=self.images[idx_t],
+            images=self.images.view(np.asarray(idx)) if isinstance(self.images, DiskImages) else self.images[idx_t],
             labels=self.labels[idx_t],
             splits=self.splits[idx],
             class_names=list(self.class_names),
@@ -86,13 +92,21 @@ class ImageSet:
         Computed once per object: an ImageSet's tensors are treated as immutable (``subset`` and
         ``split`` build new objects).
         """
-        if self._fingerprint is not None:
-            return self._fingerprint
-        h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.images.numpy()).tobytes())
-        h.update(np.ascontiguousarray(self.labels.numpy()).tobytes())
-        h.update("\x00".join(map(str, self.splits)).encode())
-        h.update("\x00".join(self.class_names).encode())
-        h.update(self.task.encode())
-        self._fingerprint = h.hexdigest()[:16]
+        if self._fingerprint is None:
+            pixels = (self.images.chunks() if isinstance(self.images, DiskImages)
+                      else [np.ascontiguousarray(self.images.numpy())])
+            self._fingerprint = fingerprint_of(pixels, self.labels, self.splits, self.class_names, self.task)
         return self._fingerprint
+
+
+def fingerprint_of(pixels: Iterable[np.ndarray], labels: torch.Tensor, splits: np.ndarray, class_names: list[str],
+                   task: str) -> str:
+    """:meth:`ImageSet.fingerprint` of these parts; ``pixels`` the uint8 images in order, in chunks."""
+    h = hashlib.sha256()
+    for chunk in pixels:
+        h.update(np.ascontiguousarray(chunk).data)
+    h.update(np.ascontiguousarray(labels.numpy()).tobytes())
+    h.update("\x00".join(map(str, splits)).encode())
+    h.update("\x00".join(class_names).encode())
+    h.update(task.encode())
+    return h.hexdigest()[:16]

@@ -16,7 +16,9 @@ import torch
 
 from medtune.data._decode import (IMAGE_EXTENSIONS, check_unit_range, choose_buckets, decode_image, nearest_bucket,
                                   resize_image, to_rgb_uint8)
-from medtune.data.base import SPLIT_ALIASES, SPLITS, ImageSet
+from medtune.data.base import SPLIT_ALIASES, SPLITS, ImageSet, fingerprint_of
+from medtune.data.diskcache import (DATA_CACHES, build, load_or_decode, open_cached, resolve_workers, source_key,
+                                   use_disk, write_row)
 from medtune.data.splits import make_splits
 from medtune.errors import ConfigError, DataError, short_repr
 
@@ -195,7 +197,11 @@ def _medmnist_download(name: str, size: int) -> Path:
                     f"https://zenodo.org/records/10519652 and put it at {path}, or pass --data PATH/{path.name}.")
 
 
-def _load_npz(path: Path, img_size: int, resize: str) -> ImageSet:
+def _load_npz(path: Path, img_size: int, resize: str, data_cache: str = "memory", cache_dir: str | Path | None = None
+              ) -> ImageSet:
+    """A MedMNIST-style ``.npz``; its images resized into one tensor, or with ``data_cache`` into
+    the decode cache (keyed by the file's path, size and mtime, ``img_size`` and ``resize``; a cache
+    built from this file is not re-validated)."""
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -205,10 +211,55 @@ def _load_npz(path: Path, img_size: int, resize: str) -> ImageSet:
     if missing:
         raise DataError(f"{path}: missing key(s) {', '.join(missing)}; expected the MedMNIST keys "
                         f"{', '.join(expected)}. Found: {', '.join(npz.files) or 'none'}.")
-    _check_npz_headers(npz, path, expected)
-    images, labels, splits = [], [], []
+    counts = {s: shape[0] if shape else 0 for s, shape in
+              zip(SPLITS, (_check_npz_headers(npz, path, expected)[f"{s}_images"] for s in SPLITS), strict=True)}
+    shape = (sum(counts.values()), 3, img_size, img_size)
+    if not use_disk(data_cache, int(np.prod(shape)), cache_dir):
+        images = torch.empty(shape, dtype=torch.uint8)
+
+        def write(i: int, x: torch.Tensor) -> None:
+            images[i] = x
+
+        label_t, splits, names, task = _npz_parts(npz, path, img_size, resize, counts, write)
+        fingerprint = None
+    else:
+        root, key = Path(cache_dir) / "data-cache", source_key([path], kind="npz", img_size=img_size, resize=resize)
+        found = open_cached(root, key)
+        if found:  # the labels only: the images were validated when the cache was built
+            label_t, splits, names, task = _npz_parts(npz, path, img_size, resize, counts, None)
+            images, fingerprint = found
+        else:
+            parts = []
+
+            def fill(npy: Path, offset: int) -> None:
+                fd = os.open(npy, os.O_WRONLY)
+                try:
+                    parts.extend(_npz_parts(npz, path, img_size, resize, counts,
+                                            lambda i, x: write_row(fd, offset, i, x.numpy())))
+                finally:
+                    os.close(fd)
+
+            images, fingerprint = build(root, key, shape, fill, lambda imgs: fingerprint_of(imgs.chunks(), *parts))
+            label_t, splits, names, task = parts
+    data = ImageSet(images=images, labels=label_t, splits=splits, class_names=names, task=task,
+                    ids=[f"{path.name}:{s}:{i}" for s in SPLITS for i in range(counts[s])],
+                    name=path.stem.split("_")[0], meta={"source": str(path)})
+    data._fingerprint = fingerprint
+    return data
+
+
+def _npz_parts(npz, path: Path, img_size: int, resize: str, counts: dict[str, int], write
+               ) -> tuple[torch.Tensor, np.ndarray, list[str], str]:
+    """Validate an npz's arrays; ``write(row, image)`` each resized image unless ``write`` is None
+    (labels only). Returns (labels, splits, class names, task)."""
+    labels, splits, row = [], [], 0
     for split in SPLITS:
-        x, y = npz[f"{split}_images"], npz[f"{split}_labels"]
+        y = npz[f"{split}_labels"]
+        if write is None:
+            labels.append(y if y.ndim != 1 else y[:, None])
+            splits += [split] * counts[split]
+            continue
+        x = npz[f"{split}_images"]
         if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
             raise DataError(f"{path}: {split}_images has shape {x.shape}; expected (N, H, W) or (N, H, W, 3).")
         if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
@@ -231,7 +282,8 @@ def _load_npz(path: Path, img_size: int, resize: str) -> ImageSet:
         if len(x) == 0:
             raise DataError(f"{path}: the {split} split has no images.")
         for img in x:
-            images.append(resize_image(to_rgb_uint8(img, where=f"{path}:{split}"), img_size, resize))
+            write(row, resize_image(to_rgb_uint8(img, where=f"{path}:{split}"), img_size, resize))
+            row += 1
         labels.append(y)
         splits += [split] * len(x)
     y = np.concatenate(labels)
@@ -259,9 +311,7 @@ def _load_npz(path: Path, img_size: int, resize: str) -> ImageSet:
                             f"must be 0 … K-1 with every class present: renumber them.")
         names = [info.get(str(i), str(i)) for i in range(k)] if info else [str(i) for i in range(k)]
         task, label_t = ("binary" if k == 2 else "multiclass"), torch.from_numpy(y)
-    return ImageSet(images=torch.stack(images), labels=label_t, splits=np.array(splits), class_names=names, task=task,
-                    ids=[f"{path.name}:{s}:{i}" for s, n in zip(SPLITS, [len(npz[f'{s}_images']) for s in SPLITS])
-                         for i in range(n)], name=name, meta={"source": str(path)})
+    return label_t, np.array(splits), names, task
 
 
 def _cut_list(values: list, limit: int = 10) -> str:
@@ -277,13 +327,13 @@ def _memory_bytes() -> int:
         return 1 << 40
 
 
-def _check_npz_headers(npz, path: Path, keys: list[str]) -> None:
+def _check_npz_headers(npz, path: Path, keys: list[str]) -> dict[str, tuple[int, ...]]:
     """Read each array's .npy header (not its data): object arrays and arrays larger than this machine's
-    memory are refused before anything is loaded."""
+    memory are refused before anything is loaded. Returns each array's shape."""
     import math
     import zipfile
 
-    total = 0
+    total, shapes = 0, {}
     for key in keys:
         try:
             with npz.zip.open(f"{key}.npy") as fh:
@@ -297,10 +347,12 @@ def _check_npz_headers(npz, path: Path, keys: list[str]) -> None:
             raise DataError(f"{path}: array {key} holds Python objects (dtype {dtype}), which medtune never "
                             "unpickles; save numeric arrays (uint8 images, integer labels).")
         total += math.prod(shape) * dtype.itemsize
+        shapes[key] = tuple(shape)
     memory = _memory_bytes()
     if total > memory:
         raise DataError(f"{path}: its arrays declare {total / 1e9:,.1f} GB, more than this machine's memory "
                         f"({memory / 1e9:,.1f} GB); use a smaller file (e.g. a lower MedMNIST size).")
+    return shapes
 
 
 def _medmnist_info(name: str) -> dict | None:
@@ -313,7 +365,8 @@ def _medmnist_info(name: str) -> dict | None:
 
 def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]], *, name: str, source: str,
                 img_size: int, resize: str, seed: int, val_fraction: float, test_fraction: float,
-                classes: list[str] | None, dicom_window: str = "auto") -> ImageSet:
+                classes: list[str] | None, dicom_window: str = "auto", data_cache: str = "memory",
+                cache_dir: str | Path | None = None, workers: int = 0) -> ImageSet:
     multilabel = any(isinstance(lbl, list) for _, lbl, _, _ in items)
     found = sorted({c for _, lbl, _, _ in items for c in (lbl if isinstance(lbl, list) else [lbl])})
     if classes is not None:
@@ -325,18 +378,6 @@ def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]
     if len(found) < 2:
         raise DataError(f"{source}: only one class ({found[0] if found else 'none'}); a classifier needs at least two.")
     index = {c: i for i, c in enumerate(found)}
-    images, sizes, buckets = [], None, None
-    if resize == "bucket":  # a few sides from the data's own sizes; each image at the nearest one
-        rgbs = [decode_image(path, dicom_window)[0] for path, _, _, _ in items]
-        buckets = choose_buckets([np.sqrt(r.shape[0] * r.shape[1]) for r in rgbs], img_size)
-        sizes = np.array([nearest_bucket(np.sqrt(r.shape[0] * r.shape[1]), buckets) for r in rgbs], dtype=np.int64)
-        canvas = max(buckets)
-        for rgb, side in zip(rgbs, sizes, strict=True):
-            x = resize_image(rgb, int(side), "resize")
-            images.append(torch.nn.functional.pad(x, (0, canvas - int(side), 0, canvas - int(side))))
-    for path, _, _, _ in items if resize != "bucket" else ():
-        rgb, _, _ = decode_image(path, dicom_window)
-        images.append(resize_image(rgb, img_size, resize))
     if multilabel:
         y = np.zeros((len(items), len(found)), dtype=np.float32)
         for i, (_, lbl, _, _) in enumerate(items):
@@ -359,10 +400,37 @@ def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]
                                  test_fraction=test_fraction, class_names=found)
         except DataError as exc:
             raise DataError(f"{source}: {exc}") from None
-    return ImageSet(images=torch.stack(images), labels=labels, splits=splits, class_names=found, task=task,
-                    ids=[str(p) for p, _, _, _ in items], groups=groups_arr, name=name,
-                    meta={"source": source, "img_size": img_size, "resize": resize,
-                          **({"buckets": list(buckets)} if buckets else {})}, sizes=sizes)
+    paths = [p for p, _, _, _ in items]
+    meta = {"source": source, "img_size": img_size, "resize": resize}
+    fingerprint = None
+    sizes, buckets = None, None
+    # the labels and splits are known before any decoding: they key the decode cache with the files
+    if resize != "bucket" and use_disk(data_cache, len(items) * 3 * img_size * img_size, cache_dir):
+        key = source_key(paths, labels=labels.tolist(), splits=splits.tolist(), classes=found, task=task,
+                         groups=None if groups_arr is None else groups_arr.tolist(), img_size=img_size,
+                         resize=resize, dicom_window=dicom_window)
+        images, fingerprint = load_or_decode(
+            Path(cache_dir) / "data-cache", key, paths, img_size=img_size, resize=resize, dicom_window=dicom_window,
+            workers=resolve_workers(workers),
+            fingerprint=lambda imgs: fingerprint_of(imgs.chunks(), labels, splits, found, task))
+        meta["data_cache"] = str(images.path.parent)
+    elif resize == "bucket":  # a few sides from the data's own sizes; each image at the nearest one
+        rgbs = [decode_image(path, dicom_window)[0] for path in paths]
+        buckets = choose_buckets([np.sqrt(r.shape[0] * r.shape[1]) for r in rgbs], img_size)
+        sizes = np.array([nearest_bucket(np.sqrt(r.shape[0] * r.shape[1]), buckets) for r in rgbs], dtype=np.int64)
+        canvas = max(buckets)
+        images = torch.stack([torch.nn.functional.pad(resize_image(rgb, int(side), "resize"),
+                                                      (0, canvas - int(side), 0, canvas - int(side)))
+                              for rgb, side in zip(rgbs, sizes, strict=True)])
+        meta["buckets"] = list(buckets)
+    else:
+        images = torch.empty((len(paths), 3, img_size, img_size), dtype=torch.uint8)
+        for i, path in enumerate(paths):  # straight into the array: no list of every image
+            images[i] = resize_image(decode_image(path, dicom_window)[0], img_size, resize)
+    data = ImageSet(images=images, labels=labels, splits=splits, class_names=found, task=task,
+                    ids=[str(p) for p in paths], groups=groups_arr, name=name, meta=meta, sizes=sizes)
+    data._fingerprint = fingerprint
+    return data
 
 
 def _validate(data: ImageSet, source: str) -> ImageSet:
@@ -391,7 +459,8 @@ def _validate(data: ImageSet, source: str) -> ImageSet:
 
 def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: int = 0, val_fraction: float = 0.15,
               test_fraction: float = 0.15, medmnist_size: int = 28, classes: list[str] | None = None,
-              dicom_window: str = "auto", uncertain_labels: str = "error") -> ImageSet:
+              dicom_window: str = "auto", uncertain_labels: str = "error", data_cache: str = "auto",
+              cache_dir: str | Path | None = None, decode_workers: int = 0) -> ImageSet:
     """Load any supported source into an :class:`ImageSet` at ``img_size``.
 
     Args:
@@ -410,6 +479,12 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
             :func:`~medtune.data._decode.dicom_to_unit`).
         uncertain_labels: what ``-1`` and blank cells of a one-column-per-label CSV mean
             (``error``, ``zeros``, ``ones``; :func:`read_csv`).
+        data_cache: where a folder, CSV or .npz source is decoded to: ``memory`` (one tensor), ``disk``
+            (the decode cache under ``cache_dir/data-cache``, :mod:`medtune.data.diskcache`), or
+            ``auto``: disk when the decoded size exceeds
+            :data:`~medtune.data.diskcache.DISK_THRESHOLD_BYTES` (1 GiB) and ``cache_dir`` is given.
+        cache_dir: the folder holding ``data-cache/`` (runs pass their results store).
+        decode_workers: processes decoding into the disk cache (0: min(4, CPUs)).
 
     Raises:
         DataError: any problem with the files (named in the message).
@@ -417,6 +492,9 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
     """
     from medtune.data.demo import make_demo
     from medtune.data.synthetic import make_synthetic
+
+    if data_cache not in DATA_CACHES:
+        raise ConfigError(f"data_cache {short_repr(data_cache)} is not one of {', '.join(DATA_CACHES)}.")
 
     if source == "demo":
         return make_demo(img_size=img_size, seed=seed, resize=resize)
@@ -433,7 +511,7 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
         return make_synthetic(num_samples=64 * max(1, k // 2), img_size=img_size, num_classes=k, seed=seed)
     if source.startswith("medmnist:"):
         path = _medmnist_download(source.split(":", 1)[1], medmnist_size)
-        return _validate(_load_npz(path, img_size, resize), str(path))
+        return _validate(_load_npz(path, img_size, resize, data_cache, cache_dir), str(path))
     path = Path(source).expanduser()
     try:
         exists = path.exists()
@@ -443,7 +521,8 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
         raise DataError(f"Data {short_repr(source)} not found; give a folder per class, a CSV, a MedMNIST .npz, "
                         "medmnist:NAME, demo or synthetic.")
     kw = {"img_size": img_size, "resize": resize, "seed": seed, "val_fraction": val_fraction,
-          "test_fraction": test_fraction, "classes": classes, "dicom_window": dicom_window}
+          "test_fraction": test_fraction, "classes": classes, "dicom_window": dicom_window,
+          "data_cache": data_cache, "cache_dir": cache_dir, "workers": decode_workers}
     if path.is_dir():
         items, skipped = list_folder(path)
         if skipped:
@@ -457,7 +536,7 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
             kw["classes"] = list(rows[0]["label_columns"])
         data = _from_items(items, name=path.stem, source=str(path), **kw)
     elif path.suffix.lower() == ".npz":
-        data = _load_npz(path, img_size, resize)
+        data = _load_npz(path, img_size, resize, data_cache, cache_dir)
     else:
         raise DataError(f"{path}: unsupported data file; give a folder per class, a .csv or a MedMNIST .npz.")
     return _validate(data, str(path))

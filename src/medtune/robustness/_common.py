@@ -60,8 +60,13 @@ def check_target(targeted: object, owner: str, *, num_classes: int | None = None
 def check_images(images: object, name: str = "images") -> torch.Tensor:
     """Validate an image batch: uint8 (N, C, H, W), or floating point in [0, 1].
 
-    Returns the tensor unchanged (no copy); batches are converted to float on the device.
+    Returns the tensor unchanged (no copy); batches are converted to float on the device. Images
+    in the decode cache (``DiskImages``) are read into memory here: the audit holds its splits.
     """
+    from medtune.data.diskcache import DiskImages
+
+    if isinstance(images, DiskImages):
+        images = images[:]
     if not isinstance(images, torch.Tensor):
         raise DataError(
             f"{name!r} must be a torch.Tensor (N, 3, H, W). Got {type(images).__name__} instead. "

@@ -43,6 +43,7 @@ from medtune._tensors import precision_name, resolve_amp_dtype, to_float
 from medtune.config import RunConfig
 from medtune.data.augment import augment_batch
 from medtune.data.base import ImageSet
+from medtune.data.diskcache import DiskImages
 from medtune.errors import StoreError, TrainingError
 from medtune.models._norm import BATCH_STAT_LAYERS
 from medtune.strategies.base import EpochContext, SolveContext
@@ -152,7 +153,10 @@ def predict_proba(model: nn.Module, images: torch.Tensor, *, task: str, batch_si
     was_training = model.training
     model.eval()
     probs, loss_sum, order = [], 0.0, []
-    for idx in bucket_batches(torch.arange(len(images)), sizes, batch_size):
+    batches = bucket_batches(torch.arange(len(images)), sizes, batch_size)
+    if isinstance(images, DiskImages):  # read ahead from the decode cache while the model runs
+        images.prefetch(batches)
+    for idx in batches:
         x = to_float(fed_at_size(images[idx], sizes, idx), device, channels_last=channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             logits = model(x).float()
@@ -295,7 +299,9 @@ class _Setup:
         return cls(cfg=cfg, model=model, blocks=blocks, device=device, channels_last=channels_last,
                    amp_dtype=amp_dtype, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
                    train=train, val=val, test=test,
-                   train_images=train.images.to(device) if device.type == "cuda" else train.images,
+                   # disk-backed images stay on disk: batches are read (pinned on CUDA) as they are drawn
+                   train_images=(train.images.to(device) if device.type == "cuda"
+                                 and isinstance(train.images, torch.Tensor) else train.images),
                    train_labels=train.labels.to(device),
                    loss_fn=_loss_fn(data.task, cfg.label_smoothing, device=device, weight=weight), class_weight=weight,
                    steps_per_epoch=max(1, len(bucket_batches(torch.arange(len(train)), train.sizes, cfg.batch_size))),
@@ -463,7 +469,10 @@ def train_one_epoch(run: _Setup, phase: _Phase) -> tuple[float, float]:
     source = phase.feats.get("train", run.train_images)
     loss_sum = torch.zeros((), device=run.device)
     lr = phase.base_lr
-    for b, idx in enumerate(bucket_batches(order, run.train.sizes, bs, run.gen)):
+    batches = bucket_batches(order, run.train.sizes, bs, run.gen)
+    if isinstance(source, DiskImages):  # read ahead from the decode cache while the model trains
+        source.prefetch(batches)
+    for b, idx in enumerate(batches):
         lr = lr_at(phase.epoch * run.steps_per_epoch + b, total_steps=phase.total_steps,
                    warmup_steps=phase.warmup_steps, base_lr=phase.base_lr)
         for g in opt.param_groups:
