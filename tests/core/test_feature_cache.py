@@ -245,3 +245,19 @@ def test_default_budgets_count_what_the_cache_holds_as_available(monkeypatch, tm
 class _Usage:
     def __init__(self, free: int) -> None:
         self.free = free
+
+
+def test_under_bf16_autocast_the_prefix_is_cached_in_the_runs_precision(tiny_cfg, synthetic_data):
+    # the cached prefix runs under the run's autocast, as the uncached run computes it every epoch
+    FEATURE_CACHE.clear()
+    bf16 = tiny_cfg.replace(amp="on", device="cpu")
+    m_off, r_off, _ = _fit("top_k:1", bf16.replace(feature_cache="off"), synthetic_data)
+    m_on, r_on, log_on = _fit("top_k:1", bf16.replace(feature_cache="fp32"), synthetic_data)
+    assert "feature cache: frozen prefix" in log_on and r_on.precision == "bf16"
+    entries = [FEATURE_CACHE.get(k).values for k in FEATURE_CACHE.keys()]
+    assert len(entries) == 3 and all(t.dtype == torch.float32 for t in entries)
+    for (name, a), (_, b) in zip(m_off.state_dict().items(), m_on.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+    misses = FEATURE_CACHE.misses
+    _fit("top_k:1", tiny_cfg.replace(amp="off", device="cpu", feature_cache="fp32"), synthetic_data)
+    assert FEATURE_CACHE.misses == misses + 3  # float32 features are other features: their own key

@@ -44,6 +44,7 @@ charge every run of a prefix equally, whatever order the runs come in.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import math
 import os
@@ -449,7 +450,8 @@ def cached_features(chain: list[tuple[str, nn.Module]], upto: int, splits: Mappi
                     batch_size: int, to_input: Callable[[torch.Tensor], torch.Tensor], storage: str = "auto",
                     cache: FeatureCache | None = None, block_starts: Iterable[int] = (),
                     memory_bytes: int | None = None, disk_bytes: int | None = None,
-                    spill_dir: str | None = None) -> dict[str, CachedFeatures]:
+                    spill_dir: str | None = None, precision: str = "fp32",
+                    autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, CachedFeatures]:
     """Outputs of ``chain[:upto]`` (all in eval mode) for each split, from the cache when possible,
     with the seconds computing them took (a hit reports the seconds stored by the miss).
 
@@ -462,6 +464,8 @@ def cached_features(chain: list[tuple[str, nn.Module]], upto: int, splits: Mappi
         memory_bytes, disk_bytes: the budgets (None: :func:`default_memory_bytes`,
             :func:`default_disk_bytes`, counting what the cache holds as available).
         spill_dir: where features beyond the memory budget go (None: the cache's).
+        precision, autocast: the run's precision (``fp32``, ``bf16``, ``fp16``; part of the key) and a
+            factory of its autocast context, under which the prefix runs, as it would uncached.
 
     Raises:
         FeaturesDoNotFit: the missing features would exceed the memory and disk budgets together
@@ -472,7 +476,7 @@ def cached_features(chain: list[tuple[str, nn.Module]], upto: int, splits: Mappi
     cache.configure(memory_bytes=default_memory_bytes(cache.nbytes()) if memory_bytes is None else memory_bytes,
                     disk_bytes=default_disk_bytes(spill_dir, cache.disk_nbytes()) if disk_bytes is None else disk_bytes,
                     spill_dir=spill_dir)
-    salt = f"{storage}:"
+    salt = f"{storage}:" if precision == "fp32" else f"{storage}:{precision}:"  # fp32 keys as before
     keys = {name: _prefix_fingerprint(chain, upto, salt + s) for name, (_, s) in splits.items()}
     out: dict[str, CachedFeatures] = {}
     for name, key in keys.items():
@@ -486,7 +490,7 @@ def cached_features(chain: list[tuple[str, nn.Module]], upto: int, splits: Mappi
     starts = list(block_starts)
     extra = sorted({starts[b] for b in cache.expected_blocks if 0 <= b < len(starts)} & set(range(2, upto)))
     probe = next(images for images, _ in splits.values() if len(images))
-    with _EvalMode(m for _, m in chain[:upto]):
+    with _EvalMode(m for _, m in chain[:upto]), autocast():
         shapes = _feature_shapes(chain, upto, probe, [*extra, upto], to_input)
         dtypes = {b: _storage_dtype(storage, shapes[b]) for b in shapes}
         while True:

@@ -372,6 +372,7 @@ def _cache_prefix(run: _Setup, phase: _Phase, log: Callable[[str], None]) -> dic
         try:
             feats = cached_features(run.chain, cut, splits, batch_size=cfg.eval_batch_size, to_input=run.to_input,
                                     storage=cfg.feature_cache, block_starts=run.chain_starts, spill_dir=spill,
+                                    precision=precision_name(run.amp_dtype), autocast=run.autocast,
                                     memory_bytes=_gib_to_bytes(cfg.feature_cache_memory_gb),
                                     disk_bytes=_gib_to_bytes(cfg.feature_cache_disk_gb))
         except FeaturesDoNotFit as exc:
