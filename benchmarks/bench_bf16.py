@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import types
 
 import torch
 
+import _clock  # noqa: E402  (benchmarks/_clock.py: --threads and --clock)
 from medtune._tensors import cpu_has_native_bf16, resolve_amp_dtype
 from medtune.config import RunConfig
 from medtune.runner import build_run, prepare_data
-from medtune.training import loop
 from medtune.training.loop import evaluate, fit
 
 CLOCK = time.perf_counter
@@ -57,6 +56,7 @@ def one_run(arch: str, amp: str, args, seed: int) -> dict:
 
 
 def main() -> None:
+    global CLOCK
     p = argparse.ArgumentParser()
     p.add_argument("--archs", default="resnet18,tf_efficientnet_lite0")
     p.add_argument("--img-size", type=int, default=64)
@@ -68,15 +68,9 @@ def main() -> None:
     p.add_argument("--seeds", default="0", help="comma-separated; the first is timed, every one is scored")
     p.add_argument("--channels-last", default="off", choices=("off", "on"))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--clock", default="wall", choices=("wall", "cpu"))
+    _clock.add_args(p)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.clock == "cpu":  # CPU seconds of this process: robust to other jobs on shared cores (use --threads 1)
-        global CLOCK
-        CLOCK = time.process_time
-        loop.time = types.SimpleNamespace(perf_counter=time.process_time)
+    CLOCK = _clock.setup(args)
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"device {args.device}, {torch.get_num_threads()} threads, native bf16 (AMX / AVX-512-BF16): "
           f"{cpu_has_native_bf16()}; demo data at {args.img_size}px, full fine-tuning {args.epochs} epochs, "

@@ -15,17 +15,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import types
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import _clock  # noqa: E402  (benchmarks/_clock.py: --threads and --clock)
 import bench_loop_vs_plain as loop_bench  # noqa: E402  (same in-memory data as the loop benchmark)
 from medtune._tensors import resolve_device
 from medtune.config import RunConfig
 from medtune.models import get_blocks
 from medtune.strategies import create_strategy
-from medtune.training import loop
 from medtune.training.loop import fit
 
 CLOCK = time.perf_counter
@@ -63,14 +62,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--clock", default="wall", choices=("wall", "cpu"))
+    _clock.add_args(p)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.clock == "cpu":  # CPU seconds of this process: robust to other jobs on shared cores (use --threads 1)
-        CLOCK = time.process_time
-        loop.time = types.SimpleNamespace(perf_counter=time.process_time)
+    CLOCK = _clock.setup(args)
     device = resolve_device(args.device)
     flops = step_flops(loop_bench.fresh_model(args.arch, device), args.batch_size, args.img_size, device)
     data = loop_bench.make_data(args.images, args.img_size)

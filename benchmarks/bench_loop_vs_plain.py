@@ -20,17 +20,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import types
 
 import numpy as np
 import torch
 
+import _clock  # noqa: E402  (benchmarks/_clock.py: --threads and --clock)
 from medtune._tensors import resolve_amp_dtype, resolve_device
 from medtune.config import RunConfig
 from medtune.data.base import ImageSet
 from medtune.models import create_model, get_blocks
 from medtune.strategies import create_strategy
-from medtune.training import loop
 from medtune.training.loop import fit
 
 CLOCK = time.perf_counter
@@ -82,6 +81,7 @@ def medtune_loop(arch, data, epochs, batch_size, device, amp) -> float:
 
 
 def main() -> None:
+    global CLOCK
     p = argparse.ArgumentParser()
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--img-size", type=int, default=64)
@@ -91,15 +91,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--amp", default="off", choices=("off", "on"))
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--clock", default="wall", choices=("wall", "cpu"))
+    _clock.add_args(p)
     args = p.parse_args()
-    if args.clock == "cpu":
-        global CLOCK
-        CLOCK = time.process_time
-        loop.time = types.SimpleNamespace(perf_counter=time.process_time)  # fit's epoch timer (a benchmark, not the library)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    CLOCK = _clock.setup(args)
     device = resolve_device(args.device)
     amp_dtype = resolve_amp_dtype(args.amp, device)
     data = make_data(args.images, args.img_size)
