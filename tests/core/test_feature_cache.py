@@ -142,6 +142,7 @@ def test_features_over_the_budgets_run_uncached_with_one_line(tiny_cfg, syntheti
     assert "48.0 KiB" in lines[0] and "1000 B in memory and 1000 B on disk" in lines[0]
     assert FEATURE_CACHE.keys() == [] and FEATURE_CACHE.misses == 0  # decided before computing anything
     assert "top_k" not in r_on.extras["feature_cache"] and r_on.extras["feature_seconds"] == 0.0
+    assert "would take" in r_on.extras["feature_cache_off"]["top_k"]  # the record says why it ran uncached
     _, r_off, _ = _fit("top_k:1", tiny_cfg.replace(feature_cache="off"), synthetic_data)
     assert r_on.test_metrics == r_off.test_metrics
 

@@ -359,7 +359,8 @@ class _Phase:
 def _cache_prefix(run: _Setup, phase: _Phase, log: Callable[[str], None]) -> dict[str, Any] | None:
     """Train this phase on cached features of its frozen prefix when that is exact and they fit the
     budgets; returns what the run record keeps of them (the stored extraction seconds per split, the
-    same for every run of that prefix; the storage dtype, max |feature|, the cut, the bytes), or None."""
+    same for every run of that prefix; the storage dtype, max |feature|, the cut, the bytes), or
+    ``{"off": reason}`` when the phase runs uncached (the reason is also logged)."""
     cfg = run.cfg
     cut = frozen_prefix_length(run.chain, cfg.bn_mode) if run.chain is not None else 0
     reason = ("images come in several sizes (resize: bucket)" if run.train.sizes is not None else
@@ -379,7 +380,7 @@ def _cache_prefix(run: _Setup, phase: _Phase, log: Callable[[str], None]) -> dic
             reason = f"{exc}; running uncached (raise feature_cache_memory_gb or feature_cache_disk_gb to cache it)"
     if reason is not None:
         log(f"[{phase.name}] feature cache off: {reason}")
-        return None
+        return {"off": reason}
     for name, features in feats.items():
         phase.feats[name] = features.values.to(run.device) if run.device.type == "cuda" else features.values
     phase.net = nn.Sequential(*[m for _, m in run.chain[cut:]])
@@ -400,11 +401,15 @@ def _gib_to_bytes(gib: float) -> int | None:
 
 def _charge_features(state: dict, phase_name: str, cached: dict[str, Any] | None) -> None:
     """Charge a phase's feature extraction once (a resumed phase finds its charge in ``extras``) and
-    record the cache's precision, cut and size under ``extras["feature_cache"][phase]``."""
+    record the cache's precision, cut and size under ``extras["feature_cache"][phase]``, or why the
+    phase ran uncached under ``extras["feature_cache_off"][phase]``."""
     extras = state["extras"]
     charged = extras.setdefault("feature_cache", {})
     extras.setdefault("feature_seconds", 0.0)
     extras.setdefault("feature_seconds_eval", 0.0)
+    if cached is not None and "off" in cached:
+        extras.setdefault("feature_cache_off", {})[phase_name] = cached["off"]
+        return
     if cached is None or phase_name in charged:
         return
     charged[phase_name] = cached
