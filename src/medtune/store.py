@@ -184,7 +184,11 @@ class ResultsStore:
                                  f"{', '.join(sorted(tables)[:5])}); choose another --store.")
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.executescript(_SCHEMA)
+            # the tables and the schema row in one transaction: a process killed in between (or a
+            # second process opening the store meanwhile) never sees medtune's tables without the row
+            # that marks them as medtune's
+            self._conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nINSERT OR IGNORE INTO meta VALUES "
+                                     f"('schema', '{_SCHEMA_VERSION}');\nCOMMIT;")
             try:  # after the schema check: nothing is created beside another application's file
                 (self.root / "artifacts").mkdir(exist_ok=True)
                 (self.root / "checkpoints").mkdir(exist_ok=True)
@@ -192,9 +196,7 @@ class ResultsStore:
                 raise StoreError(f"Cannot create the folders of the results store {str(self.root)!r}: "
                                  f"{exc.strerror}; choose a writable --store.") from None
             row = self._conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if row is None:
-                self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (_SCHEMA_VERSION,))
-            elif row[0] != _SCHEMA_VERSION:
+            if row[0] != _SCHEMA_VERSION:
                 raise StoreError(f"{self.path} has results schema {row[0]}, this medtune reads {_SCHEMA_VERSION}; "
                                  "use another --store.")
         except sqlite3.DatabaseError as exc:

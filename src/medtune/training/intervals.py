@@ -153,14 +153,21 @@ def metric_intervals(y_true: np.ndarray, prob: np.ndarray, *, task: str, confide
     return out
 
 
+#: Bootstrap resamples evaluated per vectorised call of a metric.
+_RESAMPLE_BATCH = 100
+
+
 def _bootstrap(metric: str, y: np.ndarray, prob: np.ndarray, confidence: float, num_resamples: int,
                seed: int) -> list[float] | None:
     def statistic(idx, axis=-1):
         return resampled_metric(metric, y, prob, np.asarray(idx, dtype=int))
 
     with np.errstate(all="ignore"):
+        # batches of resamples: memory O(batch · N) instead of O(num_resamples · N) (436 MiB for a
+        # 3-class AUC over 6,000 images at once), the same resamples in the same order, the same interval
         res = sps.bootstrap((np.arange(len(y)),), statistic, vectorized=True, n_resamples=num_resamples,
-                            confidence_level=confidence, method="percentile", random_state=seed)
+                            confidence_level=confidence, method="percentile", random_state=seed,
+                            batch=_RESAMPLE_BATCH)
     low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
     return None if math.isnan(low) or math.isnan(high) else [low, high]
 
