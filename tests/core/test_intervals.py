@@ -104,3 +104,16 @@ def test_bootstrap_memory_does_not_scale_with_the_resamples():
     assert peak < 80 * 2**20, f"peak {peak / 2**20:.0f} MiB"
     ref = compute_metrics(y, prob, task="multiclass", class_names=["a", "b", "c"])
     assert ci["auc"][0] <= ref["auc"] <= ci["auc"][1]
+
+
+def test_paired_bootstrap_in_batches_equals_one_draw_of_every_resample():
+    # the direct computation: every resample drawn at once, as before batching
+    y, a = _data(num=150, num_classes=3, seed=6, signal=2.0)
+    _, b = _data(num=150, num_classes=3, seed=7, signal=1.0)
+    idx = np.random.default_rng(0).integers(0, len(y), size=(250, len(y)))
+    boot = resampled_metric("auc", y, a, idx) - resampled_metric("auc", y, b, idx)
+    boot = boot[~np.isnan(boot)]
+    res = paired_bootstrap(y, [a], [b], "auc", num_resamples=250, seed=0)  # 3 batches, the last partial
+    # the same resamples; vectorised sums over arrays of another shape may differ in the last bit
+    assert [res["ci_low"], res["ci_high"]] == pytest.approx(np.quantile(boot, [0.025, 0.975]), rel=1e-12)
+    assert res["pvalue"] == min(1.0, 2 * min(float((boot <= 0).mean()), float((boot >= 0).mean())))

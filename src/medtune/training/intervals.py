@@ -186,14 +186,18 @@ def paired_bootstrap(y_true: np.ndarray, probs_a: Sequence[np.ndarray], probs_b:
     """
     y = np.asarray(y_true).astype(int)
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(y), size=(num_resamples, len(y)))
     full = np.arange(len(y))[None, :]
 
     def seed_mean(probs: Sequence[np.ndarray], index: np.ndarray) -> np.ndarray:
         return np.nanmean(np.stack([resampled_metric(metric, y, np.asarray(p, float), index) for p in probs]), axis=0)
 
     diff = float((seed_mean(probs_a, full) - seed_mean(probs_b, full))[0])
-    boot = seed_mean(probs_a, idx) - seed_mean(probs_b, idx)
+    # resamples drawn and scored in batches (memory O(batch · N)); the generator's stream is the
+    # same as one (num_resamples, N) draw, so are the resamples
+    boot = np.concatenate([
+        seed_mean(probs_a, idx) - seed_mean(probs_b, idx)
+        for idx in (rng.integers(0, len(y), size=(min(_RESAMPLE_BATCH, num_resamples - k), len(y)))
+                    for k in range(0, num_resamples, _RESAMPLE_BATCH))])
     boot = boot[~np.isnan(boot)]
     if not len(boot):
         return {"diff": diff, "ci_low": math.nan, "ci_high": math.nan, "pvalue": math.nan}
