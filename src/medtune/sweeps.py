@@ -56,6 +56,7 @@ def expand_sweep(config: SweepConfig, log: Callable[[str], None] | None = None) 
         ConfigError: a strategy or a depth that does not fit an architecture (checked before any training).
     """
     runs: list[RunConfig] = []
+    solved: set[tuple[str, str]] = set()
     for arch in config.arch:
         _blocks_of(arch, "block")  # an unknown architecture fails here, before any training
         for template in config.strategy:
@@ -66,10 +67,19 @@ def expand_sweep(config: SweepConfig, log: Callable[[str], None] | None = None) 
                     # validate the depth against the architecture before any training time is spent
                     checker.check_blocks(_blocks_of(arch, checker.granularity))
                 folds = range(config.base.cv_folds) if config.base.cv_folds >= 2 else [config.base.fold]
+                lrs, wds = config.lr, config.weight_decay
+                if checker.ignores_optimiser(_blocks_of(arch, checker.granularity)):
+                    if len(lrs) * len(wds) > 1:
+                        solved.add((str(spec), arch))
+                    lrs, wds = lrs[:1], wds[:1]  # a solved probe: every (lr, wd) cell would repeat the same run
                 for policy, lr, wd, frac, fold, seed in itertools.product(
-                        config.resize, config.lr, config.weight_decay, config.train_fraction, folds, config.seeds):
+                        config.resize, lrs, wds, config.train_fraction, folds, config.seeds):
                     runs.append(config.base.replace(arch=arch, strategy=spec, seed=int(seed), train_fraction=float(frac),
                                                     lr=float(lr), weight_decay=float(wd), fold=fold, resize=policy))
+    if solved and log is not None:
+        log(f"{', '.join(sorted({f'{s} on {a}' for s, a in solved}))}: solved by L-BFGS with C chosen on validation; "
+            f"lr and weight_decay unused, so one run per cell of the other axes (at lr {config.lr[0]:g}, "
+            f"weight_decay {config.weight_decay[0]:g})")
     seen: set[str] = set()
     unique = [run for run in runs if not (run.to_json() in seen or seen.add(run.to_json()))]
     if len(unique) < len(runs) and log is not None:

@@ -147,12 +147,12 @@ def test_yaml_1e_minus_3_is_a_float(tmp_path):
 
 
 def test_duplicate_grid_cells_are_removed_and_said(tmp_path, capsys):
-    status, out, err = cli(["sweep", *TINY, "--strategy", "linear", "--seeds", "0,0", "--lr", "0.01,1e-2",
+    status, out, err = cli(["sweep", *TINY, "--strategy", "full", "--seeds", "0,0", "--lr", "0.01,1e-2",
                             "--store", tmp_path], capsys)
     assert status == 0, err
     assert "removed 3 duplicate grid cell(s)" in err
     assert len(ResultsStore(tmp_path).runs()) == 1
-    row = [line for line in out.splitlines() if "linear" in line]
+    row = [line for line in out.splitlines() if "full" in line]
     assert len(row) == 1 and row[0].split()[3] == "1", "n = 1, not the same run counted twice"
 
 

@@ -167,7 +167,7 @@ def test_linear_probe_uses_the_class_weights_as_sklearn():
     yv = np.array([0] * 54 + [1] * 6)
     w = class_weights(y, "binary", 2, "balanced")
     head = fit_logistic_head(x, y, xv, yv, task="binary", num_classes=2, select="accuracy", cs=np.array([1.0]),
-                             class_weight=w)
+                             class_weight=w, max_iter=1000, tol=1e-6)  # converged, as the reference
     mean, std = x.mean(), x.std()
     ref = LogisticRegression(C=1.0, class_weight={0: w[0], 1: w[1]}, max_iter=1000, tol=1e-6).fit((x - mean) / std, y)
     logits = xv @ head.weight.T + head.bias

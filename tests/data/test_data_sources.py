@@ -146,10 +146,10 @@ def test_demo_is_deterministic_balanced_and_splits_share_no_pixels():
 
 
 def test_check_data_finds_leaks_and_unreadable_files(tmp_path):
-    for split in ("train", "val", "test"):
-        for c in ("a", "b"):
-            for i in range(3):
-                _png(tmp_path / split / c / f"{i}.png", color=(hash((split, c, i)) % 255, i * 30, 5))
+    for s, split in enumerate(("train", "val", "test")):
+        for k, c in enumerate(("a", "b")):
+            for i in range(3):  # 18 distinct colours (hash() of a str tuple varies per process: it collided)
+                _png(tmp_path / split / c / f"{i}.png", color=(40 * s + 20 * k, i * 30, 5))
     leak = tmp_path / "test" / "a" / "leak.png"
     leak.write_bytes((tmp_path / "train" / "b" / "1.png").read_bytes())
     (tmp_path / "val" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")

@@ -231,6 +231,11 @@ class Strategy:
         """
         return None
 
+    def ignores_optimiser(self, blocks) -> bool:
+        """True when no phase uses the run's ``lr`` or ``weight_decay`` on ``blocks`` (a solved linear
+        probe): a sweep then runs one cell of those axes, not one run per value that would repeat it."""
+        return False
+
     def selectable_from(self, num_epochs: int) -> int:
         """First epoch (0-based, within the phase) whose weights may be kept as the phase's best and
         from which early stopping counts; earlier epochs are trained and logged only."""

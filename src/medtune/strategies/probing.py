@@ -3,16 +3,26 @@
 Their official code (``unlabeled_extrapolation/log_reg_sk.py`` in AnanyaKumar/transfer_learning)
 standardises the features with one scalar mean and standard deviation of the training features,
 fits scikit-learn's ``LogisticRegression`` (L-BFGS, L2 penalty, unpenalised intercept) along a
-log-spaced grid of C from 1e-7 to 1e2 with warm starts, keeps the C with the best validation
-accuracy, and folds the standardisation back into the weights. :func:`fit_logistic_head` does
+log-spaced grid of 50 values of C from 1e-7 to 1e2, each fit warm-started from the previous one and
+capped at 20 L-BFGS iterations (``max_iter=20``, scikit-learn's default ``tol``), keeps the C with
+the best validation accuracy, and folds the standardisation back into the weights. :func:`fit_logistic_head` does
 the same (by default on validation accuracy too; ties, frequent on small validation splits, go
 to the lower validation loss, then the smaller C), and fits one binary problem per label for
 multi-label tasks (one-vs-rest).
+
+:func:`fit_logistic_head_reusing` remembers the last few fits of the process by a hash of their
+inputs: ``linear`` and LP-FT's probe phase solve the same problem on the same frozen features at
+every learning rate of a sweep, and L-BFGS along the C grid can cost minutes on poorly conditioned
+features (a random-init backbone's).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +31,7 @@ from sklearn.linear_model import LogisticRegression
 
 from medtune.training.metrics import compute_metrics, higher_is_better
 
-__all__ = ["LogisticHead", "fit_logistic_head", "c_grid"]
+__all__ = ["LogisticHead", "fit_logistic_head", "fit_logistic_head_reusing", "c_grid"]
 
 #: Bounds of the C grid, as powers of ten (Kumar et al.: ``np.logspace(-7, 2, num_cs)``).
 C_EXPONENTS = (-7.0, 2.0)
@@ -122,8 +132,8 @@ def _loss(logits: np.ndarray, y: np.ndarray, task: str) -> float:
 
 
 def fit_logistic_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
-                      task: str, num_classes: int, select: str, cs: np.ndarray, max_iter: int = 1000,
-                      tol: float = 1e-6, class_weight: list[float] | None = None) -> LogisticHead:
+                      task: str, num_classes: int, select: str, cs: np.ndarray, max_iter: int = 20,
+                      tol: float = 1e-4, class_weight: list[float] | None = None) -> LogisticHead:
     """Logistic regression on frozen features, C chosen on the validation split.
 
     Args:
@@ -134,7 +144,8 @@ def fit_logistic_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarra
         select: the validation metric that selects C (``accuracy`` as Kumar et al., ``auc``, ...,
             or ``loss``).
         cs: the values of C to try, in the order of the warm-started path (ascending).
-        max_iter, tol: L-BFGS iteration cap and gradient tolerance of each fit.
+        max_iter, tol: L-BFGS iteration cap and tolerance of each fit (Kumar et al.: 20 and scikit-learn's
+            1e-4; each fit starts from the previous C's solution).
         class_weight: the run's loss weights (per class; multi-label: per label's positives), as
             scikit-learn's ``class_weight``; None for none.
 
@@ -169,3 +180,44 @@ def fit_logistic_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarra
     w, b, c = best
     # logits = ((x - mean) / std) @ w.T + b  =  x @ (w / std).T + (b - mean / std * w.sum(1))
     return LogisticHead(weight=w / std, bias=b - mean / std * w.sum(1), c=c, grid=grid)
+
+
+#: Fits :func:`fit_logistic_head_reusing` keeps (a head is K × D floats and its grid).
+_REUSE_SIZE = 8
+_REUSED: OrderedDict[str, tuple[LogisticHead, float]] = OrderedDict()
+
+
+def _inputs_key(arrays: tuple[np.ndarray | None, ...], settings: tuple) -> str:
+    digest = hashlib.blake2b(repr(settings).encode(), digest_size=20)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(memoryview(a).cast("B"))
+    return digest.hexdigest()
+
+
+def fit_logistic_head_reusing(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
+                              task: str, num_classes: int, select: str, cs: np.ndarray, max_iter: int = 20,
+                              tol: float = 1e-4, class_weight: list[float] | None = None,
+                              ) -> tuple[LogisticHead, float, bool]:
+    """:func:`fit_logistic_head`, reused when this process fitted the same inputs recently.
+
+    Returns:
+        (the head, the seconds its fit took, whether it was reused). A reused head is a copy of the
+        one fitted (L-BFGS is deterministic: a refit would give the same weights).
+    """
+    arrays = tuple(np.asarray(a) for a in (x_train, y_train, x_val, y_val))
+    key = _inputs_key(arrays, (task, num_classes, select, [float(c) for c in cs], max_iter, tol,
+                               None if class_weight is None else [float(w) for w in class_weight]))
+    if key in _REUSED:
+        _REUSED.move_to_end(key)
+        head, seconds = _REUSED[key]
+        return copy.deepcopy(head), seconds, True
+    t0 = time.perf_counter()
+    head = fit_logistic_head(*arrays, task=task, num_classes=num_classes, select=select, cs=cs, max_iter=max_iter,
+                             tol=tol, class_weight=class_weight)
+    seconds = time.perf_counter() - t0
+    _REUSED[key] = (copy.deepcopy(head), seconds)
+    while len(_REUSED) > _REUSE_SIZE:
+        _REUSED.popitem(last=False)
+    return head, seconds, False

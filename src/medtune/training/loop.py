@@ -603,7 +603,8 @@ def _run_epoch(run: _Setup, phase: _Phase, ctx: EpochContext, state: dict, log: 
     else:  # the phase is this one step
         train_loss, lr = float("nan"), None
         phase.num_epochs = 1
-    seconds = time.perf_counter() - t0
+    # a solve reused from an identical earlier one is charged what that solve took (order-independent time)
+    seconds = time.perf_counter() - t0 + (solved.pop("charge_seconds", 0.0) if solved else 0.0)
     state["train_seconds"] += seconds
     state["images_seen"] += len(run.train)
     val_metrics, _, _ = evaluate(phase.net, run.val, batch_size=cfg.eval_batch_size, loss_fn=run.loss_fn,
