@@ -14,7 +14,7 @@ Then the end-to-end seconds of both sweeps and their ratio. The cached sweep ann
 (``expect_cuts``), so the first (longest-prefix) run's pass stores every shorter cut.
 
     python benchmarks/bench_feature_cache.py [--arch resnet18] [--images 2000] [--img-size 64] [--epochs 5]
-        [--repeats 2] [--storage auto|fp32]
+        [--repeats 2] [--storage auto|fp32] [--threads N] [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -25,18 +25,22 @@ import time
 
 import torch
 
+import _clock  # noqa: E402  (benchmarks/_clock.py: --threads and --clock)
 from medtune.config import RunConfig
 from medtune.data import make_synthetic
 from medtune.models import create_model, get_blocks
-from medtune.strategies import create_strategy
+from medtune.strategies import create_strategy, probing
 from medtune.training.cache import FEATURE_CACHE, expect_cuts
 from medtune.training.loop import fit
+
+CLOCK = time.perf_counter
 
 
 def sweep(arch: str, data, cfg: RunConfig, specs: list[str], state: dict) -> tuple[float, dict[str, dict]]:
     """Train every spec from the same initial weights; (wall seconds, per-spec figures)."""
     FEATURE_CACHE.clear()
-    t0 = time.perf_counter()
+    probing._REUSED.clear()  # every sweep solves its own probe
+    t0 = CLOCK()
     out = {}
     for spec in specs:
         model = create_model(arch, num_classes=data.num_classes, weights="none")
@@ -44,14 +48,14 @@ def sweep(arch: str, data, cfg: RunConfig, specs: list[str], state: dict) -> tup
         strategy = create_strategy(spec)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            t_run = time.perf_counter()
+            t_run = CLOCK()
             result = fit(model, data, strategy, cfg, blocks=get_blocks(model, granularity=strategy.granularity))
-            wall = time.perf_counter() - t_run
+            wall = CLOCK() - t_run
         cached = next(iter(result.extras.get("feature_cache", {}).values()), None)
         out[spec] = {"cost": result.train_seconds, "wall": wall, "metrics": result.test_metrics,
                      "dtype": cached["dtype"] if cached else None,
                      "cut": f"{cached['cut']} {tuple(cached['feature_shape'])}" if cached else None}
-    return time.perf_counter() - t0, out
+    return CLOCK() - t0, out
 
 
 def main() -> None:
@@ -62,7 +66,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--storage", default="auto", choices=("auto", "fp32"))
+    _clock.add_args(p)
     args = p.parse_args()
+    global CLOCK
+    CLOCK = _clock.setup(args)
     data = make_synthetic(num_samples=args.images, img_size=args.img_size, num_classes=4, seed=0)
     cfg = RunConfig(epochs=args.epochs, batch_size=64, lr=1e-3, img_size=args.img_size, device="cpu", augment="none",
                     progress=False, store="/tmp/medtune-bench-feature-cache")

@@ -50,6 +50,7 @@ import medtune
 from medtune.data import make_synthetic
 from medtune.errors import ConfigError
 from medtune.models import create_model
+from medtune._tensors import cpu_has_native_bf16
 from medtune.models._builder import check_input_size
 from medtune.presets import get_preset
 from medtune.sweeps import expand_sweep, load_sweep_config
@@ -81,19 +82,21 @@ def smallest_common_size(archs: list[str], start: int) -> int:
     raise SystemExit(f"no input size below 4096 px works for {archs}")
 
 
-def train_cost(arch: str, px: int, batch_size: int, threads: int, steps: int = 6) -> float:
+def train_cost(arch: str, px: int, batch_size: int, threads: int, steps: int = 6, bf16: bool = False) -> float:
     """Seconds per training image of full fine-tuning: the fastest of ``steps`` timed steps after a
-    warm-up (the minimum, as ``timeit`` advises: other load only ever adds time)."""
+    warm-up (the minimum, as ``timeit`` advises: other load only ever adds time); ``bf16``: under
+    CPU bfloat16 autocast, as ``amp: on``."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = create_model(arch, num_classes=3, weights="none").train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     x = torch.rand(batch_size, 3, px, px)
     y = torch.randint(0, 3, (batch_size,))
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -131,6 +134,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (smoke tests only)")
     p.add_argument("--archs", default=None, help="override the preset's architectures, comma-separated")
     p.add_argument("--strategies", default=None, help="override the preset's strategies (smoke tests only)")
+    p.add_argument("--amp", default=None, choices=("auto", "off", "on"),
+                   help="the runs' amp (default: the preset's; on = bf16 autocast on a CPU with AMX/AVX-512-BF16)")
     p.add_argument("--probe-only", action="store_true",
                    help="no sweep: only the per-architecture step costs and the full-fine-tuning bound")
     p.add_argument("--store", default=None, help="a folder for the stores (default: a temporary one)")
@@ -152,6 +157,8 @@ def main() -> None:
     overrides = {"data": str(data), "weights": "none", "img_size": px, "device": "cpu"}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
+    if args.amp is not None:
+        overrides["amp"] = args.amp
 
     full_cfg = load_sweep_config(dict(preset, arch=archs), **overrides)
     notes: list[str] = []
@@ -195,9 +202,15 @@ def main() -> None:
               "cores": args.cores, "quick": args.quick, "rows": rows}
     print()
     if args.quick or args.probe_only:
-        costs = {arch: train_cost(arch, px, base.batch_size, args.cores) for arch in archs}
-        print("seconds per training image, full fine-tuning: " +
+        bf16 = args.amp == "on"
+        costs = {arch: train_cost(arch, px, base.batch_size, args.cores, bf16=bf16) for arch in archs}
+        print(f"seconds per training image, full fine-tuning{' (bf16 autocast)' if bf16 else ''}: " +
               ", ".join(f"{a} {c * 1e3:.2f} ms" for a, c in costs.items()))
+        if args.probe_only and not bf16 and cpu_has_native_bf16():
+            other = {arch: train_cost(arch, px, base.batch_size, args.cores, bf16=True) for arch in archs}
+            print("  under bf16 autocast (amp: on; this CPU supports it): " +
+                  ", ".join(f"{a} {c * 1e3:.2f} ms ({costs[a] / c:.2f}×)" for a, c in other.items()))
+            result["costs_bf16"] = other
         num_train = int(0.7 * args.num_images)
         bound = sum(costs.values()) * num_runs / len(archs) * base.epochs * num_train
         print(f"bound if every run trained all {base.epochs} epochs at full fine-tuning's cost ({num_train} training "
