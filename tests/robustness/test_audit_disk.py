@@ -85,3 +85,43 @@ def test_rgb_to_grey_leaves_every_grey_pixel_as_it_is():
     """The audit makes a mixed source grey after drawing it, which relies on this."""
     grey = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, -1, -1).contiguous()
     assert torch.equal(rgb_to_grey(grey), grey)
+
+
+def test_medtune_attack_on_a_disk_run_equals_the_audit_in_memory(tmp_path, bounded_reads):
+    """The driver end to end: a run trained with data_cache: disk on a .npz whose splits are larger than
+    MAX_ROWS is audited from its decode cache; its records and UAPs equal audit() on the same model
+    with the splits in memory."""
+    import medtune
+    from medtune.data import load_data
+    from medtune.robustness.config import AuditConfig
+    from medtune.store import ResultsStore
+    from safetensors.torch import load_file
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 300), ("val", 30), ("test", 270)):
+        y = np.arange(n) % 3
+        arrays[f"{split}_images"] = (rng.integers(0, 120, (n, 16, 16, 3)) + 60 * y[:, None, None, None]).astype(np.uint8)
+        arrays[f"{split}_labels"] = y[:, None]
+    np.savez(tmp_path / "toy_16.npz", **arrays)
+    store = tmp_path / "store"
+    record = medtune.run({"data": str(tmp_path / "toy_16.npz"), "arch": "medtune_tiny_cnn", "weights": "none",
+                          "strategy": "full", "epochs": 1, "img_size": 16, "batch_size": 32, "lr": 0.01,
+                          "device": "cpu", "num_threads": 1, "progress": False, "data_cache": "disk",
+                          "eval_batch_size": 64, "store": str(store)}, store=ResultsStore(store))
+    quick = {"sources": ("train", "natural"), "zetas": (0.04,), "num_source_images": 16, "max_passes": 1,
+             "num_random": 2}
+    attacks = medtune.attack([record["run_id"]], store=store, device="cpu", **quick)
+    assert bounded_reads and max(bounded_reads) <= MAX_ROWS
+    data = load_data(str(tmp_path / "toy_16.npz"), img_size=16, data_cache="memory")
+    train, test = data.split("train"), data.split("test")
+    mem = audit(medtune.load_model(record["run_id"], store=store), test_images=test.images, test_labels=test.labels,
+                train_images=train.images, class_names=data.class_names, device="cpu",
+                **AuditConfig(**quick).semantic_dict())
+    assert len(attacks) == len(mem.records) == 2
+    skip = {"seconds", "seed"}  # a stored attack's "seed" is its run's seed (the driver's run keys)
+    for stored, rec in zip(attacks, mem.records, strict=True):
+        assert {k: stored[k] for k in rec if k not in skip} == {k: v for k, v in rec.items() if k not in skip}
+        files = load_file(stored["perturbation_file"])
+        assert torch.equal(files["v"], mem.perturbations[rec["perturbation_key"]])
+        assert torch.equal(files["random"], mem.random_perturbations[rec["perturbation_key"]])
