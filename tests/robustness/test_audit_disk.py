@@ -76,6 +76,14 @@ def test_budget_and_evaluation_on_disk_equal_memory(colour_task, splits, bounded
     assert max(bounded_reads) <= MAX_ROWS
 
 
+def test_an_empty_disk_split_is_one_clear_error(colour_task, splits):
+    from medtune.errors import DataError
+
+    with pytest.raises(DataError, match="'test_images' must hold at least one image"):
+        audit(colour_task["model"], test_images=splits["test_disk"].view(np.arange(0)), test_labels=splits["test_y"][:0],
+              train_images=splits["train_disk"])
+
+
 def test_the_read_bound_catches_a_whole_split(splits, bounded_reads):
     with pytest.raises(AssertionError, match="read 300 rows at once"):
         splits["train_disk"][:]
