@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply the run's temperature (fitted on its validation split) (default: off)")
     p.add_argument("--data-cache", default=None, choices=DATA_CACHES,
                    help="where a folder, CSV or .npz is decoded: memory, disk (STORE/data-cache, predicted batch by "
-                   "batch) or auto (disk above 1 GiB) (default: the run's data_cache)")
+                   "batch) or auto (disk above 1 GiB) (choices: %(choices)s; default: the run's data_cache)")
     p.add_argument("--format", choices=("table", "json"), default="table", help=_FORMAT_HELP)
 
     p = sub.add_parser("export", help="export a stored run's model (timm local-dir layout or ONNX)")
