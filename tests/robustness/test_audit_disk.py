@@ -133,3 +133,13 @@ def test_medtune_attack_on_a_disk_run_equals_the_audit_in_memory(tmp_path, bound
         files = load_file(stored["perturbation_file"])
         assert torch.equal(files["v"], mem.perturbations[rec["perturbation_key"]])
         assert torch.equal(files["random"], mem.random_perturbations[rec["perturbation_key"]])
+
+
+def test_lp_norms_do_not_depend_on_the_batch():
+    """lp_norms caps its batch by memory (64 MiB of float64); each image's norm is the same in any batch."""
+    from medtune.robustness._common import lp_norms
+
+    images = torch.randint(0, 256, (70, 3, 24, 24), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    for norm in ("2", "inf"):
+        whole = lp_norms(images, norm)
+        assert all(torch.equal(whole, lp_norms(images, norm, batch_size=b)) for b in (1, 7, 64))

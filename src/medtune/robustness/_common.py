@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 __all__: list[str] = []
 
+_NORM_BATCH_BYTES = 64 << 20  # lp_norms: the float64 copy of one batch
+
 
 def resolve_norm(norm: object, *, owner: str = "compute_uap") -> str:
     """Map the accepted spellings of a norm (2, "2", 2.0, "l2", inf, "inf", "linf") to "2" or "inf"."""
@@ -148,7 +150,9 @@ def num_outputs(model: nn.Module, images: torch.Tensor, device: torch.device) ->
 
 def lp_norms(images: torch.Tensor, norm: str, *, batch_size: int = 256) -> torch.Tensor:
     """Per-image Lp norm (N,) float64 of the flattened [0, 1] images (a tensor or a ``DiskImages``, read
-    ``batch_size`` rows at a time)."""
+    ``batch_size`` rows at a time, fewer where their float64 copy would pass 64 MiB)."""
+    # 256 images at 224 px are 308 MB in float64; a row's norm does not depend on the batch (tested)
+    batch_size = max(1, min(batch_size, _NORM_BATCH_BYTES // (8 * math.prod(images.shape[1:]))))
     out = []
     for sl in batches(images.shape[0], batch_size):
         x = to_float(images[sl], torch.device("cpu")).flatten(1).double()
