@@ -12,6 +12,10 @@ Generates (once; reused through ``--dir``) a folder of ``--num-images`` varied 2
    decoded size; ``--data-cache disk``, which ``auto`` is above 1 GiB); the same with
    ``--feature-cache off`` (its own results store, the same decode cache through a symlink, so
    both runs decode nothing). ``--eval-batch-size`` sets the runs' (activations grow with it).
+4. with ``--audit``: ``medtune attack`` of the feature-cache run (a copy of its store; sources
+   ``train,mixed``, ζ = 0.04, 2 passes, 3 random controls), which reads the run's splits from the
+   decode cache: peak RSS against the decoded size. ``--audit-src DIR`` runs it with another
+   checkout's ``src`` (e.g. one before the audit streamed) for a before/after.
 
 Every step also reports its sampled peak anonymous RSS (``/proc/PID/status`` RssAnon: heap and
 tensors, without the mapped library files), and a first row gives what a process importing
@@ -120,6 +124,8 @@ def main() -> None:
     ap.add_argument("--src-size", type=int, default=256)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--eval-batch-size", type=int, default=256, help="of the runs (medtune's default: 256)")
+    ap.add_argument("--audit", action="store_true", help="also measure `medtune attack` on the run (step 4)")
+    ap.add_argument("--audit-src", default=None, help="the src folder medtune attack runs from (default: this one)")
     args = ap.parse_args()
     base = Path(args.dir)
     images = base / f"images-{args.num_images}-{args.src_size}"
@@ -155,6 +161,17 @@ def main() -> None:
         fresh = sorted(p.name for p in (store / "data-cache").iterdir())
         rows[f"linear run, feature cache {fc}"] = (wall, rss, anon, f"peak RSS {rss / decoded_gib:.2f} × the decoded "
                                                                     f"size; decode-cache folders: {len(fresh)}")
+    if args.audit:
+        store = base / "store-audit"
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.copytree(base / "store-run-auto", store, symlinks=True)  # the run, not yet audited; its decode cache
+        src = Path(args.audit_src).resolve() if args.audit_src else Path(__file__).resolve().parents[1] / "src"
+        cmd = [sys.executable, "-m", "medtune.cli", "attack", "all", "--store", str(store), "--sources", "train,mixed",
+               "--zetas", "0.04", "--max-passes", "2", "--num-random", "3", "--device", "cpu", "--format", "json"]
+        wall, rss, anon, out = child(cmd, {**env, "PYTHONPATH": str(src)})
+        fooling = [round(json.loads(line)["fooling_rate"], 4) for line in out.splitlines() if line.startswith("{")]
+        rows[f"UAP audit (train, mixed; ζ=0.04), src {src}"] = (
+            wall, rss, anon, f"peak RSS {rss / decoded_gib:.2f} × the decoded size; fooling rates {fooling}")
     print(f"\n{args.num_images} images, {args.src_size} px → {args.img_size} px: decoded size {decoded_gib:.2f} GiB; "
           f"goal: run peak RSS < {decoded_gib / 4:.2f} GiB")
     print(f"| step | seconds | peak RSS GiB | peak anonymous RSS GiB (sampled) | note |\n|---|---|---|---|---|")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from medtune.config import RunConfig
+from medtune.data.diskcache import DATA_CACHES
 from medtune.errors import MedtuneError, RunsFailedError
 from medtune.exporters import EXPORT_FORMATS
 from medtune.inference import PREDICT_SPLITS
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     p.add_argument("--calibrated", action="store_true",
                    help="apply the run's temperature (fitted on its validation split) (default: off)")
+    p.add_argument("--data-cache", default=None, choices=DATA_CACHES,
+                   help="where a folder, CSV or .npz is decoded: memory, disk (STORE/data-cache, predicted batch by "
+                   "batch) or auto (disk above 1 GiB) (choices: %(choices)s; default: the run's data_cache)")
     p.add_argument("--format", choices=("table", "json"), default="table", help=_FORMAT_HELP)
 
     p = sub.add_parser("export", help="export a stored run's model (timm local-dir layout or ONNX)")
@@ -546,7 +550,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import medtune
 
     result = medtune.predict(args.run, args.data, store=args.store, split=args.split, device=args.device,
-                             calibrated=args.calibrated)
+                             calibrated=args.calibrated, data_cache=args.data_cache)
     if args.output:
         print(f"{len(result.ids)} predictions: {result.to_csv(args.output)}", file=sys.stderr)
     summary = {"run_id": result.run_id, "images": len(result.ids), "metrics": result.metrics,

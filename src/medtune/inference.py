@@ -142,47 +142,68 @@ class Predictions:
         return path
 
 
-def _unlabelled_folder(path: Path, img_size: int, resize: str, dicom_window: str = "auto") -> ImageSet | None:
-    """A folder holding images directly (no class folders): unlabelled images, else None."""
+def _unlabelled_folder(path: Path, img_size: int, resize: str, dicom_window: str = "auto", *,
+                       data_cache: str = "memory", cache_dir: str | Path | None = None,
+                       workers: int = 0) -> ImageSet | None:
+    """A folder holding images directly (no class folders): unlabelled images, else None. Decoded
+    into the decode cache under ``cache_dir`` when ``data_cache`` says so (as :func:`load_data`)."""
     from medtune.data._decode import IMAGE_EXTENSIONS, decode_image, resize_image
+    from medtune.data.base import fingerprint_of
+    from medtune.data.diskcache import load_or_decode, resolve_workers, source_key, use_disk
 
     if not path.is_dir() or any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
         return None
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise DataError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) and no class folders.")
-    images = torch.stack([resize_image(decode_image(p, dicom_window)[0], img_size, resize) for p in files])
-    return ImageSet(images=images, labels=torch.full((len(files),), -1, dtype=torch.long),
-                    splits=np.array(["test"] * len(files)), class_names=[], task="unlabelled",
+    labels, splits = torch.full((len(files),), -1, dtype=torch.long), np.array(["test"] * len(files))
+    fingerprint = None
+    if resize != "bucket" and use_disk(data_cache, len(files) * 3 * img_size * img_size, cache_dir):
+        key = source_key(files, kind="unlabelled", img_size=img_size, resize=resize, dicom_window=dicom_window)
+        images, fingerprint = load_or_decode(
+            Path(cache_dir) / "data-cache", key, files, img_size=img_size, resize=resize, dicom_window=dicom_window,
+            workers=resolve_workers(workers),
+            fingerprint=lambda imgs: fingerprint_of(imgs.chunks(), labels, splits, [], "unlabelled"))
+    else:
+        images = torch.empty((len(files), 3, img_size, img_size), dtype=torch.uint8)
+        for i, p in enumerate(files):  # straight into the array: no list of every image
+            images[i] = resize_image(decode_image(p, dicom_window)[0], img_size, resize)
+    data = ImageSet(images=images, labels=labels, splits=splits, class_names=[], task="unlabelled",
                     ids=[str(p) for p in files], name=path.name)
+    data._fingerprint = fingerprint
+    return data
 
 
 #: The split of images whose source gives none (an external set is not split).
 EXTERNAL = "external"
 
 
-def _load(data: str, cfg: RunConfig, class_names: list[str]) -> ImageSet:
+def _load(data: str, cfg: RunConfig, class_names: list[str], cache_dir: Path) -> ImageSet:
     """``demo``/``synthetic``/``medmnist:`` as the run loaded them (same split); a folder, CSV or ``.npz``
     as it is: images in the run's class order, the data's own split where it gives one (else
     ``external``), never re-split and without the training-set checks (an external set may hold a
-    few images, or some of the classes only)."""
+    few images, or some of the classes only). Decoded as ``cfg.data_cache`` says: large sets into the
+    decode cache under ``cache_dir/data-cache`` (reused by later runs and predictions)."""
     from medtune.data import load_data
     from medtune.data.sources import _from_items, _load_npz, csv_label, list_folder, read_csv
 
+    cache = {"data_cache": cfg.data_cache, "cache_dir": cache_dir}
     if data == "demo" or data.startswith(("synthetic", "medmnist:")):
         images = load_data(data, img_size=cfg.img_size, resize=cfg.resize, seed=cfg.split_seed,
                            val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                           medmnist_size=cfg.medmnist_size, dicom_window=cfg.dicom_window)
+                           medmnist_size=cfg.medmnist_size, dicom_window=cfg.dicom_window,
+                           decode_workers=cfg.decode_workers, **cache)
     else:
         path = Path(data).expanduser()
         if not path.exists():
             raise DataError(f"Data {data!r} not found; give a folder per class, a CSV, a MedMNIST .npz, a folder of "
                             "images, demo or synthetic.")
-        folder = _unlabelled_folder(path, cfg.img_size, cfg.resize, cfg.dicom_window)
+        folder = _unlabelled_folder(path, cfg.img_size, cfg.resize, cfg.dicom_window, workers=cfg.decode_workers,
+                                    **cache)
         if folder is not None:
             return folder
         if path.suffix.lower() == ".npz":
-            images = _load_npz(path, cfg.img_size, cfg.resize)
+            images = _load_npz(path, cfg.img_size, cfg.resize, **cache)
         else:
             if path.is_dir():
                 items = [(p, c, s or EXTERNAL, None) for p, c, s in list_folder(path)[0]]
@@ -192,7 +213,8 @@ def _load(data: str, cfg: RunConfig, class_names: list[str]) -> ImageSet:
                 raise DataError(f"{path}: unsupported data file; give a folder per class, a .csv or a .npz.")
             images = _from_items(items, name=path.stem, source=str(path), img_size=cfg.img_size, resize=cfg.resize,
                                  seed=cfg.split_seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
-                                 classes=class_names, dicom_window=cfg.dicom_window)
+                                 classes=class_names, dicom_window=cfg.dicom_window, workers=cfg.decode_workers,
+                                 **cache)
     if list(images.class_names) != list(class_names):
         raise DataError(f"{data}: its classes ({', '.join(images.class_names)}) are not the run's "
                         f"({', '.join(class_names)}); give images of the run's classes.")
@@ -200,7 +222,8 @@ def _load(data: str, cfg: RunConfig, class_names: list[str]) -> ImageSet:
 
 
 def predict(run_id: str, data: str, *, store: ResultsStore | str | Path = "./medtune-results", split: str = "all",
-            device: str = "auto", batch_size: int | None = None, calibrated: bool = False) -> Predictions:
+            device: str = "auto", batch_size: int | None = None, calibrated: bool = False,
+            data_cache: str | None = None) -> Predictions:
     """Apply a stored run's model to ``data`` (any source ``--data`` takes, or a folder of unlabelled
     images) and, when the images have labels, compute every metric with its 95% interval exactly as
     the run's own test evaluation does (same loss, same interval method and seed).
@@ -216,9 +239,12 @@ def predict(run_id: str, data: str, *, store: ResultsStore | str | Path = "./med
         batch_size: images per forward pass (default: the run's ``eval_batch_size``).
         calibrated: divide the logits by the run's temperature (fitted on its validation split) before
             the probabilities, metrics and calibration are computed; no arg-max changes (nor a binary AUC).
+        data_cache: where a folder, CSV or ``.npz`` is decoded: ``memory``, ``disk`` (the decode cache
+            ``STORE/data-cache``, predicted batch by batch from there) or ``auto`` (disk above 1 GiB
+            decoded); default the run's own ``data_cache``.
 
     Raises:
-        ConfigError: unknown run or split.
+        ConfigError: unknown run, split or data_cache.
         DataError: unreadable data, or labels that are not the run's classes.
     """
     from medtune._checks import check_choice
@@ -232,8 +258,10 @@ def predict(run_id: str, data: str, *, store: ResultsStore | str | Path = "./med
     db = _open(store)
     record = get_run(run_id, store=db)
     cfg = RunConfig.from_dict(record["config"], source=f"run {record['run_id']}")
+    if data_cache is not None:
+        cfg = cfg.replace(data_cache=data_cache)
     model = load_model(record["run_id"], store=db, device=device)
-    images = _load(str(data), cfg, model.class_names)
+    images = _load(str(data), cfg, model.class_names, db.root)
     if split != "all":
         if not (images.splits == split).any():
             raise DataError(f"{data}: no images in the {split!r} split (its splits: "

@@ -33,7 +33,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from torch import nn
 
 from medtune._checks import check_choice
 from medtune.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from medtune.data.diskcache import DiskImages
 
 __all__ = ["EXPLAIN_METHODS", "Explanation", "compute_maps", "explain", "list_explanations", "localisation_scores",
            "plot_gallery", "target_layer"]
@@ -219,10 +222,11 @@ def _overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.nda
     return (255 * np.clip((1 - alpha) * rgb + alpha * colour, 0, 1)).astype(np.uint8)
 
 
-def plot_gallery(images: np.ndarray, maps: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
+def plot_gallery(images: np.ndarray | torch.Tensor | DiskImages, maps: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
                  class_names: list[str], *, per_row: int = 4, boxes: np.ndarray | None = None):
     """A matplotlib figure: per class a row of correctly and a row of incorrectly classified images
-    (the first ``per_row`` of each, in order) with their heat maps; true boxes drawn where known."""
+    (the first ``per_row`` of each, in order) with their heat maps; true boxes drawn where known.
+    ``images`` (N, 3, H, W) uint8: an array, a tensor or a ``DiskImages`` (only the shown ones are read)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -243,7 +247,7 @@ def plot_gallery(images: np.ndarray, maps: np.ndarray, labels: np.ndarray, predi
                 ax.set_frame_on(False)
                 continue
             i = idx[j]
-            ax.imshow(_overlay(images[i], maps[i]))
+            ax.imshow(_overlay(np.asarray(images[i]), maps[i]))
             if boxes is not None and not np.isnan(boxes[i]).any():
                 x0, y0, x1, y1 = boxes[i]
                 ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="white", lw=1))
@@ -383,10 +387,9 @@ def explain(run: str, *, data: str | None = None, store: str | Path = "./medtune
                         boxes=boxes if boxes is not None else np.full((len(subset), 4), np.nan))
     from PIL import Image
 
-    images = subset.images.numpy()
-    for i in range(min(max_overlays, len(subset))):
-        Image.fromarray(_overlay(images[i], maps[i])).save(out / "overlays" / f"{i:04d}.png")
-    fig = plot_gallery(images, maps, labels, predicted, list(subset.class_names), boxes=boxes)
+    for i in range(min(max_overlays, len(subset))):  # one image at a time: the split may be in the decode cache
+        Image.fromarray(_overlay(np.asarray(subset.images[i]), maps[i])).save(out / "overlays" / f"{i:04d}.png")
+    fig = plot_gallery(subset.images, maps, labels, predicted, list(subset.class_names), boxes=boxes)
     fig.savefig(out / "gallery.png", dpi=100, metadata={"Software": None})
     import matplotlib.pyplot as plt
 

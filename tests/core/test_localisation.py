@@ -137,3 +137,43 @@ def test_csv_bbox_ground_truth_is_scaled_to_the_input(tmp_path):
     assert masks is None and np.allclose(boxes, [[3.2, 3.2, 6.4, 9.6]] * 12)
     boxes, _ = _csv_ground_truth(str(tmp_path / "d.csv"), data, 16, "pad")  # 40x20 -> 16x8, 4 px above
     assert np.allclose(boxes, [[3.2, 5.6, 6.4, 8.8]] * 12)
+
+
+def test_explain_on_the_decode_cache_reads_batches_and_equals_the_maps_in_memory(tmp_path, monkeypatch):
+    """A run trained with data_cache: disk: explain reads its 270-image test split a batch at a time (at most 256
+    rows per read) and its maps and probabilities are those of the split in memory."""
+    from medtune.data import load_data
+    from medtune.data.diskcache import DiskImages
+    from medtune.models import get_blocks
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 60), ("val", 30), ("test", 270)):
+        y = np.arange(n) % 2
+        arrays[f"{split}_images"] = (rng.integers(0, 120, (n, 16, 16, 3)) + 80 * y[:, None, None, None]).astype(np.uint8)
+        arrays[f"{split}_labels"] = y[:, None]
+    np.savez(tmp_path / "toy_16.npz", **arrays)
+    store = tmp_path / "store"
+    record = medtune.run(dict(data=str(tmp_path / "toy_16.npz"), arch="medtune_tiny_cnn", weights="none",
+                              strategy="full", epochs=1, img_size=16, batch_size=16, device="cpu", store=str(store),
+                              progress=False, data_cache="disk"))
+    reads = []
+    real = DiskImages._read
+
+    def bounded(self, rows):
+        reads.append(len(rows))
+        if len(rows) > 256:
+            raise AssertionError(f"read {len(rows)} rows at once (the whole split?)")
+        return real(self, rows)
+
+    monkeypatch.setattr(DiskImages, "_read", bounded)
+    e = medtune.explain(record["run_id"], store=str(store), max_overlays=3)
+    assert reads and max(reads) <= 256 and (e.out_dir / "gallery.png").is_file()
+    test = load_data(str(tmp_path / "toy_16.npz"), img_size=16, data_cache="memory").split("test")
+    model = medtune.load_model(record["run_id"], store=str(store))
+    _, layer = target_layer(model, get_blocks(model))
+    np.testing.assert_array_equal(e.maps, compute_maps(model, test.images, test.labels.numpy(), layer=layer))
+    with np.load(e.out_dir / "maps.npz") as z:
+        with torch.no_grad():
+            probs = torch.softmax(model(test.images.float() / 255.0), dim=1).numpy()
+        np.testing.assert_allclose(z["probs"], probs, rtol=1e-5, atol=1e-6)

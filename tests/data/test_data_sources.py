@@ -146,10 +146,8 @@ def test_demo_is_deterministic_balanced_and_splits_share_no_pixels():
 
 
 def test_check_data_finds_leaks_and_unreadable_files(tmp_path):
-    for s, split in enumerate(("train", "val", "test")):
-        for k, c in enumerate(("a", "b")):
-            for i in range(3):  # 18 distinct colours (hash() of a str tuple varies per process: it collided)
-                _png(tmp_path / split / c / f"{i}.png", color=(40 * s + 20 * k, i * 30, 5))
+    for n, (split, c, i) in enumerate((s, c, i) for s in ("train", "val", "test") for c in ("a", "b") for i in range(3)):
+        _png(tmp_path / split / c / f"{i}.png", color=(10 * n, i * 30, 5))  # 18 distinct images
     leak = tmp_path / "test" / "a" / "leak.png"
     leak.write_bytes((tmp_path / "train" / "b" / "1.png").read_bytes())
     (tmp_path / "val" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -158,6 +156,50 @@ def test_check_data_finds_leaks_and_unreadable_files(tmp_path):
     assert len(report.leaks) == 1 and any("leak.png" in x for x in report.leaks[0])
     assert report.counts["train"] == {"a": 3, "b": 3}
     assert not report.ok
+
+
+def test_check_data_decodes_each_file_once_and_keeps_no_pixels(tmp_path, monkeypatch):
+    """A folder without split folders: the splits load_data would make, from the labels (no second decode)."""
+    from medtune.data import _decode, check, sources
+
+    _folder(tmp_path, classes=("a", "b", "c"), n=12)
+    expected = load_data(str(tmp_path), img_size=16, data_cache="memory")
+    calls = []
+    real = _decode.decode_image
+
+    def counting(path, *args, **kwargs):
+        calls.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(check, "decode_image", counting)
+    monkeypatch.setattr(sources, "decode_image", counting)
+    report = check_data(str(tmp_path), img_size=16)
+    assert len(calls) == 36 and report.error is None and report.num_images == 36
+    for split in ("train", "val", "test"):
+        names = expected.labels[torch.from_numpy(expected.splits == split)].tolist()
+        assert report.counts[split] == {c: names.count(k) for k, c in enumerate(expected.class_names) if k in names}
+
+
+def test_check_data_of_an_npz_hashes_image_by_image_and_finds_a_leak(tmp_path, monkeypatch):
+    from medtune.data import sources
+
+    rng = np.random.default_rng(0)
+    arrays = {f"{s}_images": rng.integers(0, 256, (n, 20, 20), dtype=np.uint8) for s, n in
+              (("train", 20), ("val", 8), ("test", 8))}
+    arrays["test_images"][3] = arrays["train_images"][5]  # the same image in train and test
+    for s, n in (("train", 20), ("val", 8), ("test", 8)):
+        arrays[f"{s}_labels"] = (np.arange(n) % 2)[:, None]
+    np.savez(tmp_path / "toy_28.npz", **arrays)
+    expected = load_data(str(tmp_path / "toy_28.npz"), img_size=16, data_cache="memory")
+
+    def no_load(*_a, **_k):
+        raise AssertionError("check_data loaded the whole .npz into memory")
+
+    monkeypatch.setattr(sources, "load_data", no_load)
+    report = check_data(str(tmp_path / "toy_28.npz"), img_size=16)
+    assert report.leaks == [["train:toy_28.npz:train:5", "test:toy_28.npz:test:3"]]
+    assert report.num_images == len(expected) == 36 and report.counts["train"] == {"0": 10, "1": 10}
+    assert report.sizes["min_h"] == 16 and report.modes == {"decoded": 36}
 
 
 # -- bad input catalogue: each is one DataError naming the file and the fix --------------------------------------

@@ -40,29 +40,36 @@ class DataReport:
         return not self.unreadable and not self.leaks and self.error is None
 
 
+def _digest(pixels: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+
+def _class_of(label, class_names: list[str], task: str) -> str:
+    return class_names[int(label)] if task != "multilabel" else "|".join(
+        n for n, v in zip(class_names, label.tolist(), strict=True) if v)
+
+
 def check_data(source: str, *, img_size: int = 64, seed: int = 0, val_fraction: float = 0.15,
                test_fraction: float = 0.15, medmnist_size: int = 28, dicom_window: str = "auto",
                uncertain_labels: str = "error") -> DataReport:
     """Inspect a data source without stopping at the first bad file.
 
     Files of folder and CSV sources are decoded one by one (unreadable ones are listed, not
-    fatal); built-in and npz sources are checked after loading. Splits are those the source gives,
-    else the ones ``load_data`` would make with ``seed``.
+    fatal); a ``.npz`` is resized image by image; built-in sources are checked after loading. Only a
+    hash of each image is kept, so memory does not grow with the data. Splits are those the source
+    gives, else the ones ``load_data`` would make with ``seed`` (from the labels: nothing is decoded
+    again).
     """
-    from medtune.data.sources import list_folder, load_data, read_csv
+    from medtune.data.sources import (_check_splits, _items_of, _labels_and_splits, _medmnist_download, _npz_parts,
+                                      _open_npz, load_data)
 
     report = DataReport(source=str(source))
     path = Path(source)
-    entries: list[tuple[str, str, str | None, np.ndarray | None]] = []  # id, class, split, pixels
+    entries: list[tuple[str, str, str | None, str]] = []  # id, class, split, sha256 of the pixels
     heights, widths = [], []
     if path.is_dir() or path.suffix.lower() == ".csv":
-        if path.is_dir():
-            items, _ = list_folder(path)
-            listing = [(p, c, s) for p, c, s in items]
-        else:
-            listing = [(r["path"], "|".join(r["label"]) if isinstance(r["label"], list) else r["label"], r["split"])
-                       for r in read_csv(path, uncertain_labels)]
-        for p, c, s in listing:
+        items, classes = _items_of(path, uncertain_labels, None)
+        for p, label, s, _ in items:
             try:
                 rgb, mode, (h, w) = decode_image(p, dicom_window)
             except DataError as exc:
@@ -71,25 +78,36 @@ def check_data(source: str, *, img_size: int = 64, seed: int = 0, val_fraction: 
             report.modes[mode] = report.modes.get(mode, 0) + 1
             heights.append(h)
             widths.append(w)
-            entries.append((str(p), c, s, rgb))
+            entries.append((str(p), "|".join(label) if isinstance(label, list) else label, s, _digest(rgb)))
         if entries and any(s is None for _, _, s, _ in entries):
             try:
-                data = load_data(str(source), img_size=img_size, seed=seed, val_fraction=val_fraction,
-                                 test_fraction=test_fraction, dicom_window=dicom_window,
-                                 uncertain_labels=uncertain_labels)
-                split_of = dict(zip(data.ids, data.splits))
+                labels, task, names, groups, splits = _labels_and_splits(
+                    items, source=str(path), seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+                    classes=classes)
+                _check_splits(labels, splits, names, task, groups, str(path))
+                split_of = {str(p): str(s) for (p, _, _, _), s in zip(items, splits, strict=True)}
                 entries = [(i, c, split_of.get(i, "?"), px) for i, c, _, px in entries]
             except MedtuneError as exc:
                 report.error = str(exc)
                 entries = [(i, c, "unsplit", px) for i, c, _, px in entries]
+    elif path.suffix.lower() == ".npz" or str(source).startswith("medmnist:"):
+        if not path.suffix.lower() == ".npz":
+            path = _medmnist_download(str(source).split(":", 1)[1], medmnist_size)
+        npz, counts = _open_npz(path)
+        digests: list[str] = []
+        labels, splits, names, task = _npz_parts(npz, path, img_size, "resize", counts,
+                                                 lambda _row, image: digests.append(_digest(image.numpy())))
+        _check_splits(labels, splits, names, task, None, str(path))
+        ids = [f"{path.name}:{s}:{i}" for s in SPLITS for i in range(counts[s])]
+        entries = [(ids[i], _class_of(labels[i], names, task), str(splits[i]), digests[i]) for i in range(len(ids))]
+        heights = widths = [img_size]
+        report.modes["decoded"] = len(entries)
     else:
         data = load_data(str(source), img_size=img_size, seed=seed, val_fraction=val_fraction,
                          test_fraction=test_fraction, medmnist_size=medmnist_size)
         for i in range(len(data)):
-            label = data.labels[i]
-            cls = data.class_names[int(label)] if data.task != "multilabel" else "|".join(
-                n for n, v in zip(data.class_names, label.tolist()) if v)
-            entries.append((data.ids[i], cls, str(data.splits[i]), data.images[i].numpy()))
+            entries.append((data.ids[i], _class_of(data.labels[i], data.class_names, data.task), str(data.splits[i]),
+                            _digest(data.images[i].numpy())))
         heights = widths = [data.images.shape[-1]]
         report.modes["decoded"] = len(data)
     report.num_images = len(entries)
@@ -97,7 +115,7 @@ def check_data(source: str, *, img_size: int = 64, seed: int = 0, val_fraction: 
     by_hash: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for ident, cls, split, px in entries:
         counts[split or "?"][cls] += 1
-        by_hash[hashlib.sha256(np.ascontiguousarray(px).tobytes()).hexdigest()].append((split, ident))
+        by_hash[px].append((split, ident))
     report.counts = {s: dict(sorted(c.items())) for s, c in sorted(counts.items())}
     if heights:
         report.sizes = {"min_h": int(min(heights)), "max_h": int(max(heights)), "min_w": int(min(widths)),

@@ -197,11 +197,9 @@ def _medmnist_download(name: str, size: int) -> Path:
                     f"https://zenodo.org/records/10519652 and put it at {path}, or pass --data PATH/{path.name}.")
 
 
-def _load_npz(path: Path, img_size: int, resize: str, data_cache: str = "memory", cache_dir: str | Path | None = None
-              ) -> ImageSet:
-    """A MedMNIST-style ``.npz``; its images resized into one tensor, or with ``data_cache`` into
-    the decode cache (keyed by the file's path, size and mtime, ``img_size`` and ``resize``; a cache
-    built from this file is not re-validated)."""
+def _open_npz(path: Path) -> tuple[np.lib.npyio.NpzFile, dict[str, int]]:
+    """A MedMNIST-style ``.npz`` (no pickles) with its MedMNIST keys checked, and its images per split
+    (read from the array headers; nothing is decoded)."""
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -213,6 +211,15 @@ def _load_npz(path: Path, img_size: int, resize: str, data_cache: str = "memory"
                         f"{', '.join(expected)}. Found: {', '.join(npz.files) or 'none'}.")
     counts = {s: shape[0] if shape else 0 for s, shape in
               zip(SPLITS, (_check_npz_headers(npz, path, expected)[f"{s}_images"] for s in SPLITS), strict=True)}
+    return npz, counts
+
+
+def _load_npz(path: Path, img_size: int, resize: str, data_cache: str = "memory", cache_dir: str | Path | None = None
+              ) -> ImageSet:
+    """A MedMNIST-style ``.npz``; its images resized into one tensor, or with ``data_cache`` into
+    the decode cache (keyed by the file's path, size and mtime, ``img_size`` and ``resize``; a cache
+    built from this file is not re-validated)."""
+    npz, counts = _open_npz(path)
     shape = (sum(counts.values()), 3, img_size, img_size)
     if not use_disk(data_cache, int(np.prod(shape)), cache_dir):
         images = torch.empty(shape, dtype=torch.uint8)
@@ -363,10 +370,11 @@ def _medmnist_info(name: str) -> dict | None:
     return INFO.get(name, {}).get("label")
 
 
-def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]], *, name: str, source: str,
-                img_size: int, resize: str, seed: int, val_fraction: float, test_fraction: float,
-                classes: list[str] | None, dicom_window: str = "auto", data_cache: str = "memory",
-                cache_dir: str | Path | None = None, workers: int = 0) -> ImageSet:
+def _labels_and_splits(items: list[tuple[Path, str | list[str], str | None, str | None]], *, source: str, seed: int,
+                      val_fraction: float, test_fraction: float, classes: list[str] | None
+                      ) -> tuple[torch.Tensor, str, list[str], np.ndarray | None, np.ndarray]:
+    """(labels, task, class names, groups, splits) of (path, label, split, group) items, as :func:`load_data`
+    makes them, before (and without) decoding any image."""
     multilabel = any(isinstance(lbl, list) for _, lbl, _, _ in items)
     found = sorted({c for _, lbl, _, _ in items for c in (lbl if isinstance(lbl, list) else [lbl])})
     if classes is not None:
@@ -400,6 +408,16 @@ def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]
                                  test_fraction=test_fraction, class_names=found)
         except DataError as exc:
             raise DataError(f"{source}: {exc}") from None
+    return labels, task, found, groups_arr, splits
+
+
+def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]], *, name: str, source: str,
+                img_size: int, resize: str, seed: int, val_fraction: float, test_fraction: float,
+                classes: list[str] | None, dicom_window: str = "auto", data_cache: str = "memory",
+                cache_dir: str | Path | None = None, workers: int = 0) -> ImageSet:
+    labels, task, found, groups_arr, splits = _labels_and_splits(items, source=source, seed=seed,
+                                                                val_fraction=val_fraction, test_fraction=test_fraction,
+                                                                classes=classes)
     paths = [p for p, _, _, _ in items]
     meta = {"source": source, "img_size": img_size, "resize": resize}
     fingerprint = None
@@ -434,27 +452,50 @@ def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]
 
 
 def _validate(data: ImageSet, source: str) -> ImageSet:
+    _check_splits(data.labels, data.splits, data.class_names, data.task, data.groups, source)
+    return data
+
+
+def _check_splits(labels: torch.Tensor, splits: np.ndarray, class_names: list[str], task: str,
+                  groups: np.ndarray | None, source: str) -> None:
+    """Raise a DataError when a split is empty, a class has no training image, val or test holds one
+    class only, or a group spans two splits (the labels and splits only: no image is read)."""
     for split in SPLITS:
-        if not (data.splits == split).any():
+        if not (splits == split).any():
             raise DataError(f"{source}: the {split} split has no images; give more images or other split fractions.")
-    if data.task != "multilabel":
-        train_classes = set(data.labels[torch.from_numpy(data.splits == "train")].tolist())
-        absent = [data.class_names[c] for c in range(data.num_classes) if c not in train_classes]
+    if task != "multilabel":
+        train_classes = set(labels[torch.from_numpy(splits == "train")].tolist())
+        absent = [class_names[c] for c in range(len(class_names)) if c not in train_classes]
         if absent:
             raise DataError(f"{source}: class(es) {_cut_list(absent)} have no training images (only in val/test); "
                             "move some of their images to the training split.")
         for split in ("val", "test"):  # one class only: AUC is undefined and the run would be stored as NaN
-            present = set(data.labels[torch.from_numpy(data.splits == split)].tolist())
+            present = set(labels[torch.from_numpy(splits == split)].tolist())
             if len(present) < 2:
                 raise DataError(f"{source}: the {split} split holds one class only "
-                                f"({data.class_names[next(iter(present))]}); it needs at least two to measure AUC: "
+                                f"({class_names[next(iter(present))]}); it needs at least two to measure AUC: "
                                 "add images of the other classes to it.")
-    if data.groups is not None:
-        for g in np.unique(data.groups):
-            if len(set(data.splits[data.groups == g])) > 1:
+    if groups is not None:
+        for g in np.unique(groups):
+            if len(set(splits[groups == g])) > 1:
                 raise DataError(f"{source}: group {g!r} has images in several splits; one patient must stay in one "
                                 "split.")
-    return data
+
+
+def _items_of(path: Path, uncertain_labels: str, classes: list[str] | None
+              ) -> tuple[list[tuple[Path, str | list[str], str | None, str | None]], list[str] | None]:
+    """The (path, label, split, group) items of a folder or CSV source, and its known classes:
+    ``classes``, or for a CSV with one column per label its label columns."""
+    if path.is_dir():
+        items, skipped = list_folder(path)
+        if skipped:
+            warnings.warn(f"{path}: skipped {len(skipped)} non-image file(s), e.g. {skipped[0]}.\n"
+                          "HINT: keep only images in class folders.", stacklevel=3)
+        return [(p, c, s, None) for p, c, s in items], classes
+    rows = read_csv(path, uncertain_labels)
+    if "label_columns" in rows[0] and classes is None:  # every column is a label, present in any row or not
+        classes = list(rows[0]["label_columns"])
+    return [(r["path"], csv_label(r), r["split"], r["group"]) for r in rows], classes
 
 
 def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: int = 0, val_fraction: float = 0.15,
@@ -520,21 +561,12 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
     if not exists:
         raise DataError(f"Data {short_repr(source)} not found; give a folder per class, a CSV, a MedMNIST .npz, "
                         "medmnist:NAME, demo or synthetic.")
-    kw = {"img_size": img_size, "resize": resize, "seed": seed, "val_fraction": val_fraction,
-          "test_fraction": test_fraction, "classes": classes, "dicom_window": dicom_window,
-          "data_cache": data_cache, "cache_dir": cache_dir, "workers": decode_workers}
-    if path.is_dir():
-        items, skipped = list_folder(path)
-        if skipped:
-            warnings.warn(f"{path}: skipped {len(skipped)} non-image file(s), e.g. {skipped[0]}.\n"
-                          "HINT: keep only images in class folders.", stacklevel=2)
-        data = _from_items([(p, c, s, None) for p, c, s in items], name=path.name, source=str(path), **kw)
-    elif path.suffix.lower() == ".csv":
-        rows = read_csv(path, uncertain_labels)
-        items = [(r["path"], csv_label(r), r["split"], r["group"]) for r in rows]
-        if "label_columns" in rows[0] and classes is None:  # every column is a label, present in any row or not
-            kw["classes"] = list(rows[0]["label_columns"])
-        data = _from_items(items, name=path.stem, source=str(path), **kw)
+    if path.is_dir() or path.suffix.lower() == ".csv":
+        items, classes = _items_of(path, uncertain_labels, classes)
+        data = _from_items(items, name=path.name if path.is_dir() else path.stem, source=str(path), img_size=img_size,
+                           resize=resize, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+                           classes=classes, dicom_window=dicom_window, data_cache=data_cache, cache_dir=cache_dir,
+                           workers=decode_workers)
     elif path.suffix.lower() == ".npz":
         data = _load_npz(path, img_size, resize, data_cache, cache_dir)
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,6 +31,9 @@ from medtune.robustness.uap import (
     perturbation_norm,
     random_control,
 )
+
+if TYPE_CHECKING:
+    from medtune.data.diskcache import DiskImages
 
 __all__ = ["AuditResult", "audit", "resolve_channels"]
 
@@ -58,7 +62,7 @@ def _perturbation_key(source: str, zeta: float, norm: str, target: int | None) -
     return f"{source}/zeta={zeta:g}/norm={norm}/target={'none' if target is None else target}"
 
 
-def resolve_channels(channels: str, train_images: torch.Tensor) -> str:
+def resolve_channels(channels: str, train_images: torch.Tensor | DiskImages) -> str:
     """``auto`` → ``grey`` when every training image has R = G = B exactly, else ``rgb``."""
     if channels != "auto":
         return channels
@@ -81,8 +85,9 @@ def _fixed(images: torch.Tensor, num_photos: int, chunk_size: int) -> Callable[[
                     for i in range(0, images.shape[0], chunk_size))
 
 
-def _build_source(name: str, cfg: AuditConfig, train_images: torch.Tensor, size: tuple[int, int],
+def _build_source(name: str, cfg: AuditConfig, train_images: torch.Tensor | DiskImages, size: tuple[int, int],
                   grey: bool) -> _Source:
+    """The source ``name``; only its drawn rows of ``train_images`` are read (a ``DiskImages`` stays on disk)."""
     photos = cfg.natural_folder if cfg.natural_folder is not None else "builtin"
     num = cfg.num_source_images
     if name == "train":
@@ -98,12 +103,13 @@ def _build_source(name: str, cfg: AuditConfig, train_images: torch.Tensor, size:
         only = next(natural_image_chunks(num, size, chunk_size=num, **stream))
         return _Source(_fixed(only.images, only.num_photos, cfg.chunk_size), num, num_natural=num, photos=photos)
     num_natural = max(1, int(round(cfg.mix_fraction * num)))
-    pool = rgb_to_grey(train_images) if grey and not is_grey(train_images) else train_images
-    if num - num_natural > pool.shape[0]:
+    if num - num_natural > train_images.shape[0]:
         raise ConfigError(f"The 'mixed' source needs {num - num_natural} training images but the run has "
-                          f"{pool.shape[0]}; lower num_source_images or raise mix_fraction.")
+                          f"{train_images.shape[0]}; lower num_source_images or raise mix_fraction.")
     natural = next(natural_image_chunks(num_natural, size, chunk_size=num_natural, **stream))
-    mixed = mixed_source(pool, natural.images, num_natural / num, seed=cfg.seed, num_images=num)
+    mixed = mixed_source(train_images, natural.images, num_natural / num, seed=cfg.seed, num_images=num)
+    if grey:  # grey after drawing, so only the drawn training images are read: rgb_to_grey leaves a grey
+        mixed = rgb_to_grey(mixed)  # pixel as it is (all 256 values, tested), e.g. the natural crops
     return _Source(_fixed(mixed, natural.num_photos, cfg.chunk_size), num, num_natural=num_natural, photos=photos)
 
 
@@ -146,7 +152,9 @@ def audit(
 
     Args:
         model: maps float (N, 3, H, W) in [0, 1] to logits (N, K); normalisation inside.
-        test_images: uint8 (N, 3, H, W) or float in [0, 1]; the UAPs are evaluated here.
+        test_images: uint8 (N, 3, H, W) or float in [0, 1]; the UAPs are evaluated here. It and
+            ``train_images`` may be ``DiskImages`` (the decode cache): they are read in batches and only
+            the drawn source rows are held, with the same results as in memory.
         test_labels: int64 (N,) true classes.
         train_images: the model's training images: they set ξ for every source, decide ``auto``
             channels and are the ``train`` source (``num_source_images`` drawn, seeded).
@@ -189,11 +197,11 @@ def audit(
                       algorithm=algorithm, channels=channels, step_fraction=step_fraction, step_norm=step_norm,
                       step_decay=step_decay, step_scale=step_scale, max_passes=max_passes, goal_rate=goal_rate, batch_size=batch_size,
                       num_random=num_random, random_linf=random_linf, seed=seed)
-    test_images = check_images(test_images, "test_images")
+    test_images = check_images(test_images, "test_images", stream=True)
     if train_images is None:
         raise ConfigError("audit needs train_images: the budget ξ = ζ·mean‖x_train‖ₚ is set by the model's "
                           "training images for every source (Minagi et al.); pass them.")
-    train_images = check_images(train_images, "train_images")
+    train_images = check_images(train_images, "train_images", stream=True)
     dev = model_device(model, device)
     with eval_mode(model):
         num_classes = num_outputs(model, test_images, dev)

@@ -78,7 +78,7 @@ def evaluate_perturbation(
 
     Args:
         model: maps float (N, 3, H, W) in [0, 1] to logits (N, K).
-        images: uint8 (N, 3, H, W) or float in [0, 1].
+        images: uint8 (N, 3, H, W) or float in [0, 1], or a ``DiskImages`` (read in batches).
         labels: int64 (N,) true classes, or None (then accuracies and per-class rates are None).
         perturbation: float tensor (3, H, W) in [0, 1] pixel units.
         targeted: a target class t to report the share predicted t on x+v and on x.
@@ -99,7 +99,7 @@ def evaluate_perturbation(
             shape is not (C, H, W) of the images.
         ConfigError: bad targeted, batch_size or class_names.
     """
-    images = check_images(images)
+    images = check_images(images, stream=True)
     batch_size = check_positive_int(batch_size, "batch_size", "evaluate_perturbation")
     if tuple(perturbation.shape) not in (tuple(images.shape[1:]), (1, *images.shape[1:])):
         raise DataError(

@@ -270,7 +270,7 @@ def mixed_source(
     Images are drawn without replacement from each set.
 
     Args:
-        a: images (N_a, C, H, W), uint8 or float in [0, 1].
+        a: images (N_a, C, H, W), uint8 or float in [0, 1], or a ``DiskImages`` (only the drawn rows are read).
         b: images (N_b, C, H, W), same dtype and (C, H, W) as ``a``.
         frac: share of the output taken from ``b``, in [0, 1].
         seed: seeds the draw and the shuffle.
@@ -284,7 +284,7 @@ def mixed_source(
             its share.
         DataError: the two sets differ in dtype or image shape.
     """
-    a, b = check_images(a, "a"), check_images(b, "b")
+    a, b = check_images(a, "a", stream=True), check_images(b, "b", stream=True)  # only the drawn rows are read
     frac = check_fraction(frac, "frac", "mixed_source", low_open=False)
     if a.dtype != b.dtype or a.shape[1:] != b.shape[1:]:
         raise DataError(

@@ -172,7 +172,8 @@ def budget_xi(images: torch.Tensor, zeta: float, norm: object = 2) -> float:
     """Absolute budget ξ = ζ · mean over images of ‖x‖ₚ (flattened, pixels in [0, 1]).
 
     Args:
-        images: uint8 (N, C, H, W) or float in [0, 1]; the model's training images in the audit.
+        images: uint8 (N, C, H, W) or float in [0, 1], or a ``DiskImages`` (read in batches); the model's
+            training images in the audit.
         zeta: fraction in (0, 1].
         norm: 2 or "inf".
 
@@ -185,7 +186,7 @@ def budget_xi(images: torch.Tensor, zeta: float, norm: object = 2) -> float:
     """
     zeta = check_fraction(zeta, "zeta", "budget_xi")
     norm = resolve_norm(norm, owner="budget_xi")
-    images = check_images(images)
+    images = check_images(images, stream=True)
     return float(zeta * lp_norms(images, norm).mean())
 
 
@@ -228,7 +229,13 @@ def project_to_grey(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def is_grey(images: torch.Tensor) -> bool:
-    """Whether every image (N, C, H, W) or perturbation (C, H, W) has equal channels, exactly."""
+    """Whether every image (N, C, H, W) or perturbation (C, H, W) has equal channels, exactly.
+
+    ``images`` may be a ``DiskImages``: read a chunk at a time, stopping at the first colour image."""
+    from medtune.data.diskcache import DiskImages
+
+    if isinstance(images, DiskImages):
+        return all(is_grey(torch.from_numpy(chunk)) for chunk in images.chunks())
     first = images.select(-3, 0).unsqueeze(-3)
     return bool((images == first).all())
 

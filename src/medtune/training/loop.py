@@ -152,7 +152,7 @@ def predict_proba(model: nn.Module, images: torch.Tensor, *, task: str, batch_si
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    probs, loss_sum, order = [], 0.0, []
+    prob, loss_sum = None, 0.0
     batches = bucket_batches(torch.arange(len(images)), sizes, batch_size)
     if isinstance(images, DiskImages):  # read ahead from the decode cache while the model runs
         images.prefetch(batches)
@@ -162,12 +162,14 @@ def predict_proba(model: nn.Module, images: torch.Tensor, *, task: str, batch_si
             logits = model(x).float()
         if labels is not None and loss_fn is not None:
             loss_sum += float(loss_fn(logits, labels[idx].to(device))) * len(x)
-        probs.append((torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, 1)).cpu())
-        order.append(idx)
+        p = (torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, 1)).cpu()
+        # one output, each batch at its images' rows (bucket batches too): appending small per-batch
+        # results between large temporaries fragments the heap (see medtune.robustness._common.predict)
+        if prob is None:
+            prob = torch.empty((len(images), p.shape[1]), dtype=p.dtype)
+        prob[idx] = p
     model.train(was_training)
-    prob = torch.cat(probs).numpy() if probs else np.zeros((0, 0), dtype=np.float32)
-    if sizes is not None and probs:  # back to the images' order
-        prob = prob[np.argsort(torch.cat(order).numpy(), kind="stable")]
+    prob = prob.numpy() if prob is not None else np.zeros((0, 0), dtype=np.float32)
     return prob, (loss_sum / len(images) if labels is not None and loss_fn is not None and len(images) else None)
 
 
