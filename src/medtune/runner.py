@@ -360,6 +360,8 @@ def run(cfg: RunConfig | dict | str | Path, *, store: ResultsStore | None = None
     from medtune.executors import LocalExecutor
 
     cfg = load_config(RunConfig, cfg)
+    if store is not None:  # the store given is the run's store: its decode cache lives there too
+        cfg = cfg.replace(store=str(store.root))
     store = store or ResultsStore(cfg.store)
     [record] = run_all([cfg], store=store, executor=LocalExecutor(1), log=log or (lambda _m: None))
     if record is None:

@@ -113,6 +113,8 @@ def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: Resul
 
     if isinstance(store, (str, Path)):  # a folder, as from --store: it is a config key
         overrides["store"], store = str(store), None
+    elif store is not None:  # a store object: the runs' decode caches live in it too
+        overrides["store"] = str(store.root)
     cfg = load_sweep_config(config, **overrides)
     runs = expand_sweep(cfg, log)
     store = store or ResultsStore(cfg.base.store)

@@ -113,3 +113,14 @@ def test_predict_cli_takes_data_cache(disk_run, capsys):
         main(["predict", record["run_id"], str(root / "toy_28.npz"), "--store", str(store), "--data-cache", "tape"])
     assert exit_.value.code == 2
     assert "invalid choice: 'tape'" in capsys.readouterr().err
+
+
+def test_a_store_object_given_to_run_holds_the_runs_decode_cache(disk_run, tmp_path, monkeypatch):
+    root, _, _ = disk_run
+    monkeypatch.chdir(tmp_path)  # the config's default store would be ./medtune-results
+    other = tmp_path / "other"
+    record = medtune.run({"data": str(root / "toy_28.npz"), "arch": "medtune_tiny_cnn", "weights": "none",
+                          "strategy": "linear", "img_size": 16, "device": "cpu", "num_threads": 1,
+                          "progress": False, "data_cache": "disk"}, store=ResultsStore(other))
+    assert record["status"] == "done"
+    assert any((other / "data-cache").iterdir()) and not (tmp_path / "medtune-results").exists()
