@@ -9,7 +9,15 @@ import torch
 
 from medtune.data import diskcache
 from medtune.data.diskcache import DiskImages
-from medtune.robustness import audit, budget_xi, evaluate_perturbation, mixed_source, rgb_to_grey
+from medtune.robustness import (
+    audit,
+    budget_xi,
+    compute_targeted_uaps,
+    compute_uap,
+    evaluate_perturbation,
+    mixed_source,
+    rgb_to_grey,
+)
 
 MAX_ROWS = 256  # more rows than this in one read fails the test; each split below is larger
 
@@ -74,6 +82,23 @@ def test_budget_and_evaluation_on_disk_equal_memory(colour_task, splits, bounded
     mixed = mixed_source(splits["train_disk"], splits["test_x"][:50], 0.25, seed=1, num_images=60)
     assert torch.equal(mixed, mixed_source(splits["train_x"], splits["test_x"][:50], 0.25, seed=1, num_images=60))
     assert max(bounded_reads) <= MAX_ROWS
+
+
+@pytest.mark.parametrize("algorithm", ["batched", "reference"])
+def test_compute_uap_on_disk_equals_memory_and_reads_in_batches(colour_task, splits, bounded_reads, algorithm):
+    kw = dict(zeta=0.04, norm=2, max_passes=2, batch_size=32, seed=4, algorithm=algorithm)
+    mem = compute_uap(colour_task["model"], splits["train_x"], **kw)
+    disk = compute_uap(colour_task["model"], splits["train_disk"], **kw)
+    assert torch.equal(mem.perturbation, disk.perturbation) and torch.equal(mem.last_perturbation, disk.last_perturbation)
+    assert mem.fooling_rate_source == disk.fooling_rate_source and mem.xi == disk.xi
+    assert disk.num_source_images == 300 and max(bounded_reads) <= MAX_ROWS
+
+
+def test_compute_targeted_uaps_on_disk_equal_memory(colour_task, splits, bounded_reads):
+    kw = dict(classes=[1], zeta=0.04, norm="inf", max_passes=1, batch_size=64, seed=2)
+    mem = compute_targeted_uaps(colour_task["model"], splits["train_x"], **kw)
+    disk = compute_targeted_uaps(colour_task["model"], splits["train_disk"], **kw)
+    assert torch.equal(mem[1].perturbation, disk[1].perturbation) and max(bounded_reads) <= MAX_ROWS
 
 
 def test_an_empty_disk_split_is_one_clear_error(colour_task, splits):

@@ -293,12 +293,16 @@ def _batched_pass(model, images, order, v, clean_dev, target, stepper, *, batch_
     batch, whose logits also give the mask, with no host sync. ``sqrt_batch``: the step is
     √(images still to fool in the batch) times the step size (a device tensor, no sync).
     """
+    from medtune.data.diskcache import DiskImages
+
     fooled = torch.zeros((), dtype=torch.int64, device=device)
     updates = torch.zeros((), dtype=torch.int64, device=device)
 
     def is_active(pred: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return (pred == labels) if target is None else (pred != target)
 
+    if isinstance(images, DiskImages):  # read this pass's shuffled batches ahead from the decode cache
+        images.prefetch([order[sl] for sl in batches(images.shape[0], batch_size)])
     for sl in batches(images.shape[0], batch_size):
         idx = order[sl]
         x = to_float(images[idx], device, channels_last=channels_last)
@@ -448,7 +452,7 @@ def compute_uap(
         model: maps float images (N, 3, H, W) in [0, 1] to logits (N, K); normalisation inside.
             Put in eval mode during the call (restored after); its parameters get no gradients.
         images: source images, uint8 (N, 3, H, W) or float in [0, 1]; stay on their device and are
-            moved batch-wise.
+            moved batch-wise. A ``DiskImages`` (the decode cache) is read a batch at a time, never whole.
         zeta: budget as a fraction of the mean Lp norm of the images that set ξ, in (0, 1].
         norm: 2 or "inf" (also "2", float("inf")).
         xi: the absolute budget in [0, 1] pixel units; default ζ·mean‖images‖ₚ. The audit passes
@@ -499,7 +503,7 @@ def compute_uap(
     batch_size = check_positive_int(batch_size, "batch_size", owner)
     goal_rate = check_fraction(goal_rate, "goal_rate", owner)
     step_size = _check_step_size(step_size, owner)
-    images = check_images(images)
+    images = check_images(images, stream=True)
     if init is not None and tuple(init.shape) not in (tuple(images.shape[1:]), (1, *images.shape[1:])):
         raise DataError(f"init has shape {tuple(init.shape)} but the images are {tuple(images.shape[1:])}.")
     grey = channels == "grey"
@@ -620,7 +624,7 @@ def compute_targeted_uaps(
         raise ConfigError(
             "compute_targeted_uaps chooses the targets itself; pass 'classes' instead of 'targeted'."
         )
-    images = check_images(images)
+    images = check_images(images, stream=True)
     if classes is None:
         dev = model_device(model, params.get("device"))  # type: ignore[arg-type]
         with eval_mode(model):
