@@ -36,6 +36,26 @@ def tiny_model():
     return make_tiny()
 
 
+@pytest.fixture()
+def bounded_reads(request, monkeypatch) -> list[int]:
+    """Reads from the decode cache (``DiskImages``) of more rows than the test module's ``MAX_ROWS``
+    raise; returns the size of every read (a whole split read at once fails the test)."""
+    from medtune.data.diskcache import DiskImages
+
+    max_rows = request.module.MAX_ROWS
+    sizes: list[int] = []
+    real = DiskImages._read
+
+    def bounded(self, rows):
+        sizes.append(len(rows))
+        if len(rows) > max_rows:
+            raise AssertionError(f"read {len(rows)} rows at once (a whole split?)")
+        return real(self, rows)
+
+    monkeypatch.setattr(DiskImages, "_read", bounded)
+    return sizes
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` need a CUDA device: skipped (with the reason) where torch sees none."""
     if torch.cuda.is_available():

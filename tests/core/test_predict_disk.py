@@ -10,27 +10,11 @@ from PIL import Image
 import medtune
 from medtune.cli import main
 from medtune.data import diskcache
-from medtune.data.diskcache import DiskImages
 from medtune.store import ResultsStore
 
 # more rows than this in one read fails the test (the decode cache hashes 128 rows at a time); every data set
 # below is larger, and predictions read one batch (8) at a time
 MAX_ROWS = diskcache._CHUNK_ROWS
-
-
-@pytest.fixture()
-def bounded_reads(monkeypatch) -> list[int]:
-    sizes: list[int] = []
-    real = DiskImages._read
-
-    def bounded(self, rows):
-        sizes.append(len(rows))
-        if len(rows) > MAX_ROWS:
-            raise AssertionError(f"read {len(rows)} rows at once (a whole split?)")
-        return real(self, rows)
-
-    monkeypatch.setattr(DiskImages, "_read", bounded)
-    return sizes
 
 
 @pytest.fixture(scope="module")

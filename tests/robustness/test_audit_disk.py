@@ -22,22 +22,6 @@ from medtune.robustness import (
 MAX_ROWS = 256  # more rows than this in one read fails the test; each split below is larger
 
 
-@pytest.fixture()
-def bounded_reads(monkeypatch) -> list[int]:
-    """DiskImages reads of more than MAX_ROWS rows raise; returns the size of every read."""
-    sizes: list[int] = []
-    real = DiskImages._read
-
-    def bounded(self, rows):
-        sizes.append(len(rows))
-        if len(rows) > MAX_ROWS:
-            raise AssertionError(f"read {len(rows)} rows at once (a whole split?)")
-        return real(self, rows)
-
-    monkeypatch.setattr(DiskImages, "_read", bounded)
-    return sizes
-
-
 @pytest.fixture(scope="module")
 def splits(helpers, tmp_path_factory) -> dict:
     """A 300-image train and a 280-image test split of the colour task, in memory and as views of one
