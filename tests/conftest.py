@@ -56,6 +56,27 @@ def bounded_reads(request, monkeypatch) -> list[int]:
     return sizes
 
 
+@pytest.fixture(scope="session")
+def write_toy_npz():
+    """``write(path, sizes, num_classes=, shape=, step=)``: a MedMNIST-style ``.npz`` of learnable toy images
+    (noise in [0, 120) plus ``step`` × class; ``sizes`` the train, val and test counts; ``shape`` (H, W) or
+    (H, W, 3)), drawn from ``default_rng(0)``; returns ``path``."""
+    import numpy as np
+
+    def write(path, sizes, *, num_classes: int, shape: tuple[int, ...], step: int):
+        rng = np.random.default_rng(0)
+        arrays = {}
+        for split, n in zip(("train", "val", "test"), sizes, strict=True):
+            y = np.arange(n) % num_classes
+            shift = (step * y).reshape(-1, *[1] * len(shape))
+            arrays[f"{split}_images"] = (rng.integers(0, 120, (n, *shape)) + shift).astype(np.uint8)
+            arrays[f"{split}_labels"] = y[:, None]
+        np.savez(path, **arrays)
+        return path
+
+    return write
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` need a CUDA device: skipped (with the reason) where torch sees none."""
     if torch.cuda.is_available():

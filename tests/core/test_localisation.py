@@ -139,20 +139,14 @@ def test_csv_bbox_ground_truth_is_scaled_to_the_input(tmp_path):
     assert np.allclose(boxes, [[3.2, 5.6, 6.4, 8.8]] * 12)
 
 
-def test_explain_on_the_decode_cache_reads_batches_and_equals_the_maps_in_memory(tmp_path, monkeypatch):
+def test_explain_on_the_decode_cache_reads_batches_and_equals_the_maps_in_memory(tmp_path, monkeypatch, write_toy_npz):
     """A run trained with data_cache: disk: explain reads its 270-image test split a batch at a time (at most 256
     rows per read) and its maps and probabilities are those of the split in memory."""
     from medtune.data import load_data
     from medtune.data.diskcache import DiskImages
     from medtune.models import get_blocks
 
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 60), ("val", 30), ("test", 270)):
-        y = np.arange(n) % 2
-        arrays[f"{split}_images"] = (rng.integers(0, 120, (n, 16, 16, 3)) + 80 * y[:, None, None, None]).astype(np.uint8)
-        arrays[f"{split}_labels"] = y[:, None]
-    np.savez(tmp_path / "toy_16.npz", **arrays)
+    write_toy_npz(tmp_path / "toy_16.npz", (60, 30, 270), num_classes=2, shape=(16, 16, 3), step=80)
     store = tmp_path / "store"
     record = medtune.run(dict(data=str(tmp_path / "toy_16.npz"), arch="medtune_tiny_cnn", weights="none",
                               strategy="full", epochs=1, img_size=16, batch_size=16, device="cpu", store=str(store),

@@ -18,16 +18,10 @@ MAX_ROWS = diskcache._CHUNK_ROWS
 
 
 @pytest.fixture(scope="module")
-def disk_run(tmp_path_factory):
+def disk_run(tmp_path_factory, write_toy_npz):
     """A run trained with data_cache: disk on a 3-class MedMNIST-style .npz (150 images)."""
     root = tmp_path_factory.mktemp("predict-disk")
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 90), ("val", 24), ("test", 36)):
-        y = np.arange(n) % 3
-        arrays[f"{split}_images"] = (rng.integers(0, 120, (n, 20, 20)) + 60 * y[:, None, None]).astype(np.uint8)
-        arrays[f"{split}_labels"] = y[:, None]
-    np.savez(root / "toy_28.npz", **arrays)
+    write_toy_npz(root / "toy_28.npz", (90, 24, 36), num_classes=3, shape=(20, 20), step=60)
     store = root / "store"
     record = medtune.run({"data": str(root / "toy_28.npz"), "arch": "medtune_tiny_cnn", "weights": "none",
                           "strategy": "full", "epochs": 1, "img_size": 16, "batch_size": 8, "lr": 0.01,

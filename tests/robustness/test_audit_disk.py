@@ -104,7 +104,7 @@ def test_rgb_to_grey_leaves_every_grey_pixel_as_it_is():
     assert torch.equal(rgb_to_grey(grey), grey)
 
 
-def test_medtune_attack_on_a_disk_run_equals_the_audit_in_memory(tmp_path, bounded_reads):
+def test_medtune_attack_on_a_disk_run_equals_the_audit_in_memory(tmp_path, bounded_reads, write_toy_npz):
     """The driver end to end: a run trained with data_cache: disk on a .npz whose splits are larger than
     MAX_ROWS is audited from its decode cache; its records and UAPs equal audit() on the same model
     with the splits in memory."""
@@ -114,13 +114,7 @@ def test_medtune_attack_on_a_disk_run_equals_the_audit_in_memory(tmp_path, bound
     from medtune.store import ResultsStore
     from safetensors.torch import load_file
 
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 300), ("val", 30), ("test", 270)):
-        y = np.arange(n) % 3
-        arrays[f"{split}_images"] = (rng.integers(0, 120, (n, 16, 16, 3)) + 60 * y[:, None, None, None]).astype(np.uint8)
-        arrays[f"{split}_labels"] = y[:, None]
-    np.savez(tmp_path / "toy_16.npz", **arrays)
+    write_toy_npz(tmp_path / "toy_16.npz", (300, 30, 270), num_classes=3, shape=(16, 16, 3), step=60)
     store = tmp_path / "store"
     record = medtune.run({"data": str(tmp_path / "toy_16.npz"), "arch": "medtune_tiny_cnn", "weights": "none",
                           "strategy": "full", "epochs": 1, "img_size": 16, "batch_size": 32, "lr": 0.01,
