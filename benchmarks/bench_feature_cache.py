@@ -11,7 +11,7 @@ noise hits both; each run's figures are medians over the repeats. Per run it pri
 - the storage dtype and the largest |test metric difference| against the uncached run.
 
 Then the end-to-end seconds of both sweeps and their ratio. The cached sweep announces its cuts
-(``expect_cuts``), so the first (longest-prefix) run's pass stores every shorter cut.
+(the plan's ``cache_cuts``), so the first (longest-prefix) run's pass stores every shorter cut.
 
     python benchmarks/bench_feature_cache.py [--arch resnet18] [--images 2000] [--img-size 64] [--epochs 5]
         [--repeats 2] [--storage auto|fp32] [--threads N] [--clock wall|cpu]
@@ -30,13 +30,13 @@ from medtune.config import RunConfig
 from medtune.data import make_synthetic
 from medtune.models import create_model, get_blocks
 from medtune.strategies import create_strategy, probing
-from medtune.training.cache import FEATURE_CACHE, expect_cuts
+from medtune.training.cache import FEATURE_CACHE
 from medtune.training.loop import fit
 
 CLOCK = time.perf_counter
 
 
-def sweep(arch: str, data, cfg: RunConfig, specs: list[str], state: dict) -> tuple[float, dict[str, dict]]:
+def sweep(arch: str, data, cfg: RunConfig, specs: list[str], state: dict, cuts=()) -> tuple[float, dict[str, dict]]:
     """Train every spec from the same initial weights; (wall seconds, per-spec figures)."""
     FEATURE_CACHE.clear()
     probing._REUSED.clear()  # every sweep solves its own probe
@@ -49,7 +49,8 @@ def sweep(arch: str, data, cfg: RunConfig, specs: list[str], state: dict) -> tup
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             t_run = CLOCK()
-            result = fit(model, data, strategy, cfg, blocks=get_blocks(model, granularity=strategy.granularity))
+            result = fit(model, data, strategy, cfg, blocks=get_blocks(model, granularity=strategy.granularity),
+                         cache_cuts=cuts)
             wall = CLOCK() - t_run
         cached = next(iter(result.extras.get("feature_cache", {}).values()), None)
         out[spec] = {"cost": result.train_seconds, "wall": wall, "metrics": result.test_metrics,
@@ -83,12 +84,11 @@ def main() -> None:
     runs: dict[str, dict[str, list[dict]]] = {"off": {s: [] for s in specs}, "on": {s: [] for s in specs}}
     for r in range(args.repeats):
         for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):  # interleaved: A/B, B/A, ...
-            expect_cuts(num_blocks - 1 - k for k in range(num_blocks)) if mode == "on" else expect_cuts(())
-            wall, out = sweep(args.arch, data, modes[mode], specs, probe.state_dict())
+            cuts = [num_blocks - 1 - k for k in range(num_blocks)] if mode == "on" else []
+            wall, out = sweep(args.arch, data, modes[mode], specs, probe.state_dict(), cuts)
             walls[mode].append(wall)
             for spec, row in out.items():
                 runs[mode][spec].append(row)
-    expect_cuts(())
 
     def med(mode: str, spec: str, field: str) -> float:
         return statistics.median(row[field] for row in runs[mode][spec])

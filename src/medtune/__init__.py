@@ -16,9 +16,7 @@ from typing import Any
 from medtune.config import RunConfig, SweepConfig, load_yaml, save_yaml
 from medtune.errors import (ConfigError, DataError, MedtuneError, NotFittedError, RunsFailedError, StoreError,
                             TrainingError)
-from medtune.demo import DEMO_SWEEP
-
-__version__ = "0.1.0"
+from medtune._version import __version__
 
 __all__ = [
     "__version__",
@@ -36,7 +34,6 @@ __all__ = [
     "predict",
     "export",
     "explain",
-    "DEMO_SWEEP",
     "MedtuneError",
     "ConfigError",
     "DataError",
@@ -79,18 +76,11 @@ def search(config: Any = None, **kwargs: Any) -> dict:
 
 def report(store: str = "./medtune-results", *, out_path: str | None = None, fmt: str = "html", metric: str = "auc",
            title: str = "medtune report") -> str:
-    """Write the report of a results store; returns its path (default ``STORE/report.html``)."""
-    from pathlib import Path
+    """Write the report of a results store; returns its path (default ``STORE/report.html``)
+    (see :func:`medtune.reporting.report_store`)."""
+    from medtune.reporting import report_store
 
-    from medtune.reporting import build_report
-    from medtune.store import ResultsStore
-
-    from medtune.localisation import list_explanations
-
-    db = ResultsStore(store, create=False)
-    out = out_path or str(Path(store) / f"report.{fmt}")
-    return str(build_report(db.runs(), db.attacks(), db.searches(), explanations=list_explanations(store),
-                            title=title, out_path=out, fmt=fmt, metric=metric))
+    return str(report_store(store, out_path=out_path, fmt=fmt, metric=metric, title=title))
 
 
 def explain(run: str, **kwargs: Any):

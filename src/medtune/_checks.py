@@ -8,12 +8,12 @@ its owner, what was expected and what was received (sklearn's ``check_scalar`` s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 from medtune.errors import ConfigError, did_you_mean, short_repr
 
-__all__ = ["param_error", "check_scalar", "check_choice", "check_fraction", "check_positive_int"]
+__all__ = ["param_error", "check_scalar", "check_choice", "check_fraction", "check_positive_int", "Range", "check_fields"]
 
 
 def param_error(name: str, owner: str, expected: str, value: Any, hint: str = "") -> ConfigError:
@@ -66,3 +66,22 @@ def check_positive_int(value: Any, name: str, owner: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise param_error(name, owner, "an int >= 1", value)
     return int(value)
+
+
+class Range(NamedTuple):
+    """A numeric field's constraint as data (sklearn's ``Interval``): its type(s) and bounds."""
+
+    kind: type | tuple[type, ...]
+    min_val: float | None = None
+    max_val: float | None = None
+    include_min: bool = True
+
+
+def check_fields(obj: Any, ranges: Mapping[str, Range], choices: Mapping[str, Sequence[Any]], *, owner: str) -> None:
+    """Validate ``obj``'s fields against tables of ranges and of choices (one validator for a config's
+    constraints, like sklearn's ``validate_parameter_constraints``)."""
+    for name, r in ranges.items():
+        check_scalar(getattr(obj, name), name, r.kind, min_val=r.min_val, max_val=r.max_val,
+                     include_min=r.include_min, owner=owner)
+    for name, allowed in choices.items():
+        check_choice(getattr(obj, name), name, allowed, owner=owner)

@@ -121,15 +121,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 _FORMAT_HELP = "output format (choices: %(choices)s; default: %(default)s)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import medtune
-
-    parser = argparse.ArgumentParser(prog="medtune", description=(
-        "How deeply, and how, to fine-tune an ImageNet CNN for medical images — and is it safe against "
-        "universal adversarial perturbations?"))
-    parser.add_argument("--version", action="version", version=f"medtune {medtune.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _parser_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole mission offline on the built-in demo data: sweep, DEFT search, UAP audit, report")
     p.add_argument("--store", default="./medtune-results", help="results store folder (default: %(default)s)")
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds (default: %(default)s)")
@@ -139,11 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of sweep, search, audit (default: %(default)s)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
 
+
+def _parser_run(sub) -> None:
     p = sub.add_parser("run", help="train one configuration")
     p.add_argument("config", nargs="?", help="YAML file of run keys (default: none; flags override it)")
     _add_config_flags(p, sweep=False)
     p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
 
+
+def _parser_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="archs × strategies × seeds × train fractions")
     p.add_argument("config", nargs="?", help="YAML file of sweep keys (default: none; flags override it)")
     p.add_argument("--preset", help="start from a built-in preset; the YAML file and flags override it "
@@ -158,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--gpus-per-run", type=float, default=0, help="Ray GPUs reserved per run (default: 0)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
 
+
+def _parser_results(sub) -> None:
     p = sub.add_parser("results", help="print the runs in a store")
     p.add_argument("--store", default="./medtune-results", help="results store folder (default: %(default)s)")
     p.add_argument("--format", choices=("table", "json", "csv", "parquet"), default="table",
@@ -172,12 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="free the claim of a run (id or prefix) left 'running' by a process that is gone "
                         "(default: none)")
 
+
+def _parser_blocks(sub) -> None:
     p = sub.add_parser("blocks", help="the block/layer partition of an architecture")
     p.add_argument("arch")
     p.add_argument("--granularity", choices=("block", "layer"), default="block",
                    help="blocks (stem, stages, head) or every layer (choices: %(choices)s; default: %(default)s)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
 
+
+def _parser_report(sub) -> None:
     p = sub.add_parser("report", help="a self-contained HTML (or Markdown) report of a store")
     p.add_argument("store", nargs="?", default="./medtune-results", help="results store folder (default: %(default)s)")
     p.add_argument("-o", "--output", default=None, help="output file (default: STORE/report.html)")
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="auc", help="the metric that ranks configurations (default: %(default)s)")
     p.add_argument("--title", default="medtune report", help="report title (default: %(default)s)")
 
+
+def _parser_search(sub) -> None:
     p = sub.add_parser("search", help="DEFT: differential evolution over which blocks/layers to fine-tune")
     p.add_argument("config", nargs="?", help="YAML file of run and search keys (default: none; flags override it)")
     _add_config_flags(p, sweep=False)
@@ -194,12 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes of the local executor (default: 1)")
     p.add_argument("--address", default=None, help="Ray cluster: auto or HOST:PORT (default: start a local Ray)")
 
+
+def _parser_attack(sub) -> None:
     p = sub.add_parser("attack", help="UAP audit of stored runs (non-targeted/targeted, train/natural/random)")
     p.add_argument("runs", nargs="*", default=["all"], help="run ids (prefixes) or 'all' (default: all)")
     p.add_argument("--config", default=None, help="YAML file of AuditConfig keys; flags override it (default: none)")
     _add_audit_flags(p)
     p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
 
+
+def _parser_predict(sub) -> None:
     p = sub.add_parser("predict", help="a stored run's predictions on images; metrics with CIs when labelled")
     p.add_argument("run", help="run id (or a unique prefix; see 'medtune results --runs')")
     p.add_argument("data", help="a folder per class, a CSV, a MedMNIST .npz, demo/synthetic, or a folder of "
@@ -216,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "batch) or auto (disk above 1 GiB) (choices: %(choices)s; default: the run's data_cache)")
     p.add_argument("--format", choices=("table", "json"), default="table", help=_FORMAT_HELP)
 
+
+def _parser_export(sub) -> None:
     p = sub.add_parser("export", help="export a stored run's model (timm local-dir layout or ONNX)")
     p.add_argument("run", help="run id (or a unique prefix; see 'medtune results --runs')")
     p.add_argument("--format", default="timm", choices=EXPORT_FORMATS,
@@ -224,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="output folder (default: STORE/artifacts/RUN_ID)")
     p.add_argument("--store", default="./medtune-results", help="results store (default: %(default)s)")
 
+
+def _parser_explain(sub) -> None:
     p = sub.add_parser("explain", help="heat maps (Grad-CAM) of a stored run's test images; pointing game and IoU")
     p.add_argument("run", help="run id (a unique prefix)")
     p.add_argument("--data", default=None, help="explain another data source (default: the run's own)")
@@ -240,15 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", default=None, help="output folder (default: STORE/artifacts/RUN/explain)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
 
+
+def _parser_strategies(sub) -> None:
     p = sub.add_parser("strategies", help="list the registered strategies")
     p.add_argument("--format", choices=("table", "json"), default="table", help=_FORMAT_HELP)
 
+
+def _parser_preset(sub) -> None:
     p = sub.add_parser("preset", help="built-in sweep presets (plain YAML to copy and edit)")
     psub = p.add_subparsers(dest="preset_command", required=True)
     psub.add_parser("list", help="list the presets")
     c = psub.add_parser("show", help="print a preset's YAML")
     c.add_argument("name")
 
+
+def _parser_data(sub) -> None:
     p = sub.add_parser("data", help="data utilities")
     dsub = p.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser("check", help="counts, sizes, corrupt files, duplicates across splits")
@@ -260,6 +278,26 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--" + name.replace("_", "-"), choices=RunConfig.CHOICES[name],
                        default=getattr(RunConfig(), name), help=f"as in run (choices: %(choices)s; default: %(default)s)")
     c.add_argument("--format", choices=("table", "json"), default="table", help=_FORMAT_HELP)
+
+
+#: The subcommands in the order ``medtune --help`` lists them.
+_PARSERS = (
+    _parser_demo, _parser_run, _parser_sweep, _parser_results, _parser_blocks, _parser_report,
+    _parser_search, _parser_attack, _parser_predict, _parser_export,
+    _parser_explain, _parser_strategies, _parser_preset,
+    _parser_data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medtune._version import __version__
+
+    parser = argparse.ArgumentParser(prog="medtune", description=(
+        "How deeply, and how, to fine-tune an ImageNet CNN for medical images — and is it safe against "
+        "universal adversarial perturbations?"))
+    parser.add_argument("--version", action="version", version=f"medtune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_command in _PARSERS:
+        add_command(sub)
     return parser
 
 

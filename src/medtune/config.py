@@ -18,12 +18,12 @@ from typing import Any, ClassVar
 
 import yaml
 
-from medtune._checks import check_choice, check_scalar
+from medtune._checks import Range, check_choice, check_fields, check_scalar
 from medtune.data._decode import DICOM_WINDOWS
 from medtune.data.diskcache import DATA_CACHES
 from medtune.data.sources import UNCERTAIN_LABELS
 from medtune.errors import ConfigError, did_you_mean, short_repr
-from medtune.strategies.spec import StrategySpec, format_strategy_spec, parse_strategy_spec
+from medtune.strategies.spec import StrategySpec, format_strategy_spec, parse_strategy_spec, split_strategy_list
 from medtune.tracking import TRACKERS
 from medtune.training.imbalance import CLASS_WEIGHTS, SAMPLERS
 from medtune.training.metrics import MONITOR_METRICS
@@ -158,9 +158,9 @@ class RunConfig(_Base):
             run and process, and read batch by batch with bounded RAM), or ``auto``: disk when the
             decoded size (N · 3 · img_size²) exceeds 1 GiB. Results are the same either way.
         decode_workers: processes that decode images into the disk cache (0: min(4, CPUs)).
-        resize: how images reach ``img_size``: ``resize`` (stretch), ``pad`` (keep the aspect ratio,
-            zero-pad), or ``bucket`` (a few sizes from the data's own distribution, each image at the
-            nearest one; Liu et al.).
+        resize: how images reach ``img_size``: ``resize`` (stretch; bilinear, antialiased), ``pad``
+            (keep the aspect ratio: the longer side scaled, zero padding centred), or ``bucket`` (a few
+            sizes from the data's own distribution, each image at the nearest one; Liu et al.).
         split_seed: seed of the train/val/test split and of the train-fraction subsample (fixed
             across training seeds so seeds compare on the same data).
         train_fraction: share of the training split used, in (0, 1].
@@ -172,7 +172,6 @@ class RunConfig(_Base):
         seed: training seed (head initialisation, batch order, augmentation).
         val_fraction: share of the images held out for validation when the data has no split.
         test_fraction: share of the images held out for testing when the data has no split.
-        resize: ``resize`` (bilinear, antialiased) or ``pad`` (longer side scaled, zero padding centred).
         medmnist_size: image size of a ``medmnist:NAME`` download.
         dicom_window: how a DICOM reaches 0–255 after pydicom's modality LUT (Rescale Slope/Intercept):
             ``auto`` uses the file's VOI LUT or Window Center/Width, else the range of its stored bits
@@ -209,6 +208,23 @@ class RunConfig(_Base):
         "device": ("auto", "cpu", "cuda"), "class_weight": CLASS_WEIGHTS, "sampler": SAMPLERS,
         "tracker": TRACKERS, "dicom_window": DICOM_WINDOWS,
         "uncertain_labels": UNCERTAIN_LABELS, "data_cache": DATA_CACHES,
+    }
+
+    #: The numeric fields' types and bounds (validated on build by the same helper as ``CHOICES``).
+    RANGES: ClassVar[dict[str, Range]] = {
+        "epochs": Range(int, 1, MAX_EPOCHS), "scratch_epochs": Range(int, 0, MAX_EPOCHS),
+        "img_size": Range(int, 16, 2048), "batch_size": Range(int, 1, MAX_BATCH),
+        "eval_batch_size": Range(int, 1, MAX_BATCH), "lr": Range((float, int), 0, MAX_LR, include_min=False),
+        "momentum": Range((float, int), 0, 1), "weight_decay": Range((float, int), 0),
+        "warmup_epochs": Range((float, int), 0, MAX_EPOCHS), "patience": Range(int, 0),
+        "seed": Range(int, 0, MAX_SEED), "split_seed": Range(int, 0, MAX_SEED),
+        "train_fraction": Range((float, int), 0, 1, include_min=False),
+        "val_fraction": Range((float, int), 0, 0.5, include_min=False),
+        "test_fraction": Range((float, int), 0, 0.5, include_min=False),
+        "cv_folds": Range(int, 0, 50), "label_smoothing": Range((float, int), 0, 0.5),
+        "num_threads": Range(int, 0, MAX_THREADS), "feature_cache_memory_gb": Range((float, int), 0, 1 << 20),
+        "feature_cache_disk_gb": Range((float, int), 0, 1 << 20), "decode_workers": Range(int, 0, MAX_THREADS),
+        "target_sensitivity": Range((float, int), 0, 1, include_min=False),
     }
 
     data: str = "demo"
@@ -267,38 +283,11 @@ class RunConfig(_Base):
                 raise ConfigError(f"The {name!r} parameter of {owner} must not be empty.")
         # the one place a strategy's text is parsed: from here on the run holds a typed spec
         object.__setattr__(self, "strategy", StrategySpec.parse(self.strategy))
-        check_scalar(self.epochs, "epochs", int, min_val=1, max_val=MAX_EPOCHS, owner=owner)
-        check_scalar(self.scratch_epochs, "scratch_epochs", int, min_val=0, max_val=MAX_EPOCHS, owner=owner)
         object.__setattr__(self, "augment", _check_augment(self.augment, owner))
-        check_scalar(self.img_size, "img_size", int, min_val=16, max_val=2048, owner=owner)
-        check_scalar(self.batch_size, "batch_size", int, min_val=1, max_val=MAX_BATCH, owner=owner)
-        check_scalar(self.eval_batch_size, "eval_batch_size", int, min_val=1, max_val=MAX_BATCH, owner=owner)
-        check_scalar(self.lr, "lr", (float, int), min_val=0, include_min=False, max_val=MAX_LR, owner=owner)
-        check_scalar(self.momentum, "momentum", (float, int), min_val=0, max_val=1, owner=owner)
-        check_scalar(self.weight_decay, "weight_decay", (float, int), min_val=0, owner=owner)
-        check_scalar(self.warmup_epochs, "warmup_epochs", (float, int), min_val=0, max_val=MAX_EPOCHS, owner=owner)
-        check_scalar(self.patience, "patience", int, min_val=0, owner=owner)
-        check_scalar(self.seed, "seed", int, min_val=0, max_val=MAX_SEED, owner=owner)
-        check_scalar(self.split_seed, "split_seed", int, min_val=0, max_val=MAX_SEED, owner=owner)
-        check_scalar(self.train_fraction, "train_fraction", (float, int), min_val=0, max_val=1,
-                     include_min=False, owner=owner)
-        check_scalar(self.val_fraction, "val_fraction", (float, int), min_val=0, max_val=0.5,
-                     include_min=False, owner=owner)
-        check_scalar(self.test_fraction, "test_fraction", (float, int), min_val=0, max_val=0.5,
-                     include_min=False, owner=owner)
-        check_scalar(self.cv_folds, "cv_folds", int, min_val=0, max_val=50, owner=owner)
         if self.cv_folds == 1:
             raise ConfigError("The 'cv_folds' parameter of RunConfig must be 0 (no cross-validation) or >= 2. Got 1.")
+        check_fields(self, self.RANGES, self.CHOICES, owner=owner)
         check_scalar(self.fold, "fold", int, min_val=0, max_val=max(0, self.cv_folds - 1), owner=owner)
-        check_scalar(self.label_smoothing, "label_smoothing", (float, int), min_val=0, max_val=0.5, owner=owner)
-        check_scalar(self.num_threads, "num_threads", int, min_val=0, max_val=MAX_THREADS, owner=owner)
-        for name in ("feature_cache_memory_gb", "feature_cache_disk_gb"):
-            check_scalar(getattr(self, name), name, (float, int), min_val=0, max_val=1 << 20, owner=owner)
-        check_scalar(self.decode_workers, "decode_workers", int, min_val=0, max_val=MAX_THREADS, owner=owner)
-        check_scalar(self.target_sensitivity, "target_sensitivity", (float, int), min_val=0, max_val=1,
-                     include_min=False, owner=owner)
-        for name, choices in self.CHOICES.items():
-            check_choice(getattr(self, name), name, choices, owner=owner)
 
     def semantic_dict(self) -> dict[str, Any]:
         """The fields that determine the result (the run id hashes these)."""
@@ -409,7 +398,9 @@ class SweepConfig(_WithBase):
                 object.__setattr__(self, key, (getattr(self.base, key),))
         for key, conv in _LIST_FIELDS.items():
             try:
-                raw = _as_tuple(getattr(self, key))
+                value = getattr(self, key)
+                raw = (tuple(split_strategy_list(value)) if key == "strategy" and isinstance(value, str)
+                       else _as_tuple(value))
                 if key == "strategy":
                     raw = tuple(alt for entry in raw for alt in expand_alternatives(entry))
                 value = tuple(conv(v) for v in raw)
@@ -420,18 +411,14 @@ class SweepConfig(_WithBase):
             if not value:
                 raise ConfigError(f"The {key!r} list of the sweep is empty; give at least one value.")
             object.__setattr__(self, key, value)
-        for frac in self.train_fraction:
-            check_scalar(frac, "train_fraction", (float, int), min_val=0, max_val=1, include_min=False, owner="sweep")
-        for lr in self.lr:
-            check_scalar(lr, "lr", (float, int), min_val=0, include_min=False, max_val=MAX_LR, owner="sweep")
-            if not math.isfinite(lr):
-                raise ConfigError(f"The 'lr' list of the sweep has a non-finite value {lr!r}; give positive numbers.")
-        for wd in self.weight_decay:
-            check_scalar(wd, "weight_decay", (float, int), min_val=0, owner="sweep")
-        for seed in self.seeds:
-            check_scalar(seed, "seeds", int, min_val=0, max_val=MAX_SEED, owner="sweep")
+        for key, field_name in (("train_fraction", "train_fraction"), ("lr", "lr"), ("weight_decay", "weight_decay"),
+                                ("seeds", "seed")):
+            r = RunConfig.RANGES[field_name]
+            for value in getattr(self, key):
+                check_scalar(value, key, r.kind, min_val=r.min_val, max_val=r.max_val, include_min=r.include_min,
+                             owner="sweep")
         for policy in self.resize:
-            check_choice(policy, "resize", ("resize", "pad", "bucket"), owner="sweep")
+            check_choice(policy, "resize", RunConfig.CHOICES["resize"], owner="sweep")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> SweepConfig:

@@ -102,8 +102,11 @@ def demo(*, store: str = "./medtune-results", seeds: str | Sequence[int] = "0,1"
         dict with ``runs`` (the sweep's records), ``search`` (the DEFT record or None), ``attacks``
         (the audit's records), ``seconds`` ({stage: wall seconds}) and ``report`` (its path).
     """
-    import medtune
+    from medtune.deft.driver import run_search
     from medtune.errors import ConfigError
+    from medtune.reporting import report_store
+    from medtune.robustness.driver import attack
+    from medtune.sweeps import sweep
 
     log = log or (lambda _m: None)
     unknown = [s for s in stages if s not in DEMO_STAGES]
@@ -120,20 +123,20 @@ def demo(*, store: str = "./medtune-results", seeds: str | Sequence[int] = "0,1"
         return result
 
     if "sweep" in stages:
-        out["runs"] = timed("sweep", lambda: medtune.sweep(dict(DEMO_SWEEP), store=store, log=log, **overrides))
+        out["runs"] = timed("sweep", lambda: sweep(dict(DEMO_SWEEP), store=store, log=log, **overrides))
     if "search" in stages:
         base = {k: v for k, v in DEMO_SWEEP.items() if k not in ("name", "strategy", "seeds", "arch")}
         base["arch"] = DEMO_SWEEP["arch"][0]
         config = {**base, **DEMO_SEARCH, **{k: v for k, v in overrides.items()}}
-        out["search"] = timed("search", lambda: medtune.search(config, store=store, log=log))
+        out["search"] = timed("search", lambda: run_search(config, store=store, log=log))
     if "audit" in stages:
-        runs = out["runs"] or medtune.sweep(dict(DEMO_SWEEP), store=store, log=log, **overrides)
+        runs = out["runs"] or sweep(dict(DEMO_SWEEP), store=store, log=log, **overrides)
         if out["search"]:  # the DEFT mask's retrained runs (found in the store by its comparison)
             from medtune.store import ResultsStore
 
             runs = [*runs, *(r for r in ResultsStore(store).runs() if str(r.get("label", "")).startswith("deft"))]
         targets = [r["run_id"] for r in _audited_runs(runs, DEMO_SWEEP["monitor"])]
-        out["attacks"] = timed("audit", lambda: medtune.attack(targets, config=dict(DEMO_AUDIT), store=store, log=log,
-                                                                device=device))
-    out["report"] = timed("report", lambda: medtune.report(store))
+        out["attacks"] = timed("audit", lambda: attack(targets, config=dict(DEMO_AUDIT), store=store, log=log,
+                                                        device=device))
+    out["report"] = timed("report", lambda: str(report_store(store)))
     return out

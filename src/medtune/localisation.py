@@ -412,12 +412,6 @@ def explain(run: str, *, data: str | None = None, store: str | Path = "./medtune
 
 def list_explanations(store: str | Path) -> list[dict[str, Any]]:
     """The ``explain.json`` summaries written under ``STORE/artifacts/*/explain/`` (with ``dir``)."""
-    out = []
-    for path in sorted(Path(store).glob("artifacts/*/explain/explain.json")):
-        try:
-            summary = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        summary["dir"] = str(path.parent)
-        out.append(summary)
-    return out
+    from medtune.store import ResultsStore
+
+    return ResultsStore(store, create=False).explanations()

@@ -9,9 +9,11 @@ import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypedDict
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ from medtune.training.intervals import metric_intervals
 from medtune.training.loop import fit
 
 __all__ = ["run", "run_all", "run_id_of", "prepare_data", "collect_versions", "build_run", "execute_run",
-           "store_result"]
+           "store_result", "RunPlan", "RunRecord", "build_record", "plan_runs", "structure_blocks"]
 
 
 def collect_versions() -> dict[str, str]:
@@ -38,9 +40,9 @@ def collect_versions() -> dict[str, str]:
     import sklearn
     import timm
 
-    import medtune
+    from medtune._version import __version__
 
-    out = {"medtune": getattr(medtune, "__version__", "0"), "torch": torch.__version__, "timm": timm.__version__,
+    out = {"medtune": __version__, "torch": torch.__version__, "timm": timm.__version__,
            "numpy": np.__version__, "scipy": scipy.__version__, "sklearn": sklearn.__version__,
            "python": platform.python_version(), "platform": platform.platform()}
     try:
@@ -86,17 +88,85 @@ def run_id_of(cfg: RunConfig, data_fingerprint: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def build_run(cfg: RunConfig, data: ImageSet, device: torch.device):
-    """Create the strategy, the model (seeded init) and the block partition of a run."""
-    strategy = cfg.strategy.create()
+def build_run(cfg: RunConfig, data: ImageSet, device: torch.device, strategy=None):
+    """Create the model (seeded init) and the block partition of a run, and its strategy unless the
+    run's plan built it (a planned strategy was checked against the partition when it was planned)."""
+    planned = strategy is not None
+    strategy = strategy if planned else cfg.strategy.create()
     weights = cfg.weights if strategy.pretrained else "none"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # seeds the new head / scratch init without touching the caller's RNG
         model = create_model(cfg.arch, num_classes=data.num_classes, weights=weights)
     model.to(device)
     blocks = get_blocks(model, granularity=strategy.granularity)
-    strategy.check_blocks(blocks)
+    if not planned:
+        strategy.check_blocks(blocks)
     return strategy, model, blocks
+
+
+@lru_cache(maxsize=8)
+def structure_blocks(arch: str, granularity: str):
+    """The block partition of ``arch`` (random init; only its structure is used by planning)."""
+    from medtune.models._builder import probe_model
+
+    with torch.random.fork_rng(devices=[]):
+        model = probe_model(arch)  # the one structural copy the driver keeps (also probes the input size)
+    return get_blocks(model, granularity=granularity)
+
+
+@dataclass
+class RunPlan:
+    """One run, planned once by the driver; the executor, the feature cache and the loop read it.
+
+    Attributes:
+        config: the run's configuration.
+        strategy: the run's strategy object, built once and checked against the block partition
+            (strategies hold per-run state: every run has its own).
+        num_blocks: blocks (or layers, at the strategy's granularity) of the backbone, head included.
+        depth: trainable non-head blocks (None for strategies that are not depth strategies).
+        run_id: the run's id in the store (:func:`run_id_of`).
+        fingerprint: the data fingerprint the run id hashes.
+        cache_cuts: frozen-prefix lengths (in blocks) that other runs of the same plan freeze: the
+            feature cache stores those cuts too on this run's pass, so a top-k sweep pays one pass.
+    """
+
+    config: RunConfig
+    strategy: Any
+    num_blocks: int
+    depth: int | None
+    run_id: str
+    fingerprint: str
+    cache_cuts: frozenset[int] = frozenset()
+
+
+def plan_runs(cells: Iterable[tuple[RunConfig, Any]]) -> list[RunPlan]:
+    """Plan ``(config, strategy or None)`` cells: each strategy is built (when None) and checked once,
+    each run's data fingerprint and id computed once; every plan learns the frozen depths of the others.
+
+    Raises:
+        ConfigError: an input size or a strategy parameter that does not fit its architecture.
+        DataError: unreadable data.
+    """
+    from medtune.models import check_input_size
+
+    cells = list(cells)
+    for arch, img_size in sorted({(cfg.arch, cfg.img_size) for cfg, _ in cells}):  # before any data is loaded
+        check_input_size(arch, img_size)
+    plans = []
+    for cfg, strategy in cells:
+        checked = strategy is not None
+        strategy = strategy if checked else cfg.strategy.create()
+        blocks = structure_blocks(cfg.arch, strategy.granularity)
+        if not checked:
+            strategy.check_blocks(blocks)
+        fingerprint = prepare_data(cfg).fingerprint()
+        plans.append(RunPlan(config=cfg, strategy=strategy, num_blocks=len(blocks),
+                             depth=strategy.depth(len(blocks)), run_id=run_id_of(cfg, fingerprint),
+                             fingerprint=fingerprint))
+    cuts = frozenset(p.num_blocks - 1 - p.depth for p in plans if p.depth is not None)
+    for plan in plans:
+        plan.cache_cuts = cuts
+    return plans
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -149,23 +219,98 @@ def _imbalance_fields(cfg: RunConfig, data: ImageSet, result) -> dict[str, Any]:
     return out
 
 
-def execute_run(cfg: RunConfig, checkpoint_path: str | None, heartbeat: Callable[[], None] | None = None,
+class RunRecord(TypedDict, total=False):
+    """A finished run as the store keeps it (``ResultsStore.runs()`` returns these; the names are the
+    stored ones, documented in the README's "Results store"). ``operating_point`` only for binary
+    tasks; ``artifacts`` is added by :func:`store_result`."""
+
+    run_id: str
+    status: str
+    dataset: str
+    data_fingerprint: str
+    arch: str
+    weights: str
+    strategy: str
+    strategy_params: dict[str, Any]
+    label: str
+    depth: int | None
+    seed: int
+    train_fraction: float
+    config: dict[str, Any]
+    fold: int | None
+    cv_folds: int | None
+    metrics: dict[str, float]
+    val_metrics: dict[str, float]
+    metric_ci: dict[str, Any]
+    class_weights: list[float] | None
+    per_class: dict[str, Any]
+    operating_point: dict[str, Any]
+    calibration: dict[str, Any]
+    trainable_params: int
+    total_params: int
+    train_seconds: float
+    images_per_s: float
+    num_blocks: int
+    num_train: int
+    num_classes: int
+    history: list[dict[str, Any]]
+    extras: dict[str, Any]
+    device: str
+    precision: str
+    predictions: dict[str, Any] | None
+    val_predictions: dict[str, Any] | None
+    versions: dict[str, str]
+    artifacts: dict[str, str]
+
+
+def build_record(plan: RunPlan, data: ImageSet, result, model: torch.nn.Module, num_blocks: int,
+                 device: torch.device) -> RunRecord:
+    """The :class:`RunRecord` of a trained run (without ``artifacts``)."""
+    cfg, strategy = plan.config, plan.strategy
+    return RunRecord(
+        run_id=plan.run_id, status="done", dataset=data.name, data_fingerprint=plan.fingerprint,
+        arch=cfg.arch, weights=cfg.weights if strategy.pretrained else "none",
+        strategy=strategy.name, strategy_params=strategy.params,
+        label=strategy.spec + (f" [{cfg.resize}]" if cfg.resize != "resize" else ""),
+        depth=plan.depth, seed=cfg.seed, train_fraction=cfg.train_fraction, config=cfg.to_dict(),
+        fold=cfg.fold if cfg.cv_folds >= 2 else None, cv_folds=cfg.cv_folds or None,
+        metrics=result.test_metrics, val_metrics=result.val_metrics,
+        # 95% intervals over the test images (DeLong for a binary AUC, else a percentile bootstrap)
+        metric_ci=metric_intervals(result.y_true, result.y_prob, task=data.task, seed=cfg.seed),
+        **_imbalance_fields(cfg, data, result),
+        # ECE, Brier and the reliability curve of the test predictions; temperature fitted on validation
+        calibration=calibration_summary(result.val_y_true, result.val_y_prob, result.y_true, result.y_prob,
+                                        task=data.task),
+        trainable_params=result.trainable_params, total_params=sum(p.numel() for p in model.parameters()),
+        train_seconds=result.train_seconds, images_per_s=result.images_per_s,
+        num_blocks=num_blocks, num_train=int((data.splits == "train").sum()), num_classes=data.num_classes,
+        history=result.history, extras=result.extras, device=str(device), precision=result.precision,
+        # exact (no rounding, which creates ties): every metric recomputes from the record to the last bit
+        predictions={"y_true": result.y_true.tolist(), "y_prob": result.y_prob.tolist(),
+                     "class_names": list(data.class_names)} if result.y_prob.size <= 200_000 else None,
+        # validation probabilities, exact, for the paired tests that select on validation
+        val_predictions={"y_true": result.val_y_true.tolist(), "y_prob": result.val_y_prob.tolist()}
+        if result.val_y_prob.size <= 200_000 else None,
+        versions=collect_versions(),
+    )
+
+
+def execute_run(plan: RunPlan, checkpoint_path: str | None, heartbeat: Callable[[], None] | None = None,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train one run without touching the results store: the worker side of every executor.
+    """Train one planned run without touching the results store: the worker side of every executor.
 
     Returns a payload (plain tensors and values, picklable for process pools and Ray) that
     :func:`store_result` writes to the store on the driver: the record without artifact paths,
-    the best backbone weights, and the test labels/probabilities. ``cfg`` arrives built (its
-    strategy already a typed spec): nothing is parsed again on the worker.
+    the best backbone weights, and the test labels/probabilities. ``plan`` arrives built (its
+    strategy, run id and fingerprint): nothing is parsed, built or hashed again on the worker.
     """
     log = log or (lambda _m: None)
+    cfg, run_id, fingerprint = plan.config, plan.run_id, plan.fingerprint
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     data = prepare_data(cfg)
-    fingerprint = data.fingerprint()
-    run_id = run_id_of(cfg, fingerprint)
     device = resolve_device(cfg.device)
-    strategy, model, blocks = build_run(cfg, data, device)
+    strategy, model, blocks = build_run(cfg, data, device, strategy=plan.strategy)
     log(f"{run_id} {cfg.arch} {strategy.spec} seed {cfg.seed} frac {cfg.train_fraction} on {device}")
 
     class _Heartbeat:
@@ -174,35 +319,8 @@ def execute_run(cfg: RunConfig, checkpoint_path: str | None, heartbeat: Callable
                 heartbeat()
 
     result = fit(model, data, strategy, cfg, blocks=blocks, checkpoint_path=checkpoint_path,
-                 callbacks=(_Heartbeat(),), log=log)
-    record = {
-        "run_id": run_id, "status": "done", "dataset": data.name, "data_fingerprint": fingerprint,
-        "arch": cfg.arch, "weights": cfg.weights if strategy.pretrained else "none",
-        "strategy": strategy.name, "strategy_params": strategy.params, "label": strategy.spec + (f" [{cfg.resize}]" if cfg.resize != "resize" else ""),
-        "depth": strategy.depth(len(blocks)),
-        "seed": cfg.seed, "train_fraction": cfg.train_fraction, "config": cfg.to_dict(),
-        "fold": cfg.fold if cfg.cv_folds >= 2 else None, "cv_folds": cfg.cv_folds or None,
-        "metrics": result.test_metrics, "val_metrics": result.val_metrics,
-        # 95% intervals over the test images (DeLong for a binary AUC, else a percentile bootstrap)
-        "metric_ci": metric_intervals(result.y_true, result.y_prob, task=data.task, seed=cfg.seed),
-        **_imbalance_fields(cfg, data, result),
-        # ECE, Brier and the reliability curve of the test predictions; temperature fitted on validation
-        "calibration": calibration_summary(result.val_y_true, result.val_y_prob, result.y_true, result.y_prob,
-                                           task=data.task),
-        "trainable_params": result.trainable_params, "total_params": sum(p.numel() for p in model.parameters()),
-        "train_seconds": result.train_seconds, "images_per_s": result.images_per_s,
-        "num_blocks": len(blocks), "num_train": int((data.splits == "train").sum()),
-        "num_classes": data.num_classes,
-        "history": result.history, "extras": result.extras, "device": str(device),
-        "precision": result.precision,
-        # exact (no rounding, which creates ties): every metric recomputes from the record to the last bit
-        "predictions": {"y_true": result.y_true.tolist(), "y_prob": result.y_prob.tolist(),
-                        "class_names": list(data.class_names)} if result.y_prob.size <= 200_000 else None,
-        # validation probabilities, exact, for the paired tests that select on validation
-        "val_predictions": {"y_true": result.val_y_true.tolist(), "y_prob": result.val_y_prob.tolist()}
-        if result.val_y_prob.size <= 200_000 else None,
-        "versions": collect_versions(),
-    }
+                 callbacks=(_Heartbeat(),), log=log, data_fingerprint=fingerprint, cache_cuts=plan.cache_cuts)
+    record = build_record(plan, data, result, model, len(blocks), device)
     m = result.test_metrics
     log(f"{run_id} done: test auc {m.get('auc', float('nan')):.4f} acc {m.get('accuracy', float('nan')):.4f} "
         f"({result.train_seconds:.1f}s, {result.trainable_params:,} trainable)")
@@ -228,9 +346,9 @@ def _log_to_stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _execute_in_worker(cfg: RunConfig, checkpoint: str) -> dict:
+def _execute_in_worker(plan: RunPlan, checkpoint: str) -> dict:
     """Module-level (picklable) worker entry for process pools and Ray."""
-    return execute_run(cfg, checkpoint, log=_log_to_stderr)
+    return execute_run(plan, checkpoint, log=_log_to_stderr)
 
 
 def failure_reason(exc: BaseException, limit: int = 500) -> str:
@@ -244,20 +362,69 @@ def failure_reason(exc: BaseException, limit: int = 500) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: Callable[[str], None],
-            progress: str | None = None) -> list[dict | None]:
-    """Claim → execute → store → release for a list of runs; the one path of ``run`` and ``sweep``.
+def _claim(plans: list[RunPlan], store: ResultsStore, log: Callable[[str], None],
+           ) -> tuple[list[dict | None], list[int]]:
+    """The stored record of each plan that is done, and the indices of the plans this process claimed."""
+    records: list[dict | None] = [None] * len(plans)
+    todo: list[int] = []
+    num_busy = 0
+    for i, plan in enumerate(plans):
+        cfg = plan.config
+        records[i] = store.get(plan.run_id)
+        if records[i] is not None:
+            log(f"{plan.run_id} {cfg.arch} {cfg.strategy} seed {cfg.seed}: already done")
+        elif store.claim(plan.run_id, cfg.to_dict()):
+            todo.append(i)
+        else:
+            num_busy += 1
+            log(f"{plan.run_id} is being trained by another live process; skipped here")
+    if len(plans) > 1:
+        log(f"{len(plans) - len(todo) - num_busy} runs already in the store, "
+            + (f"{num_busy} being trained by another process, " if num_busy else "") + f"{len(todo)} to train")
+    return records, todo
 
-    Runs already in the store are returned as stored; runs another live process has claimed are
-    skipped (None in the result); the rest are claimed, trained on ``executor`` and written by this
-    process (artifacts by temp file + rename, the record in one transaction). A run that fails
-    (an exception in its training, a diverging loss, a dead worker) is marked ``failed`` with its
-    one-line reason and the others go on; at the end :class:`RunsFailedError` names the failed
-    runs. On Ctrl-C or SIGTERM the runs not yet stored are released, so the next start resumes
-    them from their epoch checkpoints.
+
+def _settle(store: ResultsStore, plan: RunPlan, payload: Any, log: Callable[[str], None]) -> tuple[dict | None, str | None]:
+    """Store a finished run's payload, or mark the run failed with its one-line reason."""
+    if isinstance(payload, BaseException):  # this run failed; the others go on
+        reason = failure_reason(payload)
+        store.fail(plan.run_id, reason)
+        cfg = plan.config
+        log(f"{plan.run_id} {cfg.arch} {cfg.strategy} seed {cfg.seed} FAILED: {reason}")
+        return None, reason
+    record = store_result(store, payload)  # a StoreError (disk full) ends the sweep, resumable
+    if plan.config.tracker != "none":
+        from medtune.tracking import log_run
+
+        log_run(record, plan.config.tracker, store.root / plan.config.tracker)
+    return record, None
+
+
+def _worker_for(executor: Any, store: ResultsStore, log: Callable[[str], None]) -> Callable[[RunPlan, str], dict]:
+    """The function an executor calls per run: in this process the driver trains and refreshes each
+    claim's heartbeat itself; in pool or Ray workers the picklable module-level entry runs."""
+    from medtune.executors import LocalExecutor
+
+    if not (isinstance(executor, LocalExecutor) and executor.workers == 1):
+        return _execute_in_worker
+
+    def worker(plan: RunPlan, checkpoint: str) -> dict:
+        return execute_run(plan, checkpoint, heartbeat=lambda: store.heartbeat(plan.run_id), log=log)
+
+    return worker
+
+
+def run_all(plans: list[RunPlan], *, store: ResultsStore, executor: Any, log: Callable[[str], None],
+            progress: str | None = None) -> list[dict | None]:
+    """Claim → execute → store → release for a list of planned runs; the one path of ``run`` and ``sweep``.
+
+    Stored runs come back as stored, runs another live process claimed as None; the rest are
+    claimed, trained on ``executor`` and written by this process. A failing run is marked ``failed``
+    with its one-line reason and the others go on; on Ctrl-C or SIGTERM unstored runs are released,
+    so the next start resumes them from their epoch checkpoints.
 
     Args:
-        runs: the runs, in the order of the returned records.
+        plans: the runs (:func:`plan_runs`), in the order of the returned records.
         store: the results store (the only writer is this process).
         executor: a ``medtune.executors`` executor.
         log: receives one-line progress messages.
@@ -273,68 +440,35 @@ def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: C
 
     from medtune.executors import LocalExecutor
 
-    from medtune.models import check_input_size
-
-    for arch, img_size in sorted({(r.arch, r.img_size) for r in runs}):  # before any data is loaded
-        check_input_size(arch, img_size)
     if isinstance(executor, LocalExecutor):  # the runs train on this machine: check their devices before any claim
-        for device in sorted({r.device for r in runs}):
+        for device in sorted({p.config.device for p in plans}):
             resolve_device(device)
-    records: list[dict | None] = [None] * len(runs)
-    todo: list[tuple[int, str]] = []
-    num_busy = 0
-    for i, run_cfg in enumerate(runs):
-        run_id = run_id_of(run_cfg, prepare_data(run_cfg).fingerprint())
-        records[i] = store.get(run_id)
-        if records[i] is not None:
-            log(f"{run_id} {run_cfg.arch} {run_cfg.strategy} seed {run_cfg.seed}: already done")
-        elif store.claim(run_id, run_cfg.to_dict()):
-            todo.append((i, run_id))
-        else:
-            num_busy += 1
-            log(f"{run_id} is being trained by another live process; skipped here")
-    if len(runs) > 1:
-        log(f"{len(runs) - len(todo) - num_busy} runs already in the store, "
-            + (f"{num_busy} being trained by another process, " if num_busy else "") + f"{len(todo)} to train")
-    in_process = isinstance(executor, LocalExecutor) and executor.workers == 1
-    if in_process:  # the driver trains: it can keep each claim's heartbeat fresh itself
-        def worker(cfg: RunConfig, checkpoint: str) -> dict:
-            run_id = run_id_of(cfg, prepare_data(cfg).fingerprint())
-            return execute_run(cfg, checkpoint, heartbeat=lambda: store.heartbeat(run_id), log=log)
-    else:
-        worker = _execute_in_worker
-    items = [(runs[i], str(store.checkpoint_path(run_id))) for i, run_id in todo]
+    records, todo = _claim(plans, store, log)
+    worker = _worker_for(executor, store, log)
+    items = [(plans[i], str(store.checkpoint_path(plans[i].run_id))) for i in todo]
     bar = tqdm(total=len(todo), desc=progress, unit="run", file=sys.stderr,
                disable=progress is None or not sys.stderr.isatty())
     failures: list[tuple[str, str]] = []
     settled: set[int] = set()
     try:
         for j, payload in executor.map_unordered(worker, items, return_exceptions=True):
-            i, run_id = todo[j]
-            if not isinstance(payload, BaseException):
-                records[i] = store_result(store, payload)  # a StoreError (disk full) ends the sweep, resumable
-            if isinstance(payload, BaseException):  # this run failed; the others go on
-                reason = failure_reason(payload)
-                store.fail(run_id, reason)
-                failures.append((run_id, reason))
-                log(f"{run_id} {runs[i].arch} {runs[i].strategy} seed {runs[i].seed} FAILED: {reason}")
+            i = todo[j]
+            records[i], reason = _settle(store, plans[i], payload, log)
+            if reason is not None:
+                failures.append((plans[i].run_id, reason))
             settled.add(j)
-            if records[i] is not None and runs[i].tracker != "none":
-                from medtune.tracking import log_run
-
-                log_run(records[i], runs[i].tracker, store.root / runs[i].tracker)
             bar.update(1)
     except BaseException:
-        for j, (i, run_id) in enumerate(todo):
+        for j, i in enumerate(todo):
             if j not in settled:
-                store.release(run_id)
+                store.release(plans[i].run_id)
         raise
     finally:
         bar.close()
     if failures:
         done = sum(r is not None for r in records)
         raise RunsFailedError(
-            f"{len(failures)} of {len(runs)} run(s) failed and are marked 'failed' in {store.root} "
+            f"{len(failures)} of {len(plans)} run(s) failed and are marked 'failed' in {store.root} "
             f"({done} finished and stored); fix the cause and run the same command again: only the failed "
             "runs train again.", records=records, failures=failures)
     return records
@@ -363,8 +497,8 @@ def run(cfg: RunConfig | dict | str | Path, *, store: ResultsStore | None = None
     if store is not None:  # the store given is the run's store: its decode cache lives there too
         cfg = cfg.replace(store=str(store.root))
     store = store or ResultsStore(cfg.store)
-    [record] = run_all([cfg], store=store, executor=LocalExecutor(1), log=log or (lambda _m: None))
+    [plan] = plan_runs([(cfg, None)])
+    [record] = run_all([plan], store=store, executor=LocalExecutor(1), log=log or (lambda _m: None))
     if record is None:
-        run_id = run_id_of(cfg, prepare_data(cfg).fingerprint())
-        raise MedtuneError(f"Run {run_id} is being trained by another live process; start again once it finishes.")
+        raise MedtuneError(f"Run {plan.run_id} is being trained by another live process; start again once it finishes.")
     return record

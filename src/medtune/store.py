@@ -360,6 +360,18 @@ class ResultsStore:
         row = self._conn.execute("SELECT record FROM runs WHERE run_id=? AND status='done'", (run_id,)).fetchone()
         return self._decode("runs", run_id, row[0]) if row else None
 
+    def explanations(self) -> list[dict[str, Any]]:
+        """The ``explain.json`` summaries written under ``artifacts/*/explain/`` (each with its ``dir``)."""
+        out = []
+        for path in sorted(self.root.glob("artifacts/*/explain/explain.json")):
+            try:
+                summary = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            summary["dir"] = str(path.parent)
+            out.append(summary)
+        return out
+
     def runs(self, status: str | None = "done") -> list[dict[str, Any]]:
         """Finished run records (or, with ``status=None``, one status row per run); an unreadable record is
         skipped with a :class:`StoreWarning` naming it."""

@@ -5,46 +5,58 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 
 from medtune.config import RunConfig, SweepConfig, load_config
+from medtune.strategies import StrategySpec
 from medtune.store import ResultsStore
 
-__all__ = ["expand_sweep", "sweep", "results_table", "format_table", "load_sweep_config"]
-
-
-@lru_cache(maxsize=4)
-def _blocks_of(arch: str, granularity: str):
-    """The block partition of ``arch`` (random init; only its structure is used)."""
-    import torch
-
-    from medtune.models import get_blocks
-    from medtune.models._builder import probe_model
-
-    with torch.random.fork_rng(devices=[]):
-        model = probe_model(arch)  # the one structural copy the driver keeps (also probes the input size)
-    return get_blocks(model, granularity=granularity)
-
-
-def _frozen_blocks(runs: Sequence[RunConfig]) -> set[int]:
-    """How many leading blocks each depth strategy of ``runs`` freezes: the feature cache's hint, so the
-    pass of a sweep's longest frozen prefix also stores its shorter ones (a top-k sweep pays one pass)."""
-    out = set()
-    for run in runs:
-        strategy = run.strategy.create()
-        num_blocks = len(_blocks_of(run.arch, strategy.granularity))
-        depth = strategy.depth(num_blocks)
-        if depth is not None:
-            out.add(num_blocks - 1 - depth)
-    return out
+__all__ = ["expand_sweep", "plan_sweep", "sweep", "results_table", "format_table", "load_sweep_config"]
 
 
 def load_sweep_config(source: str | Path | dict | SweepConfig | None = None, **overrides: Any) -> SweepConfig:
     """A SweepConfig from a YAML path, a dict or a SweepConfig, with keyword overrides on top."""
     return load_config(SweepConfig, source, **overrides)
+
+
+def _grid(config: SweepConfig, log: Callable[[str], None] | None = None) -> list[tuple[RunConfig, Any]]:
+    """Every distinct cell of the grid with its strategy object: built once per cell (the first cell of
+    a spec keeps the object that checked the spec against the architecture)."""
+    from medtune.runner import structure_blocks
+
+    cells: list[tuple[RunConfig, Any]] = []
+    solved: set[tuple[str, str]] = set()
+    folds = range(config.base.cv_folds) if config.base.cv_folds >= 2 else [config.base.fold]
+    for arch in config.arch:
+        structure_blocks(arch, "block")  # an unknown architecture fails here, before any training
+        for template in config.strategy:
+            cls = template.strategy_class
+            num_units = len(structure_blocks(arch, cls.granularity)) if template.expand_all else 0
+            for first in template.expand_strategies(num_units):
+                spec = StrategySpec.from_strategy(first)
+                blocks = structure_blocks(arch, first.granularity)
+                first.check_blocks(blocks)  # a depth that does not fit fails before any training
+                lrs, wds = config.lr, config.weight_decay
+                if first.ignores_optimiser(blocks):
+                    if len(lrs) * len(wds) > 1:
+                        solved.add((str(spec), arch))
+                    lrs, wds = lrs[:1], wds[:1]  # a solved probe: every (lr, wd) cell would repeat the same run
+                for n, (policy, lr, wd, frac, fold, seed) in enumerate(itertools.product(
+                        config.resize, lrs, wds, config.train_fraction, folds, config.seeds)):
+                    cfg = config.base.replace(arch=arch, strategy=spec, seed=int(seed), train_fraction=float(frac),
+                                              lr=float(lr), weight_decay=float(wd), fold=fold, resize=policy)
+                    cells.append((cfg, first if n == 0 else None))
+    if solved and log is not None:
+        log(f"{', '.join(sorted({f'{s} on {a}' for s, a in solved}))}: solved by L-BFGS with C chosen on validation; "
+            f"lr and weight_decay unused, so one run per cell of the other axes (at lr {config.lr[0]:g}, "
+            f"weight_decay {config.weight_decay[0]:g})")
+    seen: set[str] = set()
+    unique = [c for c in cells if not (c[0].to_json() in seen or seen.add(c[0].to_json()))]
+    if len(unique) < len(cells) and log is not None:
+        log(f"removed {len(cells) - len(unique)} duplicate grid cell(s): the same run listed more than once")
+    return unique
 
 
 def expand_sweep(config: SweepConfig, log: Callable[[str], None] | None = None) -> list[RunConfig]:
@@ -55,36 +67,19 @@ def expand_sweep(config: SweepConfig, log: Callable[[str], None] | None = None) 
     Raises:
         ConfigError: a strategy or a depth that does not fit an architecture (checked before any training).
     """
-    runs: list[RunConfig] = []
-    solved: set[tuple[str, str]] = set()
-    for arch in config.arch:
-        _blocks_of(arch, "block")  # an unknown architecture fails here, before any training
-        for template in config.strategy:
-            num_units = len(_blocks_of(arch, template.strategy_class.granularity)) if template.expand_all else 0
-            for spec in template.expand(num_units):
-                checker = spec.create()
-                if checker.main_param is not None:
-                    # validate the depth against the architecture before any training time is spent
-                    checker.check_blocks(_blocks_of(arch, checker.granularity))
-                folds = range(config.base.cv_folds) if config.base.cv_folds >= 2 else [config.base.fold]
-                lrs, wds = config.lr, config.weight_decay
-                if checker.ignores_optimiser(_blocks_of(arch, checker.granularity)):
-                    if len(lrs) * len(wds) > 1:
-                        solved.add((str(spec), arch))
-                    lrs, wds = lrs[:1], wds[:1]  # a solved probe: every (lr, wd) cell would repeat the same run
-                for policy, lr, wd, frac, fold, seed in itertools.product(
-                        config.resize, lrs, wds, config.train_fraction, folds, config.seeds):
-                    runs.append(config.base.replace(arch=arch, strategy=spec, seed=int(seed), train_fraction=float(frac),
-                                                    lr=float(lr), weight_decay=float(wd), fold=fold, resize=policy))
-    if solved and log is not None:
-        log(f"{', '.join(sorted({f'{s} on {a}' for s, a in solved}))}: solved by L-BFGS with C chosen on validation; "
-            f"lr and weight_decay unused, so one run per cell of the other axes (at lr {config.lr[0]:g}, "
-            f"weight_decay {config.weight_decay[0]:g})")
-    seen: set[str] = set()
-    unique = [run for run in runs if not (run.to_json() in seen or seen.add(run.to_json()))]
-    if len(unique) < len(runs) and log is not None:
-        log(f"removed {len(runs) - len(unique)} duplicate grid cell(s): the same run listed more than once")
-    return unique
+    return [cfg for cfg, _ in _grid(config, log)]
+
+
+def plan_sweep(config: SweepConfig, log: Callable[[str], None] | None = None) -> list:
+    """The sweep's runs, each planned once (:class:`medtune.runner.RunPlan`: strategy object, block count,
+    depth, data fingerprint, run id, and the frozen depths the feature cache should prepare).
+
+    Raises:
+        ConfigError, DataError: a cell that does not fit its architecture, or unreadable data.
+    """
+    from medtune.runner import plan_runs
+
+    return plan_runs(_grid(config, log))
 
 
 def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: ResultsStore | str | Path | None = None,
@@ -92,10 +87,10 @@ def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: Resul
           gpus_per_run: float = 0, log: Callable[[str], None] | None = None, **overrides: Any) -> list[dict]:
     """Run every run of a sweep that the store does not hold yet; return all the sweep's records.
 
-    The driver (this process) claims each pending run in the store, sends it to the executor, and
-    writes each returned result to the store itself (:func:`medtune.runner.run_all`). Runs another
-    live process has claimed are skipped; runs whose owner died are reclaimed and resume from their
-    epoch checkpoint.
+    The driver (this process) plans every run once (:func:`plan_sweep`), claims each pending run in
+    the store, sends its plan to the executor, and writes each returned result to the store itself
+    (:func:`medtune.runner.run_all`). Runs another live process has claimed are skipped; runs whose
+    owner died are reclaimed and resume from their epoch checkpoint.
 
     Args:
         config: a SweepConfig, a dict of its keys, or a YAML path.
@@ -109,26 +104,20 @@ def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: Resul
     """
     from medtune.executors import create_executor
     from medtune.runner import run_all
-    from medtune.training.cache import expect_cuts
 
     if isinstance(store, (str, Path)):  # a folder, as from --store: it is a config key
         overrides["store"], store = str(store), None
     elif store is not None:  # a store object: the runs' decode caches live in it too
         overrides["store"] = str(store.root)
     cfg = load_sweep_config(config, **overrides)
-    runs = expand_sweep(cfg, log)
+    plans = plan_sweep(cfg, log)
     store = store or ResultsStore(cfg.base.store)
     log = log or (lambda _m: None)
     if isinstance(executor, str):
         executor = create_executor(executor, workers=workers, address=address, num_cpus=cpus_per_run,
                                    num_gpus=gpus_per_run)
-    log(f"sweep {cfg.name!r}: {len(runs)} runs into {store.root}")
-    expect_cuts(_frozen_blocks(runs))  # in-process runs share the cache; others ignore the hint
-    try:
-        records = run_all(runs, store=store, executor=executor, log=log,
-                          progress=cfg.name if cfg.base.progress else None)
-    finally:
-        expect_cuts(())
+    log(f"sweep {cfg.name!r}: {len(plans)} runs into {store.root}")
+    records = run_all(plans, store=store, executor=executor, log=log, progress=cfg.name if cfg.base.progress else None)
     return [r for r in records if r is not None]
 
 

@@ -8,27 +8,20 @@ import torch
 
 from medtune.models import get_blocks
 from medtune.strategies import create_strategy
-from medtune.training.cache import FEATURE_CACHE, build_chain, expect_cuts
+from medtune.training.cache import FEATURE_CACHE, build_chain
 from medtune.training.loop import fit
 from tests.conftest import make_tiny
 
 
-def _fit(spec, cfg, data, seed=0, model=None):
+def _fit(spec, cfg, data, seed=0, model=None, cache_cuts=()):
     lines = []
     model = model or make_tiny(data.num_classes, seed=seed)
     strategy = create_strategy(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         result = fit(model, data, strategy, cfg, blocks=get_blocks(model, granularity=strategy.granularity),
-                     log=lines.append)
+                     log=lines.append, cache_cuts=cache_cuts)
     return model, result, "\n".join(lines)
-
-
-@pytest.fixture(autouse=True)
-def _no_announced_cuts():
-    expect_cuts(())
-    yield
-    expect_cuts(())
 
 
 @pytest.mark.parametrize("spec", ["linear", "top_k:1", "top_k:2", "lp_ft:lp_epochs=2"])
@@ -74,8 +67,8 @@ def test_only_the_cut_in_use_is_stored_and_changes_invalidate(tiny_cfg, syntheti
 def test_a_sweep_that_announces_its_cuts_pays_one_pass(tiny_cfg, synthetic_data):
     FEATURE_CACHE.clear()
     num_blocks = len(get_blocks(make_tiny()))
-    expect_cuts(num_blocks - 1 - k for k in range(num_blocks))  # top_k:k freezes the first B - 1 - k blocks
-    _fit("top_k:0", tiny_cfg, synthetic_data)  # the longest prefix: its pass stores the shorter cuts too
+    cuts = [num_blocks - 1 - k for k in range(num_blocks)]  # top_k:k freezes the first B - 1 - k blocks
+    _fit("top_k:0", tiny_cfg, synthetic_data, cache_cuts=cuts)  # the longest prefix: its pass stores the shorter cuts too
     assert FEATURE_CACHE.misses == 3
     shapes = {tuple(FEATURE_CACHE.get(k).values.shape[1:]) for k in FEATURE_CACHE.keys()}
     assert shapes == {(32,), (24, 4, 4), (16, 8, 8), (8, 16, 16)}  # the pooled vector and the three stage cuts
@@ -201,8 +194,8 @@ def test_feature_seconds_do_not_depend_on_run_order(tiny_cfg, synthetic_data):
         epochs = sum(h["seconds"] for h in result.history)
         assert result.train_seconds == pytest.approx(epochs + result.extras["feature_seconds"])
     FEATURE_CACHE.clear()
-    expect_cuts([2, 3])  # announced: the first pass stores top_k:2's cut (the first 2 blocks) too
-    _, first, _ = _fit("top_k:1", tiny_cfg, synthetic_data)
+    # announced: the first pass stores top_k:2's cut (the first 2 blocks) too
+    _, first, _ = _fit("top_k:1", tiny_cfg, synthetic_data, cache_cuts=[2, 3])
     misses = FEATURE_CACHE.misses
     _, shorter, _ = _fit("top_k:2", tiny_cfg, synthetic_data)  # a cut filled by the first run's pass
     assert FEATURE_CACHE.misses == misses
@@ -213,18 +206,18 @@ def test_feature_seconds_do_not_depend_on_run_order(tiny_cfg, synthetic_data):
 
 
 def test_a_sweep_announces_its_depths_so_one_pass_fills_every_cut(tmp_path):
-    from medtune.sweeps import _frozen_blocks, expand_sweep, load_sweep_config, sweep
+    from medtune.sweeps import load_sweep_config, plan_sweep, sweep
 
     FEATURE_CACHE.clear()
     config = {"data": "synthetic", "arch": "medtune_tiny_cnn", "weights": "none", "img_size": 16, "epochs": 1,
               "batch_size": 16, "device": "cpu", "progress": False, "eval_batch_size": 64,
               "strategy": ["top_k:0", "top_k:1", "top_k:2", "full"], "seeds": [0]}
-    assert _frozen_blocks(expand_sweep(load_sweep_config(config))) == {4, 3, 2, 0}  # 5 blocks: top_k:k freezes 4 - k
+    plans = plan_sweep(load_sweep_config({**config, "store": str(tmp_path / "store")}))
+    assert {p.cache_cuts for p in plans} == {frozenset({4, 3, 2, 0})}  # 5 blocks: top_k:k freezes 4 - k
     config["strategy"] = config["strategy"][:3]
     records = sweep(config, store=tmp_path / "store")
     assert [r["status"] for r in records] == ["done"] * 3
     assert FEATURE_CACHE.misses == 3 and FEATURE_CACHE.hits == 6  # top_k:0's pass (per split) served the others
-    assert FEATURE_CACHE.expected_blocks == set(), "the hint ends with the sweep"
 
 
 def test_default_budgets_count_what_the_cache_holds_as_available(monkeypatch, tmp_path):

@@ -1,48 +1,10 @@
 """Block and layer partitions of a timm backbone: what "fine-tune the top k blocks" refers to.
 
-A *block partition* is the ordered list ``stem, stage_1, ..., stage_S, head`` (README,
-"Methods"); a *layer partition* is the fine version with one entry per conv / residual unit.
-Every parameter belongs to exactly one block and exactly one layer.
-
-How the partition is built, on top of timm's parameter grouping (``group_matcher`` and
-``group_with_matcher``, the machinery behind timm's layer-wise LR decay):
-
-1. **head** = the parameters of ``model.get_classifier()``, found by identity, and of a
-   ``pre_logits`` module before it (VGG's pretrained fc6/fc7, 119M of VGG-16's 138M
-   parameters: the classifier MLP that Kandel & Castelli and Davila et al. count as the
-   classifier, so ``linear`` trains fc6–fc8 and ``top_k:1`` conv block 5 and fc6–fc8). timm
-   groups the classifier with the final norm on some models (ConvNeXt, DenseNet); medtune
-   keeps the final norm out of the head.
-2. **stem, stages** = timm's coarse groups (``group_matcher(coarse=True)``): ResNet
-   ``layer1..4``, ConvNeXt ``stages.0..3``, RegNet ``s1..s4``, EfficientNet / MobileNet
-   ``blocks.0..6`` (7 stages: timm's, i.e. the paper's MBConv stages, not the 5 stride levels).
-   The stem is timm's ``stem`` group (the first group for matchers given as functions). timm
-   merges each DenseNet transition into the dense block before it; medtune splits them again,
-   so DenseNet-121 has 9 blocks as in Davila et al. (stem, denseblock1, transition1, …,
-   denseblock4 with norm5, head).
-3. Where timm's coarse groups are no coarser than its fine ones (VGG, Inception-v3: one group
-   per conv or per Inception module), stages are cut at the model's own downsampling points:
-   consecutive groups are merged up to each ``feature_info`` tap (the last module at each
-   resolution). For VGG this gives the conv blocks between max-pools of Kandel & Castelli
-   (2020), ``stage_1..stage_5`` with no separate stem; for Inception-v3 ``stem``
-   (Conv2d_1a-2b), ``stage_1`` (Conv2d_3b-4a), ``stage_2..4`` (Mixed_5*, Mixed_6*, Mixed_7*).
-4. Parameters timm leaves unmatched (they would land in timm's head group) other than the
-   classifier and ``pre_logits`` (final norms, MobileNetV3's ``conv_head``) join the block of
-   the parameter just before them, i.e. the last stage, as timm itself does for EfficientNet's
-   ``conv_head``/``bn2``.
-5. A group of normalisation parameters only (VGG-BN's BatchNorms are separate groups in timm)
-   joins the group before it.
-
-Layers use the same rules on timm's fine groups (``group_matcher(coarse=False)``), split
-where they would cross a block boundary; a ``pre_logits`` module gives one layer per
-conv/linear (VGG: fc6, fc7, as Tajbakhsh et al. tune them one by one), and the layer
-partition's head is the classifier alone (so the layers fc6, fc7 and head nest in the head
-block).
-
-``reduction`` is the output stride of a block's features, from timm's ``feature_info``: the
-reduction of the first tap at or after the block's last module (VGG taps sit before each
-max-pool, so VGG's blocks read 1, 2, 4, 8, 16); a ``pre_logits`` layer gets the last tap's;
-the head None.
+A *block partition* is the ordered list ``stem, stage_1, ..., stage_S, head``; a *layer partition* is
+the fine version with one entry per conv / residual unit. Every parameter belongs to exactly one block
+and one layer. The partition is built on timm's parameter grouping (``group_matcher``), with the rules
+the README states under "Block partition" (head by identity, DenseNet transitions, VGG cut at its
+max-pools, unmatched parameters joining the last stage).
 """
 
 from __future__ import annotations

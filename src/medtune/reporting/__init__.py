@@ -13,7 +13,7 @@ The statistics are :func:`summarize`, :func:`friedman`, :func:`pairwise_wilcoxon
 
 from __future__ import annotations
 
-from medtune.reporting.report import build_report
+from medtune.reporting.report import build_report, report_store
 from medtune.reporting.stats import friedman, pairwise_wilcoxon, recommend, summarize
 
-__all__ = ["build_report", "friedman", "pairwise_wilcoxon", "recommend", "summarize"]
+__all__ = ["build_report", "report_store", "friedman", "pairwise_wilcoxon", "recommend", "summarize"]

@@ -373,7 +373,7 @@ def _search(s: Record, idx: int) -> SearchData:
 
 
 def _reproducibility(runs: list[Record], attacks: list[Record], searches: list[Record]) -> ReproducibilityData:
-    import medtune
+    from medtune._version import __version__
 
     versions: dict[str, int] = {}
     for r in runs:
@@ -382,7 +382,7 @@ def _reproducibility(runs: list[Record], attacks: list[Record], searches: list[R
         versions[key] = versions.get(key, 0) + 1
     records = {"runs": runs, "attacks": attacks, "searches": searches}
     return ReproducibilityData(
-        generated=_dt.datetime.now(_dt.timezone.utc), medtune_version=str(getattr(medtune, "__version__", "?")),
+        generated=_dt.datetime.now(_dt.timezone.utc), medtune_version=__version__,
         input_fingerprint=fingerprint(records), num_configs=len({fingerprint(r.get("config")) for r in runs}),
         versions=versions,
         data_fingerprints=sorted({(str(r.get("dataset")), str(r.get("data_fingerprint"))) for r in runs}))

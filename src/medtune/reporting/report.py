@@ -99,6 +99,17 @@ def build_report(
     return out_path
 
 
+def report_store(store: str | Path = "./medtune-results", *, out_path: str | Path | None = None, fmt: str = "html",
+                 metric: str = "auc", title: str = "medtune report") -> Path:
+    """Write the report of a results store (default ``STORE/report.html``) and return its path."""
+    from medtune.store import ResultsStore
+
+    db = ResultsStore(store, create=False)
+    out = out_path or Path(store) / f"report.{fmt}"
+    return build_report(db.runs(), db.attacks(), db.searches(), explanations=db.explanations(), title=title,
+                        out_path=out, fmt=fmt, metric=metric)
+
+
 # --------------------------------------------------------------------------- headline
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -376,29 +376,15 @@ def pairwise_wilcoxon(
     return out[columns]
 
 
-def recommend(
-    runs: Sequence[Record],
-    attacks: Sequence[Record] | None = None,
-    metric: str = "auc",
-    alpha: float = 0.05,
-    main_zeta: float = 0.04,
-    *,
-    tolerance: float = 0.01,
-) -> dict[str, Any]:
+def recommend(runs: Sequence[Record], attacks: Sequence[Record] | None = None, metric: str = "auc",
+              alpha: float = 0.05, main_zeta: float = 0.04, *, tolerance: float = 0.01) -> Recommendation:
     """The cheapest configuration that is not significantly worse than the best — chosen on the
     validation metric (``run["val_metrics"]``); its test metric is then reported.
 
-    Configurations are run labels (``top_k:2``, ``full``, ...), compared over
-    (dataset, arch, seed, fold) blocks at each dataset's largest train fraction. "Not worse" is
-    decided by :func:`pairwise_wilcoxon` (Holm-corrected, at ``alpha``) when the test can
-    reject at all: that needs 2+ seeds and enough paired blocks that ``holm`` of the smallest
-    attainable p-value (:func:`min_wilcoxon_pvalue`) is below ``alpha``. With fewer (2–3 seeds,
-    even one), when every run stored its validation probabilities on the same validation images,
-    by :func:`paired_validation_tests` (paired bootstrap over those images, Holm). Otherwise the
-    rule falls back to "mean within one sd of the best's mean" (sd over the best's runs) or,
-    when that sd cannot be estimated (a single run), within ``tolerance``; the text says so.
-    Among the configurations that pass, the cheapest has the fewest trainable parameters,
-    ties broken by training time.
+    Configurations are run labels (``top_k:2``, ``full``, ...), compared over (dataset, arch, seed,
+    fold) blocks at each dataset's largest train fraction, "not worse" by the strongest rule the data
+    allows (:func:`_not_worse_than_best`); among those that pass, the cheapest has the fewest
+    trainable parameters, ties broken by training time.
 
     Args:
         runs: run records; unfinished runs are ignored.
@@ -410,17 +396,8 @@ def recommend(
         tolerance: fallback margin on the metric's scale when no sd is available.
 
     Returns:
-        dict with ``label`` (None when there is nothing to recommend), ``best_label`` (best on
-        validation), ``metric``, ``selected_on`` (``"val"``), ``mean``/``sd``/``n`` of the
-        recommendation's test metric, ``best_mean``/``best_sd`` (test, of the best), ``val_mean``/
-        ``val_sd``/``best_val_mean``/``best_val_sd`` (what selected), ``method``
-        (``"wilcoxon_holm"``, ``"paired_bootstrap_holm"`` (then ``paired``: its per-label tests),
-        ``"within_sd"``, ``"within_tolerance"``, ``"single"`` when only one
-        configuration has results, or ``"none"`` when there are no runs), ``p_holm``
-        (of the recommendation vs the best, when tested), ``not_worse`` (labels that pass),
-        ``trainable_params``, ``train_seconds``, ``params_ratio``/``time_ratio`` (full ÷
-        recommended; None without ``full`` runs), ``fooling_rate`` ({source: {rate, ci_low,
-        ci_high, random_rate}} at ``main_zeta``, or None), ``notes`` and a human ``text``.
+        A :class:`Recommendation` (``label`` None when there is nothing to recommend; ``method`` one of
+        ``wilcoxon_holm``, ``paired_bootstrap_holm``, ``within_sd``, ``within_tolerance``, ``single``, ``none``).
 
     Raises:
         ConfigError: unknown metric, or ``alpha`` outside (0, 1).
@@ -429,13 +406,7 @@ def recommend(
     done = done_runs(runs)
     check_metric(done, metric, "recommend")
     done, _ = select_hyperparameters(done, metric)  # no-op when nothing was tuned
-    out: dict[str, Any] = {
-        "label": None, "best_label": None, "metric": metric, "selected_on": "val", "mean": None, "sd": None,
-        "n": 0, "best_mean": None, "best_sd": None, "val_mean": None, "val_sd": None, "best_val_mean": None,
-        "best_val_sd": None, "method": "none", "p_holm": None, "not_worse": [],
-        "trainable_params": None, "train_seconds": None, "params_ratio": None, "time_ratio": None,
-        "fooling_rate": None, "notes": [], "text": "",
-    }
+    out = empty_recommendation(metric)
     main, note = main_fraction_runs(done)
     if note:
         out["notes"].append(note)
@@ -445,52 +416,120 @@ def recommend(
         out["text"] = (f"No finished runs with a validation {metric!r}: nothing to recommend "
                        "(selection never uses the test split).")
         return out
-    better = higher_is_better(metric)
     per_label = frame.groupby("label").agg(
         mean=(metric, "mean"), sd=(metric, "std"), n=(metric, "size"),
         params=("trainable_params", "mean"), seconds=("train_seconds", "mean"))
-    per_label = per_label.sort_values("mean", ascending=not better)
+    per_label = per_label.sort_values("mean", ascending=not higher_is_better(metric))  # the best first
     best = str(per_label.index[0])
-    # replicates: seeds × cross-validation folds
-    num_seeds = len(frame[["seed", "fold"]].astype(str).drop_duplicates())
     tests = pairwise_wilcoxon(main, metric, alpha=alpha, split="val")
+    passing = _not_worse_than_best(out, main, frame, per_label, tests, metric, alpha, tolerance)
+    label = _cheapest(per_label.loc[passing], higher_is_better(metric))
+    _describe_choice(out, main, per_label, tests, label, best, metric, passing)
+    out["fooling_rate"] = fooling_at(attacks or (), main, label, main_zeta)
+    if attacks and out["fooling_rate"] is None:
+        out["notes"].append(f"No non-targeted UAP audit of {label} at zeta={main_zeta:g}.")
+    out["text"] = _recommend_text(out, main_zeta, alpha)
+    return out
+
+
+class _RecommendationFields(TypedDict):
+
+    label: str | None
+    best_label: str | None
+    metric: str
+    selected_on: str
+    mean: float | None
+    sd: float | None
+    n: int
+    best_mean: float | None
+    best_sd: float | None
+    val_mean: float | None
+    val_sd: float | None
+    best_val_mean: float | None
+    best_val_sd: float | None
+    method: str
+    p_holm: float | None
+    not_worse: list[str]
+    trainable_params: float | None
+    train_seconds: float | None
+    params_ratio: float | None
+    time_ratio: float | None
+    fooling_rate: dict[str, dict[str, float]] | None
+    notes: list[str]
+    text: str
+
+
+class Recommendation(_RecommendationFields, total=False):
+    """What :func:`recommend` returns (the keys are those the report and the store's readers use);
+    ``paired`` only under the paired-bootstrap rule."""
+
+    paired: dict[str, dict[str, Any]]
+
+
+def _cheapest(candidates: pd.DataFrame, higher_better: bool) -> str:
+    """The label with the fewest trainable parameters, ties broken by training time, then the metric."""
+    cands = candidates.copy()
+    cands["params_key"] = cands["params"].fillna(math.inf)
+    cands["seconds_key"] = cands["seconds"].fillna(math.inf)
+    return str(cands.sort_values(["params_key", "seconds_key", "mean"], ascending=[True, True, not higher_better]).index[0])
+
+
+def empty_recommendation(metric: str) -> Recommendation:
+    """A :class:`Recommendation` with nothing recommended yet (method ``none``)."""
+    return Recommendation(
+        label=None, best_label=None, metric=metric, selected_on="val", mean=None, sd=None, n=0, best_mean=None,
+        best_sd=None, val_mean=None, val_sd=None, best_val_mean=None, best_val_sd=None, method="none", p_holm=None,
+        not_worse=[], trainable_params=None, train_seconds=None, params_ratio=None, time_ratio=None,
+        fooling_rate=None, notes=[], text="")
+
+
+def _not_worse_than_best(out: Recommendation, main: list[Record], frame: pd.DataFrame, per_label: pd.DataFrame,
+                         tests: pd.DataFrame, metric: str, alpha: float, tolerance: float) -> list[str]:
+    """The labels not worse than the best on validation (the rule goes to ``out["method"]``, its caveats to
+    ``out["notes"]``): :func:`pairwise_wilcoxon` (Holm-corrected, at ``alpha``) when the test can reject
+    at all (2+ seeds, and ``holm`` of the smallest attainable p-value, :func:`min_wilcoxon_pvalue`, below
+    ``alpha``); else, when every run stored its validation probabilities on the same images,
+    :func:`paired_validation_tests` (paired bootstrap over those images, Holm); else "mean within one
+    sd of the best's mean" (sd over the best's runs) or, without an sd (a single run), within ``tolerance``."""
+    best = str(per_label.index[0])
+    num_seeds = len(frame[["seed", "fold"]].astype(str).drop_duplicates())  # replicates: seeds × folds
     compared = tests[tests["label"] != best]
     max_pairs = int(compared["n"].max()) if len(compared) else 0
     testable = (num_seeds >= 2 and len(compared) > 0
                 and min_wilcoxon_pvalue(max_pairs) * len(compared) < alpha)
     if len(per_label) == 1:
         out["method"] = "single"
-        passing = [best]
-    elif testable:
+        return [best]
+    if testable:
         out["method"] = "wilcoxon_holm"
-        passing = [str(r.label) for r in tests.itertuples() if r.not_worse_than_best]
-    elif (paired := paired_validation_tests(main, [str(x) for x in per_label.index], best, metric,
-                                            alpha=alpha)) is not None:
+        return [str(r.label) for r in tests.itertuples() if r.not_worse_than_best]
+    paired = paired_validation_tests(main, [str(x) for x in per_label.index], best, metric, alpha=alpha)
+    if paired is not None:
         # too few seeds for Wilcoxon: the configurations share their validation images, so a paired
         # bootstrap over those images can still separate them
         out["method"], out["paired"] = "paired_bootstrap_holm", paired
-        passing = [best] + [lab for lab, t in paired.items() if t["not_worse_than_best"]]
+        return [best] + [lab for lab, t in paired.items() if t["not_worse_than_best"]]
+    if num_seeds < 2:
+        out["notes"].append("Only one seed per configuration, and no shared validation predictions for a "
+                            "paired test: significance can't be tested.")
     else:
-        if num_seeds < 2:
-            out["notes"].append("Only one seed per configuration, and no shared validation predictions for a "
-                                "paired test: significance can't be tested.")
-        else:
-            out["notes"].append(
-                f"At most {max_pairs} paired block(s) per comparison: the Wilcoxon test cannot reach "
-                f"p < {alpha:g} after Holm's correction over {len(compared)} comparisons with so few.")
-        best_sd = per_label.loc[best, "sd"]
-        if per_label.loc[best, "n"] >= 2 and not math.isnan(best_sd):
-            margin, out["method"] = float(best_sd), "within_sd"
-        else:
-            margin, out["method"] = float(tolerance), "within_tolerance"
-        gap = per_label.loc[best, "mean"] - per_label["mean"]
-        gap = gap if better else -gap
-        passing = [str(lab) for lab, g in gap.items() if g <= margin + 1e-12]
-    cands = per_label.loc[passing].copy()
-    cands["params_key"] = cands["params"].fillna(math.inf)
-    cands["seconds_key"] = cands["seconds"].fillna(math.inf)
-    label = str(cands.sort_values(["params_key", "seconds_key", "mean"],
-                                  ascending=[True, True, not better]).index[0])
+        out["notes"].append(
+            f"At most {max_pairs} paired block(s) per comparison: the Wilcoxon test cannot reach "
+            f"p < {alpha:g} after Holm's correction over {len(compared)} comparisons with so few.")
+    best_sd = per_label.loc[best, "sd"]
+    if per_label.loc[best, "n"] >= 2 and not math.isnan(best_sd):
+        margin, out["method"] = float(best_sd), "within_sd"
+    else:
+        margin, out["method"] = float(tolerance), "within_tolerance"
+    gap = per_label.loc[best, "mean"] - per_label["mean"]
+    gap = gap if higher_is_better(metric) else -gap
+    return [str(lab) for lab, g in gap.items() if g <= margin + 1e-12]
+
+
+def _describe_choice(out: Recommendation, main: list[Record], per_label: pd.DataFrame, tests: pd.DataFrame,
+                     label: str, best: str, metric: str, passing: list[str]) -> None:
+    """Fill ``out`` with the chosen and the best label's validation (selection) and test (reported)
+    figures, the p-value of the choice against the best and its cost relative to ``full``."""
     row = per_label.loc[label]
     reported = runs_frame(main, [metric]).dropna(subset=[metric]).groupby("label")[metric].agg(["mean", "std", "size"])
 
@@ -521,11 +560,6 @@ def recommend(
             out["time_ratio"] = float(full["seconds"] / row["seconds"])
     else:
         out["notes"].append("No 'full' runs: cost saving versus full fine-tuning is not available.")
-    out["fooling_rate"] = fooling_at(attacks or (), main, label, main_zeta)
-    if attacks and out["fooling_rate"] is None:
-        out["notes"].append(f"No non-targeted UAP audit of {label} at zeta={main_zeta:g}.")
-    out["text"] = _recommend_text(out, main_zeta, alpha)
-    return out
 
 
 #: Metrics :func:`medtune.training.intervals.resampled_metric` can resample (single-label tasks).

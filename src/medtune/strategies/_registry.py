@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Any
-
 from medtune.errors import ConfigError, unknown_name_error
 
-__all__ = ["register_strategy", "create_strategy", "list_strategies", "get_strategy_class"]
+__all__ = ["register_strategy", "list_strategies", "get_strategy_class"]
 
 _STRATEGIES: dict[str, type] = {}
 
@@ -40,16 +38,3 @@ def get_strategy_class(name: str) -> type:
         return _STRATEGIES[name]
     except KeyError:
         raise unknown_name_error("strategy", name, _STRATEGIES) from None
-
-
-def create_strategy(spec, **params: Any):
-    """Build a strategy from a spec (``"top_k:2"`` or a :class:`~medtune.strategies.spec.StrategySpec`),
-    with keyword parameters on top.
-
-    Raises:
-        ConfigError: unknown strategy or invalid parameters.
-    """
-    from medtune.strategies.spec import StrategySpec
-
-    spec = StrategySpec.parse(spec)
-    return spec.create() if not params else get_strategy_class(spec.name)(**{**spec.param_dict, **params})

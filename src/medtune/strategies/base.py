@@ -13,7 +13,6 @@ epoch and no early stop before every block has trained) and :meth:`Strategy.free
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 from medtune._checks import check_scalar
 from medtune.errors import ConfigError
 from medtune.strategies.spec import format_strategy_spec
+from medtune.training.hooks import EpochContext, Phase, SolveContext
 
 __all__ = ["Strategy", "Phase", "EpochContext", "SolveContext", "freeze_all", "set_blocks_trainable"]
 
@@ -37,86 +37,6 @@ def set_blocks_trainable(blocks, indices, trainable: bool = True) -> None:
     for idx in indices:
         for p in blocks.parameters(idx):
             p.requires_grad_(trainable)
-
-
-@dataclass
-class EpochContext:
-    """What :meth:`Strategy.on_epoch_start` may look at and change.
-
-    Attributes:
-        model: the wrapped model being trained (input in [0, 1]).
-        blocks: the backbone's block partition.
-        optimizer: the current optimiser; a strategy may add groups or replace it.
-        lr: base learning rate of the phase.
-        weight_decay: base weight decay.
-        batches: a callable ``batches(num_batches) -> iterator of (x, y)`` over training data
-            (x float in [0, 1] on the device), for strategies that probe gradients.
-        loss_fn: ``loss_fn(logits, y) -> Tensor``.
-        build_optimizer: ``build_optimizer(param_groups) -> Optimizer`` with the run's settings.
-        record: dict the strategy may write findings into (stored with the run under ``extras``).
-        num_epochs: the phase's epoch budget.
-    """
-
-    model: nn.Module
-    blocks: Any
-    optimizer: torch.optim.Optimizer
-    lr: float
-    weight_decay: float
-    batches: Any
-    loss_fn: Any
-    build_optimizer: Any
-    record: dict = field(default_factory=dict)
-    num_epochs: int = 1
-
-
-@dataclass
-class SolveContext:
-    """What :meth:`Strategy.solve` may use.
-
-    Attributes:
-        net: the network the phase trains (the suffix after a cached frozen prefix, or the model).
-        blocks: the backbone's block partition.
-        task: ``binary``, ``multiclass`` or ``multilabel``.
-        num_classes: outputs of the head.
-        monitor: the validation metric that selects (``auc``, ``loss``, ...).
-        classifier_inputs: ``classifier_inputs(split) -> (X, y)``: the inputs of the backbone's
-            classifier (``get_classifier()``) on ``train`` or ``val``, X float (N, D) on the CPU,
-            y the labels (N,) or (N, K) for multi-label; computed in eval mode.
-        record: dict the strategy may write findings into (stored under ``extras``).
-        class_weight: the run's loss weights (``class_weight: balanced``), None for an unweighted loss.
-    """
-
-    net: nn.Module
-    blocks: Any
-    task: str
-    num_classes: int
-    monitor: str
-    classifier_inputs: Any
-    record: dict = field(default_factory=dict)
-    class_weight: list[float] | None = None
-
-
-@dataclass(frozen=True)
-class Phase:
-    """One phase of a run: the strategy that drives it, its LR scale, epoch budget and optimiser.
-
-    Every phase starts from the previous phase's best weights. ``None`` fields take the run's
-    settings: ``epochs`` the RunConfig field named by ``budget_field`` (``epochs``, or e.g.
-    ``scratch_epochs``; 0 there means ``budget_scale`` × ``epochs``), ``patience`` and ``monitor`` the run's
-    early stopping, ``optimizer`` the run's optimiser (``adamw`` or ``sgd``, SGD with the run's
-    momentum) and ``weight_decay`` the run's decay.
-    """
-
-    strategy: Strategy
-    name: str
-    lr_scale: float = 1.0
-    epochs: int | None = None
-    budget_field: str = "epochs"
-    budget_scale: int = 1
-    patience: int | None = None
-    monitor: str | None = None
-    optimizer: str | None = None
-    weight_decay: float | None = None
 
 
 def _coerce(value: Any, default: Any) -> Any:

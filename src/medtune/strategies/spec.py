@@ -8,16 +8,48 @@ sweep expansion, workers, the training loop — holds a :class:`StrategySpec`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from medtune.errors import ConfigError
 from medtune.strategies._registry import get_strategy_class
 
-__all__ = ["StrategySpec", "parse_strategy_spec", "format_strategy_spec"]
+__all__ = ["StrategySpec", "create_strategy", "parse_strategy_spec", "format_strategy_spec", "split_strategy_list"]
 
 #: The main-parameter value a sweep expands to every depth of an architecture (``top_k:all``).
 EXPAND_ALL = "all"
+
+
+_PARAM_PIECE = re.compile(r"^\s*[A-Za-z_]\w*\s*=")
+
+
+def split_strategy_list(text: str) -> list[str]:
+    """Split a comma-separated list of strategy specs into its entries: the one grammar of ``run``,
+    ``sweep``, YAML and the API.
+
+    A piece of the form ``key=value`` always belongs to the entry before it, so a spec's own
+    comma-separated parameters are never split into entries::
+
+        "linear,l2_sp:alpha=0.1,beta=0.5,top_k:all"  ->  ["linear", "l2_sp:alpha=0.1,beta=0.5", "top_k:all"]
+
+    (``;`` between a spec's parameters, ``l2_sp:alpha=0.1;beta=0.5``, is accepted too.)
+
+    Raises:
+        ConfigError: the list starts with a ``key=value`` piece that has no strategy to belong to.
+    """
+    entries: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if _PARAM_PIECE.match(piece) and ":" not in piece.partition("=")[0]:
+            if not entries:
+                raise ConfigError(f"The strategy list {text!r} starts with the parameter {piece!r}; write "
+                                  "'name:key=value' (e.g. 'l2_sp:alpha=0.1,beta=0.5').")
+            entries[-1] = f"{entries[-1]}{',' if ':' in entries[-1] else ':'}{piece}"
+        else:
+            entries.append(piece)
+    return entries
 
 
 def parse_strategy_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -93,6 +125,8 @@ class StrategySpec:
         """
         if isinstance(spec, StrategySpec):
             return spec
+        if isinstance(spec, str) and len(split_strategy_list(spec)) > 1:
+            raise ConfigError(f"{spec!r} is a list of strategies; a run takes one (a sweep takes a list).")
         name, raw = parse_strategy_spec(spec)
         strategy_cls = get_strategy_class(name)
         main = raw.pop("_main", None)
@@ -133,8 +167,22 @@ class StrategySpec:
 
     def expand(self, num_units: int) -> list[StrategySpec]:
         """The specs a ``name:all`` template stands for on a backbone with ``num_units`` blocks or layers."""
+        return [self] if not self.expand_all else [StrategySpec.from_strategy(s) for s in self.expand_strategies(num_units)]
+
+    def expand_strategies(self, num_units: int) -> list:
+        """One new strategy object per spec that :meth:`expand` gives (``[self.create()]`` for a plain spec)."""
         if not self.expand_all:
-            return [self]
+            return [self.create()]
         cls = self.strategy_class
-        return [StrategySpec.from_strategy(cls(**{**self.param_dict, cls.main_param: value}))
-                for value in cls.expand(EXPAND_ALL, num_units)]
+        return [cls(**{**self.param_dict, cls.main_param: value}) for value in cls.expand(EXPAND_ALL, num_units)]
+
+
+def create_strategy(spec, **params: Any):
+    """Build a strategy from a spec (``"top_k:2"`` or a :class:`~medtune.strategies.spec.StrategySpec`),
+    with keyword parameters on top.
+
+    Raises:
+        ConfigError: unknown strategy or invalid parameters.
+    """
+    spec = StrategySpec.parse(spec)
+    return spec.create() if not params else get_strategy_class(spec.name)(**{**spec.param_dict, **params})

@@ -1,44 +1,12 @@
-"""Frozen-prefix feature cache.
+"""Frozen-prefix feature cache: when a phase's frozen prefix is fixed and its inputs deterministic,
+compute the prefix's features once and train the rest of the network on them.
 
-When a phase's frozen prefix is fixed and its inputs are deterministic (no random augmentation,
-frozen BatchNorm in eval mode, no active dropout), the prefix computes the same features every
-epoch and in every run that shares its weights: compute them once, train the rest of the network
-on them.
-
-The model is cut into a *chain*: the normalisation, then the backbone's top-level children with
-plain ``nn.Sequential`` containers and timm's ``ClassifierHead`` expanded (timm CNNs run their
-children in order; the head runs pool, dropout, fc, flatten). The chain is accepted only if
-running it reproduces ``model(x)`` on a probe batch, so a model whose forward does more than chain
-its children is never cached wrongly. No library offers this cut, hence the hand-written chain.
-Parameter-free modules after the last frozen block (global pooling) belong to the prefix, so a
-linear probe caches one pooled vector an image, not the last feature map.
-
-Cached features are shared through a process-wide store keyed by a fingerprint of the prefix's
-weights and buffers, the data, the cut position and the storage precision. A pass stores the cut
-its run needs and, where :func:`expect_cuts` announced the frozen depths of the process's other
-runs (a top-k sweep), the shorter ones among those, so a sweep pays one forward pass for all its
-depths; nothing else is kept.
-
-Storage precision (``feature_cache``): ``auto`` stores feature maps in float16 when every value
-fits its range (max |x| < 65504, checked on the features themselves; else float32) and pooled
-vectors in float32 (small, and the linear probe's solve is compared with scikit-learn's to 1e-3);
-``fp32`` stores everything in float32. The suffix computes in float32 either way; float16 rounds
-each stored value by at most 2^-11 of itself. Measured on the tests' tiny CNN (16 px, top_k:1..3
-against ``fp32``): test probabilities move by 1e-5 to 5e-4, AUC and loss by < 1e-4; a thresholded
-metric can flip with a borderline image (top_k:3: one of 16 test images, accuracy by 0.0625). The
-tests hold probabilities to 1e-3 and AUC to 0.01; ``fp32`` is the setting for bit-level comparisons.
-
-Budget: a memory budget (default min(2 GiB, 25% of the available RAM)) and a disk budget for
-features beyond it (default min(32 GiB, half the free space), spilled as ``.npy`` memmaps under
-``STORE/feature-cache`` and deleted on eviction and at exit). What a run's features take is
-estimated before anything is computed (images × the bytes of one image's features at the cut, from
-a one-image probe); when they would not fit, :class:`FeaturesDoNotFit` says so with the numbers
-and the run trains uncached.
-
-Each entry also keeps what computing it cost: the seconds the pass spent up to that cut (the
-modules before it and the copy of its output, summed over the batches). A run that finds the
-features cached is told the same seconds as the run that computed them, so the training loop can
-charge every run of a prefix equally, whatever order the runs come in.
+The model is cut into a *chain* (the normalisation, then the backbone's top-level children with
+``nn.Sequential`` and timm's ``ClassifierHead`` expanded), accepted only if running it reproduces
+``model(x)``; no library offers this cut, hence the hand-written chain. Entries are keyed by a
+fingerprint of the prefix's weights, the data, the cut and the storage precision, kept within a
+memory and a disk budget, and carry the seconds they cost so every run of a prefix is charged the
+same. Storage precision and budgets: README, "Feature cache"; measurements: ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -63,7 +31,7 @@ from torch import nn
 from medtune.models._norm import BATCH_STAT_LAYERS
 
 __all__ = ["build_chain", "frozen_prefix_length", "FeatureCache", "FEATURE_CACHE", "CachedFeatures",
-           "FeaturesDoNotFit", "cache_unusable_reason", "cached_features", "expect_cuts",
+           "FeaturesDoNotFit", "cache_unusable_reason", "cached_features",
            "default_memory_bytes", "default_disk_bytes"]
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
@@ -229,7 +197,6 @@ class FeatureCache:
         self._mem: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._disk: OrderedDict[str, tuple[torch.Tensor, str]] = OrderedDict()
         self._info: dict[str, tuple[float, str, float]] = {}  # key -> (seconds, dtype, max |x|)
-        self.expected_blocks: frozenset[int] = frozenset()  # see expect_cuts
         self.hits = 0
         self.misses = 0
 
@@ -305,13 +272,6 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 FEATURE_CACHE = FeatureCache()
-
-
-def expect_cuts(frozen_blocks: Iterable[int], cache: FeatureCache | None = None) -> None:
-    """Announce that runs in this process will freeze the first ``b`` blocks for each ``b`` in
-    ``frozen_blocks`` (a top-k sweep on B blocks, head included: ``b = B - 1 - k``; ``sweep`` does
-    this): a pass then also stores those of these cuts that lie before its own, where memory is left."""
-    (cache if cache is not None else FEATURE_CACHE).expected_blocks = frozenset(int(b) for b in frozen_blocks)
 
 
 def _prefix_fingerprint(chain: list[tuple[str, nn.Module]], upto: int, salt: str) -> str:
@@ -448,7 +408,7 @@ def _plan(cache: FeatureCache, held: Mapping[str, CachedFeatures], sizes: Mappin
 
 def cached_features(chain: list[tuple[str, nn.Module]], upto: int, splits: Mapping[str, tuple[Any, str]], *,
                     batch_size: int, to_input: Callable[[torch.Tensor], torch.Tensor], storage: str = "auto",
-                    cache: FeatureCache | None = None, block_starts: Iterable[int] = (),
+                    cache: FeatureCache | None = None, block_starts: Iterable[int] = (), cuts: Iterable[int] = (),
                     memory_bytes: int | None = None, disk_bytes: int | None = None,
                     spill_dir: str | None = None, precision: str = "fp32",
                     autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, CachedFeatures]:
@@ -459,8 +419,9 @@ def cached_features(chain: list[tuple[str, nn.Module]], upto: int, splits: Mappi
         splits: name -> (uint8 images, read only as ``images[index_tensor]`` and ``len(images)``;
             a salt naming the data).
         storage: ``auto`` (float16 where every feature fits its range, else float32) or ``fp32``.
-        block_starts: the chain index where each block begins; the cuts at the blocks announced by
-            :func:`expect_cuts` that lie before ``upto`` are stored too, where memory is left.
+        block_starts: the chain index where each block begins.
+        cuts: frozen depths in blocks (a run that freezes the first ``b`` blocks: ``b``) of the other
+            runs of a plan; those that lie before ``upto`` are stored too, where memory is left.
         memory_bytes, disk_bytes: the budgets (None: :func:`default_memory_bytes`,
             :func:`default_disk_bytes`, counting what the cache holds as available).
         spill_dir: where features beyond the memory budget go (None: the cache's).
@@ -488,7 +449,7 @@ def cached_features(chain: list[tuple[str, nn.Module]], upto: int, splits: Mappi
     if not missing:
         return out
     starts = list(block_starts)
-    extra = sorted({starts[b] for b in cache.expected_blocks if 0 <= b < len(starts)} & set(range(2, upto)))
+    extra = sorted({starts[b] for b in cuts if 0 <= b < len(starts)} & set(range(2, upto)))
     probe = next(images for images, _ in splits.values() if len(images))
     with _EvalMode(m for _, m in chain[:upto]), autocast():
         shapes = _feature_shapes(chain, upto, probe, [*extra, upto], to_input)

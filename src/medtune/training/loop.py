@@ -1,24 +1,9 @@
 """The one training loop every strategy runs through.
 
-``fit`` drives the strategy's phases; each phase is set up once (:func:`_start_phase`: which
-parameters train, the optimiser, the frozen-prefix cut, a resumed state) and then trains epochs
-with :func:`train_one_epoch` and scores the validation split with :func:`evaluate`. The loop knows
-nothing of strategy names: it asks the strategy which parameters train, how they are grouped, what
-happens at each epoch start and which extra loss to add; a phase may set its own optimiser, epoch
-budget and early stopping, and a strategy may solve a phase instead of training epochs (the linear
-probe). A :class:`Checkpoint` (written atomically after every epoch and at every phase boundary,
-loaded with ``weights_only=True``) makes an interrupted run resume to the same weights as an
-uninterrupted one.
-
-What a run costs (``FitResult.train_seconds``) is the wall time of its training epochs, the
-strategy's epoch-start work included (Auto-RGN's probe passes), plus the time of a phase solved
-without epochs, plus, where the frozen prefix is cached, the time that computing the prefix's
-features of the training split takes. That last part is stored with the cached features
-(:mod:`medtune.training.cache`), so every run that uses the same prefix is charged the same
-seconds, whether it computed the features or found them cached: a run's cost does not depend on
-the order runs are trained in. ``extras["feature_seconds"]`` reports it (0 without a cache);
-``extras["feature_seconds_eval"]`` the validation and test splits' extraction, which, as any
-evaluation, is not charged.
+``fit`` runs a strategy's phases; each phase is set up once (:func:`_start_phase`) and trains epochs
+(:func:`train_one_epoch`, :func:`evaluate`) or is solved. The loop never branches on a strategy's
+name: it asks the hooks of :mod:`medtune.training.hooks`. A :class:`Checkpoint` after every epoch makes
+an interrupted run resume to the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -30,7 +15,7 @@ import os
 import pickle
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,13 +25,12 @@ import torch
 from torch import nn
 
 from medtune._tensors import precision_name, resolve_amp_dtype, to_float
-from medtune.config import RunConfig
 from medtune.data.augment import augment_batch
 from medtune.data.base import ImageSet
 from medtune.data.diskcache import DiskImages
 from medtune.errors import StoreError, TrainingError
 from medtune.models._norm import BATCH_STAT_LAYERS
-from medtune.strategies.base import EpochContext, SolveContext
+from medtune.training.hooks import Callback, EpochContext, SolveContext, StopTraining
 from medtune.training.imbalance import balanced_order, class_weights
 from medtune.training.cache import (FeaturesDoNotFit, build_chain, cache_unusable_reason, cached_features,
                                     frozen_prefix_length)
@@ -56,13 +40,16 @@ __all__ = ["fit", "train_one_epoch", "evaluate", "predict_proba", "lr_at", "FitR
            "set_train_mode", "StopTraining"]
 
 
-class StopTraining(Exception):
-    """Raised by a callback to end training early (the best checkpoint is still restored)."""
-
-
 @dataclass
 class FitResult:
-    """What :func:`fit` returns; ``model`` holds the best weights."""
+    """What :func:`fit` returns; ``model`` holds the best weights.
+
+    ``train_seconds`` is what the run costs: its training epochs (the strategy's epoch-start work
+    included, e.g. Auto-RGN's probe passes), a phase solved without epochs, and, where the frozen
+    prefix is cached, the seconds computing the training split's prefix features took — stored with
+    the features, so every run of a prefix is charged the same whatever order runs come in
+    (``extras["feature_seconds"]``; the val/test extraction, ``feature_seconds_eval``, is not charged).
+    """
 
     model: nn.Module
     history: list[dict]
@@ -257,7 +244,7 @@ def _groups_from_layout(layout: list[dict], model: nn.Module) -> list[dict]:
 class _Setup:
     """What stays fixed for a whole run: device, precision, the splits, the loss, the optimiser factory."""
 
-    cfg: RunConfig
+    cfg: Any
     model: nn.Module
     blocks: Any
     device: torch.device
@@ -276,9 +263,11 @@ class _Setup:
     chain_starts: list[int]  # chain indices where a new block begins
     data_fingerprint: str
     class_weight: list[float] | None = None  # the loss's weights (class_weight: balanced)
+    cache_cuts: frozenset[int] = frozenset()  # frozen depths (in blocks) of the plan's other runs
 
     @classmethod
-    def create(cls, model: nn.Module, data: ImageSet, cfg: RunConfig, blocks) -> _Setup:
+    def create(cls, model: nn.Module, data: ImageSet, cfg: Any, blocks, data_fingerprint: str | None = None,
+               cache_cuts: frozenset[int] = frozenset()) -> _Setup:
         device = next(model.parameters()).device
         channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
         amp_dtype = resolve_amp_dtype(cfg.amp, device)
@@ -297,7 +286,8 @@ class _Setup:
                 if ids and min(ids) != last:
                     starts.append(i)
                     last = min(ids)
-            fingerprint = data.fingerprint()  # covers pixels and splits, so it identifies each split too
+            # covers pixels and splits, so it identifies each split too (the run's plan computed it)
+            fingerprint = data_fingerprint or data.fingerprint()
         return cls(cfg=cfg, model=model, blocks=blocks, device=device, channels_last=channels_last,
                    amp_dtype=amp_dtype, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
                    train=train, val=val, test=test,
@@ -308,7 +298,8 @@ class _Setup:
                    loss_fn=_loss_fn(data.task, cfg.label_smoothing, device=device, weight=weight), class_weight=weight,
                    steps_per_epoch=max(1, len(bucket_batches(torch.arange(len(train)), train.sizes, cfg.batch_size))),
                    gen=gen, chain=chain,
-                   chain_starts=starts, data_fingerprint=fingerprint)
+                   chain_starts=starts, data_fingerprint=fingerprint,
+                   cache_cuts=frozenset(cache_cuts))
 
     def autocast(self) -> torch.autocast:
         """The run's precision for a forward pass: autocast to ``amp_dtype``, or disabled (float32)."""
@@ -374,7 +365,8 @@ def _cache_prefix(run: _Setup, phase: _Phase, log: Callable[[str], None]) -> dic
                   for name, split in (("train", run.train), ("val", run.val), ("test", run.test))}
         try:
             feats = cached_features(run.chain, cut, splits, batch_size=cfg.eval_batch_size, to_input=run.to_input,
-                                    storage=cfg.feature_cache, block_starts=run.chain_starts, spill_dir=spill,
+                                    storage=cfg.feature_cache, block_starts=run.chain_starts, cuts=run.cache_cuts,
+                                    spill_dir=spill,
                                     precision=precision_name(run.amp_dtype), autocast=run.autocast,
                                     memory_bytes=_gib_to_bytes(cfg.feature_cache_memory_gb),
                                     disk_bytes=_gib_to_bytes(cfg.feature_cache_disk_gb))
@@ -529,8 +521,9 @@ def _update_best(phase: _Phase, model: nn.Module, val_metrics: dict) -> None:
         best["bad"] += 1
 
 
-def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, checkpoint_path: str | Path | None = None,
-        callbacks: tuple = (), log: Callable[[str], None] | None = None) -> FitResult:
+def fit(model: nn.Module, data: ImageSet, strategy, cfg: Any, *, blocks, checkpoint_path: str | Path | None = None,
+        callbacks: Sequence[Callback] = (), log: Callable[[str], None] | None = None,
+        data_fingerprint: str | None = None, cache_cuts: Iterable[int] = ()) -> FitResult:
     """Train ``model`` on ``data``'s train split with ``strategy``, early-stopping on the val split.
 
     Args:
@@ -540,8 +533,11 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
         cfg: the run's configuration (epochs, lr, optimiser, batch size, patience, monitor, ...).
         blocks: the backbone's block partition (``medtune.models.get_blocks``) at the strategy's granularity.
         checkpoint_path: epoch checkpoint file; if it exists the run resumes from it.
-        callbacks: objects with optional ``on_epoch_end(record)``; they observe and may raise StopTraining.
+        callbacks: :class:`~medtune.training.hooks.Callback` objects; they observe and may raise StopTraining.
         log: a function taking one line of text (e.g. ``print``); None is silent.
+        data_fingerprint: ``data.fingerprint()`` when the run's plan has it (else computed here).
+        cache_cuts: frozen depths (blocks) other runs of the plan freeze: the feature cache's pass
+            stores those cuts too (a top-k sweep pays one pass).
 
     Returns:
         FitResult with the best weights loaded, history, val/test metrics and test probabilities.
@@ -550,7 +546,7 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
         StoreError: the checkpoint file exists but cannot be read.
     """
     log = log or (lambda _msg: None)
-    run = _Setup.create(model, data, cfg, blocks)
+    run = _Setup.create(model, data, cfg, blocks, data_fingerprint, frozenset(cache_cuts))
     state: dict[str, Any] = {"phase": 0, "history": [], "train_seconds": 0.0, "images_seen": 0, "extras": {},
                              "trained": set()}
     ckpt, resume = _open_checkpoint(checkpoint_path, run, state, log)
@@ -568,8 +564,7 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
             record = _run_epoch(run, phase, ctx, state, log)
             try:
                 for cb in callbacks:
-                    if hasattr(cb, "on_epoch_end"):
-                        cb.on_epoch_end(record)
+                    cb.on_epoch_end(record)
             except StopTraining:
                 stop = True
             stop = stop or bool(phase.patience and phase.best["bad"] >= phase.patience)
