@@ -16,14 +16,17 @@ from typing import Any, ClassVar
 from medtune._checks import check_choice, check_fraction, check_positive_int, check_scalar, param_error
 from medtune.config import _as_tuple, _Base
 from medtune.errors import ConfigError, unknown_name_error
-from medtune.robustness._common import check_target, resolve_norm
-from medtune.robustness.uap import (
+from medtune.robustness._common import check_target
+from medtune.robustness.params import (
     ALGORITHMS,
+    CHECKS,
     DEFAULT_GOAL_RATE,
     DEFAULT_MAX_PASSES,
     DEFAULT_STEP_FRACTION,
     RANDOM_LINF,
     STEP_SCALES,
+    UAPParams,
+    check_step_norm,
     check_step_scale,
 )
 
@@ -34,6 +37,9 @@ SOURCES = ("train", "natural", "mixed")
 #: Threat-model channel modes: detect grey tasks, or force grey or colour perturbations.
 CHANNELS = ("auto", "grey", "rgb")
 
+# Fields that are UAPParams fields too: checked by its table (params.CHECKS), under the same names.
+_UAP_FIELDS = ("norm", "algorithm", "step_fraction", "step_norm", "step_decay", "step_scale", "max_passes",
+               "goal_rate", "batch_size")
 # Fields that do not change what an audit computes; the attack id leaves them out.
 _NOT_HASHED = frozenset({"device", "transfer", "store"})
 # Fields added after stores existed: hashed only when set away from these defaults, so the audits of
@@ -73,7 +79,7 @@ def check_zetas(zetas: Any, owner: str) -> list[float]:
                 raise param_error("zetas", owner, "comma-separated numbers like 0.02,0.04", zetas) from None
         elif isinstance(z, numbers.Real) and not isinstance(z, (bool, int, float)):  # numpy scalars
             z = float(z)
-        out.append(check_fraction(z, "zetas", owner))
+        out.append(CHECKS["zeta"](z, "zetas", owner))
     return out
 
 
@@ -161,7 +167,6 @@ class AuditConfig(_Base):
         chosen = check_sources(self.sources, owner)
         object.__setattr__(self, "sources", tuple(s for s in SOURCES if s in chosen))
         object.__setattr__(self, "zetas", tuple(sorted(set(check_zetas(self.zetas, owner)))))
-        object.__setattr__(self, "norm", resolve_norm(self.norm, owner=owner))
         targeted = self.targeted
         if isinstance(targeted, str) and targeted.strip().isdigit():  # a flag's text
             targeted = int(targeted)
@@ -172,22 +177,33 @@ class AuditConfig(_Base):
                 object.__setattr__(self, name, str(value))
             elif value is not None or name == "store":
                 check_scalar(value, name, str, owner=owner)
-        for name in ("num_source_images", "chunk_size", "max_passes", "batch_size", "num_random"):
+        for name in ("num_source_images", "chunk_size", "num_random"):
             check_positive_int(getattr(self, name), name, owner)
-        for name in ("goal_rate", "mix_fraction", "step_fraction", "step_decay"):
-            object.__setattr__(self, name, check_fraction(getattr(self, name), name, owner))
-        check_choice(self.algorithm, "algorithm", ALGORITHMS, owner=owner)
+        object.__setattr__(self, "mix_fraction", check_fraction(self.mix_fraction, "mix_fraction", owner))
         check_choice(self.channels, "channels", CHANNELS, owner=owner)
         check_choice(self.random_linf, "random_linf", RANDOM_LINF, owner=owner)
-        check_step_scale(self.step_scale, self.algorithm, owner)
-        if self.step_norm is not None:
-            step_norm = resolve_norm(self.step_norm, owner=owner)
-            if step_norm == "2" and self.norm == "inf":
-                raise param_error("step_norm", owner, "None or 'inf' under an L-infinity budget", self.step_norm)
-            object.__setattr__(self, "step_norm", None if step_norm == self.norm else step_norm)
+        self._check_uap_fields(owner)
         check_scalar(self.seed, "seed", int, min_val=0, owner=owner)
         check_scalar(self.device, "device", str, owner=owner)
         check_scalar(self.transfer, "transfer", bool, owner=owner)
+
+    def _check_uap_fields(self, owner: str) -> None:
+        """Check the UAP knobs with UAPParams' table and hold the resulting :attr:`uap`."""
+        raw_step_norm = self.step_norm
+        for name in _UAP_FIELDS:
+            object.__setattr__(self, name, CHECKS[name](getattr(self, name), name, owner))
+        check_step_scale(self.step_scale, self.algorithm, owner)
+        check_step_norm(self.step_norm, self.norm, owner, raw_step_norm)
+        uap = UAPParams.from_checked(zeta=self.zetas[0], **{k: getattr(self, k) for k in _UAP_FIELDS})
+        if self.step_norm == self.norm:  # stored as None: the budget's norm (older stores' attack ids)
+            object.__setattr__(self, "step_norm", None)
+        object.__setattr__(self, "_uap", uap.derive(step_norm=uap.step_norm or self.norm))
+
+    @property
+    def uap(self) -> UAPParams:
+        """The UAP parameters every UAP of the audit shares, checked with the config; each UAP sets its
+        ζ, ξ, target and resolved channels with :meth:`UAPParams.derive`."""
+        return self._uap
 
     def semantic_dict(self) -> dict[str, Any]:
         """The fields that decide the result: audit()'s keywords, each attack record's ``params``, the hashed part."""
