@@ -35,16 +35,23 @@ class _Stepper:
     """One FGSM step of v along a gradient: direction, size, grey subspace, projection."""
 
     def __init__(self, *, norm: str, step_norm: str, step: float, xi: float, grey: bool, numel: int,
-                 targeted: bool) -> None:
-        self.norm, self.step_norm, self.xi, self.grey = norm, step_norm, xi, grey
+                 targeted: bool, clip: bool = True, elementwise: float | None = None) -> None:
+        self.norm, self.step_norm, self.xi, self.grey, self.clip = norm, step_norm, xi, grey, clip
         self.sign = -1.0 if targeted else 1.0  # targeted: descend the target's loss
         self.numel = numel
-        self.set_step(step)
+        self.set_step(step, elementwise)
 
-    def set_step(self, step: float) -> None:
-        # sign steps under an L2 budget: L∞ size step/√d, so the step's L2 length is ``step``
+    def set_step(self, step: float, elementwise: float | None = None) -> None:
+        # sign steps under an L2 budget: L∞ size step/√d, so the step's L2 length is ``step``; an absolute
+        # FGSM eps (ART's) is the sign step's size itself, kept exact
         self.step = step
-        self.elementwise = step / math.sqrt(self.numel) if (self.step_norm == "inf" and self.norm == "2") else step
+        if elementwise is None:
+            elementwise = step / math.sqrt(self.numel) if (self.step_norm == "inf" and self.norm == "2") else step
+        self.elementwise = elementwise
+
+    def perturb(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x + v, clipped to [0, 1] unless the loop runs unclipped (the papers' code)."""
+        return (x + v).clamp(0.0, 1.0) if self.clip else x + v
 
     def direction(self, grad: torch.Tensor, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
         if self.grey:
@@ -61,9 +68,9 @@ class _Stepper:
         return project(v + self.sign * self.direction(grad, scale), self.xi, self.norm)
 
 
-def _source_rate(model, images, v, clean, target, *, batch_size, device, channels_last) -> float:
+def _source_rate(model, images, v, clean, target, *, batch_size, device, channels_last, clip=True) -> float:
     perturbed = predict(model, images, perturbation=v, batch_size=batch_size, device=device,
-                        channels_last=channels_last)
+                        channels_last=channels_last, clip=clip)
     hit = (perturbed != clean) if target is None else (perturbed == target)
     return float(hit.double().mean())
 
@@ -93,12 +100,12 @@ def _batched_pass(model, images, order, v, clean_dev, target, stepper, *, batch_
         labels = clean_dev[idx.to(device)] if target is None else None
         if mask_first:
             with torch.inference_mode():
-                active = is_active(model((x + v).clamp(0.0, 1.0)).argmax(dim=1), labels).clone()
+                active = is_active(model(stepper.perturb(x, v)).argmax(dim=1), labels).clone()
             fooled += (~active).sum()
             if not bool(active.any()):
                 continue
             x, labels = x[active], (None if labels is None else labels[active])
-        x_in = (x + v).clamp(0.0, 1.0)
+        x_in = stepper.perturb(x, v)
         if channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
         x_in.requires_grad_(True)
@@ -119,6 +126,16 @@ def _batched_pass(model, images, order, v, clean_dev, target, stepper, *, batch_
     return v, fooled, updates
 
 
+def fgsm_step(model: nn.Module, start: torch.Tensor, label: int, stepper: _Stepper) -> torch.Tensor:
+    """ART's FGSM step from ``start`` (1, C, H, W) on the cross-entropy of ``label`` (targeted: towards it),
+    clipped to [0, 1] unless the stepper runs unclipped."""
+    start = start.detach().clone().requires_grad_(True)
+    loss = F.cross_entropy(model(start), torch.tensor([label], device=start.device))
+    (grad,) = torch.autograd.grad(loss, start)
+    adv = start.detach() + stepper.sign * stepper.direction(grad)
+    return adv.clamp(0.0, 1.0) if stepper.clip else adv
+
+
 def _reference_pass(model, images, order, v, clean, target, stepper, *, device) -> tuple[torch.Tensor, int]:
     """One pass of the per-image loop (ART's); returns (v, number of kept steps)."""
     kept = 0
@@ -129,11 +146,7 @@ def _reference_pass(model, images, order, v, clean, target, stepper, *, device) 
             current = int(model(start).argmax(dim=1))
         if (current != int(clean[i])) if target is None else (current == target):
             continue
-        start = start.clone().requires_grad_(True)
-        label = int(clean[i]) if target is None else target
-        loss = F.cross_entropy(model(start), torch.tensor([label], device=device))
-        (grad,) = torch.autograd.grad(loss, start)
-        adv = (start.detach() + stepper.sign * stepper.direction(grad)).clamp(0.0, 1.0)
+        adv = fgsm_step(model, start, int(clean[i]) if target is None else target, stepper)
         with torch.inference_mode():
             new = int(model(adv).argmax(dim=1))
         if (new != current) if target is None else (new == target):
@@ -185,11 +198,15 @@ class UAPLoop:
                  device: torch.device, channels_last: bool) -> None:
         self.model, self.images, self.params, self.target, self.device = model, images, params, target, device
         self.num = images.shape[0]
-        self.score = dict(batch_size=params.batch_size, device=device, channels_last=channels_last)
+        self.score = dict(batch_size=params.batch_size, device=device, channels_last=channels_last,
+                          clip=params.clip == "pixel")
         self.channels_last = channels_last
-        self.stepper = _Stepper(norm=params.norm, step_norm=params.step_norm, step=params.step_for(xi), xi=xi,
-                                grey=params.channels == "grey", numel=math.prod(images.shape[1:]),
-                                targeted=target is not None)
+        numel = math.prod(images.shape[1:])
+        self.stepper_step = params.step_for(xi, numel)  # the first pass's step length, recorded
+        self.stepper = _Stepper(norm=params.norm, step_norm=params.step_norm, step=params.step_for(xi, numel), xi=xi,
+                                grey=params.channels == "grey", numel=numel, targeted=target is not None,
+                                clip=params.clip == "pixel",
+                                elementwise=params.step_eps if params.step_norm == "inf" else None)
 
     def source_rate(self, v: torch.Tensor) -> float:
         """Exact fooling rate (targeted: success) of v on the source images."""
@@ -218,7 +235,9 @@ class UAPLoop:
                 state.goal_reached = True
                 break
             if self.params.step_decay != 1.0:
-                self.stepper.set_step(self.stepper.step * self.params.step_decay)
+                decay = self.params.step_decay
+                self.stepper.set_step(self.stepper.step * decay,
+                                      None if self.params.step_eps is None else self.stepper.elementwise * decay)
         self._settle(state)
         return state
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,7 +24,7 @@ from medtune.robustness._common import check_images, check_target, lp_norms, num
 from medtune.robustness._registry import create_attack
 from medtune.robustness.config import AuditConfig
 from medtune.robustness.evaluate import evaluate_perturbation, mcnemar_test
-from medtune.robustness.sources import mixed_source, natural_image_chunks, rgb_to_grey
+from medtune.robustness.sources import count_photos, mixed_source, natural_image_chunks, rgb_to_grey
 from medtune.robustness.uap import is_grey, perturbation_norm, random_control
 
 if TYPE_CHECKING:
@@ -96,32 +97,48 @@ def _fixed(images: torch.Tensor, num_photos: int, chunk_size: int) -> Callable[[
                     for i in range(0, images.shape[0], chunk_size))
 
 
+def _slices(images, chunk_size: int) -> Callable[[], Iterator[tuple[torch.Tensor, int]]]:
+    """Chunks of every image in order, read chunk by chunk (a ``DiskImages`` as views, read by the loop)."""
+    from medtune.data.diskcache import DiskImages
+
+    num = images.shape[0]
+    take = (lambda i: images.view(np.arange(i, min(i + chunk_size, num)))) if isinstance(images, DiskImages) else (
+        lambda i: images[i:i + chunk_size])
+    return lambda: ((take(i), 0) for i in range(0, num, chunk_size))
+
+
 def _build_source(name: str, cfg: AuditConfig, train_images: torch.Tensor | DiskImages, size: tuple[int, int],
                   grey: bool) -> _Source:
     """The source ``name``; only its drawn rows of ``train_images`` are read (a ``DiskImages`` stays on disk)."""
     photos = cfg.natural_folder if cfg.natural_folder is not None else "builtin"
+    num_train = int(train_images.shape[0])
+    if name == "train" and cfg.num_source_images == "all":
+        return _Source(_slices(train_images, num_train if cfg.chunk_size == "all" else cfg.chunk_size), num_train)
     num = cfg.num_source_images
+    if num == "all":
+        num = count_photos(cfg.natural_folder) if name == "natural" else num_train
+    chunk_size = num if cfg.chunk_size == "all" else cfg.chunk_size
     if name == "train":
         generator = torch.Generator().manual_seed(int(cfg.seed))
-        pick = torch.randperm(train_images.shape[0], generator=generator)[:num].sort().values
-        return _Source(_fixed(train_images[pick], 0, cfg.chunk_size), int(pick.shape[0]))
-    stream = dict(folder=cfg.natural_folder, seed=cfg.seed, grey=grey)
+        pick = torch.randperm(num_train, generator=generator)[:num].sort().values
+        return _Source(_fixed(train_images[pick], 0, chunk_size), int(pick.shape[0]))
+    stream = dict(folder=cfg.natural_folder, seed=cfg.seed, grey=grey, resize=cfg.natural_resize)
     if name == "natural":
-        if num > cfg.chunk_size:  # streamed: photos are read again for every UAP, in bounded memory
+        if num > chunk_size:  # streamed: photos are read again for every UAP, in bounded memory
             return _Source(lambda: ((c.images, c.num_photos) for c in
-                                    natural_image_chunks(num, size, chunk_size=cfg.chunk_size, **stream)),
+                                    natural_image_chunks(num, size, chunk_size=chunk_size, **stream)),
                            num, num_natural=num, photos=photos)
         only = next(natural_image_chunks(num, size, chunk_size=num, **stream))
-        return _Source(_fixed(only.images, only.num_photos, cfg.chunk_size), num, num_natural=num, photos=photos)
+        return _Source(_fixed(only.images, only.num_photos, chunk_size), num, num_natural=num, photos=photos)
     num_natural = max(1, int(round(cfg.mix_fraction * num)))
-    if num - num_natural > train_images.shape[0]:
+    if num - num_natural > num_train:
         raise ConfigError(f"The 'mixed' source needs {num - num_natural} training images but the run has "
-                          f"{train_images.shape[0]}; lower num_source_images or raise mix_fraction.")
+                          f"{num_train}; lower num_source_images or raise mix_fraction.")
     natural = next(natural_image_chunks(num_natural, size, chunk_size=num_natural, **stream))
     mixed = mixed_source(train_images, natural.images, num_natural / num, seed=cfg.seed, num_images=num)
     if grey:  # grey after drawing, so only the drawn training images are read: rgb_to_grey leaves a grey
         mixed = rgb_to_grey(mixed)  # pixel as it is (all 256 values, tested), e.g. the natural crops
-    return _Source(_fixed(mixed, natural.num_photos, cfg.chunk_size), num, num_natural=num_natural, photos=photos)
+    return _Source(_fixed(mixed, natural.num_photos, chunk_size), num, num_natural=num_natural, photos=photos)
 
 
 def audit(
@@ -219,21 +236,24 @@ def _one_uap(model, attack, source: _Source, cfg: AuditConfig, setup: _Setup, te
     target, dev = attack.params.targeted, setup.device
     run = _over_chunks(model, attack, source, cfg, setup, test_images)
     v, res = run["v"], run["last"]
+    clip = cfg.clip == "pixel"
     metrics = evaluate_perturbation(model, test_images, test_labels, v, targeted=target, class_names=class_names,
-                                    batch_size=cfg.batch_size, device=dev)
+                                    batch_size=cfg.batch_size, device=dev, clip=clip)
     uap_hits = _test_hits(model, test_images, v, setup.clean_test, target, cfg, dev)
     run["curve"].append([run["seen"], metrics["fooling_rate"] if target is None else metrics["targeted_success"]])
     controls = _random_controls(model, v, cfg, setup, test_images, target, attack.seed, res.channels)
     control = controls["draws"][controls["strongest"]]
     random_metrics = evaluate_perturbation(model, test_images, test_labels, control, targeted=target,
-                                           class_names=class_names, batch_size=cfg.batch_size, device=dev)
+                                           class_names=class_names, batch_size=cfg.batch_size, device=dev, clip=clip)
     test = mcnemar_test(uap_hits, controls["hits"][controls["strongest"]])
     record = {
         "perturbation_norm": perturbation_norm(v, cfg.norm),
         "num_source_images": source.num_images,
         "num_natural_images": source.num_natural,
         "num_photos": run["num_photos"] if source.photos is not None else None,
+        "num_distinct_natural_images": _distinct_natural(source, run["num_photos"], cfg),
         "natural_photos": source.photos,
+        "natural_resize": cfg.natural_resize if source.photos is not None else None,
         "num_chunks": len(run["curve"]),
         "source_curve": run["curve"],
         "num_test_images": metrics["num_images"],
@@ -246,8 +266,14 @@ def _one_uap(model, attack, source: _Source, cfg: AuditConfig, setup: _Setup, te
         "source_rate_best": res.best_rate,
         "best_pass": res.best_pass,
         "step_size": res.step_size,
+        "step_eps": res.step_eps,
         "step_norm": res.step_norm,
         "step_scale": res.step_scale,
+        "protocol": cfg.protocol,
+        "clip": res.clip,
+        "return_v": res.return_v,
+        "passes_per_chunk": cfg.max_passes,
+        "chunk_size": cfg.chunk_size,
         "seconds": run["seconds"],
         "seed": attack.seed,
     }
@@ -256,6 +282,13 @@ def _one_uap(model, attack, source: _Source, cfg: AuditConfig, setup: _Setup, te
     record.update({"mcnemar_p": test["p_value"], "mcnemar_discordant": [test["only_a"], test["only_b"]],
                    "mcnemar_outcome": "fooled" if target is None else "target"})
     return record, v, control
+
+
+def _distinct_natural(source: _Source, num_photos: int, cfg: AuditConfig) -> int | None:
+    """Distinct natural images the UAP saw: every crop is one; a photo resized whole is one however often drawn."""
+    if source.photos is None:
+        return None
+    return min(source.num_natural, num_photos) if cfg.natural_resize == "whole" else source.num_natural
 
 
 def _over_chunks(model, attack, source: _Source, cfg: AuditConfig, setup: _Setup, test_images) -> dict:
@@ -285,7 +318,8 @@ def _random_controls(model, v, cfg: AuditConfig, setup: _Setup, test_images, tar
     with eval_mode(model):
         for d in range(cfg.num_random):
             r = random_control(v, cfg.norm, seed=uap_seed * 10007 + d, channels=channels, linf=cfg.random_linf)
-            adv = predict(model, test_images, perturbation=r, batch_size=cfg.batch_size, device=setup.device)
+            adv = predict(model, test_images, perturbation=r, batch_size=cfg.batch_size, device=setup.device,
+                          clip=cfg.clip == "pixel")
             draws.append(r)
             hits.append(_hits(adv, setup.clean_test, target))
             fooling.append(float((adv != setup.clean_test).double().mean()))
@@ -319,5 +353,6 @@ def _hits(adv: torch.Tensor, clean: torch.Tensor, target: int | None) -> torch.T
 
 def _test_hits(model, test_images, v, clean_test, target, cfg: AuditConfig, dev) -> torch.Tensor:
     with eval_mode(model):
-        adv = predict(model, test_images, perturbation=v, batch_size=cfg.batch_size, device=dev)
+        adv = predict(model, test_images, perturbation=v, batch_size=cfg.batch_size, device=dev,
+                      clip=cfg.clip == "pixel")
     return _hits(adv, clean_test, target)

@@ -70,8 +70,10 @@ def evaluate_perturbation(
     class_names: Sequence[str] | None = None,
     batch_size: int = 128,
     device: str | torch.device | None = None,
+    clip: bool = True,
 ) -> dict:
-    """Fooling rate, targeted success, accuracies and confusion of ``clip(x + v, 0, 1)``.
+    """Fooling rate, targeted success, accuracies and confusion of ``clip(x + v, 0, 1)`` (``x + v`` with
+    ``clip=False``, as the papers' code evaluated).
 
     Fooled means a prediction on x+v other than on x, whatever the label (Moosavi-Dezfooli et al.).
 
@@ -84,6 +86,7 @@ def evaluate_perturbation(
         class_names: keys of ``per_class``; default the class indices as strings.
         batch_size: images per forward pass.
         device: default the model's device.
+        clip: clip x+v to [0, 1] (default).
 
     Returns:
         A JSON-serialisable dict: ``num_images``, ``fooling_rate``, ``fooling_ci_low``,
@@ -111,7 +114,7 @@ def evaluate_perturbation(
         num_classes = num_outputs(model, images, dev)
         target = check_target(targeted, "evaluate_perturbation", num_classes=num_classes)
         clean = predict(model, images, batch_size=batch_size, device=dev).numpy()
-        adv = predict(model, images, perturbation=perturbation, batch_size=batch_size, device=dev).numpy()
+        adv = predict(model, images, perturbation=perturbation, batch_size=batch_size, device=dev, clip=clip).numpy()
     if class_names is None:
         class_names = [str(k) for k in range(num_classes)]
     elif len(class_names) != num_classes:

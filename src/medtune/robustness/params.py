@@ -22,6 +22,8 @@ from medtune.robustness._common import check_target, resolve_norm
 __all__ = [
     "ALGORITHMS",
     "CHANNEL_MODES",
+    "CLIPS",
+    "RETURNS",
     "CHECKS",
     "RANDOM_LINF",
     "STEP_SCALES",
@@ -36,6 +38,11 @@ ALGORITHMS = ("batched", "reference")
 STEP_SCALES = ("fixed", "sqrt_batch")
 #: Perturbation spaces of the UAP loop: colour, or grey (R = G = B).
 CHANNEL_MODES = ("rgb", "grey")
+#: Whether x+v is clipped to the pixel range [0, 1] when the UAP is computed and evaluated (``pixel``), or
+#: not (``none``: the papers' code, whose classifiers had no clip values).
+CLIPS = ("pixel", "none")
+#: Which v the loop returns: the best seen (by the source rate) or the last (ART's and the papers').
+RETURNS = ("best", "last")
 #: Random controls under an L∞ budget: uniform in the cube (as the papers' code), or its corners.
 RANDOM_LINF = ("uniform", "corners")
 
@@ -83,6 +90,8 @@ CHECKS: dict[str, Callable[[Any, str, str], Any]] = {
     "channels": _choice(CHANNEL_MODES),
     "step_size": _positive_or_none("a positive float (pixel units on the [0, 1] scale) or None"),
     "step_fraction": check_fraction,
+    "step_eps": _positive_or_none("a positive float (the FGSM eps on the [0, 1] pixel scale) or None",
+                                  " A paper's eps on a [-1, 1] scale is eps·128/255 here."),
     "step_norm": lambda value, name, owner: None if value is None else resolve_norm(value, owner=owner),
     "step_decay": check_fraction,
     "step_scale": _choice(STEP_SCALES),
@@ -90,6 +99,8 @@ CHECKS: dict[str, Callable[[Any, str, str], Any]] = {
     "goal_rate": check_fraction,
     "batch_size": check_positive_int,
     "exact_rates": _flag,
+    "clip": _choice(CLIPS),
+    "return_v": _choice(RETURNS),
 }
 
 
@@ -122,8 +133,10 @@ class UAPParams:
         targeted: None (non-targeted) or the target class index.
         algorithm: ``batched`` (default) or ``reference`` (the papers'/ART's per-image loop).
         channels: ``rgb``, or ``grey`` to keep v in the grey subspace (R = G = B).
-        step_size: one FGSM step in the budget's norm; None: ``step_fraction``·ξ.
-        step_fraction: the step as a fraction of ξ when ``step_size`` is None, in (0, 1].
+        step_size: one FGSM step's length in the budget's norm; None: ``step_fraction``·ξ.
+        step_fraction: the step as a fraction of ξ when ``step_size`` and ``step_eps`` are None, in (0, 1].
+        step_eps: the absolute FGSM eps as ART's (the size in the step's own norm: for sign steps each
+            pixel moves by ``step_eps``), [0, 1] scale; overrides ``step_size``.
         step_norm: the norm of the step: ``"inf"`` for sign steps (ART's FGSM default, which the papers'
             code used under L2 budgets too: L∞ size step/√(C·H·W) under an L2 budget); None is the
             budget's norm (resolved on construction).
@@ -134,6 +147,8 @@ class UAPParams:
         goal_rate: stop once the exactly scored source fooling rate (targeted: success) reaches this.
         batch_size: images per gradient step (batched) and per scoring forward.
         exact_rates: batched only: score v exactly after every pass (as ART), about a quarter more compute.
+        clip: ``pixel`` clips x+v to [0, 1] in every forward; ``none`` does not (the papers' code).
+        return_v: ``best`` (the v with the best source rate) or ``last`` (ART's and the papers').
 
     Raises:
         ConfigError: a field is out of range (the message names it and ``owner``).
@@ -147,6 +162,7 @@ class UAPParams:
     channels: str = "rgb"
     step_size: float | None = None
     step_fraction: float = DEFAULT_STEP_FRACTION
+    step_eps: float | None = None
     step_norm: str | None = None
     step_decay: float = 1.0
     step_scale: str = "fixed"
@@ -154,6 +170,8 @@ class UAPParams:
     goal_rate: float = DEFAULT_GOAL_RATE
     batch_size: int = 64
     exact_rates: bool = False
+    clip: str = "pixel"
+    return_v: str = "best"
     owner: InitVar[str] = "UAPParams"
 
     def __post_init__(self, owner: str) -> None:
@@ -205,8 +223,10 @@ class UAPParams:
             object.__setattr__(out, name, value)
         return out
 
-    def step_for(self, xi: float) -> float:
-        """The first pass's step length in the budget's norm, [0, 1] pixel units."""
+    def step_for(self, xi: float, numel: int = 1) -> float:
+        """The first pass's step length in the budget's norm, [0, 1] pixel units (``numel``: C·H·W)."""
+        if self.step_eps is not None:
+            return self.step_eps * math.sqrt(numel) if (self.step_norm == "inf" and self.norm == "2") else self.step_eps
         return self.step_size if self.step_size is not None else self.step_fraction * xi
 
     def to_dict(self) -> dict[str, Any]:

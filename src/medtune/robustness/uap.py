@@ -55,7 +55,7 @@ class UAPResult:
 
     Attributes:
         perturbation: float32 tensor (3, H, W) on CPU, in [0, 1] pixel units; ‖v‖ₚ ≤ xi. The best
-            v seen, not the last.
+            v seen, or the last with ``return_v="last"``.
         zeta: budget as a fraction of the mean Lp norm of the images that set ξ.
         xi: absolute budget ξ in [0, 1] pixel units.
         norm: "2" or "inf".
@@ -72,7 +72,10 @@ class UAPResult:
         num_passes: passes over the source images actually made.
         num_updates: steps applied to v (batched: batches with an image to fool; reference: kept steps).
         seconds: wall time of the computation.
-        step_size: the FGSM step in the budget's norm, [0, 1] pixel units (first pass).
+        step_size: the FGSM step's length in the budget's norm, [0, 1] pixel units (first pass).
+        step_eps: the absolute FGSM eps when one was given (ART's eps on the [0, 1] scale), else None.
+        clip: "pixel" (x+v clipped to [0, 1] in every forward) or "none" (the papers' code).
+        return_v: "best" or "last": which v ``perturbation`` is.
         step_norm: the norm of the FGSM step: "2" or "inf" (sign steps).
         step_decay: factor applied to the step after every pass.
         step_scale: "fixed" or "sqrt_batch" (batched steps × √(images stepped for)).
@@ -98,6 +101,9 @@ class UAPResult:
     num_updates: int = 0
     seconds: float = 0.0
     step_size: float = 0.0
+    step_eps: float | None = None
+    clip: str = "pixel"
+    return_v: str = "best"
     step_norm: str = "2"
     step_decay: float = 1.0
     step_scale: str = "fixed"
@@ -237,12 +243,14 @@ def compute_uap(
         target = check_target(params.targeted, "compute_uap", num_classes=num_outputs(model, images, dev))
         loop = UAPLoop(model, images, params, xi=xi, target=target, device=dev, channels_last=channels_last)
         state = loop.run(v, scored_start=init is not None, seed=seed)
+    returned = state.v if params.return_v == "last" else state.best_v
     return UAPResult(
-        perturbation=state.best_v[0].detach().cpu(), zeta=params.zeta, xi=xi, norm=params.norm, targeted=target,
+        perturbation=returned[0].detach().cpu(), zeta=params.zeta, xi=xi, norm=params.norm, targeted=target,
         algorithm=params.algorithm, channels=params.channels, fooling_rate_source=state.history,
         source_rate_exact=state.exact, best_rate=state.best_rate, best_pass=state.best_pass,
         last_rate=state.last_rate, num_passes=len(state.history), num_updates=state.num_updates,
-        seconds=time.perf_counter() - start, step_size=params.step_for(xi), step_norm=params.step_norm,
+        seconds=time.perf_counter() - start, step_size=loop.stepper_step, step_eps=params.step_eps,
+        clip=params.clip, return_v=params.return_v, step_norm=params.step_norm,
         step_decay=params.step_decay, step_scale=params.step_scale, goal_rate=params.goal_rate,
         num_source_images=images.shape[0], goal_reached=state.goal_reached,
         last_perturbation=state.v[0].detach().cpu(),
