@@ -76,13 +76,13 @@ def _source_rate(model, images, v, clean, target, *, batch_size, device, channel
 
 
 def _batched_pass(model, images, order, v, clean_dev, target, stepper, *, batch_size, device, channels_last,
-                  mask_first: bool, sqrt_batch: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  mask_first: bool, step_scale: str = "fixed") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass of the batched loop; returns (v, number of images met fooled, number of updates).
 
     ``mask_first`` (CPU, most images fooled): a gradient-free forward finds the images still to
     fool and only those go through forward/backward. Otherwise one forward/backward over the whole
-    batch, whose logits also give the mask, with no host sync. ``sqrt_batch``: the step is
-    √(images still to fool in the batch) times the step size (a device tensor, no sync).
+    batch, whose logits also give the mask, with no host sync. ``step_scale``: the step is
+    1, √n or n times the step size for n images still to fool in the batch (:func:`_scale`).
     """
     from medtune.data.diskcache import DiskImages
 
@@ -114,16 +114,24 @@ def _batched_pass(model, images, order, v, clean_dev, target, stepper, *, batch_
         loss = F.cross_entropy(logits, y, reduction="none")
         if mask_first:
             updates += 1
-            scale = math.sqrt(x.shape[0]) if sqrt_batch else 1.0
+            scale = _scale(step_scale, float(x.shape[0]))
         else:
             active = is_active(logits.detach().argmax(dim=1), labels)
             fooled += (~active).sum()
             updates += active.any()
             loss = loss * active
-            scale = active.sum().sqrt() if sqrt_batch else 1.0
+            scale = _scale(step_scale, active.sum())
         (grad,) = torch.autograd.grad(loss.sum(), x_in)
         v = stepper(v, grad.sum(dim=0, keepdim=True), scale)  # a zero gradient (nothing left to fool) keeps v
     return v, fooled, updates
+
+
+def _scale(step_scale: str, num_active):
+    """The batched step's multiple of the step size for ``num_active`` images still to fool (a float or a
+    device tensor, no host sync): 1, √n, or n (that many aligned per-image steps)."""
+    if step_scale == "sqrt_batch":
+        return math.sqrt(num_active) if isinstance(num_active, float) else num_active.sqrt()
+    return num_active if step_scale == "batch" else 1.0
 
 
 def fgsm_step(model: nn.Module, start: torch.Tensor, label: int, stepper: _Stepper) -> torch.Tensor:
@@ -252,7 +260,7 @@ class UAPLoop:
             self.model, self.images, order, state.v, self.clean_dev, self.target, self.stepper,
             batch_size=self.params.batch_size, device=self.device, channels_last=self.channels_last,
             mask_first=self.device.type == "cpu" and state.share_left < 0.5,
-            sqrt_batch=self.params.step_scale == "sqrt_batch")
+            step_scale=self.params.step_scale)
         counted = float(fooled) / self.num  # one host sync per pass
         state.num_updates += int(updates)
         state.share_left = 1.0 - counted

@@ -131,13 +131,13 @@ class AuditConfig(_Base):
 
     ζ and the sources are sets: ``zetas=(0.04, 0.02)`` and ``(0.02, 0.04)`` are one audit with one
     attack id. They are stored canonically (ζ ascending, sources in the order of ``SOURCES``), as
-    is the norm (``"2"`` or ``"inf"``). Defaults of the algorithm are those of the papers' code
-    (Hirano et al. 2021: 15 passes, goal fooling rate 1.0); see :mod:`medtune.robustness.uap`.
+    is the norm (``"2"`` or ``"inf"``). ``protocol`` sets every knob as a paper's official code; the
+    README says where the defaults depart from it.
 
     Attributes:
-        sources: ``train`` (the run's training images), ``natural`` (random crops of natural photos:
-            ``natural_folder``, or the photos the dependencies ship when it is None) and/or
-            ``mixed`` (a share ``mix_fraction`` of natural crops, the rest training images).
+        sources: ``train`` (the run's training images), ``natural`` (natural photos: ``natural_folder``,
+            or the 16 photos the dependencies ship when it is None) and/or ``mixed`` (a share
+            ``mix_fraction`` of natural images, the rest training images).
         zetas: budgets ζ in (0, 1]: ξ = ζ·mean‖x_train‖ₚ over the run's training images for every
             source (Minagi et al.).
         norm: ``2`` or ``inf``.

@@ -34,8 +34,9 @@ __all__ = [
 #: The UAP algorithms, default first.
 ALGORITHMS = ("batched", "reference")
 #: How long a batched step is: the step size (the papers'), or the step size × √(images the step is
-#: taken for) — as long as the sum of that many per-image steps in independent directions.
-STEP_SCALES = ("fixed", "sqrt_batch")
+#: taken for) — as long as the sum of that many per-image steps in independent directions —, or the step
+#: size × the images (as long as that many aligned per-image steps, the most one pass of ART's loop can move v).
+STEP_SCALES = ("fixed", "sqrt_batch", "batch")
 #: Perturbation spaces of the UAP loop: colour, or grey (R = G = B).
 CHANNEL_MODES = ("rgb", "grey")
 #: Whether x+v is clipped to the pixel range [0, 1] when the UAP is computed and evaluated (``pixel``), or
@@ -105,7 +106,7 @@ CHECKS: dict[str, Callable[[Any, str, str], Any]] = {
 
 
 def check_step_scale(step_scale: str, algorithm: str, owner: str) -> None:
-    """``sqrt_batch`` applies to the batched algorithm only."""
+    """``sqrt_batch`` and ``batch`` apply to the batched algorithm only."""
     if step_scale != "fixed" and algorithm != "batched":
         raise ConfigError(f"The 'step_scale' parameter of {owner} is {step_scale!r}, which applies to the batched "
                           f"algorithm only; the {algorithm!r} algorithm takes one step per image: "
@@ -141,8 +142,8 @@ class UAPParams:
             code used under L2 budgets too: L∞ size step/√(C·H·W) under an L2 budget); None is the
             budget's norm (resolved on construction).
         step_decay: the step is multiplied by this after every pass, in (0, 1].
-        step_scale: ``fixed`` (every step has the step size) or ``sqrt_batch`` (batched only: a batch's
-            step is √(its images still to fool) × the step size).
+        step_scale: ``fixed`` (every step has the step size), ``sqrt_batch`` or ``batch`` (batched only: a
+            batch's step is √n or n × the step size for its n images still to fool).
         max_passes: maximum passes over the source images.
         goal_rate: stop once the exactly scored source fooling rate (targeted: success) reaches this.
         batch_size: images per gradient step (batched) and per scoring forward.
