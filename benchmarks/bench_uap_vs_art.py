@@ -34,7 +34,7 @@ from torch import nn
 
 from medtune.data.demo import make_demo
 from medtune.models import create_model
-from medtune.robustness import budget_xi, compute_uap, evaluate_perturbation
+from medtune.robustness import AuditConfig, budget_xi, compute_uap, evaluate_perturbation
 
 
 def fine_tune(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, epochs: int) -> nn.Module:
@@ -71,17 +71,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--img-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--passes", type=int, default=3, help="ART's passes (and medtune's at equal passes)")
+    parser.add_argument("--passes", type=int, default=2, help="ART's passes (and medtune's at equal passes)")
     parser.add_argument("--max-medtune-passes", type=int, default=15)
     parser.add_argument("--zeta", type=float, default=0.04)
-    parser.add_argument("--step-fraction", type=float, default=0.2)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--step-fraction", type=float, default=0.2, help="ART's FGSM step as a fraction of ξ")
+    parser.add_argument("--medtune-step-fraction", type=float, default=None,
+                        help="medtune's step as a fraction of ξ (default: the audit's, AuditConfig.step_fraction)")
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--norms", default="2,inf")
-    parser.add_argument("--num-source-images", type=int, default=240, help="first N training images")
+    parser.add_argument("--num-source-images", type=int, default=96, help="first N training images")
     parser.add_argument("--reference", action="store_true", help="also time medtune's reference mode (once)")
-    parser.add_argument("--step-scales", default="fixed,sqrt_batch", help="batched step scales to compare")
+    parser.add_argument("--step-scales", default="fixed,sqrt_batch,batch", help="batched step scales to compare")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -94,15 +96,19 @@ def main() -> None:
         acc = (model(test.images.float() / 255).argmax(1) == test.labels).float().mean().item()
     print(f"EfficientNet-Lite0 (offline ImageNet weights) fine-tuned {args.epochs} epochs at {args.img_size} px in "
           f"{time.perf_counter() - t0:.0f} s; clean test accuracy {acc:.3f}; {min(args.num_source_images, len(train.images))} source / "
-          f"{test.images.shape[0]} test images; ζ={args.zeta}, step={args.step_fraction}·ξ, batch {args.batch_size}, "
+          f"{test.images.shape[0]} test images; ζ={args.zeta}, ART step={args.step_fraction}·ξ, medtune step="
+          f"{args.medtune_step_fraction or AuditConfig().step_fraction}·ξ, batch {args.batch_size}, "
           f"{torch.get_num_threads()} thread(s), {args.repeats} interleaved repeats (medians)")
     source = train.images[: args.num_source_images]
 
     def fooling(v: torch.Tensor) -> float:
         return evaluate_perturbation(model, test.images, None, v)["fooling_rate"]
 
+    ours_fraction = args.medtune_step_fraction or AuditConfig().step_fraction
+
     def ours(norm: str, passes: int, algorithm: str = "batched", step_scale: str = "fixed"):
-        res = compute_uap(model, source, zeta=args.zeta, norm=norm, step_size=args.step_fraction * budget_xi(
+        fraction = args.step_fraction if algorithm == "reference" else ours_fraction
+        res = compute_uap(model, source, zeta=args.zeta, norm=norm, step_size=fraction * budget_xi(
             source, args.zeta, norm), max_passes=passes, goal_rate=1.0, batch_size=args.batch_size,
             algorithm=algorithm, step_scale=step_scale, seed=0)
         return res.perturbation, res.seconds

@@ -555,9 +555,10 @@ def _cmd_attack(args: argparse.Namespace) -> int:
 
 
 def _print_attacks(records: list[dict], fmt: str) -> None:
-    rows = [{k: r.get(k) for k in ("run_id", "label", "source", "zeta", "norm", "targeted", "algorithm", "channels",
-                                   "fooling_rate", "fooling_ci_low", "fooling_ci_high", "random_fooling_rate",
-                                   "random_fooling_rate_max", "mcnemar_p", "targeted_success", "clean_target_share")}
+    rows = [{k: r.get(k) for k in ("run_id", "label", "source", "num_source_images", "num_photos", "protocol", "zeta",
+                                   "norm", "targeted", "algorithm", "channels", "fooling_rate", "fooling_ci_low",
+                                   "fooling_ci_high", "random_fooling_rate", "random_fooling_rate_max", "mcnemar_p",
+                                   "targeted_success", "clean_target_share")}
             for r in records if r.get("source") != "transfer"]
     if fmt == "json":
         for r in records:

@@ -49,12 +49,12 @@ DEMO_SEARCH: dict[str, Any] = {
     "max_trainable_params": 0.3,
 }
 
-#: Stage 3: the UAP audit at the papers' main setting (L2, ζ = 4% of the mean training-image norm).
+#: Stage 3: the UAP audit at the papers' main setting (L2, ζ = 4% of the mean training-image norm), from the
+#: whole training split and every bundled natural photo (the default ``num_source_images: all``).
 DEMO_AUDIT: dict[str, Any] = {
     "sources": ("train", "natural"),
     "zetas": (0.04,),
     "norm": "2",
-    "num_source_images": 128,
     "num_random": 10,
 }
 

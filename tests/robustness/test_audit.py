@@ -258,3 +258,21 @@ def test_pictures(tmp_path):
         save_perturbation_png(v, tmp_path / "x.png", amplify=0)
     with pytest.raises(DataError, match=r"perturbation must be \(C, H, W\)"):
         perturbation_to_image(v[None])
+
+
+def test_zeta_is_checked_once_on_its_way_to_the_loop(colour_task, monkeypatch):
+    # --zeta -> AuditConfig (checked there, once per value) -> audit() -> attack -> loop (not again)
+    from medtune.robustness import AuditConfig, UAPParams, params
+
+    calls = []
+    check = params.CHECKS["zeta"]
+    monkeypatch.setitem(params.CHECKS, "zeta", lambda *a: calls.append(a[0]) or check(*a))
+    cfg = AuditConfig(zetas=(0.04, 0.08), sources="train", num_source_images=16, max_passes=1, num_random=1)
+    assert calls == [0.04, 0.08] and isinstance(cfg.uap, UAPParams) and cfg.uap.batch_size == cfg.batch_size
+    result = audit(colour_task["model"], cfg, train_images=colour_task["train_x"], test_images=colour_task["test_x"],
+                   test_labels=colour_task["test_y"])
+    assert calls == [0.04, 0.08] and [r["zeta"] for r in result.records] == [0.04, 0.08]
+    with pytest.raises(ConfigError, match=r"'zeta' parameter of UAPParams must be a float in \(0, 1\]"):
+        UAPParams(zeta=4)
+    with pytest.raises(ConfigError, match="Unknown parameter 'zetta' of compute_uap. Did you mean 'zeta'"):
+        UAPParams.create("compute_uap", knobs={"zetta": 0.1})

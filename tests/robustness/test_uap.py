@@ -257,7 +257,7 @@ def test_uint8_and_float_images_give_the_same_uap(random_setup):
 
 def test_masked_and_whole_batch_passes_agree(colour_task):
     # the two exact ways of stepping on the not-yet-fooled images of a batch (see _batched_pass)
-    from medtune.robustness.uap import _batched_pass, _Stepper
+    from medtune.robustness._loop import _batched_pass, _Stepper
 
     model, images = colour_task["model"], colour_task["train_x"][:64]
     clean = model(images.float() / 255).argmax(1)
@@ -325,7 +325,7 @@ def test_grey_uaps_stay_in_the_grey_subspace(grey_task, norm, algorithm):
 
 @pytest.mark.parametrize("norm", [2, "inf"])
 def test_step_size_step_norm_and_decay(random_setup, norm):
-    from medtune.robustness.uap import _Stepper
+    from medtune.robustness._loop import _Stepper
 
     grad = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     key = "2" if norm == 2 else "inf"

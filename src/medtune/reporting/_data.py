@@ -83,6 +83,7 @@ class RobustnessData:
     non_targeted: pd.DataFrame | None
     targeted: pd.DataFrame | None
     uap_figure: Figure | None
+    source_figure: Figure | None = None  # test fooling vs source images seen (the records' source_curve)
 
 
 @dataclass(frozen=True)
@@ -347,17 +348,19 @@ def _statistics(done: list[Record], metric: str, metrics: list[str], alpha: floa
 
 
 def _robustness(frame: pd.DataFrame, attacks: list[Record], runs: list[Record]) -> RobustnessData:
-    frame = frame.assign(label=frame["label"].fillna("(run not in records)"))
+    frame = frame.assign(label=frame["label"].fillna("(run not in records)"),
+                         num_source_images=pd.to_numeric(frame["num_source_images"], errors="coerce"))
     nt = frame[frame["targeted"].isna()]
     non_targeted = None
     if len(nt):
         non_targeted = nt.groupby(["label", "source", "zeta"], dropna=False).agg(
             runs=("run_id", "nunique"), xi=("xi", "mean"), rate=("fooling_rate", "mean"),
             low=("fooling_ci_low", "mean"), high=("fooling_ci_high", "mean"),
-            rnd=("random_fooling_rate", "mean")).reset_index()
+            rnd=("random_fooling_rate", "mean"), images=("num_source_images", "min")).reset_index()
     tg = frame[frame["targeted"].notna()]
     return RobustnessData(fooling_figure=plots.plot_fooling(attacks, runs), non_targeted=non_targeted,
-                          targeted=tg if len(tg) else None, uap_figure=plots.plot_uaps(attacks, runs))
+                          targeted=tg if len(tg) else None, uap_figure=plots.plot_uaps(attacks, runs),
+                          source_figure=plots.plot_source_curve(attacks, runs))
 
 
 def _search(s: Record, idx: int) -> SearchData:

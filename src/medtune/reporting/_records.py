@@ -204,7 +204,8 @@ def attacks_frame(attacks: Iterable[Mapping[str, Any]], runs: Iterable[Mapping[s
 
     Returns:
         DataFrame with the attack fields plus ``dataset``, ``arch``, ``label`` (None when the
-        attack's run is not among ``runs``).
+        attack's run is not among ``runs``); ``num_source_images``, ``num_distinct_natural_images`` and
+        ``num_photos`` are None in records made before they were stored.
     """
     by_id = {r.get("run_id"): r for r in runs}
     rows = []
@@ -213,7 +214,8 @@ def attacks_frame(attacks: Iterable[Mapping[str, Any]], runs: Iterable[Mapping[s
         row = {k: a.get(k) for k in (
             "attack_id", "run_id", "source", "zeta", "xi", "norm", "targeted", "fooling_rate",
             "fooling_ci_low", "fooling_ci_high", "random_fooling_rate", "random_ci_low",
-            "random_ci_high", "targeted_success", "clean_target_share", "uap_png")}
+            "random_ci_high", "targeted_success", "clean_target_share", "uap_png", "num_source_images",
+            "num_distinct_natural_images", "num_photos", "natural_photos", "protocol", "source_curve")}
         for k in ("zeta", "xi", "fooling_rate", "fooling_ci_low", "fooling_ci_high",
                   "random_fooling_rate", "random_ci_low", "random_ci_high", "targeted_success",
                   "clean_target_share"):

@@ -473,6 +473,39 @@ def plot_fooling(attacks: Sequence[Record], runs: Sequence[Record]) -> Figure | 
     return fig
 
 
+def plot_source_curve(attacks: Sequence[Record], runs: Sequence[Record], max_curves: int = 12) -> Figure | None:
+    """Test fooling rate vs the number of source images the UAP has seen (each record's ``source_curve``: one
+    point per chunk), per non-targeted UAP; the dotted line marks the 10,000 natural images Minagi et al.
+    needed for a rate well above random.
+
+    Returns:
+        Figure, or None without non-targeted attacks that store a curve.
+    """
+    frame = attacks_frame(attacks, runs)
+    if frame.empty:
+        return None
+    frame = frame[frame["targeted"].isna() & frame["source_curve"].map(lambda c: isinstance(c, list) and len(c) > 0)]
+    if frame.empty:
+        return None
+    fig = _figure(6.0, 3.6)
+    ax = fig.subplots()
+    for r in frame.head(max_curves).itertuples():
+        points = np.asarray(r.source_curve, dtype=float).reshape(-1, 2)
+        color, marker = _SOURCE_STYLE.get(str(r.source), ("#9467bd", "D"))
+        ax.plot(points[:, 0], points[:, 1], color=color, marker=marker, alpha=0.8,
+                label=f"{r.label or r.run_id}, {r.source}, ζ = {100 * float(r.zeta):.3g}%")
+        if r.random_fooling_rate is not None and not math.isnan(r.random_fooling_rate):
+            ax.axhline(r.random_fooling_rate, color=color, linestyle=":", linewidth=0.8)
+    ax.axvline(10_000, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("source images seen (log scale; dashed: 10,000, Minagi et al.)")
+    ax.set_ylabel("test fooling rate")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    return fig
+
+
 def plot_uaps(attacks: Sequence[Record], runs: Sequence[Record] = (), max_images: int = 8) -> Figure | None:
     """A grid of the stored UAP images (``uap_png`` paths that exist on disk).
 

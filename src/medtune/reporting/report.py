@@ -135,6 +135,32 @@ def _recommendation(data: ReportData) -> Recommendation:
     return Recommendation(r.get("text", ""), _cards(data), answers=_answers(data), figures=small)
 
 
+#: Minagi et al. 2022 (their Natural_UAP log): test fooling 0.060 after 1,000 natural images, 0.178 after 10,000,
+#: 0.685 after 50,000, against a random control of about 0.15 — a rate well above random needed ≥ 10,000.
+PAPERS_NATURAL_IMAGES = 10_000
+
+
+def at_papers_scale(source: str, fool: dict) -> bool:
+    """Whether a natural-image rate was measured from as many distinct images as the papers needed."""
+    if source not in ("natural", "mixed"):
+        return True
+    num = fool.get("num_images")
+    return not fool.get("builtin_photos") and num is not None and num >= PAPERS_NATURAL_IMAGES
+
+
+def exposure_phrase(source: str, fool: dict) -> str:
+    """``from natural images 9% (from 16 natural images; ...)``: a rate with the number of images it came from."""
+    num = fool.get("num_images")
+    count = "" if num is None else f"from {num:,} {source} images"
+    if source not in ("natural", "mixed"):
+        return f"from {source} images {fool['rate']:.0%}" + (f" ({count})" if count else "")
+    needed = f"Minagi et al. needed ≥ {PAPERS_NATURAL_IMAGES:,} for a rate well above random"
+    if at_papers_scale(source, fool):
+        return f"from {source} images {fool['rate']:.0%} ({count}; {needed})"
+    return (f"from {source} images not measured at the papers' scale ({fool['rate']:.0%} "
+            f"{count or 'from an unrecorded number of images'}; {needed})")
+
+
 def _answers(data: ReportData) -> str:
     """One paragraph for the three questions: how deep, which strategy, how exposed to UAPs."""
     m, r, parts = data.metric, data.recommendation, []
@@ -159,7 +185,7 @@ def _answers(data: ReportData) -> str:
             exposure = {r["label"]: exposure[r["label"]]}
             parts.append(f"How exposed, at {zeta}:")
         for label, fool in exposure.items():
-            rates = ", ".join(f"from {src} images {f['rate']:.0%}" for src, f in sorted(fool.items()))
+            rates = ", ".join(exposure_phrase(src, f) for src, f in sorted(fool.items()))
             random = max(f["random_rate"] for f in fool.values())
             parts.append(f"{label}: UAP fooling {rates} vs random noise of the same norm {random:.0%}.")
     elif data.counts.num_done:
@@ -183,9 +209,11 @@ def _cards(data: ReportData) -> list[Card]:
         cards.append(Card(f"{r['time_ratio']:.1f}×", "faster training than full fine-tuning"))
     if data.headline_fooling is not None:
         source, fool = data.headline_fooling
+        scale = "" if at_papers_scale(source, fool) else "; not measured at the papers' scale"
+        count = "" if fool.get("num_images") is None else f" from {fool['num_images']:,} {source} images"
         cards.append(Card(f"{fool['rate']:.0%}",
-                          f"UAP fooling rate, ζ = {100 * data.main_zeta:.3g}%, {source}-image source "
-                          f"(random control {fool['random_rate']:.0%})"))
+                          f"UAP fooling rate, ζ = {100 * data.main_zeta:.3g}%,{count or f' {source}-image source'} "
+                          f"(random control {fool['random_rate']:.0%}{scale})"))
     return cards
 
 
@@ -369,11 +397,18 @@ def _robustness(data: ReportData) -> list[Block]:
         blocks.append(Figure("fooling", rb.fooling_figure,
                              "Fooling rate vs ζ per UAP source (mean over audited runs; bars: 95% CI)."))
     if rb.non_targeted is not None:
-        rows = [[str(r.label), str(r.source), f"{100 * r.zeta:.3g}%", fmt_number(r.xi, 2), str(r.runs),
+        rows = [[str(r.label), str(r.source), fmt_count(r.images),
+                 f"{100 * r.zeta:.3g}%", fmt_number(r.xi, 2), str(r.runs),
                  f"{fmt_number(r.rate, 2)} [{fmt_number(r.low, 2)}, {fmt_number(r.high, 2)}]", fmt_number(r.rnd, 2)]
                 for r in rb.non_targeted.itertuples()]
-        blocks.append(Table(["configuration", "source", "ζ", "ξ (pixel units)", "runs", "fooling rate [95% CI]",
-                             "random control"], rows, caption="Non-targeted UAPs (means over runs)."))
+        blocks.append(Table(["configuration", "source", "source images", "ζ", "ξ (pixel units)", "runs",
+                             "fooling rate [95% CI]", "random control"], rows,
+                            caption="Non-targeted UAPs (means over runs; source images: the fewest over the runs)."))
+    if rb.source_figure is not None:
+        blocks.append(Figure("source_curve", rb.source_figure,
+                             "Test fooling rate vs the number of source images seen (one point per chunk; dotted: "
+                             "each UAP's random control). Minagi et al. needed ≥ 10,000 natural images for a rate "
+                             "well above random."))
     if rb.targeted is not None:
         rows = [[str(r.label), str(r.source), f"{100 * r.zeta:.3g}%", fmt_number(r.targeted, 0),
                  fmt_number(r.targeted_success, 2), fmt_number(r.clean_target_share, 2)]

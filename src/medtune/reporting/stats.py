@@ -620,7 +620,8 @@ def paired_validation_tests(runs: Sequence[Record], labels: Sequence[str], best:
 
 def fooling_at(attacks: Sequence[Record], runs: Sequence[Record], label: str, zeta: float) -> dict | None:
     """Mean non-targeted fooling rates of configuration ``label`` at ``zeta`` per source
-    (``{source: {rate, ci_low, ci_high, random_rate, num_runs}}``), or None without such audits."""
+    (``{source: {rate, ci_low, ci_high, random_rate, num_runs, num_images, num_photos, builtin_photos}}``;
+    ``num_images``: the fewest distinct source images over the runs), or None without such audits."""
     if not attacks:
         return None
     frame = attacks_frame(attacks, runs)
@@ -634,8 +635,21 @@ def fooling_at(attacks: Sequence[Record], runs: Sequence[Record], label: str, ze
         out[str(source)] = {"rate": float(g["fooling_rate"].mean()), "ci_low": float(g["fooling_ci_low"].mean()),
                             "ci_high": float(g["fooling_ci_high"].mean()),
                             "random_rate": float(g["random_fooling_rate"].mean()),
-                            "num_runs": int(g["run_id"].nunique())}
+                            "num_runs": int(g["run_id"].nunique()), **_source_size(g)}
     return out
+
+
+def _source_size(g: pd.DataFrame) -> dict:
+    """The fewest distinct source images and photos over the runs (None where older records lack them), and
+    whether only the bundled photos were used."""
+    def fewest(column: str) -> int | None:
+        values = pd.to_numeric(g[column], errors="coerce").dropna() if column in g else pd.Series(dtype=float)
+        return int(values.min()) if len(values) else None
+
+    distinct = fewest("num_distinct_natural_images")
+    return {"num_images": distinct if distinct is not None else fewest("num_source_images"),
+            "num_photos": fewest("num_photos"),
+            "builtin_photos": bool("natural_photos" in g and (g["natural_photos"] == "builtin").any())}
 
 
 def _recommend_text(r: dict[str, Any], zeta: float, alpha: float) -> str:

@@ -8,6 +8,7 @@ store-side driver, :mod:`medtune.robustness.driver`) audits stored runs with an 
 from medtune.robustness._registry import create_attack, list_attacks, register_attack
 from medtune.robustness.audit import audit, resolve_channels
 from medtune.robustness.config import AuditConfig
+from medtune.robustness.params import UAPParams
 from medtune.robustness.evaluate import evaluate_perturbation, mcnemar_test, rate_ci, transfer_matrix
 from medtune.robustness.plots import (
     perturbation_to_image,
@@ -40,6 +41,7 @@ __all__ = [
     "AuditConfig",
     "BUILTIN_PHOTOS",
     "UAPAttack",
+    "UAPParams",
     "apply_perturbation",
     "audit",
     "budget_xi",

@@ -116,9 +116,11 @@ def predict(
     batch_size: int = 128,
     device: torch.device,
     channels_last: bool = False,
+    clip: bool = True,
 ) -> torch.Tensor:
-    """Predicted classes (N,) int64 on CPU for ``clip(images + perturbation, 0, 1)``; ``images`` a
-    tensor or a ``DiskImages`` (read ``batch_size`` rows at a time, ahead of the model).
+    """Predicted classes (N,) int64 on CPU for ``clip(images + perturbation, 0, 1)`` (unclipped with
+    ``clip=False``); ``images`` a tensor or a ``DiskImages`` (read ``batch_size`` rows at a time, ahead
+    of the model).
 
     The model must already be in eval mode and on ``device``.
     """
@@ -134,7 +136,7 @@ def predict(
     for sl in batches(images.shape[0], batch_size):
         x = to_float(images[sl], device, channels_last=channels_last)
         if v is not None:
-            x = (x + v).clamp_(0.0, 1.0)
+            x = (x + v).clamp_(0.0, 1.0) if clip else x + v
         preds[sl] = model(x).argmax(dim=1).cpu()
     return preds
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import inspect
 from typing import Any
@@ -40,7 +41,10 @@ def create_attack(name: str, **params: Any) -> Any:
     if name not in _ATTACKS:
         raise unknown_name_error("attack", name, _ATTACKS)
     cls = _ATTACKS[name]
-    accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
+    signature = inspect.signature(cls).parameters.values()
+    accepted = [p.name for p in signature if p.name != "self" and p.kind is not p.VAR_KEYWORD]
+    if hasattr(cls, "params_type"):  # an attack that takes its parameter object's fields as keywords
+        accepted += [f.name for f in dataclasses.fields(cls.params_type)]
     for key in params:
         if key not in accepted:
             raise ConfigError(

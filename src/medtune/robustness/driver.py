@@ -141,8 +141,8 @@ def _audit_run(store: ResultsStore, record: dict, cfg: AuditConfig, device: torc
     test = data.split("test")
     log(f"{run_id} {record['label']}: UAP audit ({', '.join(cfg.sources)}; ζ={', '.join(map(str, cfg.zetas))}; "
         f"L{cfg.norm})")
-    result = audit(model, test_images=test.images, test_labels=test.labels, train_images=data.split("train").images,
-                   class_names=data.class_names, device=device, **cfg.semantic_dict())
+    result = audit(model, cfg, test_images=test.images, test_labels=test.labels, train_images=data.split("train").images,
+                   class_names=data.class_names, device=device)
     folder = store.run_dir(run_id) / "uap"
     folder.mkdir(exist_ok=True)
     attacks = []
@@ -177,6 +177,25 @@ def _write_artifacts(folder: Path, aid: str, rec: dict, v: torch.Tensor, control
     return {"perturbation_file": str(vfile), "uap_png": str(png), "examples_png": str(shown)}
 
 
+def _transfer_groups(chosen: Sequence[dict], by_id: Mapping[str, dict],
+                     log: Callable[[str], None]) -> dict[tuple, dict]:
+    """The UAPs of ``chosen`` attacks by (fingerprint, H, W) and target: {key: {target: {run_id: (attack, v)}}}."""
+    from safetensors.torch import load_file
+
+    groups: dict[tuple, dict] = {}
+    for a in chosen:
+        try:
+            v = load_file(a["perturbation_file"])["v"]
+        except Exception as exc:  # deleted or damaged file (FileNotFoundError, SafetensorError, KeyError)
+            log(f"transfer: skipped the UAP of run {a['run_id']}: {a['perturbation_file']} is missing or unreadable "
+                f"({type(exc).__name__}); re-run `medtune attack {a['run_id']}` to write it again")
+            continue
+        run = by_id[a["run_id"]]
+        key = (run.get("data_fingerprint") or run.get("dataset"), *v.shape[-2:])
+        groups.setdefault(key, {}).setdefault(a.get("targeted"), {})[a["run_id"]] = (a, v)
+    return groups
+
+
 def transfer_zeta(zetas: Sequence[float]) -> float:
     """The ζ of the transfer matrix: the middle of the audit's sorted ζ (the lower middle for an even count)."""
     ordered = sorted(zetas)
@@ -194,24 +213,12 @@ def _transfer(store: ResultsStore, records: Sequence[dict], attacks: Sequence[di
     ``data_fingerprint``, ``img_size`` and ``labels``. Runs that cannot be compared are logged, never
     dropped silently.
     """
-    from safetensors.torch import load_file
-
     from medtune.robustness.evaluate import rate_ci, transfer_matrix
 
     zeta, source = transfer_zeta(cfg.zetas), cfg.sources[0]
     by_id = {r["run_id"]: r for r in records}
     chosen = [a for a in attacks if a.get("source") == source and a.get("zeta") == zeta and a.get("run_id") in by_id]
-    groups: dict[tuple, dict] = {}  # (fingerprint, H, W) -> {target: {run_id: attack}}
-    for a in chosen:
-        try:
-            v = load_file(a["perturbation_file"])["v"]
-        except Exception as exc:  # deleted or damaged file (FileNotFoundError, SafetensorError, KeyError)
-            log(f"transfer: skipped the UAP of run {a['run_id']}: {a['perturbation_file']} is missing or unreadable "
-                f"({type(exc).__name__}); re-run `medtune attack {a['run_id']}` to write it again")
-            continue
-        run = by_id[a["run_id"]]
-        key = (run.get("data_fingerprint") or run.get("dataset"), *v.shape[-2:])
-        groups.setdefault(key, {}).setdefault(a.get("targeted"), {})[a["run_id"]] = (a, v)
+    groups = _transfer_groups(chosen, by_id, log)
     out = []
     for (fingerprint, height, width), per_target in groups.items():
         for target, members in per_target.items():

@@ -70,11 +70,12 @@ def evaluate_perturbation(
     class_names: Sequence[str] | None = None,
     batch_size: int = 128,
     device: str | torch.device | None = None,
+    clip: bool = True,
 ) -> dict:
-    """Fooling rate, targeted success, accuracies and confusion of ``clip(x + v, 0, 1)``.
+    """Fooling rate, targeted success, accuracies and confusion of ``clip(x + v, 0, 1)`` (``x + v`` with
+    ``clip=False``, as the papers' code evaluated).
 
-    The fooling rate compares the prediction on x+v with the prediction on x, not with the label
-    (Moosavi-Dezfooli et al.; Hirano et al.): a model that is wrong but unchanged is not fooled.
+    Fooled means a prediction on x+v other than on x, whatever the label (Moosavi-Dezfooli et al.).
 
     Args:
         model: maps float (N, 3, H, W) in [0, 1] to logits (N, K).
@@ -85,6 +86,7 @@ def evaluate_perturbation(
         class_names: keys of ``per_class``; default the class indices as strings.
         batch_size: images per forward pass.
         device: default the model's device.
+        clip: clip x+v to [0, 1] (default).
 
     Returns:
         A JSON-serialisable dict: ``num_images``, ``fooling_rate``, ``fooling_ci_low``,
@@ -107,62 +109,65 @@ def evaluate_perturbation(
             f"{tuple(images.shape[1:])}; compute the UAP at the model's input size."
         )
     perturbation = perturbation.reshape(images.shape[1:])
-    num = int(images.shape[0])
     dev = model_device(model, device)
     with eval_mode(model):
         num_classes = num_outputs(model, images, dev)
         target = check_target(targeted, "evaluate_perturbation", num_classes=num_classes)
         clean = predict(model, images, batch_size=batch_size, device=dev).numpy()
-        adv = predict(
-            model, images, perturbation=perturbation, batch_size=batch_size, device=dev
-        ).numpy()
+        adv = predict(model, images, perturbation=perturbation, batch_size=batch_size, device=dev, clip=clip).numpy()
     if class_names is None:
         class_names = [str(k) for k in range(num_classes)]
     elif len(class_names) != num_classes:
-        raise ConfigError(
-            f"class_names has {len(class_names)} names but the model outputs {num_classes} classes."
-        )
+        raise ConfigError(f"class_names has {len(class_names)} names but the model outputs {num_classes} classes.")
+    no_labels = {"clean_accuracy": None, "perturbed_accuracy": None, "per_class": None}
+    return {**_fooling(clean, adv), **_targeted(clean, adv, target),
+            **(no_labels if labels is None else _against_labels(clean, adv, labels, class_names)),
+            "confusion": confusion_matrix(clean, adv, labels=np.arange(num_classes)).tolist()}
+
+
+def _fooling(clean: np.ndarray, adv: np.ndarray) -> dict:
+    """The fooling rate with its CI."""
     fooled = clean != adv
-    low, high = rate_ci(int(fooled.sum()), num)
-    out: dict = {
-        "num_images": num,
+    low, high = rate_ci(int(fooled.sum()), clean.shape[0])
+    return {
+        "num_images": int(clean.shape[0]),
         "fooling_rate": float(fooled.mean()),
         "fooling_ci_low": low,
         "fooling_ci_high": high,
         "ci_method": CI_METHOD,
-        "targeted": target,
-        "targeted_success": None,
-        "targeted_ci_low": None,
-        "targeted_ci_high": None,
-        "clean_target_share": None,
-        "clean_accuracy": None,
-        "perturbed_accuracy": None,
-        "per_class": None,
-        "confusion": confusion_matrix(clean, adv, labels=np.arange(num_classes)).tolist(),
     }
+
+
+def _targeted(clean: np.ndarray, adv: np.ndarray, target: int | None) -> dict:
+    """The share predicted as the target on x+v (with its CI) and on x; None without a target."""
+    out = {"targeted": target, "targeted_success": None, "targeted_ci_low": None, "targeted_ci_high": None,
+           "clean_target_share": None}
     if target is not None:
         hits = adv == target
         out["targeted_success"] = float(hits.mean())
-        out["targeted_ci_low"], out["targeted_ci_high"] = rate_ci(int(hits.sum()), num)
+        out["targeted_ci_low"], out["targeted_ci_high"] = rate_ci(int(hits.sum()), clean.shape[0])
         out["clean_target_share"] = float((clean == target).mean())
-    if labels is not None:
-        y = torch.as_tensor(labels).reshape(-1).cpu().numpy()
-        if y.shape[0] != num:
-            raise DataError(f"labels has {y.shape[0]} entries but there are {num} images.")
-        if y.size and (
-            y.min() < 0 or y.max() >= num_classes or not np.issubdtype(y.dtype, np.integer)
-        ):
-            raise DataError(
-                f"labels must be integer class indices in [0, {num_classes - 1}]. Got values in "
-                f"[{y.min()}, {y.max()}] of dtype {y.dtype} instead."
-            )
-        out["clean_accuracy"] = float((clean == y).mean())
-        out["perturbed_accuracy"] = float((adv == y).mean())
-        out["per_class"] = {
-            str(class_names[k]): (float(fooled[y == k].mean()) if (y == k).any() else None)
-            for k in range(num_classes)
-        }
     return out
+
+
+def _against_labels(clean: np.ndarray, adv: np.ndarray, labels, class_names: Sequence[str]) -> dict:
+    """Clean and perturbed accuracy, and the fooling rate per true class."""
+    num, num_classes = clean.shape[0], len(class_names)
+    y = torch.as_tensor(labels).reshape(-1).cpu().numpy()
+    if y.shape[0] != num:
+        raise DataError(f"labels has {y.shape[0]} entries but there are {num} images.")
+    if y.size and (y.min() < 0 or y.max() >= num_classes or not np.issubdtype(y.dtype, np.integer)):
+        raise DataError(
+            f"labels must be integer class indices in [0, {num_classes - 1}]. Got values in "
+            f"[{y.min()}, {y.max()}] of dtype {y.dtype} instead."
+        )
+    fooled = clean != adv
+    return {
+        "clean_accuracy": float((clean == y).mean()),
+        "perturbed_accuracy": float((adv == y).mean()),
+        "per_class": {str(class_names[k]): (float(fooled[y == k].mean()) if (y == k).any() else None)
+                      for k in range(num_classes)},
+    }
 
 
 def transfer_matrix(

@@ -16,12 +16,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
-from medtune._checks import check_fraction, check_positive_int
+from medtune._checks import check_choice, check_fraction, check_positive_int
 from medtune.errors import ConfigError, DataError
 from medtune.robustness._common import check_images
 
 __all__ = ["natural_images", "natural_image_chunks", "NaturalChunk", "mixed_source", "rgb_to_grey", "BUILTIN_PHOTOS",
-           "IMAGE_SUFFIXES"]
+           "IMAGE_SUFFIXES", "count_photos"]
 
 # Natural photographs the dependencies ship (public domain / CC0 / BSD sample data), loaded offline:
 # ``package:name``. Grey photos are repeated over three channels. Left out on purpose: the
@@ -155,6 +155,18 @@ def _photo_list(folder: str | Path | None) -> tuple[list, Callable[[Any], torch.
     return names, _read_file
 
 
+def count_photos(folder: str | Path | None) -> int:
+    """The number of photos a natural-image folder holds (None: the bundled ``BUILTIN_PHOTOS``)."""
+    return len(_photo_list(folder)[0])
+
+
+def _resized_whole(photo: torch.Tensor, count: int, size: tuple[int, int], rng: np.random.Generator) -> list[torch.Tensor]:
+    """The whole photo resized to the output size (aspect not kept), as the papers' ``load_img(target_size=...)``;
+    ``count`` copies of it."""
+    image = TF.resize(photo, list(size), antialias=True)
+    return [image] * count
+
+
 def _check_size(img_size: int | tuple[int, int], owner: str) -> tuple[int, int]:
     sizes = tuple(img_size) if isinstance(img_size, (tuple, list)) else (img_size, img_size)
     if len(sizes) != 2:
@@ -170,8 +182,9 @@ def natural_image_chunks(
     seed: int = 0,
     chunk_size: int = 1024,
     grey: bool = False,
+    resize: str = "crop",
 ) -> Iterator[NaturalChunk]:
-    """Random crops of natural photos, resized to the model input, streamed in chunks.
+    """Natural photos resized to the model input, whole or as random crops, streamed in chunks.
 
     Each crop has the output's aspect ratio, a height drawn uniformly in [0.25, 1] × the largest
     such crop that fits the photo, and a uniform position; it is resized (antialiased) to the
@@ -188,6 +201,8 @@ def natural_image_chunks(
         seed: seeds the choice of photos and crops.
         chunk_size: crops per chunk (the last one may be smaller).
         grey: convert every crop to grey (:func:`rgb_to_grey`), for grey tasks.
+        resize: ``crop`` (random crops as above) or ``whole`` (each photo resized whole, aspect not
+            kept, as the papers' code; a photo drawn k times gives k copies).
 
     Yields:
         :class:`NaturalChunk` of at most ``chunk_size`` uint8 crops (n, 3, S, S).
@@ -198,6 +213,7 @@ def natural_image_chunks(
             message names it).
     """
     owner = "natural_images"
+    check_choice(resize, "resize", ("crop", "whole"), owner=owner)
     num_images = check_positive_int(num_images, "num_images", owner)
     chunk_size = check_positive_int(chunk_size, "chunk_size", owner)
     size = _check_size(img_size, owner)
@@ -210,7 +226,8 @@ def natural_image_chunks(
     for idx in order:  # photos in the seeded order, each read once
         if counts[idx] == 0:
             continue
-        crops = _random_crops(load(names[idx]), int(counts[idx]), size, rng)
+        make = _resized_whole if resize == "whole" else _random_crops
+        crops = make(load(names[idx]), int(counts[idx]), size, rng)
         photos_in_chunk += 1
         while crops:
             room = chunk_size - len(pending)
@@ -235,8 +252,9 @@ def natural_images(
     folder: str | Path | None = None,
     seed: int = 0,
     grey: bool = False,
+    resize: str = "crop",
 ) -> torch.Tensor:
-    """All the crops of :func:`natural_image_chunks` as one tensor (one chunk of ``num_images``).
+    """All the images of :func:`natural_image_chunks` as one tensor (one chunk of ``num_images``).
 
     Args:
         num_images: number of crops N.
@@ -244,6 +262,7 @@ def natural_images(
         folder: a folder of photos; None uses ``BUILTIN_PHOTOS``.
         seed: seeds the choice of photos and crops.
         grey: convert every crop to grey.
+        resize: ``crop`` or ``whole``.
 
     Returns:
         uint8 tensor (N, 3, S, S) (or (N, 3, H, W)).
@@ -253,7 +272,8 @@ def natural_images(
         DataError: as :func:`natural_image_chunks`.
     """
     num_images = check_positive_int(num_images, "num_images", "natural_images")
-    chunks = natural_image_chunks(num_images, img_size, folder=folder, seed=seed, chunk_size=num_images, grey=grey)
+    chunks = natural_image_chunks(num_images, img_size, folder=folder, seed=seed, chunk_size=num_images, grey=grey,
+                                  resize=resize)
     return next(chunks).images
 
 
