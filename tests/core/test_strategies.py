@@ -339,6 +339,54 @@ def test_lp_ft_phase_two_starts_from_phase_one_head(tiny_cfg, synthetic_data):
     assert [p["name"] for p in result.extras["phases"]] == ["lp", "ft"]
 
 
+def _modes_seen_in_phase_two(spec, cfg, data):
+    """(BatchNorm and dropout ``training`` flags seen in LP-FT's phase 2, buffers before, model)."""
+    from medtune.models import create_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = create_model("medtune_tiny_cnn", num_classes=2, weights="none", drop_rate=0.5)
+    seen = {"bn": set(), "dropout": set()}
+    kinds = {torch.nn.BatchNorm2d: "bn", torch.nn.Dropout: "dropout"}
+    hooks = [m.register_forward_pre_hook(lambda mod, _a, k=kind: seen[k].add(mod.training) if torch.is_grad_enabled()
+                                         else None)
+             for m in model.modules() for cls, kind in kinds.items() if isinstance(m, cls)]
+    assert sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) == 1, "the head's dropout"
+    s = create_strategy(spec)
+    blocks = get_blocks(model)
+    buffers_before = {}
+    ft = s.phases()[1].strategy
+    original = ft.set_trainable
+
+    def at_phase_two(b):  # the probe's weights: what phase 2 starts from
+        buffers_before.update({n: x.detach().clone() for n, x in model.named_buffers()})
+        original(b)
+
+    phases = s.phases()
+    phases[1].strategy.set_trainable = at_phase_two
+    s.phases = lambda: phases
+    fit(model, data, s, cfg.replace(epochs=2, feature_cache="off"), blocks=blocks)
+    for h in hooks:
+        h.remove()
+    return seen, buffers_before, model
+
+
+def test_lp_ft_phase_two_runs_in_eval_mode_and_keeps_bn_statistics_bit_identical(tiny_cfg, synthetic_data):
+    # Kumar et al.'s README runs LP-FT as lp_then_ft_valmode_experiments: use_net_val_mode, net.eval()
+    assert create_strategy("lp_ft").params["ft_mode"] == "eval"
+    seen, before, model = _modes_seen_in_phase_two("lp_ft", tiny_cfg, synthetic_data)
+    assert seen == {"bn": {False}, "dropout": {False}}, "every BatchNorm and dropout in eval mode while training"
+    assert sum("running_mean" in n for n in before) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), f"{n} moved in phase 2"
+    # the option: phase 2 in train mode, as `full`; the statistics move
+    seen, before, model = _modes_seen_in_phase_two("lp_ft:ft_mode=train", tiny_cfg, synthetic_data)
+    assert seen == {"bn": {True}, "dropout": {True}}
+    assert all(not torch.equal(b, before[n]) for n, b in model.named_buffers() if "running_mean" in n)
+    with pytest.raises(ConfigError, match="ft_mode"):
+        create_strategy("lp_ft:ft_mode=frozen")
+
+
 def _classifier_inputs(model, images):
     with torch.no_grad():
         model.eval()

@@ -7,8 +7,10 @@ The loop never branches on a strategy's name. A strategy says which parameters t
 Multi-phase strategies (LP-FT) return their phases from :meth:`Strategy.phases`. Three narrower
 hooks serve the methods that need them: :meth:`Strategy.solve` (the linear probe's convex fit,
 used by ``linear`` and LP-FT), :meth:`Strategy.selectable_from` (gradual unfreezing: no best
-epoch and no early stop before every block has trained) and :meth:`Strategy.freezes_batch_stats`
-(surgical fine-tuning: every BatchNorm in eval mode, as the official code).
+epoch and no early stop before every block has trained), :meth:`Strategy.freezes_batch_stats`
+(surgical fine-tuning: every BatchNorm in eval mode, as the official code) and
+:meth:`Strategy.trains_in_eval_mode` (LP-FT's fine-tuning phase: the whole network in eval mode, as
+Kumar et al.'s ``use_net_val_mode``).
 """
 
 from __future__ import annotations
@@ -243,6 +245,11 @@ class Strategy:
 
     def freezes_batch_stats(self) -> bool:
         """True when every batch-statistics layer (BatchNorm) runs in eval mode, trainable or not."""
+        return False
+
+    def trains_in_eval_mode(self) -> bool:
+        """True when the whole network stays in eval mode while it trains (``model.eval()``: BatchNorm
+        uses and keeps its running statistics, dropout is off), whatever the run's ``bn_mode``."""
         return False
 
     # -- state -----------------------------------------------------------------------------------

@@ -23,6 +23,13 @@ __all__ = ["LPFT", "GradualLF", "GradualFL", "Discriminative", "L2SP", "L1SP", "
 OPTIMIZERS = ("sgd", "adamw")
 
 
+class _FullInEvalMode(Full):
+    """``full`` with the whole network in eval mode while it trains (LP-FT's phase 2; not registered)."""
+
+    def trains_in_eval_mode(self) -> bool:
+        return True
+
+
 @register_strategy("lp_ft")
 class LPFT(Strategy):
     """Linear probe to convergence, then fine-tune everything from the probed head (Kumar et al. 2022).
@@ -34,20 +41,30 @@ class LPFT(Strategy):
     found LP-FT's best LR smaller than fine-tuning's) with ``ft_optimizer``: ``sgd`` (default, as
     their code: SGD, the run's momentum, no weight decay, cosine schedule) or ``adamw`` (the run's
     weight decay).
+
+    ``ft_mode=eval`` (the default) keeps the whole network in eval mode during phase 2: every
+    BatchNorm normalises with, and keeps, the running statistics the probe was fitted under, and
+    dropout is off. That is the variant Kumar et al.'s README runs LP-FT with
+    (``lp_then_ft_valmode_experiments``, which sets ``use_net_val_mode: True``, so
+    ``baseline_train.train`` calls ``net.eval()`` instead of ``net.train()``). ``ft_mode=train``
+    trains phase 2 as ``full`` does (``model.train()``, BatchNorm by the run's ``bn_mode`` rule), their
+    ``lp_then_ft_trainmode_experiments``.
     """
 
-    defaults = {"lp_epochs": 0, "ft_lr_scale": 0.1, "ft_optimizer": "sgd"}
+    defaults = {"lp_epochs": 0, "ft_lr_scale": 0.1, "ft_optimizer": "sgd", "ft_mode": "eval"}
 
     def validate(self) -> None:
         check_int_param(self, "lp_epochs")
         check_float_param(self, "ft_lr_scale", include_min=False)
         check_choice(self.params["ft_optimizer"], "ft_optimizer", OPTIMIZERS, owner=f"strategy {self.name!r}")
+        check_choice(self.params["ft_mode"], "ft_mode", ("eval", "train"), owner=f"strategy {self.name!r}")
 
     def phases(self) -> list[Phase]:
         probe = Linear(**({"max_epochs": self.params["lp_epochs"]} if self.params["lp_epochs"] else {}))
         sgd = self.params["ft_optimizer"] == "sgd"
+        fine_tune = _FullInEvalMode() if self.params["ft_mode"] == "eval" else Full()
         return [dataclasses.replace(probe.phases()[0], name="lp"),
-                Phase(strategy=Full(), name="ft", lr_scale=float(self.params["ft_lr_scale"]),
+                Phase(strategy=fine_tune, name="ft", lr_scale=float(self.params["ft_lr_scale"]),
                       optimizer=self.params["ft_optimizer"], weight_decay=0.0 if sgd else None)]
 
     def depth(self, num_blocks: int) -> int:

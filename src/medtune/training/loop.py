@@ -92,10 +92,16 @@ def lr_at(step: int, *, total_steps: int, warmup_steps: int, base_lr: float, min
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def set_train_mode(model: nn.Module, bn_mode: str, *, all_batch_stats_frozen: bool = False) -> None:
+def set_train_mode(model: nn.Module, bn_mode: str, *, all_batch_stats_frozen: bool = False,
+                   eval_mode: bool = False) -> None:
     """``model.train()``, then batch-statistics layers (BatchNorm) go to eval mode (running statistics
     frozen): every one with ``all_batch_stats_frozen`` (the strategy's choice, e.g. surgical), else
-    those whose parameters are all frozen unless ``bn_mode == "train"``."""
+    those whose parameters are all frozen unless ``bn_mode == "train"``. ``eval_mode`` (the strategy's
+    choice, e.g. LP-FT's fine-tuning phase) keeps the whole network in eval mode instead: every
+    BatchNorm and dropout layer, trainable or not."""
+    if eval_mode:
+        model.eval()
+        return
     model.train()
     if bn_mode == "train" and not all_batch_stats_frozen:
         return
@@ -591,13 +597,15 @@ def _run_epoch(run: _Setup, phase: _Phase, ctx: EpochContext, state: dict, log: 
     probe passes) is timed as training."""
     cfg, model = run.cfg, run.model
     frozen_stats = phase.strategy.freezes_batch_stats()
+    eval_mode = phase.strategy.trains_in_eval_mode()
     ctx.optimizer = phase.optimizer
     ctx.batches = lambda n, _e=phase.epoch: _probe_batches(run, phase, _e, n)
-    set_train_mode(model, cfg.bn_mode, all_batch_stats_frozen=frozen_stats)
+    set_train_mode(model, cfg.bn_mode, all_batch_stats_frozen=frozen_stats, eval_mode=eval_mode)
     t0 = time.perf_counter()
     phase.strategy.on_epoch_start(phase.epoch, ctx)
     phase.optimizer = ctx.optimizer
-    set_train_mode(model, cfg.bn_mode, all_batch_stats_frozen=frozen_stats)  # the hook may have unfrozen layers
+    # the hook may have unfrozen layers
+    set_train_mode(model, cfg.bn_mode, all_batch_stats_frozen=frozen_stats, eval_mode=eval_mode)
     state["trained"].update(id(p) for g in phase.optimizer.param_groups for p in g["params"])
     solved = _solve(run, phase, state) if phase.epoch == 0 else None
     if solved is None:
