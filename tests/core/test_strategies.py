@@ -204,33 +204,78 @@ def test_discriminative_lrs_per_block(tiny_model):
 
 
 @pytest.mark.parametrize("name", ["l2_sp", "l1_sp"])
-def test_sp_penalty_equals_formula_and_gradient_equals_autograd(name, tiny_model):
+@pytest.mark.parametrize("tensors", ["weights", "all"])
+def test_sp_penalty_equals_formula_and_gradient_equals_autograd(name, tensors, tiny_model):
     blocks = get_blocks(tiny_model)
-    s = create_strategy(f"{name}:alpha=0.3,beta=0.2")
+    s = create_strategy(f"{name}:alpha=0.3,beta=0.2" + ("" if tensors == "weights" else ",tensors=all"))
     s.set_trainable(blocks)
-    head = [p for p in blocks.parameters(blocks.head_idx)]
-    head_ids = {id(p) for p in head}
-    backbone = [p for p in tiny_model.parameters() if id(p) not in head_ids]
-    w0 = [p.detach().clone() for p in backbone]
+    # Li et al.'s official code (weight_decay_mode 1, the default): kernels only; mode 101: every tensor
+    keep = (lambda p: p.dim() >= 2) if tensors == "weights" else (lambda p: True)
+    classifier = list(blocks.model.get_classifier().parameters())
+    new = [p for p in classifier if keep(p)]
+    new_ids = {id(p) for p in classifier}
+    pretrained = [p for p in tiny_model.parameters() if id(p) not in new_ids and keep(p)]
+    assert [id(p) for p in s.penalised()[0]] == [id(p) for p in pretrained]
+    assert [id(p) for p in s.penalised()[1]] == [id(p) for p in new]
+    untouched = [p for p in tiny_model.parameters() if not keep(p)]
+    assert (len(untouched) > 0) == (tensors == "weights"), "biases and BatchNorm affine parameters"
+    w0 = [p.detach().clone() for p in pretrained]
     torch.manual_seed(3)
     with torch.no_grad():
         for p in tiny_model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     if name == "l2_sp":
-        expected = 0.3 / 2 * sum(((p - w) ** 2).sum() for p, w in zip(backbone, w0))
+        expected = 0.3 / 2 * sum(((p - w) ** 2).sum() for p, w in zip(pretrained, w0))
     else:
-        expected = 0.3 * sum((p - w).abs().sum() for p, w in zip(backbone, w0))
-    expected = expected + 0.2 / 2 * sum((p ** 2).sum() for p in head)
+        expected = 0.3 * sum((p - w).abs().sum() for p, w in zip(pretrained, w0))
+    expected = expected + 0.2 / 2 * sum((p ** 2).sum() for p in new)
     penalty = s.extra_loss(tiny_model)
     assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)
     penalty.backward()
-    for p, w in zip(backbone, w0):
+    for p, w in zip(pretrained, w0):
         analytic = 0.3 * (p - w) if name == "l2_sp" else 0.3 * torch.sign(p - w)
         torch.testing.assert_close(p.grad, analytic.detach(), rtol=1e-5, atol=1e-6)
-    for p in head:
+    for p in new:
         torch.testing.assert_close(p.grad, 0.2 * p.detach(), rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in untouched)
     groups = s.param_groups(blocks, 1e-3, 0.05)
     assert all(g["weight_decay"] == 0.0 for g in groups), "no weight decay under *-SP"
+
+
+def test_sp_beta_covers_only_the_new_classifier_of_vgg16_and_fc6_fc7_go_towards_w0():
+    from medtune.models import create_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = create_model("tv:vgg16", num_classes=2, weights="none")
+    blocks = get_blocks(model)
+    fc6, fc7, fc8 = (model.backbone.classifier[i] for i in (0, 3, 6))
+    conv1 = model.backbone.features[0]
+    head_block = {id(p) for p in blocks.parameters(blocks.head_idx)}
+    assert {id(p) for m in (fc6, fc7, fc8) for p in m.parameters()} <= head_block, "the partition's head block"
+    for name in ("l2_sp", "l1_sp"):
+        # alpha = 0, a huge beta: the penalty must not move fc6 or fc7 (they are pretrained, not new)
+        s = create_strategy(f"{name}:alpha=0,beta=1e6,tensors=all")
+        s.set_trainable(blocks)
+        pretrained, new = s.penalised()
+        assert {id(p) for p in new} == {id(fc8.weight), id(fc8.bias)}
+        print(f"{name} on tv:vgg16: {sum(p.numel() for p in new):,} parameters under beta (fc8), "
+              f"{sum(p.numel() for p in pretrained):,} under alpha")
+        assert sum(p.numel() for p in new) == 4096 * 2 + 2
+        assert sum(p.numel() for p in pretrained) + sum(p.numel() for p in new) == sum(p.numel() for p in model.parameters())
+        watched = {"fc6": fc6.weight, "fc6.bias": fc6.bias, "fc7": fc7.weight, "conv1": conv1.weight, "fc8": fc8.weight}
+        grads = torch.autograd.grad(s.extra_loss(model), list(watched.values()), allow_unused=True)
+        for k, g in zip(watched, grads):
+            assert (g is not None and bool(g.any())) == (k == "fc8"), f"{k}: only the new layer decays under beta"
+        # alpha pulls fc6 towards w0: a step away from w0 gives the penalty's gradient alpha·(w - w0) on fc6
+        s = create_strategy(f"{name}:alpha=0.5,beta=0")
+        s.set_trainable(blocks)
+        with torch.no_grad():
+            fc6.weight.add_(0.01)
+        grad_w, grad_b = torch.autograd.grad(s.extra_loss(model), [fc6.weight, fc6.bias], allow_unused=True)
+        expected = torch.full_like(fc6.weight, 0.5 * 0.01 if name == "l2_sp" else 0.5)
+        torch.testing.assert_close(grad_w, expected, rtol=1e-3, atol=1e-7)
+        assert grad_b is None, "tensors=weights (the default): kernels only, as the official code"
 
 
 def test_auto_rgn_weights_equal_a_direct_computation(tiny_cfg, synthetic_data):

@@ -163,31 +163,46 @@ class Discriminative(Strategy):
 
 
 class _StartingPoint(Strategy):
-    """Regularisation towards the starting point w0 (Li et al. 2018).
+    """Regularisation towards the starting point w0 (Li, Grandvalet & Davoine 2018).
 
-    The loss gains ``alpha * Omega(w - w0)`` over the backbone and ``beta/2 * ||w_head||^2`` on the
-    head; the optimiser applies no weight decay (the head's decay is the beta term). w0 is kept
-    once (a detached copy taken in ``set_trainable``), not copied per step. ``optimizer=sgd`` (the
-    default, as Li et al. and TLlib: SGD with the run's momentum, so alpha keeps its meaning) or
-    ``adamw`` (which rescales the penalty's gradient per coordinate).
+    The loss gains ``alpha * Omega(w - w0)`` over every *pretrained* parameter and
+    ``beta/2 * ||w_new||^2`` over the *new* classifier layer only (``get_classifier()``: the layer
+    created for the task, e.g. VGG's fc8; VGG's and AlexNet's fc6 and fc7 are pretrained, so they sit
+    under alpha with the rest, although the block partition counts them in the head block). As Li et
+    al.'s official code (``model/network_base.py`` of holyseven/TransferLearningClassification,
+    ``weight_decay_mode`` 1, its default), ``tensors=weights`` (the default) regularises the
+    convolution and linear kernels only (the TF-slim ``weights`` variables: tensors of two or more
+    dimensions), not biases or normalisation parameters; ``tensors=all`` regularises every tensor (their
+    mode 101). Their ``tf.nn.l2_loss`` is ``sum(x**2) / 2``, hence the halves. The optimiser applies no
+    weight decay (the new layer's decay is the beta term). w0 is kept once (a detached copy taken in
+    ``set_trainable``), not copied per step. ``optimizer=sgd`` (the default, as Li et al. and TLlib:
+    SGD with the run's momentum, so alpha keeps its meaning) or ``adamw`` (which rescales the
+    penalty's gradient per coordinate).
     """
 
-    defaults = {"alpha": 0.01, "beta": 0.01, "optimizer": "sgd"}
+    defaults = {"alpha": 0.01, "beta": 0.01, "optimizer": "sgd", "tensors": "weights"}
 
     def validate(self) -> None:
         check_float_param(self, "alpha")
         check_float_param(self, "beta")
         check_choice(self.params["optimizer"], "optimizer", OPTIMIZERS, owner=f"strategy {self.name!r}")
+        check_choice(self.params["tensors"], "tensors", ("weights", "all"), owner=f"strategy {self.name!r}")
 
     def phases(self) -> list[Phase]:
         return [Phase(strategy=self, name=self.name, optimizer=self.params["optimizer"], weight_decay=0.0)]
 
     def set_trainable(self, blocks) -> None:
         super().set_trainable(blocks)
-        head = set(id(p) for p in blocks.parameters(blocks.head_idx))
-        self._backbone = [p for p in blocks.model.parameters() if id(p) not in head]
-        self._w0 = [p.detach().clone() for p in self._backbone]
-        self._head = blocks.parameters(blocks.head_idx)
+        regularised = ((lambda p: p.dim() >= 2) if self.params["tensors"] == "weights" else (lambda p: True))
+        new = {id(p) for p in blocks.model.get_classifier().parameters()}
+        self._pretrained = [p for p in blocks.model.parameters() if id(p) not in new and regularised(p)]
+        self._w0 = [p.detach().clone() for p in self._pretrained]
+        self._new = [p for p in blocks.model.get_classifier().parameters() if regularised(p)]
+
+    def penalised(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(the parameters pulled towards w0 under alpha, the new layer's parameters under beta), after
+        :meth:`set_trainable`."""
+        return list(self._pretrained), list(self._new)
 
     def param_groups(self, blocks, lr: float, weight_decay: float) -> list[dict]:
         return super().param_groups(blocks, lr, 0.0)
@@ -196,9 +211,13 @@ class _StartingPoint(Strategy):
         raise NotImplementedError
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor:
-        diffs = [p - w0 for p, w0 in zip(self._backbone, self._w0)]
-        head = torch.stack([p.pow(2).sum() for p in self._head]).sum()
-        return self.params["alpha"] * self.distance(diffs) + 0.5 * self.params["beta"] * head
+        alpha, beta = self.params["alpha"], self.params["beta"]
+        total = torch.zeros((), device=self._new[0].device if self._new else None)
+        if alpha and self._pretrained:  # a zero term is skipped, not computed (VGG: 134M parameters)
+            total = total + alpha * self.distance([p - w0 for p, w0 in zip(self._pretrained, self._w0)])
+        if beta and self._new:
+            total = total + 0.5 * beta * torch.stack([p.pow(2).sum() for p in self._new]).sum()
+        return total
 
     def depth(self, num_blocks: int) -> int:
         return num_blocks - 1
@@ -206,7 +225,8 @@ class _StartingPoint(Strategy):
 
 @register_strategy("l2_sp")
 class L2SP(_StartingPoint):
-    """Fine-tune everything with (alpha/2)||w - w0||² on the backbone and (beta/2)||w_head||² (L2-SP)."""
+    """Fine-tune everything with (alpha/2)||w - w0||² on the pretrained weights and (beta/2)||w_new||² on the
+    new classifier layer (L2-SP)."""
 
     def distance(self, diffs: list[torch.Tensor]) -> torch.Tensor:
         return 0.5 * torch.stack([d.pow(2).sum() for d in diffs]).sum()
@@ -214,7 +234,8 @@ class L2SP(_StartingPoint):
 
 @register_strategy("l1_sp")
 class L1SP(_StartingPoint):
-    """Fine-tune everything with alpha||w - w0||₁ on the backbone and (beta/2)||w_head||² (L1-SP)."""
+    """Fine-tune everything with alpha||w - w0||₁ on the pretrained weights and (beta/2)||w_new||² on the new
+    classifier layer (L1-SP; the official code's ``weight_decay_mode`` 4)."""
 
     def distance(self, diffs: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([d.abs().sum() for d in diffs]).sum()
