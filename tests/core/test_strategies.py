@@ -278,6 +278,35 @@ def test_sp_beta_covers_only_the_new_classifier_of_vgg16_and_fc6_fc7_go_towards_
         assert grad_b is None, "tensors=weights (the default): kernels only, as the official code"
 
 
+@pytest.mark.parametrize("spec,constant", [("auto_rgn", True), ("auto_rgn:schedule=run", False)])
+def test_auto_rgn_keeps_each_epochs_lr_constant_as_the_official_code(spec, constant, tiny_cfg, synthetic_data):
+    # the reference rebuilds Adam each epoch at lr * w_i and never schedules it
+    strategy = create_strategy(spec)
+    cfg = tiny_cfg.replace(epochs=3, warmup_epochs=0.5, patience=0)
+    seen = []
+    original = strategy.on_epoch_start
+
+    def spy(epoch, ctx):
+        original(epoch, ctx)
+        seen.append(ctx.optimizer)
+
+    strategy.on_epoch_start = spy
+
+    class LastLRs:
+        def on_epoch_end(self, record):
+            seen[-1] = [(g["lr"], g["lr_scale"]) for g in seen[-1].param_groups]
+
+    _, _, _, _, result = _train(strategy, cfg, synthetic_data, callbacks=(LastLRs(),))
+    assert len(seen) == 3 and all(len(groups) > 3 for groups in seen)
+    scales = [s for groups in seen for _, s in groups]
+    assert min(scales) < 1.0 == max(scales), "per-tensor weights w_i, the largest 1"
+    at_base = all(lr == pytest.approx(cfg.lr * scale) for groups in seen for lr, scale in groups)
+    assert at_base == constant
+    assert ([h["lr"] for h in result.history] == [cfg.lr] * 3) == constant
+    if not constant:
+        assert result.history[-1]["lr"] < 0.2 * cfg.lr, "the run's cosine schedule"
+
+
 def test_auto_rgn_weights_equal_a_direct_computation(tiny_cfg, synthetic_data):
     from medtune.models._norm import norm_param_ids
     from medtune.strategies.base import EpochContext

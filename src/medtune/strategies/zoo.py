@@ -246,10 +246,21 @@ class AutoRGN(Strategy):
     """Per-tensor LR scaled by the relative gradient norm (Lee et al. 2023, official algorithm).
 
     At the start of every epoch, on ``num_batches`` training mini-batches: RGN_i = mean over the
-    batches of ||grad θ_i||₂ / ||θ_i||₂ for every tensor that is not a normalisation parameter (the
-    official code's tensors without ``bn`` in their names); w_i = RGN_i / max_j RGN_j; the optimiser
-    is rebuilt with one group per tensor at lr · w_i, as the reference rebuilds Adam each epoch. As
-    the official code, normalisation parameters are frozen (``requires_grad=False``, outside the
+    batches of ||grad θ_i||₂ / ||θ_i||₂ for every tensor that is not a normalisation parameter;
+    w_i = RGN_i / max_j RGN_j; the optimiser is rebuilt with one group per tensor at lr · w_i, as the
+    reference rebuilds Adam each epoch. ``schedule=constant`` (the default) keeps that LR for the
+    whole epoch, as the reference (``optim.Adam(params_weights, lr=lr)`` each epoch, no scheduler,
+    no warm-up); ``schedule=run`` multiplies w_i by the run's cosine schedule (with its warm-up)
+    instead, as medtune did before.
+
+    Which tensors are normalisation parameters: the official code (``main.py`` of
+    anniesch/surgical-finetuning) filters by name, leaving out every parameter with ``bn`` in its
+    name. On its ResNets that is every BatchNorm but the shortcut ones (``downsample.1``), which
+    stay in with an RGN weight; medtune decides by module type (the parameters of every
+    normalisation layer, :func:`medtune.models._norm.norm_param_ids`), so no name convention of a
+    timm or torchvision backbone lets one through, the shortcut BatchNorms included.
+
+    As the official code, normalisation parameters are frozen (``requires_grad=False``, outside the
     optimiser) and every BatchNorm runs in eval mode, while probing and training, so the running
     statistics never move. ``tune_norm=true`` is medtune's extension: normalisation parameters
     train too, with RGN weights of their own, and their layers follow the run's ``bn_mode`` rule.
@@ -257,13 +268,18 @@ class AutoRGN(Strategy):
     recorded in the run's ``extras["auto_rgn"]``.
     """
 
-    defaults = {"num_batches": 5, "tune_norm": False}
+    defaults = {"num_batches": 5, "tune_norm": False, "schedule": "constant"}
 
     def validate(self) -> None:
         check_int_param(self, "num_batches", min_val=1)
+        check_choice(self.params["schedule"], "schedule", ("constant", "run"), owner=f"strategy {self.name!r}")
         if not isinstance(self.params["tune_norm"], bool):
             raise ConfigError(f"The 'tune_norm' parameter of strategy 'auto_rgn' must be true or false. "
                               f"Got {self.params['tune_norm']!r}.")
+
+    def phases(self) -> list[Phase]:
+        return [Phase(strategy=self, name=self.name,
+                      schedule="constant" if self.params["schedule"] == "constant" else None)]
 
     def set_trainable(self, blocks) -> None:
         super().set_trainable(blocks)

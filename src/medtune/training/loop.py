@@ -359,6 +359,7 @@ class _Phase:
     feats: dict[str, torch.Tensor]
     best: dict
     epoch: int = 0
+    constant_lr: bool = False
 
     def build_optimizer(self, run: _Setup, groups: list[dict]) -> torch.optim.Optimizer:
         return run.build_optimizer(groups, self.optimizer_kind)
@@ -441,7 +442,8 @@ def _start_phase(run: _Setup, idx: int, spec, state: dict, resume: Checkpoint | 
                    optimizer_kind=spec.optimizer or cfg.optimizer, weight_decay=weight_decay,
                    patience=cfg.patience if spec.patience is None else spec.patience,
                    monitor=spec.monitor or cfg.monitor, optimizer=None, net=model, feats={},
-                   best={"score": None, "state": None, "epoch": -1, "metrics": {}, "bad": 0})
+                   best={"score": None, "state": None, "epoch": -1, "metrics": {}, "bad": 0},
+                   constant_lr=spec.schedule == "constant")
     phase.optimizer = phase.build_optimizer(run, s.param_groups(blocks, base_lr, weight_decay))
     if resume is not None and resume.phase == idx and resume.optimizer is not None:
         # after set_trainable, so strategies that keep the starting point (L2-SP) keep the pretrained one
@@ -487,8 +489,9 @@ def train_one_epoch(run: _Setup, phase: _Phase) -> tuple[float, float]:
     if isinstance(source, DiskImages):  # read ahead from the decode cache while the model trains
         source.prefetch(batches)
     for b, idx in enumerate(batches):
-        lr = lr_at(phase.epoch * run.steps_per_epoch + b, total_steps=phase.total_steps,
-                   warmup_steps=phase.warmup_steps, base_lr=phase.base_lr)
+        lr = phase.base_lr if phase.constant_lr else lr_at(
+            phase.epoch * run.steps_per_epoch + b, total_steps=phase.total_steps, warmup_steps=phase.warmup_steps,
+            base_lr=phase.base_lr)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         x = run.to_input(fed_at_size(source[idx.to(source.device)], run.train.sizes, idx))
