@@ -468,7 +468,7 @@ def _classifier_inputs(model, images):
                                            pre_logits=True).double().numpy()
 
 
-@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # max_iter=20, as Kumar et al.
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 @pytest.mark.parametrize("num_classes,spec", [(2, "linear"), (3, "linear:c=1.0")])
 def test_linear_probe_head_equals_sklearns_logistic_regression(num_classes, spec, tiny_cfg):
     import numpy as np
@@ -489,9 +489,10 @@ def test_linear_probe_head_equals_sklearns_logistic_regression(num_classes, spec
     train, test = data.split("train"), data.split("test")
     x_train, x_test = _classifier_inputs(model, train.images), _classifier_inputs(model, test.images)
     mean, std = x_train.mean(), x_train.std()  # Kumar et al.'s scalar standardisation
-    # Kumar et al.'s log_reg_sk.py: one LogisticRegression(warm_start=True, max_iter=20) refitted along
+    # Kumar et al.'s log_reg_sk.py: one LogisticRegression(warm_start=True, max_iter=200) refitted along
     # the ascending C grid; the head is that classifier's state at the chosen C
-    ref = LogisticRegression(warm_start=True, max_iter=20)
+    assert create_strategy("linear").params["max_iter"] == 200, "test_log_reg_warm_starting(max_iter=200)"
+    ref = LogisticRegression(warm_start=True, max_iter=200)
     for grid_c in grid[:grid.index(pytest.approx(c)) + 1]:
         ref.C = grid_c
         ref.fit((x_train - mean) / std, train.labels.numpy())
