@@ -150,6 +150,8 @@ class Strategy:
         pretrained: False for strategies that must start from random init (``scratch``).
         granularity: ``block`` or ``layer``, the partition the strategy works on.
         defaults: parameter defaults.
+        revision: bumped when the strategy's default behaviour changes, so the run ids of its runs
+            change with it (0: the ids stores have always had).
     """
 
     name: ClassVar[str] = "base"
@@ -158,6 +160,7 @@ class Strategy:
     pretrained: ClassVar[bool] = True
     granularity: ClassVar[str] = "block"
     defaults: ClassVar[dict[str, Any]] = {}
+    revision: ClassVar[int] = 0
 
     def __init__(self, **params: Any) -> None:
         unknown = set(params) - set(self.defaults)

@@ -67,6 +67,7 @@ class Linear(Strategy):
     show_default_main = False
     defaults = {"scope": "head", "solver": "lbfgs", "c": 0.0, "num_c": 50, "max_iter": 200, "select": "accuracy",
                 "max_epochs": 100, "patience": 5}
+    revision = 1  # 1: max_iter 200 (was 20)
 
     def validate(self) -> None:
         owner = f"strategy {self.name!r}"

@@ -52,6 +52,7 @@ class LPFT(Strategy):
     """
 
     defaults = {"lp_epochs": 0, "ft_lr_scale": 0.1, "ft_optimizer": "sgd", "ft_mode": "eval"}
+    revision = 1  # 1: phase 2 in eval mode, the probe at max_iter 200
 
     def validate(self) -> None:
         check_int_param(self, "lp_epochs")
@@ -181,6 +182,7 @@ class _StartingPoint(Strategy):
     """
 
     defaults = {"alpha": 0.01, "beta": 0.01, "optimizer": "sgd", "tensors": "weights"}
+    revision = 1  # 1: beta on the new classifier only, kernels only
 
     def validate(self) -> None:
         check_float_param(self, "alpha")
@@ -269,6 +271,7 @@ class AutoRGN(Strategy):
     """
 
     defaults = {"num_batches": 5, "tune_norm": False, "schedule": "constant"}
+    revision = 1  # 1: a constant LR per epoch
 
     def validate(self) -> None:
         check_int_param(self, "num_batches", min_val=1)
