@@ -1,10 +1,12 @@
-"""The linear probe's solve: Kumar et al.'s warm-started path (the default) vs. a converged fit per C.
+"""The linear probe's solve: Kumar et al.'s warm-started path (the default) vs. a capped path and a
+converged fit per C.
 
 medtune's ``linear`` fits logistic regression on frozen features as Kumar et al.'s ``log_reg_sk.py``
 does: 50 values of C (1e-7 … 1e2, ascending), one warm-started scikit-learn ``LogisticRegression``
-refitted at each with ``max_iter=20`` (``linear``). Before this round medtune converged every C
-(10 values, ``max_iter=1000``, ``tol=1e-6``: ``linear:num_c=10,max_iter=1000`` with that tolerance).
-This script extracts the classifier inputs once per case and times both solves on the same features,
+refitted at each with ``max_iter=200`` (``linear``, as ``test_log_reg_warm_starting``). medtune's
+earlier defaults are compared on the same features: the same path capped at 20 iterations
+(``linear:max_iter=20``) and a converged fit per C (10 values, ``max_iter=1000``, ``tol=1e-6``:
+``linear:num_c=10,max_iter=1000`` with that tolerance). This script extracts the classifier inputs once per case and times both solves on the same features,
 interleaved (A/B/A/B), and prints the seconds, the chosen C and the validation and test metrics of
 each — selection on validation as always, test reported:
 
@@ -35,8 +37,9 @@ from medtune.strategies.probing import c_grid, fit_logistic_head
 from medtune.training.metrics import compute_metrics
 
 SOLVES = {  # name: (num_c, max_iter, tol)
-    "kumar path (default)": (50, 20, 1e-4),
-    "converged per C (before)": (10, 1000, 1e-6),
+    "Kumar path, max_iter 200 (default)": (50, 200, 1e-4),
+    "path capped at 20 (max_iter=20)": (50, 20, 1e-4),
+    "converged per C": (10, 1000, 1e-6),
 }
 
 

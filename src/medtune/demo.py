@@ -6,7 +6,7 @@ Three stages, each timed:
    (the offline PyPI package), scratch / linear probe / top-k for every k / full fine-tuning,
    2 seeds (:data:`DEMO_SWEEP`);
 2. **search** — DEFT under a parameter budget (30% of the network), its best mask retrained and
-   compared with full, linear and the best top-k on validation (:data:`DEMO_SEARCH`); the
+   compared with scratch, full, linear and the best top-k on validation (:data:`DEMO_SEARCH`); the
    comparison's runs are the sweep's, found in the store;
 3. **audit** — how exposed: non-targeted L2 UAPs at ζ = 4% from the training images and from
    natural photos, beside random controls, of the linear, best top-k (on validation), full and DEFT

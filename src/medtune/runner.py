@@ -83,8 +83,16 @@ def prepare_data(cfg: RunConfig) -> ImageSet:
 
 
 def run_id_of(cfg: RunConfig, data_fingerprint: str) -> str:
-    """Hash of everything that determines a run's result (16 hex chars)."""
-    payload = json.dumps({"config": cfg.semantic_dict(), "data": data_fingerprint}, sort_keys=True)
+    """Hash of everything that determines a run's result (16 hex chars).
+
+    A strategy whose default behaviour changed (its class ``revision`` > 0) adds its revision, so a
+    store's runs made under the old behaviour are not taken for new ones; at revision 0 the id is
+    the one stores have always had."""
+    content: dict = {"config": cfg.semantic_dict(), "data": data_fingerprint}
+    revision = getattr(cfg.strategy.strategy_class, "revision", 0)
+    if revision:
+        content["strategy_revision"] = revision
+    payload = json.dumps(content, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

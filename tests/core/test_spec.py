@@ -24,6 +24,19 @@ def test_equivalent_spellings_are_one_spec_one_text_and_one_run_id():
     assert str(StrategySpec.parse("l2_sp:alpha=0.1")) == "l2_sp:alpha=0.1"
 
 
+@pytest.mark.parametrize("text,changed", [("full", False), ("top_k:2", False), ("scratch", False), ("surgical:1", False),
+                                          ("deft:0110", False), ("lp_ft", True), ("linear", True), ("l2_sp", True),
+                                          ("l1_sp:alpha=0.1", True), ("auto_rgn", True)])
+def test_run_ids_change_only_for_strategies_whose_defaults_changed(text, changed):
+    import hashlib
+    import json
+
+    cfg = RunConfig(strategy=text)
+    # the id every store had before strategies carried a revision
+    before = hashlib.sha256(json.dumps({"config": cfg.semantic_dict(), "data": "fp"}, sort_keys=True).encode())
+    assert (run_id_of(cfg, "fp") != before.hexdigest()[:16]) == changed
+
+
 @pytest.mark.parametrize("text", ["full", "linear", "top_k:3", "layers_k:2", "surgical:stage_2", "lp_ft:ft_lr_scale=0.5",
                                   "l2_sp:alpha=0.1,beta=0.5", "auto_rgn", "deft:0110"])
 def test_run_config_holds_a_typed_spec_that_round_trips(text):

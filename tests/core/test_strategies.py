@@ -204,33 +204,107 @@ def test_discriminative_lrs_per_block(tiny_model):
 
 
 @pytest.mark.parametrize("name", ["l2_sp", "l1_sp"])
-def test_sp_penalty_equals_formula_and_gradient_equals_autograd(name, tiny_model):
+@pytest.mark.parametrize("tensors", ["weights", "all"])
+def test_sp_penalty_equals_formula_and_gradient_equals_autograd(name, tensors, tiny_model):
     blocks = get_blocks(tiny_model)
-    s = create_strategy(f"{name}:alpha=0.3,beta=0.2")
+    s = create_strategy(f"{name}:alpha=0.3,beta=0.2" + ("" if tensors == "weights" else ",tensors=all"))
     s.set_trainable(blocks)
-    head = [p for p in blocks.parameters(blocks.head_idx)]
-    head_ids = {id(p) for p in head}
-    backbone = [p for p in tiny_model.parameters() if id(p) not in head_ids]
-    w0 = [p.detach().clone() for p in backbone]
+    # Li et al.'s official code (weight_decay_mode 1, the default): kernels only; mode 101: every tensor
+    keep = (lambda p: p.dim() >= 2) if tensors == "weights" else (lambda p: True)
+    classifier = list(blocks.model.get_classifier().parameters())
+    new = [p for p in classifier if keep(p)]
+    new_ids = {id(p) for p in classifier}
+    pretrained = [p for p in tiny_model.parameters() if id(p) not in new_ids and keep(p)]
+    assert [id(p) for p in s.penalised()[0]] == [id(p) for p in pretrained]
+    assert [id(p) for p in s.penalised()[1]] == [id(p) for p in new]
+    untouched = [p for p in tiny_model.parameters() if not keep(p)]
+    assert (len(untouched) > 0) == (tensors == "weights"), "biases and BatchNorm affine parameters"
+    w0 = [p.detach().clone() for p in pretrained]
     torch.manual_seed(3)
     with torch.no_grad():
         for p in tiny_model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     if name == "l2_sp":
-        expected = 0.3 / 2 * sum(((p - w) ** 2).sum() for p, w in zip(backbone, w0))
+        expected = 0.3 / 2 * sum(((p - w) ** 2).sum() for p, w in zip(pretrained, w0))
     else:
-        expected = 0.3 * sum((p - w).abs().sum() for p, w in zip(backbone, w0))
-    expected = expected + 0.2 / 2 * sum((p ** 2).sum() for p in head)
+        expected = 0.3 * sum((p - w).abs().sum() for p, w in zip(pretrained, w0))
+    expected = expected + 0.2 / 2 * sum((p ** 2).sum() for p in new)
     penalty = s.extra_loss(tiny_model)
     assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)
     penalty.backward()
-    for p, w in zip(backbone, w0):
+    for p, w in zip(pretrained, w0):
         analytic = 0.3 * (p - w) if name == "l2_sp" else 0.3 * torch.sign(p - w)
         torch.testing.assert_close(p.grad, analytic.detach(), rtol=1e-5, atol=1e-6)
-    for p in head:
+    for p in new:
         torch.testing.assert_close(p.grad, 0.2 * p.detach(), rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in untouched)
     groups = s.param_groups(blocks, 1e-3, 0.05)
     assert all(g["weight_decay"] == 0.0 for g in groups), "no weight decay under *-SP"
+
+
+def test_sp_beta_covers_only_the_new_classifier_of_vgg16_and_fc6_fc7_go_towards_w0():
+    from medtune.models import create_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = create_model("tv:vgg16", num_classes=2, weights="none")
+    blocks = get_blocks(model)
+    fc6, fc7, fc8 = (model.backbone.classifier[i] for i in (0, 3, 6))
+    conv1 = model.backbone.features[0]
+    head_block = {id(p) for p in blocks.parameters(blocks.head_idx)}
+    assert {id(p) for m in (fc6, fc7, fc8) for p in m.parameters()} <= head_block, "the partition's head block"
+    for name in ("l2_sp", "l1_sp"):
+        # alpha = 0, a huge beta: the penalty must not move fc6 or fc7 (they are pretrained, not new)
+        s = create_strategy(f"{name}:alpha=0,beta=1e6,tensors=all")
+        s.set_trainable(blocks)
+        pretrained, new = s.penalised()
+        assert {id(p) for p in new} == {id(fc8.weight), id(fc8.bias)}
+        print(f"{name} on tv:vgg16: {sum(p.numel() for p in new):,} parameters under beta (fc8), "
+              f"{sum(p.numel() for p in pretrained):,} under alpha")
+        assert sum(p.numel() for p in new) == 4096 * 2 + 2
+        assert sum(p.numel() for p in pretrained) + sum(p.numel() for p in new) == sum(p.numel() for p in model.parameters())
+        watched = {"fc6": fc6.weight, "fc6.bias": fc6.bias, "fc7": fc7.weight, "conv1": conv1.weight, "fc8": fc8.weight}
+        grads = torch.autograd.grad(s.extra_loss(model), list(watched.values()), allow_unused=True)
+        for k, g in zip(watched, grads):
+            assert (g is not None and bool(g.any())) == (k == "fc8"), f"{k}: only the new layer decays under beta"
+        # alpha pulls fc6 towards w0: a step away from w0 gives the penalty's gradient alpha·(w - w0) on fc6
+        s = create_strategy(f"{name}:alpha=0.5,beta=0")
+        s.set_trainable(blocks)
+        with torch.no_grad():
+            fc6.weight.add_(0.01)
+        grad_w, grad_b = torch.autograd.grad(s.extra_loss(model), [fc6.weight, fc6.bias], allow_unused=True)
+        expected = torch.full_like(fc6.weight, 0.5 * 0.01 if name == "l2_sp" else 0.5)
+        torch.testing.assert_close(grad_w, expected, rtol=1e-3, atol=1e-7)
+        assert grad_b is None, "tensors=weights (the default): kernels only, as the official code"
+
+
+@pytest.mark.parametrize("spec,constant", [("auto_rgn", True), ("auto_rgn:schedule=run", False)])
+def test_auto_rgn_keeps_each_epochs_lr_constant_as_the_official_code(spec, constant, tiny_cfg, synthetic_data):
+    # the reference rebuilds Adam each epoch at lr * w_i and never schedules it
+    strategy = create_strategy(spec)
+    cfg = tiny_cfg.replace(epochs=3, warmup_epochs=0.5, patience=0)
+    seen = []
+    original = strategy.on_epoch_start
+
+    def spy(epoch, ctx):
+        original(epoch, ctx)
+        seen.append(ctx.optimizer)
+
+    strategy.on_epoch_start = spy
+
+    class LastLRs:
+        def on_epoch_end(self, record):
+            seen[-1] = [(g["lr"], g["lr_scale"]) for g in seen[-1].param_groups]
+
+    _, _, _, _, result = _train(strategy, cfg, synthetic_data, callbacks=(LastLRs(),))
+    assert len(seen) == 3 and all(len(groups) > 3 for groups in seen)
+    scales = [s for groups in seen for _, s in groups]
+    assert min(scales) < 1.0 == max(scales), "per-tensor weights w_i, the largest 1"
+    at_base = all(lr == pytest.approx(cfg.lr * scale) for groups in seen for lr, scale in groups)
+    assert at_base == constant
+    assert ([h["lr"] for h in result.history] == [cfg.lr] * 3) == constant
+    if not constant:
+        assert result.history[-1]["lr"] < 0.2 * cfg.lr, "the run's cosine schedule"
 
 
 def test_auto_rgn_weights_equal_a_direct_computation(tiny_cfg, synthetic_data):
@@ -339,6 +413,54 @@ def test_lp_ft_phase_two_starts_from_phase_one_head(tiny_cfg, synthetic_data):
     assert [p["name"] for p in result.extras["phases"]] == ["lp", "ft"]
 
 
+def _modes_seen_in_phase_two(spec, cfg, data):
+    """(BatchNorm and dropout ``training`` flags seen in LP-FT's phase 2, buffers before, model)."""
+    from medtune.models import create_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = create_model("medtune_tiny_cnn", num_classes=2, weights="none", drop_rate=0.5)
+    seen = {"bn": set(), "dropout": set()}
+    kinds = {torch.nn.BatchNorm2d: "bn", torch.nn.Dropout: "dropout"}
+    hooks = [m.register_forward_pre_hook(lambda mod, _a, k=kind: seen[k].add(mod.training) if torch.is_grad_enabled()
+                                         else None)
+             for m in model.modules() for cls, kind in kinds.items() if isinstance(m, cls)]
+    assert sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) == 1, "the head's dropout"
+    s = create_strategy(spec)
+    blocks = get_blocks(model)
+    buffers_before = {}
+    ft = s.phases()[1].strategy
+    original = ft.set_trainable
+
+    def at_phase_two(b):  # the probe's weights: what phase 2 starts from
+        buffers_before.update({n: x.detach().clone() for n, x in model.named_buffers()})
+        original(b)
+
+    phases = s.phases()
+    phases[1].strategy.set_trainable = at_phase_two
+    s.phases = lambda: phases
+    fit(model, data, s, cfg.replace(epochs=2, feature_cache="off"), blocks=blocks)
+    for h in hooks:
+        h.remove()
+    return seen, buffers_before, model
+
+
+def test_lp_ft_phase_two_runs_in_eval_mode_and_keeps_bn_statistics_bit_identical(tiny_cfg, synthetic_data):
+    # Kumar et al.'s README runs LP-FT as lp_then_ft_valmode_experiments: use_net_val_mode, net.eval()
+    assert create_strategy("lp_ft").params["ft_mode"] == "eval"
+    seen, before, model = _modes_seen_in_phase_two("lp_ft", tiny_cfg, synthetic_data)
+    assert seen == {"bn": {False}, "dropout": {False}}, "every BatchNorm and dropout in eval mode while training"
+    assert sum("running_mean" in n for n in before) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), f"{n} moved in phase 2"
+    # the option: phase 2 in train mode, as `full`; the statistics move
+    seen, before, model = _modes_seen_in_phase_two("lp_ft:ft_mode=train", tiny_cfg, synthetic_data)
+    assert seen == {"bn": {True}, "dropout": {True}}
+    assert all(not torch.equal(b, before[n]) for n, b in model.named_buffers() if "running_mean" in n)
+    with pytest.raises(ConfigError, match="ft_mode"):
+        create_strategy("lp_ft:ft_mode=frozen")
+
+
 def _classifier_inputs(model, images):
     with torch.no_grad():
         model.eval()
@@ -346,7 +468,7 @@ def _classifier_inputs(model, images):
                                            pre_logits=True).double().numpy()
 
 
-@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # max_iter=20, as Kumar et al.
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 @pytest.mark.parametrize("num_classes,spec", [(2, "linear"), (3, "linear:c=1.0")])
 def test_linear_probe_head_equals_sklearns_logistic_regression(num_classes, spec, tiny_cfg):
     import numpy as np
@@ -367,9 +489,10 @@ def test_linear_probe_head_equals_sklearns_logistic_regression(num_classes, spec
     train, test = data.split("train"), data.split("test")
     x_train, x_test = _classifier_inputs(model, train.images), _classifier_inputs(model, test.images)
     mean, std = x_train.mean(), x_train.std()  # Kumar et al.'s scalar standardisation
-    # Kumar et al.'s log_reg_sk.py: one LogisticRegression(warm_start=True, max_iter=20) refitted along
+    # Kumar et al.'s log_reg_sk.py: one LogisticRegression(warm_start=True, max_iter=200) refitted along
     # the ascending C grid; the head is that classifier's state at the chosen C
-    ref = LogisticRegression(warm_start=True, max_iter=20)
+    assert create_strategy("linear").params["max_iter"] == 200, "test_log_reg_warm_starting(max_iter=200)"
+    ref = LogisticRegression(warm_start=True, max_iter=200)
     for grid_c in grid[:grid.index(pytest.approx(c)) + 1]:
         ref.C = grid_c
         ref.fit((x_train - mean) / std, train.labels.numpy())

@@ -27,7 +27,8 @@ def test_search_end_to_end_is_constrained_cached_and_compared(tmp_path):
         if ev["trainable_fraction"] > 0.6:
             assert ev["feasible"] is False
     labels = {row["label"] for row in record["comparison"]}
-    assert {"deft", "full", "linear"} <= labels and any(lbl.startswith("top_k") for lbl in labels)
+    # the paper's three baselines (scratch, frozen pretrained + new head, full) and the best top-k
+    assert {"deft", "scratch", "full", "linear"} <= labels and any(lbl.startswith("top_k") for lbl in labels)
     assert store.searches()[0]["search_id"] == record["search_id"]
     trained = record["num_trainings"]
     assert trained >= 1
@@ -47,6 +48,8 @@ def test_search_cli_with_store_flag(tmp_path, capsys):
 
     out = json.loads(capsys.readouterr().out)
     assert len(out["best_mask"]) == 4 and out["num_trainings"] >= 1
+    labels = [row["label"] for row in out["comparison"]]
+    assert {"deft", "scratch", "full", "linear"} <= set(labels) and any(lbl.startswith("top_k") for lbl in labels)
 
 
 def test_search_evaluates_a_generation_in_worker_processes_with_the_same_result(tmp_path):

@@ -3,8 +3,10 @@
 The engine (:class:`~medtune.deft.DEFTSearch`) only searches; this module supplies its
 evaluator (a low-fidelity training of one mask through the one training loop), its persistent
 genome cache (the results store's ``genomes`` table, so a restarted search retrains nothing),
-and afterwards retrains the best mask at full fidelity beside ``full``, ``linear`` and every
-``top_k`` on the same data and seeds.
+and afterwards retrains the best mask at full fidelity beside the paper's three baselines —
+``scratch`` (the same architecture from random initialisation, on its own epoch budget
+``scratch_epochs``), ``linear`` (the frozen pretrained network with a new head) and ``full`` — and
+every ``top_k``, on the same data and seeds.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class SearchConfig(_WithBase):
         max_seconds: training-time budget per evaluation in seconds; 0 = none.
         infeasible: ``penalty`` or ``repair`` (see DEFTSearch).
         seeds: training seeds of the full-fidelity comparison.
-        compare: also train ``full``, ``linear`` and every ``top_k`` at full fidelity.
+        compare: also train ``scratch``, ``full``, ``linear`` and every ``top_k`` at full fidelity.
     """
 
     #: The fixed value sets of fields (validated on build, shown in the CLI's help).
@@ -88,9 +90,9 @@ class SearchConfig(_WithBase):
 
 def compare_with_baselines(rows: list[dict], monitor: str, *, search_seconds: float = 0.0,
                            search_trainings: int = 0) -> tuple[list[dict], str]:
-    """DEFT's comparison table from :func:`medtune.sweeps.results_table` rows: the DEFT mask, ``full``,
-    ``linear`` and the best ``top_k`` — the best chosen on validation (the monitored metric, else
-    AUC), never on test. Returns the rows and the column that selected.
+    """DEFT's comparison table from :func:`medtune.sweeps.results_table` rows: the DEFT mask, ``scratch``,
+    ``full``, ``linear`` and the best ``top_k`` — the best chosen on validation (the monitored metric,
+    else AUC), never on test. Returns the rows and the column that selected.
     """
     metric = monitor if rows and f"val_{monitor}_mean" in rows[0] else "auc"
     select = f"val_{metric}_mean"
@@ -231,8 +233,10 @@ def run_search(config: SearchConfig | dict | str, *, store: ResultsStore | str |
 
     specs = [f"deft:mask={best},granularity={cfg.granularity}"]
     if cfg.compare:
-        # top_k:0 and top_k:S+1 are linear and full, trained here on their own (as top_k:all expands)
-        specs += ["full", "linear"] + [f"top_k:{k}" for k in range(1, len(get_blocks(model)) - 1)]
+        # Vrbančič & Podgorelec's three baselines (scratch, the frozen pretrained network with a new
+        # head, full fine-tuning) and every top_k; top_k:0 and top_k:S+1 are linear and full, trained
+        # here on their own (as top_k:all expands)
+        specs += ["full", "linear", "scratch"] + [f"top_k:{k}" for k in range(1, len(get_blocks(model)) - 1)]
     records = []
     for spec in specs:
         for seed in cfg.seeds:

@@ -7,8 +7,10 @@ The loop never branches on a strategy's name. A strategy says which parameters t
 Multi-phase strategies (LP-FT) return their phases from :meth:`Strategy.phases`. Three narrower
 hooks serve the methods that need them: :meth:`Strategy.solve` (the linear probe's convex fit,
 used by ``linear`` and LP-FT), :meth:`Strategy.selectable_from` (gradual unfreezing: no best
-epoch and no early stop before every block has trained) and :meth:`Strategy.freezes_batch_stats`
-(surgical fine-tuning: every BatchNorm in eval mode, as the official code).
+epoch and no early stop before every block has trained), :meth:`Strategy.freezes_batch_stats`
+(surgical fine-tuning: every BatchNorm in eval mode, as the official code) and
+:meth:`Strategy.trains_in_eval_mode` (LP-FT's fine-tuning phase: the whole network in eval mode, as
+Kumar et al.'s ``use_net_val_mode``).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class Strategy:
         pretrained: False for strategies that must start from random init (``scratch``).
         granularity: ``block`` or ``layer``, the partition the strategy works on.
         defaults: parameter defaults.
+        revision: bumped when the strategy's default behaviour changes, so the run ids of its runs
+            change with it (0: the ids stores have always had).
     """
 
     name: ClassVar[str] = "base"
@@ -73,6 +77,7 @@ class Strategy:
     pretrained: ClassVar[bool] = True
     granularity: ClassVar[str] = "block"
     defaults: ClassVar[dict[str, Any]] = {}
+    revision: ClassVar[int] = 0
 
     def __init__(self, **params: Any) -> None:
         unknown = set(params) - set(self.defaults)
@@ -163,6 +168,11 @@ class Strategy:
 
     def freezes_batch_stats(self) -> bool:
         """True when every batch-statistics layer (BatchNorm) runs in eval mode, trainable or not."""
+        return False
+
+    def trains_in_eval_mode(self) -> bool:
+        """True when the whole network stays in eval mode while it trains (``model.eval()``: BatchNorm
+        uses and keeps its running statistics, dropout is off), whatever the run's ``bn_mode``."""
         return False
 
     # -- state -----------------------------------------------------------------------------------

@@ -53,10 +53,10 @@ class Linear(Strategy):
     ``LogisticRegression`` (L-BFGS; one-vs-rest for multi-label) on the frozen features, C chosen on
     the validation split from ``num_c`` log-spaced values in 1e-7 … 1e2 (``c`` > 0 fixes C) by
     ``select`` (``accuracy``, as Kumar et al.; a metric name, or ``monitor`` for the run's). As their
-    code does, the fits are warm-started along the grid, ascending, with at most ``max_iter`` (20)
-    L-BFGS iterations each at scikit-learn's tolerance: the path, not a converged fit per C
-    (``max_iter=1000`` converges each C; ``num_c`` 50 as theirs). The
-    solution is written into the head (:mod:`medtune.strategies.probing`; the chosen C and the grid
+    code (``log_reg_sk.py``) does, the fits are warm-started along the grid, ascending, with at most
+    ``max_iter`` (200, as theirs) L-BFGS iterations each at scikit-learn's tolerance (``max_iter=20``:
+    medtune's cap before, cheaper on poorly conditioned features; ``max_iter=1000`` converges each C).
+    The solution is written into the head (:mod:`medtune.strategies.probing`; the chosen C and the grid
     go to ``extras["linear_probe"]``). ``solver=epochs`` trains that layer with the run's optimiser
     instead. A deeper head (VGG's fc6–fc8) is trained by epochs on the cached features to
     convergence: up to ``max_epochs`` epochs, early stopping on the validation loss after
@@ -65,8 +65,9 @@ class Linear(Strategy):
 
     main_param = "scope"
     show_default_main = False
-    defaults = {"scope": "head", "solver": "lbfgs", "c": 0.0, "num_c": 50, "max_iter": 20, "select": "accuracy",
+    defaults = {"scope": "head", "solver": "lbfgs", "c": 0.0, "num_c": 50, "max_iter": 200, "select": "accuracy",
                 "max_epochs": 100, "patience": 5}
+    revision = 1  # 1: max_iter 200 (was 20)
 
     def validate(self) -> None:
         owner = f"strategy {self.name!r}"

@@ -3,8 +3,9 @@
 Their official code (``unlabeled_extrapolation/log_reg_sk.py`` in AnanyaKumar/transfer_learning)
 standardises the features with one scalar mean and standard deviation of the training features,
 fits scikit-learn's ``LogisticRegression`` (L-BFGS, L2 penalty, unpenalised intercept) along a
-log-spaced grid of 50 values of C from 1e-7 to 1e2, each fit warm-started from the previous one and
-capped at 20 L-BFGS iterations (``max_iter=20``, scikit-learn's default ``tol``), keeps the C with
+log-spaced grid of 50 values of C from 1e-7 to 1e2 (``num_reg_values=50`` from their experiment
+script), each fit warm-started from the previous one and capped at 200 L-BFGS iterations
+(``test_log_reg_warm_starting(..., max_iter=200)``, scikit-learn's default ``tol``), keeps the C with
 the best validation accuracy, and folds the standardisation back into the weights. :func:`fit_logistic_head` does
 the same (by default on validation accuracy too; ties, frequent on small validation splits, go
 to the lower validation loss, then the smaller C), and fits one binary problem per label for
@@ -132,7 +133,7 @@ def _loss(logits: np.ndarray, y: np.ndarray, task: str) -> float:
 
 
 def fit_logistic_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
-                      task: str, num_classes: int, select: str, cs: np.ndarray, max_iter: int = 20,
+                      task: str, num_classes: int, select: str, cs: np.ndarray, max_iter: int = 200,
                       tol: float = 1e-4, class_weight: list[float] | None = None) -> LogisticHead:
     """Logistic regression on frozen features, C chosen on the validation split.
 
@@ -144,7 +145,7 @@ def fit_logistic_head(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarra
         select: the validation metric that selects C (``accuracy`` as Kumar et al., ``auc``, ...,
             or ``loss``).
         cs: the values of C to try, in the order of the warm-started path (ascending).
-        max_iter, tol: L-BFGS iteration cap and tolerance of each fit (Kumar et al.: 20 and scikit-learn's
+        max_iter, tol: L-BFGS iteration cap and tolerance of each fit (Kumar et al.: 200 and scikit-learn's
             1e-4; each fit starts from the previous C's solution).
         class_weight: the run's loss weights (per class; multi-label: per label's positives), as
             scikit-learn's ``class_weight``; None for none.
@@ -197,7 +198,7 @@ def _inputs_key(arrays: tuple[np.ndarray | None, ...], settings: tuple) -> str:
 
 
 def fit_logistic_head_reusing(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *,
-                              task: str, num_classes: int, select: str, cs: np.ndarray, max_iter: int = 20,
+                              task: str, num_classes: int, select: str, cs: np.ndarray, max_iter: int = 200,
                               tol: float = 1e-4, class_weight: list[float] | None = None,
                               ) -> tuple[LogisticHead, float, bool]:
     """:func:`fit_logistic_head`, reused when this process fitted the same inputs recently.

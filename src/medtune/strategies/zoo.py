@@ -23,6 +23,13 @@ __all__ = ["LPFT", "GradualLF", "GradualFL", "Discriminative", "L2SP", "L1SP", "
 OPTIMIZERS = ("sgd", "adamw")
 
 
+class _FullInEvalMode(Full):
+    """``full`` with the whole network in eval mode while it trains (LP-FT's phase 2; not registered)."""
+
+    def trains_in_eval_mode(self) -> bool:
+        return True
+
+
 @register_strategy("lp_ft")
 class LPFT(Strategy):
     """Linear probe to convergence, then fine-tune everything from the probed head (Kumar et al. 2022).
@@ -34,20 +41,31 @@ class LPFT(Strategy):
     found LP-FT's best LR smaller than fine-tuning's) with ``ft_optimizer``: ``sgd`` (default, as
     their code: SGD, the run's momentum, no weight decay, cosine schedule) or ``adamw`` (the run's
     weight decay).
+
+    ``ft_mode=eval`` (the default) keeps the whole network in eval mode during phase 2: every
+    BatchNorm normalises with, and keeps, the running statistics the probe was fitted under, and
+    dropout is off. That is the variant Kumar et al.'s README runs LP-FT with
+    (``lp_then_ft_valmode_experiments``, which sets ``use_net_val_mode: True``, so
+    ``baseline_train.train`` calls ``net.eval()`` instead of ``net.train()``). ``ft_mode=train``
+    trains phase 2 as ``full`` does (``model.train()``, BatchNorm by the run's ``bn_mode`` rule), their
+    ``lp_then_ft_trainmode_experiments``.
     """
 
-    defaults = {"lp_epochs": 0, "ft_lr_scale": 0.1, "ft_optimizer": "sgd"}
+    defaults = {"lp_epochs": 0, "ft_lr_scale": 0.1, "ft_optimizer": "sgd", "ft_mode": "eval"}
+    revision = 1  # 1: phase 2 in eval mode, the probe at max_iter 200
 
     def validate(self) -> None:
         check_int_param(self, "lp_epochs")
         check_float_param(self, "ft_lr_scale", include_min=False)
         check_choice(self.params["ft_optimizer"], "ft_optimizer", OPTIMIZERS, owner=f"strategy {self.name!r}")
+        check_choice(self.params["ft_mode"], "ft_mode", ("eval", "train"), owner=f"strategy {self.name!r}")
 
     def phases(self) -> list[Phase]:
         probe = Linear(**({"max_epochs": self.params["lp_epochs"]} if self.params["lp_epochs"] else {}))
         sgd = self.params["ft_optimizer"] == "sgd"
+        fine_tune = _FullInEvalMode() if self.params["ft_mode"] == "eval" else Full()
         return [dataclasses.replace(probe.phases()[0], name="lp"),
-                Phase(strategy=Full(), name="ft", lr_scale=float(self.params["ft_lr_scale"]),
+                Phase(strategy=fine_tune, name="ft", lr_scale=float(self.params["ft_lr_scale"]),
                       optimizer=self.params["ft_optimizer"], weight_decay=0.0 if sgd else None)]
 
     def depth(self, num_blocks: int) -> int:
@@ -146,31 +164,47 @@ class Discriminative(Strategy):
 
 
 class _StartingPoint(Strategy):
-    """Regularisation towards the starting point w0 (Li et al. 2018).
+    """Regularisation towards the starting point w0 (Li, Grandvalet & Davoine 2018).
 
-    The loss gains ``alpha * Omega(w - w0)`` over the backbone and ``beta/2 * ||w_head||^2`` on the
-    head; the optimiser applies no weight decay (the head's decay is the beta term). w0 is kept
-    once (a detached copy taken in ``set_trainable``), not copied per step. ``optimizer=sgd`` (the
-    default, as Li et al. and TLlib: SGD with the run's momentum, so alpha keeps its meaning) or
-    ``adamw`` (which rescales the penalty's gradient per coordinate).
+    The loss gains ``alpha * Omega(w - w0)`` over every *pretrained* parameter and
+    ``beta/2 * ||w_new||^2`` over the *new* classifier layer only (``get_classifier()``: the layer
+    created for the task, e.g. VGG's fc8; VGG's and AlexNet's fc6 and fc7 are pretrained, so they sit
+    under alpha with the rest, although the block partition counts them in the head block). As Li et
+    al.'s official code (``model/network_base.py`` of holyseven/TransferLearningClassification,
+    ``weight_decay_mode`` 1, its default), ``tensors=weights`` (the default) regularises the
+    convolution and linear kernels only (the TF-slim ``weights`` variables: tensors of two or more
+    dimensions), not biases or normalisation parameters; ``tensors=all`` regularises every tensor (their
+    mode 101). Their ``tf.nn.l2_loss`` is ``sum(x**2) / 2``, hence the halves. The optimiser applies no
+    weight decay (the new layer's decay is the beta term). w0 is kept once (a detached copy taken in
+    ``set_trainable``), not copied per step. ``optimizer=sgd`` (the default, as Li et al. and TLlib:
+    SGD with the run's momentum, so alpha keeps its meaning) or ``adamw`` (which rescales the
+    penalty's gradient per coordinate).
     """
 
-    defaults = {"alpha": 0.01, "beta": 0.01, "optimizer": "sgd"}
+    defaults = {"alpha": 0.01, "beta": 0.01, "optimizer": "sgd", "tensors": "weights"}
+    revision = 1  # 1: beta on the new classifier only, kernels only
 
     def validate(self) -> None:
         check_float_param(self, "alpha")
         check_float_param(self, "beta")
         check_choice(self.params["optimizer"], "optimizer", OPTIMIZERS, owner=f"strategy {self.name!r}")
+        check_choice(self.params["tensors"], "tensors", ("weights", "all"), owner=f"strategy {self.name!r}")
 
     def phases(self) -> list[Phase]:
         return [Phase(strategy=self, name=self.name, optimizer=self.params["optimizer"], weight_decay=0.0)]
 
     def set_trainable(self, blocks) -> None:
         super().set_trainable(blocks)
-        head = set(id(p) for p in blocks.parameters(blocks.head_idx))
-        self._backbone = [p for p in blocks.model.parameters() if id(p) not in head]
-        self._w0 = [p.detach().clone() for p in self._backbone]
-        self._head = blocks.parameters(blocks.head_idx)
+        regularised = ((lambda p: p.dim() >= 2) if self.params["tensors"] == "weights" else (lambda p: True))
+        new = {id(p) for p in blocks.model.get_classifier().parameters()}
+        self._pretrained = [p for p in blocks.model.parameters() if id(p) not in new and regularised(p)]
+        self._w0 = [p.detach().clone() for p in self._pretrained]
+        self._new = [p for p in blocks.model.get_classifier().parameters() if regularised(p)]
+
+    def penalised(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(the parameters pulled towards w0 under alpha, the new layer's parameters under beta), after
+        :meth:`set_trainable`."""
+        return list(self._pretrained), list(self._new)
 
     def param_groups(self, blocks, lr: float, weight_decay: float) -> list[dict]:
         return super().param_groups(blocks, lr, 0.0)
@@ -179,9 +213,13 @@ class _StartingPoint(Strategy):
         raise NotImplementedError
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor:
-        diffs = [p - w0 for p, w0 in zip(self._backbone, self._w0)]
-        head = torch.stack([p.pow(2).sum() for p in self._head]).sum()
-        return self.params["alpha"] * self.distance(diffs) + 0.5 * self.params["beta"] * head
+        alpha, beta = self.params["alpha"], self.params["beta"]
+        total = torch.zeros((), device=self._new[0].device if self._new else None)
+        if alpha and self._pretrained:  # a zero term is skipped, not computed (VGG: 134M parameters)
+            total = total + alpha * self.distance([p - w0 for p, w0 in zip(self._pretrained, self._w0)])
+        if beta and self._new:
+            total = total + 0.5 * beta * torch.stack([p.pow(2).sum() for p in self._new]).sum()
+        return total
 
     def depth(self, num_blocks: int) -> int:
         return num_blocks - 1
@@ -189,7 +227,8 @@ class _StartingPoint(Strategy):
 
 @register_strategy("l2_sp")
 class L2SP(_StartingPoint):
-    """Fine-tune everything with (alpha/2)||w - w0||² on the backbone and (beta/2)||w_head||² (L2-SP)."""
+    """Fine-tune everything with (alpha/2)||w - w0||² on the pretrained weights and (beta/2)||w_new||² on the
+    new classifier layer (L2-SP)."""
 
     def distance(self, diffs: list[torch.Tensor]) -> torch.Tensor:
         return 0.5 * torch.stack([d.pow(2).sum() for d in diffs]).sum()
@@ -197,7 +236,8 @@ class L2SP(_StartingPoint):
 
 @register_strategy("l1_sp")
 class L1SP(_StartingPoint):
-    """Fine-tune everything with alpha||w - w0||₁ on the backbone and (beta/2)||w_head||² (L1-SP)."""
+    """Fine-tune everything with alpha||w - w0||₁ on the pretrained weights and (beta/2)||w_new||² on the new
+    classifier layer (L1-SP; the official code's ``weight_decay_mode`` 4)."""
 
     def distance(self, diffs: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([d.abs().sum() for d in diffs]).sum()
@@ -208,10 +248,21 @@ class AutoRGN(Strategy):
     """Per-tensor LR scaled by the relative gradient norm (Lee et al. 2023, official algorithm).
 
     At the start of every epoch, on ``num_batches`` training mini-batches: RGN_i = mean over the
-    batches of ||grad θ_i||₂ / ||θ_i||₂ for every tensor that is not a normalisation parameter (the
-    official code's tensors without ``bn`` in their names); w_i = RGN_i / max_j RGN_j; the optimiser
-    is rebuilt with one group per tensor at lr · w_i, as the reference rebuilds Adam each epoch. As
-    the official code, normalisation parameters are frozen (``requires_grad=False``, outside the
+    batches of ||grad θ_i||₂ / ||θ_i||₂ for every tensor that is not a normalisation parameter;
+    w_i = RGN_i / max_j RGN_j; the optimiser is rebuilt with one group per tensor at lr · w_i, as the
+    reference rebuilds Adam each epoch. ``schedule=constant`` (the default) keeps that LR for the
+    whole epoch, as the reference (``optim.Adam(params_weights, lr=lr)`` each epoch, no scheduler,
+    no warm-up); ``schedule=run`` multiplies w_i by the run's cosine schedule (with its warm-up)
+    instead, as medtune did before.
+
+    Which tensors are normalisation parameters: the official code (``main.py`` of
+    anniesch/surgical-finetuning) filters by name, leaving out every parameter with ``bn`` in its
+    name. On its ResNets that is every BatchNorm but the shortcut ones (``downsample.1``), which
+    stay in with an RGN weight; medtune decides by module type (the parameters of every
+    normalisation layer, :func:`medtune.models._norm.norm_param_ids`), so no name convention of a
+    timm or torchvision backbone lets one through, the shortcut BatchNorms included.
+
+    As the official code, normalisation parameters are frozen (``requires_grad=False``, outside the
     optimiser) and every BatchNorm runs in eval mode, while probing and training, so the running
     statistics never move. ``tune_norm=true`` is medtune's extension: normalisation parameters
     train too, with RGN weights of their own, and their layers follow the run's ``bn_mode`` rule.
@@ -219,13 +270,19 @@ class AutoRGN(Strategy):
     recorded in the run's ``extras["auto_rgn"]``.
     """
 
-    defaults = {"num_batches": 5, "tune_norm": False}
+    defaults = {"num_batches": 5, "tune_norm": False, "schedule": "constant"}
+    revision = 1  # 1: a constant LR per epoch
 
     def validate(self) -> None:
         check_int_param(self, "num_batches", min_val=1)
+        check_choice(self.params["schedule"], "schedule", ("constant", "run"), owner=f"strategy {self.name!r}")
         if not isinstance(self.params["tune_norm"], bool):
             raise ConfigError(f"The 'tune_norm' parameter of strategy 'auto_rgn' must be true or false. "
                               f"Got {self.params['tune_norm']!r}.")
+
+    def phases(self) -> list[Phase]:
+        return [Phase(strategy=self, name=self.name,
+                      schedule="constant" if self.params["schedule"] == "constant" else None)]
 
     def set_trainable(self, blocks) -> None:
         super().set_trainable(blocks)

@@ -90,7 +90,9 @@ class Phase:
     settings: ``epochs`` the RunConfig field named by ``budget_field`` (``epochs``, or e.g.
     ``scratch_epochs``; 0 there means ``budget_scale`` × ``epochs``), ``patience`` and ``monitor`` the run's
     early stopping, ``optimizer`` the run's optimiser (``adamw`` or ``sgd``, SGD with the run's
-    momentum) and ``weight_decay`` the run's decay.
+    momentum) and ``weight_decay`` the run's decay. ``schedule`` is ``None`` for the run's cosine
+    schedule (with its warm-up) or ``constant``: every step at the phase's LR (× each group's
+    ``lr_scale``).
     """
 
     strategy: Any  # the medtune.strategies.Strategy that drives the phase
@@ -103,3 +105,4 @@ class Phase:
     monitor: str | None = None
     optimizer: str | None = None
     weight_decay: float | None = None
+    schedule: str | None = None

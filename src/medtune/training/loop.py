@@ -79,10 +79,16 @@ def lr_at(step: int, *, total_steps: int, warmup_steps: int, base_lr: float, min
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def set_train_mode(model: nn.Module, bn_mode: str, *, all_batch_stats_frozen: bool = False) -> None:
+def set_train_mode(model: nn.Module, bn_mode: str, *, all_batch_stats_frozen: bool = False,
+                   eval_mode: bool = False) -> None:
     """``model.train()``, then batch-statistics layers (BatchNorm) go to eval mode (running statistics
     frozen): every one with ``all_batch_stats_frozen`` (the strategy's choice, e.g. surgical), else
-    those whose parameters are all frozen unless ``bn_mode == "train"``."""
+    those whose parameters are all frozen unless ``bn_mode == "train"``. ``eval_mode`` (the strategy's
+    choice, e.g. LP-FT's fine-tuning phase) keeps the whole network in eval mode instead: every
+    BatchNorm and dropout layer, trainable or not."""
+    if eval_mode:
+        model.eval()
+        return
     model.train()
     if bn_mode == "train" and not all_batch_stats_frozen:
         return
@@ -344,6 +350,7 @@ class _Phase:
     feats: dict[str, torch.Tensor]
     best: dict
     epoch: int = 0
+    constant_lr: bool = False
 
     def build_optimizer(self, run: _Setup, groups: list[dict]) -> torch.optim.Optimizer:
         return run.build_optimizer(groups, self.optimizer_kind)
@@ -427,7 +434,8 @@ def _start_phase(run: _Setup, idx: int, spec, state: dict, resume: Checkpoint | 
                    optimizer_kind=spec.optimizer or cfg.optimizer, weight_decay=weight_decay,
                    patience=cfg.patience if spec.patience is None else spec.patience,
                    monitor=spec.monitor or cfg.monitor, optimizer=None, net=model, feats={},
-                   best={"score": None, "state": None, "epoch": -1, "metrics": {}, "bad": 0})
+                   best={"score": None, "state": None, "epoch": -1, "metrics": {}, "bad": 0},
+                   constant_lr=spec.schedule == "constant")
     phase.optimizer = phase.build_optimizer(run, s.param_groups(blocks, base_lr, weight_decay))
     if resume is not None and resume.phase == idx and resume.optimizer is not None:
         # after set_trainable, so strategies that keep the starting point (L2-SP) keep the pretrained one
@@ -473,8 +481,9 @@ def train_one_epoch(run: _Setup, phase: _Phase) -> tuple[float, float]:
     if isinstance(source, DiskImages):  # read ahead from the decode cache while the model trains
         source.prefetch(batches)
     for b, idx in enumerate(batches):
-        lr = lr_at(phase.epoch * run.steps_per_epoch + b, total_steps=phase.total_steps,
-                   warmup_steps=phase.warmup_steps, base_lr=phase.base_lr)
+        lr = phase.base_lr if phase.constant_lr else lr_at(
+            phase.epoch * run.steps_per_epoch + b, total_steps=phase.total_steps, warmup_steps=phase.warmup_steps,
+            base_lr=phase.base_lr)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         x = run.to_input(fed_at_size(source[idx.to(source.device)], run.train.sizes, idx))
@@ -586,13 +595,15 @@ def _run_epoch(run: _Setup, phase: _Phase, ctx: EpochContext, state: dict, log: 
     probe passes) is timed as training."""
     cfg, model = run.cfg, run.model
     frozen_stats = phase.strategy.freezes_batch_stats()
+    eval_mode = phase.strategy.trains_in_eval_mode()
     ctx.optimizer = phase.optimizer
     ctx.batches = lambda n, _e=phase.epoch: _probe_batches(run, phase, _e, n)
-    set_train_mode(model, cfg.bn_mode, all_batch_stats_frozen=frozen_stats)
+    set_train_mode(model, cfg.bn_mode, all_batch_stats_frozen=frozen_stats, eval_mode=eval_mode)
     t0 = time.perf_counter()
     phase.strategy.on_epoch_start(phase.epoch, ctx)
     phase.optimizer = ctx.optimizer
-    set_train_mode(model, cfg.bn_mode, all_batch_stats_frozen=frozen_stats)  # the hook may have unfrozen layers
+    # the hook may have unfrozen layers
+    set_train_mode(model, cfg.bn_mode, all_batch_stats_frozen=frozen_stats, eval_mode=eval_mode)
     state["trained"].update(id(p) for g in phase.optimizer.param_groups for p in g["params"])
     solved = _solve(run, phase, state) if phase.epoch == 0 else None
     if solved is None:
