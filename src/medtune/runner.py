@@ -99,19 +99,14 @@ def build_run(cfg: RunConfig, data: ImageSet, device: torch.device):
     return strategy, model, blocks
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
+def _write_atomic(path: Path, write: Callable[[Path], None], root: Path | None = None) -> None:
+    """Temp file + rename inside the store (see :func:`medtune._safepaths.atomic_write`)."""
+    from medtune._safepaths import atomic_write
+
     try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise StoreError(f"Cannot write {path} ({exc.strerror or exc}); free disk space or fix permissions and run "
-                         "the same command again: the run resumes from its last epoch checkpoint.") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path, write, root=root)
+    except StoreError as exc:
+        raise StoreError(f"{exc} The run resumes from its last epoch checkpoint.") from None
 
 
 def _save_artifacts(store: ResultsStore, run_id: str, config: dict, state: dict, y_true, y_prob,
@@ -119,16 +114,16 @@ def _save_artifacts(store: ResultsStore, run_id: str, config: dict, state: dict,
     from safetensors.torch import save_file
 
     folder = store.run_dir(run_id)
-    for stale in folder.glob("*.tmp"):  # left by a driver killed mid-write
+    for stale in [*folder.glob("*.tmp"), *folder.glob(".*.tmp")]:  # left by a driver killed mid-write
         stale.unlink(missing_ok=True)
     weights = folder / "best.safetensors"
-    _write_atomic(weights, lambda p: save_file(state, str(p), metadata={"arch": config["arch"]}))
+    _write_atomic(weights, lambda p: save_file(state, str(p), metadata={"arch": config["arch"]}), store.root)
     preds = folder / "predictions.npz"
     val = {} if val_y_prob is None else {"val_y_true": val_y_true, "val_y_prob": val_y_prob}
     _write_atomic(preds, lambda p: np.savez(open(p, "wb"), y_true=y_true, y_prob=y_prob,
-                                            class_names=np.array(class_names), **val))
+                                            class_names=np.array(class_names), **val), store.root)
     cfg_path = folder / "run_config.json"  # config.json is the name of a timm export (medtune export)
-    _write_atomic(cfg_path, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
+    _write_atomic(cfg_path, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)), store.root)
     return {"weights": str(weights), "predictions": str(preds), "config": str(cfg_path)}
 
 
@@ -311,6 +306,8 @@ def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: C
     try:
         for j, payload in executor.map_unordered(worker, items, return_exceptions=True):
             i, run_id = todo[j]
+            if isinstance(payload, StoreError):  # the store's disk is full or read-only: every run would fail
+                raise payload
             if not isinstance(payload, BaseException):
                 records[i] = store_result(store, payload)  # a StoreError (disk full) ends the sweep, resumable
             if isinstance(payload, BaseException):  # this run failed; the others go on
@@ -327,7 +324,10 @@ def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: C
     except BaseException:
         for j, (i, run_id) in enumerate(todo):
             if j not in settled:
-                store.release(run_id)
+                try:
+                    store.release(run_id)
+                except StoreError:  # the disk is full even for this: the claim's owner is gone when this
+                    pass            # process ends, so the next start reclaims the run all the same
         raise
     finally:
         bar.close()
