@@ -87,8 +87,11 @@ def report(store: str = "./medtune-results", *, out_path: str | None = None, fmt
 
     from medtune.localisation import list_explanations
 
+    from medtune._safepaths import check_output
+
     db = ResultsStore(store, create=False)
     out = out_path or str(Path(store) / f"report.{fmt}")
+    check_output(out, flag="-o" if out_path else "the report path")  # never the database or a managed folder
     return str(build_report(db.runs(), db.attacks(), db.searches(), explanations=list_explanations(store),
                             title=title, out_path=out, fmt=fmt, metric=metric))
 

@@ -72,6 +72,8 @@ def disk_hint(exc: OSError) -> str:
         return "the disk is full: free space and run the same command again"
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return "the folder is not writable: fix its permissions or choose another folder, and run the command again"
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        return "move the file that is in its way and run the same command again"
     return "fix the cause and run the same command again"
 
 

@@ -129,16 +129,22 @@ class Predictions:
 
     def to_csv(self, path: str | Path) -> Path:
         """Write :meth:`to_rows` as CSV; returns the path."""
+        import io
+
+        from medtune._safepaths import atomic_write, check_output
+        from medtune.errors import StoreError
+
         path = Path(path)
+        check_output(path, flag="-o")  # never a results store's database or managed folder
         rows = self.to_rows()
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["id"])
+        writer.writeheader()
+        writer.writerows(rows)
         try:
-            with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id"])
-                writer.writeheader()
-                writer.writerows(rows)
-        except OSError as exc:
-            raise ConfigError(f"Cannot write predictions to {path} ({exc.strerror or exc}); give another -o path.") \
-                from None
+            atomic_write(path, buffer.getvalue())
+        except StoreError as exc:
+            raise ConfigError(f"Cannot write predictions to {path} ({exc}); give another -o path.") from None
         return path
 
 

@@ -29,7 +29,10 @@ shows in its Localisation section.
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
+
+from medtune._safepaths import atomic_write, check_output
 
 from medtune._checks import check_choice
 from medtune.errors import ConfigError, DataError
@@ -360,6 +365,8 @@ def explain(run: str, *, data: str | None = None, store: str | Path = "./medtune
     log = log or (lambda _m: None)
     db = store if isinstance(store, ResultsStore) else ResultsStore(store)
     record = resolve_runs(db, [run])[0]
+    if out_dir is not None:  # before any work: never a store's database or managed folder, nor a file
+        check_output(out_dir, flag="-o", folder=True, allow=db.run_dir(record["run_id"]))
     cfg = RunConfig.from_dict(record["config"])
     if data is not None:
         cfg = cfg.replace(data=data)
@@ -382,17 +389,23 @@ def explain(run: str, *, data: str | None = None, store: str | Path = "./medtune
     log(f"explain {record['run_id']}: {method} at {layer_path} on {len(subset)} {split} images")
     maps = compute_maps(model, subset.images, labels if target == "label" else predicted, method=method, layer=layer)
     scores = localisation_scores(maps, boxes, masks=masks, threshold=threshold) if boxes is not None else {}
-    out = Path(out_dir) if out_dir is not None else db.run_dir(record["run_id"]) / "explain"
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / "maps.npz", maps=maps.astype(np.float16), ids=np.array(subset.ids, dtype=str),
-                        labels=labels, predicted=predicted, probs=probs.astype(np.float32),
-                        boxes=boxes if boxes is not None else np.full((len(subset), 4), np.nan))
+    if out_dir is None:
+        out, root = db.run_dir(record["run_id"], "explain/overlays").parent, db.root
+    else:
+        out, root = Path(out_dir), None
+        (out / "overlays").mkdir(parents=True, exist_ok=True)
+    write = functools.partial(atomic_write, root=root)  # temp file + rename: a link in the store is never followed
+    write(out / "maps.npz", lambda p: np.savez_compressed(
+        open(p, "wb"), maps=maps.astype(np.float16), ids=np.array(subset.ids, dtype=str), labels=labels,
+        predicted=predicted, probs=probs.astype(np.float32),
+        boxes=boxes if boxes is not None else np.full((len(subset), 4), np.nan)))
     from PIL import Image
 
     for i in range(min(max_overlays, len(subset))):  # one image at a time: the split may be in the decode cache
-        Image.fromarray(_overlay(np.asarray(subset.images[i]), maps[i])).save(out / "overlays" / f"{i:04d}.png")
+        overlay = Image.fromarray(_overlay(np.asarray(subset.images[i]), maps[i]))
+        write(out / "overlays" / f"{i:04d}.png", lambda p: overlay.save(p, format="png"))
     fig = plot_gallery(subset.images, maps, labels, predicted, list(subset.class_names), boxes=boxes)
-    fig.savefig(out / "gallery.png", dpi=100, metadata={"Software": None})
+    write(out / "gallery.png", lambda p: fig.savefig(p, dpi=100, format="png", metadata={"Software": None}))
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -401,7 +414,7 @@ def explain(run: str, *, data: str | None = None, store: str | Path = "./medtune
                "split": split, "layer": layer_path, "num_images": len(subset),
                "accuracy": float((predicted == labels).mean()) if len(labels) else float("nan"),
                "scores": scores, "gallery_png": "gallery.png", "maps_npz": "maps.npz"}
-    (out / "explain.json").write_text(json.dumps(summary, indent=2))
+    write(out / "explain.json", json.dumps(summary, indent=2))
     if scores:
         log(f"pointing game {scores['pointing_game']:.3f} [{scores['pointing_game_ci'][0]:.3f}, "
             f"{scores['pointing_game_ci'][1]:.3f}] (chance {scores['pointing_chance']:.3f}); box IoU "
@@ -411,13 +424,27 @@ def explain(run: str, *, data: str | None = None, store: str | Path = "./medtune
 
 
 def list_explanations(store: str | Path) -> list[dict[str, Any]]:
-    """The ``explain.json`` summaries written under ``STORE/artifacts/*/explain/`` (with ``dir``)."""
+    """The ``explain.json`` summaries written under ``STORE/artifacts/*/explain/`` (with ``dir``), read as
+    untrusted input: only regular files inside the store (a link out of it, or a FIFO, is skipped with a
+    warning), and ``gallery_png`` only where it names a file inside the store (else it is dropped)."""
+    from medtune._safepaths import is_inside, read_regular
+
     out = []
     for path in sorted(Path(store).glob("artifacts/*/explain/explain.json")):
         try:
-            summary = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            if not is_inside(store, path):
+                raise OSError(f"it leads outside the store, to {os.path.realpath(path)}")
+            summary = json.loads(read_regular(path, limit=16 << 20))
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"{path}: skipped ({exc}).", stacklevel=2)
             continue
+        if not isinstance(summary, dict):
+            continue
+        png = path.parent / str(summary.get("gallery_png", "gallery.png"))
+        if not is_inside(store, png):
+            warnings.warn(f"{path}: its gallery_png {str(summary.get('gallery_png'))[:200]!r} leads outside the "
+                          "store; not shown.", stacklevel=2)
+            summary["gallery_png"] = None
         summary["dir"] = str(path.parent)
         out.append(summary)
     return out

@@ -303,6 +303,7 @@ def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: C
                disable=progress is None or not sys.stderr.isatty())
     failures: list[tuple[str, str]] = []
     settled: set[int] = set()
+    tracker_failed = False
     try:
         for j, payload in executor.map_unordered(worker, items, return_exceptions=True):
             i, run_id = todo[j]
@@ -317,9 +318,14 @@ def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: C
                 log(f"{run_id} {runs[i].arch} {runs[i].strategy} seed {runs[i].seed} FAILED: {reason}")
             settled.add(j)
             if records[i] is not None and runs[i].tracker != "none":
-                from medtune.tracking import log_run
+                from medtune.tracking import TrackerError, log_run
 
-                log_run(records[i], runs[i].tracker, store.root / runs[i].tracker)
+                try:
+                    log_run(records[i], runs[i].tracker, store.root / runs[i].tracker)
+                except TrackerError as exc:  # the run is stored; its logs are not: say so once, go on
+                    if not tracker_failed:
+                        log(f"warning: {exc} (the runs are stored; their tracker logs are not written)")
+                    tracker_failed = True
             bar.update(1)
     except BaseException:
         for j, (i, run_id) in enumerate(todo):

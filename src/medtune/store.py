@@ -272,11 +272,13 @@ class ResultsStore:
             StoreError: ``run_id`` is not a run id, or the folder (a link in the store) leads outside it.
         """
         check_run_id(run_id, str(self.root))
-        path = self.root / "artifacts" / run_id
-        if sub is not None:
-            path = path / sub
+        path = self.root / "artifacts"
+        folders = [path, path / run_id]
+        for part in Path(sub).parts if sub is not None else ():
+            folders.append(folders[-1] / part)
+        path = folders[-1]
         try:
-            for folder in (self.root / "artifacts", self.root / "artifacts" / run_id, path):
+            for folder in folders:
                 inside(self.root, folder, f"The artifacts folder of run {run_id}")  # before mkdir follows a link
                 folder.mkdir(exist_ok=True)
         except OSError as exc:
