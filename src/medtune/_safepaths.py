@@ -25,7 +25,7 @@ from medtune.errors import ConfigError, StoreError, short_repr
 
 __all__ = ["RUN_ID_PATTERN", "MAX_EMBED_PIXELS", "MANAGED_NAMES", "is_run_id", "check_run_id", "is_inside",
            "inside", "atomic_write", "open_regular", "read_regular", "is_regular", "image_pixels",
-           "check_output", "disk_hint"]
+           "check_output", "disk_hint", "walk_files", "warn_unreadable"]
 
 #: A run id as :func:`medtune.runner.run_id_of` writes it: the first 16 hex digits of a SHA-256.
 RUN_ID_PATTERN = re.compile(r"[0-9a-f]{16}")
@@ -228,3 +228,89 @@ def check_output(path: str | Path, *, flag: str = "-o", folder: bool = False,
                               "give a file path.")
         return f"replaced {target} ({target.stat().st_size} bytes)"
     return None
+
+
+_SPECIAL_FS = frozenset({"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs",
+                         "securityfs", "pstore", "bpf", "configfs", "fusectl", "mqueue", "binfmt_misc", "autofs",
+                         "efivarfs", "rpc_pipefs", "nsfs"})
+
+
+def _special_devices() -> set[int]:
+    """Device numbers of the mounted special filesystems (``/proc``, ``/sys``, ``/dev``, ...), from
+    ``/proc/self/mounts``; where it cannot be read, those of ``/proc`` and ``/sys`` unless they share the
+    root's device."""
+    out: set[int] = set()
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] in _SPECIAL_FS:
+                    try:
+                        out.add(os.stat(parts[1].replace("\\040", " ")).st_dev)
+                    except OSError:
+                        pass
+        return out
+    except OSError:
+        pass
+    try:
+        rootdev = os.stat("/").st_dev
+    except OSError:
+        return out
+    for folder in ("/proc", "/sys"):
+        try:
+            dev = os.stat(folder).st_dev
+        except OSError:
+            continue
+        if dev != rootdev:
+            out.add(dev)
+    return out
+
+
+def walk_files(root: str | Path, *, suffixes: frozenset[str] | set[str] | None = None,
+               skip_hidden: bool = True) -> tuple[list[Path], int]:
+    """Every regular file under ``root`` (linked files followed, linked folders not entered, as pathlib's
+    ``rglob``), sorted; and how many entries were skipped as unreadable (no permission, a broken link).
+
+    Never walks into ``/proc``, ``/sys``, ``/dev`` or ``/run`` (special filesystems whose files block or
+    change under a reader), and never opens anything: FIFOs, sockets and devices are not regular files
+    and are left out without blocking. ``suffixes`` (lower case, with the dot) keeps only those files.
+    """
+    special = _special_devices()
+    files: list[Path] = []
+    unreadable = 0
+    seen: set[tuple[int, int]] = set()
+    stack = [Path(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            if st.st_dev in special or (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            unreadable += 1
+            continue
+        for entry in entries:
+            try:
+                st = os.stat(entry.path)
+            except OSError:
+                unreadable += 1
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if not entry.is_symlink():  # as pathlib's rglob: a linked folder is not entered (no loops)
+                    stack.append(Path(entry.path))
+            elif stat.S_ISREG(st.st_mode) and not (skip_hidden and entry.name.startswith(".")) and (
+                    suffixes is None or Path(entry.name).suffix.lower() in suffixes):
+                files.append(Path(entry.path))
+    return sorted(files), unreadable
+
+
+def warn_unreadable(root: str | Path, count: int) -> None:
+    """The one warning line of :func:`walk_files`' skipped entries."""
+    if count:
+        import warnings
+
+        warnings.warn(f"{root}: skipped {count} unreadable entr{'y' if count == 1 else 'ies'} (no permission, or a "
+                      "broken or looping link).", stacklevel=3)
