@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -45,7 +46,7 @@ from torch import nn
 from medtune._safepaths import atomic_write, check_output
 
 from medtune._checks import check_choice
-from medtune.errors import ConfigError, DataError
+from medtune.errors import ConfigError, DataError, short_repr
 
 if TYPE_CHECKING:
     from medtune.data.diskcache import DiskImages
@@ -263,44 +264,58 @@ def plot_gallery(images: np.ndarray | torch.Tensor | DiskImages, maps: np.ndarra
     return fig
 
 
-def _csv_ground_truth(source: str, data, img_size: int, resize: str) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Boxes (N, 4) and masks (N, H, W) from a CSV's ``bbox`` / ``mask`` columns, at the input size."""
+def _csv_ground_truth(source: str, data, img_size: int, resize: str,
+                      uncertain_labels: str = "error") -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Boxes (N, 4) and masks (N, H, W) from a CSV's ``bbox`` / ``mask`` columns, at the input size.
+
+    The CSV is read by training's own parser (:func:`medtune.data.sources.read_csv`: a byte-order mark,
+    short rows, quoting), and every box is checked in the image's own pixels: four finite numbers with
+    ``0 <= x0 < x1 <= width`` and ``0 <= y0 < y1 <= height``; a bad one is a DataError naming its line.
+    """
     from PIL import Image
 
     from medtune.data._decode import decode_image, resize_image
+    from medtune.data.sources import read_csv
 
     path = Path(source)
     if path.suffix.lower() != ".csv" or not path.is_file():
         return None, None
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or not ({"bbox", "mask"} & set(rows[0])):
+    rows = read_csv(path, uncertain_labels)
+    if not any(r.get("bbox") or r.get("mask") for r in rows):
         return None, None
     root = path.parent.resolve()
-    by_path = {str((root / r["path"].strip()).resolve()): r for r in rows}
+    by_path = {str(r["path"]): r for r in rows}
     boxes = np.full((len(data.ids), 4), np.nan)
-    masks = np.zeros((len(data.ids), img_size, img_size), bool) if "mask" in rows[0] else None
+    masks = np.zeros((len(data.ids), img_size, img_size), bool) if any(r.get("mask") for r in rows) else None
+    bad: list[str] = []
     for i, sample_id in enumerate(data.ids):
         row = by_path.get(str(Path(sample_id).resolve()))
         if row is None:
             continue
-        with Image.open(Path(sample_id)) as im:
-            width, height = im.size
-        if row.get("mask", "").strip():
-            mask_path = (root / row["mask"].strip()).resolve()
+        where = f"{path}, line {row['line']}"
+        if row.get("mask"):
+            mask_path = (root / row["mask"]).resolve()
             if not mask_path.is_relative_to(root) or not mask_path.is_file():
-                raise DataError(f"{path}: mask {row['mask']!r} of {row['path']!r} not found under {root}.")
+                raise DataError(f"{where}: mask {row['mask']!r} of {row['path'].name!r} not found under {root}.")
             rgb, _, _ = decode_image(mask_path)
             m = resize_image((rgb > 0).astype(np.uint8) * 255, img_size, resize)[0].numpy() > 127
             masks[i] = m
             ys, xs = np.nonzero(m)
             if len(ys):
                 boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-        elif row.get("bbox", "").strip():
+        elif row.get("bbox"):
+            with Image.open(Path(sample_id)) as im:
+                width, height = im.size
             try:
                 x0, y0, x1, y1 = (float(v) for v in row["bbox"].replace(";", " ").replace(",", " ").split())
-            except ValueError as err:
-                raise DataError(f"{path}: bbox {row['bbox']!r} of {row['path']!r} is not 'x0 y0 x1 y1'.") from err
+            except ValueError:
+                bad.append(f"{where}: bbox {short_repr(row['bbox'])} is not four numbers 'x0 y0 x1 y1'")
+                continue
+            if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or not (
+                    0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+                bad.append(f"{where}: bbox {short_repr(row['bbox'])} is not a box inside the {width}x{height} px "
+                           "image (finite, 0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height)")
+                continue
             if resize == "pad":
                 scale = img_size / max(width, height)
                 ox, oy = (img_size - round(width * scale)) // 2, (img_size - round(height * scale)) // 2
@@ -308,16 +323,19 @@ def _csv_ground_truth(source: str, data, img_size: int, resize: str) -> tuple[np
             else:
                 sx, sy = img_size / width, img_size / height
                 boxes[i] = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+    if bad:
+        more = f" ({len(bad) - 1} more bad row(s) after it)" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0]}{more}; fix the box in pixels of the original image or leave the cell empty.")
     if masks is not None and not masks.any():
         masks = None
     return (boxes if not np.isnan(boxes).all() else None), masks
 
 
-def _ground_truth(data, source: str, img_size: int, resize: str):
+def _ground_truth(data, source: str, img_size: int, resize: str, uncertain_labels: str = "error"):
     if "boxes" in data.meta:
         boxes = np.array([data.meta["boxes"].get(i, (np.nan,) * 4) for i in data.ids], dtype=float)
         return boxes, None
-    return _csv_ground_truth(source, data, img_size, resize)
+    return _csv_ground_truth(source, data, img_size, resize, uncertain_labels)
 
 
 def explain(run: str, *, data: str | None = None, store: str | Path = "./medtune-results", method: str = "gradcam",
@@ -378,8 +396,16 @@ def explain(run: str, *, data: str | None = None, store: str | Path = "./medtune
                           "sizes); explain a run trained with resize or pad.")
     device_ = resolve_device(device)
     model = load_run_model(db, record, device_)
+    if data is not None:  # the maps explain the run's classes: another class set would mislabel every map
+        from medtune.inference import _class_names
+
+        trained = _class_names(record)
+        if list(dataset.class_names) != list(trained):
+            raise ConfigError(f"--data {short_repr(str(data))} has the classes {', '.join(map(str, dataset.class_names))}; "
+                              f"run {record['run_id']} was trained on {', '.join(map(str, trained))}: give data "
+                              "with the run's classes (same names, same order).")
     subset = dataset if split == "all" else dataset.split(split)
-    boxes, masks = _ground_truth(subset, cfg.data, cfg.img_size, cfg.resize)
+    boxes, masks = _ground_truth(subset, cfg.data, cfg.img_size, cfg.resize, cfg.uncertain_labels)
     with torch.no_grad():
         probs = torch.cat([torch.softmax(model(subset.images[s:s + 256].to(device_).float() / 255.0), dim=1).cpu()
                            for s in range(0, len(subset), 256)]).numpy()

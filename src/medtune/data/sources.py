@@ -152,7 +152,8 @@ def _read_csv_rows(reader: csv.DictReader, path: Path, root: Path, uncertain_lab
         if split is not None and split not in SPLITS:
             raise DataError(f"{path}, line {line}: split {short_repr(split)} is not one of {', '.join(SPLITS)}.")
         rows.append({"path": full, "label": row["label"], "split": split, "group": row.get("group") or None,
-                     **({"label_columns": label_columns} if label_columns else {})})
+                     **({"label_columns": label_columns} if label_columns else {}),
+                     "line": line, "bbox": row.get("bbox") or None, "mask": row.get("mask") or None})
     if not rows:
         raise DataError(f"{path}: no rows; add one line per image.")
     return rows
