@@ -352,7 +352,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.preset:
         from medtune.presets import get_preset
 
-        base = {**get_preset(args.preset), **(medtune.load_yaml(args.config) if args.config else {})}
+        own = medtune.load_yaml(args.config) if args.config else {}
+        base = {**get_preset(args.preset), **own}
+        if args.data is None and "data" not in own:  # a preset's data is the demo: never a paper's sweep on it
+            from medtune.errors import ConfigError
+
+            raise ConfigError(f"--preset {args.preset} needs your data: add --data FOLDER|CSV|NPZ (or a 'data' key "
+                              "in the YAML file); a preset's own data is the built-in demo.")
     try:
         records = medtune.sweep(base, log=_log, executor=args.executor, workers=args.workers, address=args.address,
                                 cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, **_overrides(args))

@@ -272,6 +272,11 @@ def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: C
 
     for arch, img_size in sorted({(r.arch, r.img_size) for r in runs}):  # before any data is loaded
         check_input_size(arch, img_size)
+    from medtune.models._weights import check_hub_reachable
+
+    # hub weights offline: one line before any claim, not a failed download per run
+    for arch in sorted({r.arch for r in runs if r.weights == "imagenet" and r.strategy.create().pretrained}):
+        check_hub_reachable(arch)
     if isinstance(executor, LocalExecutor):  # the runs train on this machine: check their devices before any claim
         for device in sorted({r.device for r in runs}):
             resolve_device(device)
