@@ -230,8 +230,9 @@ def load_efficientnet_lite(backbone: nn.Module, weights: str, *, arch: str) -> N
 
 #: Why the weights hub could not be reached in this process (checked once): every later check fails at once.
 _HUB_UNREACHABLE: list[str] = []
-_OFFLINE_CHOICES = ("Offline? Use --weights FILE with a local .safetensors/.pth state dict, or --arch "
-                    "tf_efficientnet_lite0 --weights efficientnet_lite0 (installed offline), or --weights none.")
+_OFFLINE_CHOICES = ("Offline? Use weights=FILE (--weights FILE) with a local .safetensors/.pth state dict, or "
+                    "arch='tf_efficientnet_lite0' with weights='efficientnet_lite0' (installed offline), or "
+                    "weights='none'.")
 
 
 def _cached_weights(arch: str) -> bool | None:
@@ -274,7 +275,7 @@ def _cached_weights(arch: str) -> bool | None:
     return any(os.path.isfile(os.path.join(checkpoints, os.path.basename(u.split("?")[0]))) for u in urls)
 
 
-def check_hub_reachable(arch: str, timeout: float = 5.0) -> None:
+def check_hub_reachable(arch: str, timeout: float = 5.0, hint: str | None = None) -> None:
     """Fail fast where ImageNet weights would be downloaded and cannot be: one connection attempt per process
     (a download library retries for about a minute per model), then every later call fails at once.
 
@@ -289,7 +290,13 @@ def check_hub_reachable(arch: str, timeout: float = 5.0) -> None:
     if _cached_weights(arch) in (None, True):
         return
     if not _HUB_UNREACHABLE:
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        try:
+            from huggingface_hub import constants
+
+            offline = bool(constants.HF_HUB_OFFLINE)
+        except ImportError:
+            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        if offline and not arch.startswith("tv:"):
             _HUB_UNREACHABLE.append("HF_HUB_OFFLINE is set")
         else:
             host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
@@ -301,4 +308,4 @@ def check_hub_reachable(arch: str, timeout: float = 5.0) -> None:
             except OSError as exc:
                 _HUB_UNREACHABLE.append(f"{host} unreachable: {exc.strerror or type(exc).__name__}")
     raise ConfigError(f"arch {arch!r}: its ImageNet weights are not in the local cache and cannot be downloaded "
-                      f"({_HUB_UNREACHABLE[0]}). {_OFFLINE_CHOICES}")
+                      f"({_HUB_UNREACHABLE[0]}). {hint or _OFFLINE_CHOICES}")
