@@ -390,7 +390,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.preset:
         from medtune.presets import get_preset
 
-        base = {**get_preset(args.preset), **(medtune.load_yaml(args.config) if args.config else {})}
+        own = medtune.load_yaml(args.config) if args.config else {}
+        base = {**get_preset(args.preset), **own}
+        if args.data is None and "data" not in own:  # a preset's data is the demo: never a paper's sweep on it
+            from medtune.errors import ConfigError
+
+            raise ConfigError(f"--preset {args.preset} needs your data: add --data FOLDER|CSV|NPZ (or a 'data' key "
+                              "in the YAML file); a preset's own data is the built-in demo.")
     try:
         records = medtune.sweep(base, log=_log, executor=args.executor, workers=args.workers, address=args.address,
                                 cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, **_overrides(args))
@@ -420,7 +426,9 @@ def _cmd_results(args: argparse.Namespace) -> int:
         print(f"{len(written)} runs written for {tracker} to {folder}")
         return 0
     if args.format == "parquet" or args.output:
+        replaced = _check_output(args.output)
         _write_records(store.runs(), args.format, args.output, per_run=args.runs)
+        _say_replaced(replaced)
     else:
         _print_records(store.runs(), args.format, per_run=args.runs)
     return 0
@@ -430,9 +438,9 @@ def _write_records(records: list[dict], fmt: str, output: str | None, *, per_run
     """``results -o FILE``: what ``--format`` prints, written to FILE; parquet holds the rows of csv."""
     import contextlib
     import io
-    from pathlib import Path
 
-    from medtune.errors import ConfigError
+    from medtune._safepaths import atomic_write
+    from medtune.errors import ConfigError, StoreError
 
     if output is None:
         raise ConfigError("--format parquet writes a binary file: give it with -o FILE.parquet.")
@@ -450,10 +458,26 @@ def _write_records(records: list[dict], fmt: str, output: str | None, *, per_run
             buffer = io.StringIO()
             with contextlib.redirect_stdout(buffer):
                 _print_records(records, fmt, per_run=per_run)
-            Path(output).write_text(buffer.getvalue())
-    except OSError as exc:
-        raise ConfigError(f"Cannot write {output!r} ({exc.strerror or exc}); give another -o path.") from None
+            atomic_write(output, buffer.getvalue())
+    except (OSError, StoreError) as exc:
+        raise ConfigError(f"Cannot write {output!r} ({getattr(exc, 'strerror', None) or exc}); give another -o "
+                          "path.") from None
     print(f"{len(records)} runs written to {output}", file=sys.stderr)
+
+
+def _check_output(output: str | None) -> str | None:
+    """``-o FILE`` checked before any work (never a store's database or managed folder, its folder exists
+    and is writable); returns what an existing file is, for :func:`_say_replaced`."""
+    if output is None:
+        return None
+    from medtune._safepaths import check_output
+
+    return check_output(output, flag="-o")
+
+
+def _say_replaced(replaced: str | None) -> None:
+    if replaced:
+        print(f"medtune: -o {replaced}", file=sys.stderr)
 
 
 def _cmd_blocks(args: argparse.Namespace) -> int:
@@ -509,7 +533,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     import medtune
 
+    replaced = _check_output(args.output)
     out = medtune.report(args.store, out_path=args.output, fmt=args.format, metric=args.metric, title=args.title)
+    _say_replaced(replaced)
     print(Path(out).resolve())
     return 0
 
@@ -588,10 +614,12 @@ def _cmd_preset(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import medtune
 
+    replaced = _check_output(args.output)  # before any work: never the store's database
     result = medtune.predict(args.run, args.data, store=args.store, split=args.split, device=args.device,
                              calibrated=args.calibrated, data_cache=args.data_cache)
     if args.output:
         print(f"{len(result.ids)} predictions: {result.to_csv(args.output)}", file=sys.stderr)
+        _say_replaced(replaced)
     summary = {"run_id": result.run_id, "images": len(result.ids), "metrics": result.metrics,
                "metric_ci": result.metric_ci, "calibration": result.calibration, "per_class": result.per_class,
                "per_class_at_threshold": result.per_class_at_threshold}

@@ -8,6 +8,7 @@ normalises [0, 1] pixels itself), and the run's class names fix the class order.
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,16 +130,22 @@ class Predictions:
 
     def to_csv(self, path: str | Path) -> Path:
         """Write :meth:`to_rows` as CSV; returns the path."""
+        import io
+
+        from medtune._safepaths import atomic_write, check_output
+        from medtune.errors import StoreError
+
         path = Path(path)
+        check_output(path, flag="-o")  # never a results store's database or managed folder
         rows = self.to_rows()
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["id"])
+        writer.writeheader()
+        writer.writerows(rows)
         try:
-            with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id"])
-                writer.writeheader()
-                writer.writerows(rows)
-        except OSError as exc:
-            raise ConfigError(f"Cannot write predictions to {path} ({exc.strerror or exc}); give another -o path.") \
-                from None
+            atomic_write(path, buffer.getvalue())
+        except StoreError as exc:
+            raise ConfigError(f"Cannot write predictions to {path} ({exc}); give another -o path.") from None
         return path
 
 
@@ -151,9 +158,21 @@ def _unlabelled_folder(path: Path, img_size: int, resize: str, dicom_window: str
     from medtune.data.base import fingerprint_of
     from medtune.data.diskcache import load_or_decode, resolve_workers, source_key, use_disk
 
-    if not path.is_dir() or any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+    from medtune._safepaths import is_regular, warn_unreadable
+    from medtune.data.sources import _subfolders
+
+    if not path.is_dir() or _subfolders(path):
         return None
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    entries, files, unreadable = sorted(path.iterdir()), [], 0
+    for p in entries:  # regular files only (a FIFO would block its reader); an unreadable one is counted
+        try:
+            os.stat(p)
+        except OSError:
+            unreadable += 1
+            continue
+        if is_regular(p) and p.suffix.lower() in IMAGE_EXTENSIONS:
+            files.append(p)
+    warn_unreadable(path, unreadable)
     if not files:
         raise DataError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) and no class folders.")
     labels, splits = torch.full((len(files),), -1, dtype=torch.long), np.array(["test"] * len(files))

@@ -29,7 +29,11 @@ shows in its Localisation section.
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import math
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +43,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from medtune._safepaths import atomic_write, check_output
+
 from medtune._checks import check_choice
-from medtune.errors import ConfigError, DataError
+from medtune.errors import ConfigError, DataError, short_repr
 
 if TYPE_CHECKING:
     from medtune.data.diskcache import DiskImages
@@ -258,44 +264,58 @@ def plot_gallery(images: np.ndarray | torch.Tensor | DiskImages, maps: np.ndarra
     return fig
 
 
-def _csv_ground_truth(source: str, data, img_size: int, resize: str) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Boxes (N, 4) and masks (N, H, W) from a CSV's ``bbox`` / ``mask`` columns, at the input size."""
+def _csv_ground_truth(source: str, data, img_size: int, resize: str,
+                      uncertain_labels: str = "error") -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Boxes (N, 4) and masks (N, H, W) from a CSV's ``bbox`` / ``mask`` columns, at the input size.
+
+    The CSV is read by training's own parser (:func:`medtune.data.sources.read_csv`: a byte-order mark,
+    short rows, quoting), and every box is checked in the image's own pixels: four finite numbers with
+    ``0 <= x0 < x1 <= width`` and ``0 <= y0 < y1 <= height``; a bad one is a DataError naming its line.
+    """
     from PIL import Image
 
     from medtune.data._decode import decode_image, resize_image
+    from medtune.data.sources import read_csv
 
     path = Path(source)
     if path.suffix.lower() != ".csv" or not path.is_file():
         return None, None
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or not ({"bbox", "mask"} & set(rows[0])):
+    rows = read_csv(path, uncertain_labels)
+    if not any(r.get("bbox") or r.get("mask") for r in rows):
         return None, None
     root = path.parent.resolve()
-    by_path = {str((root / r["path"].strip()).resolve()): r for r in rows}
+    by_path = {str(r["path"]): r for r in rows}
     boxes = np.full((len(data.ids), 4), np.nan)
-    masks = np.zeros((len(data.ids), img_size, img_size), bool) if "mask" in rows[0] else None
+    masks = np.zeros((len(data.ids), img_size, img_size), bool) if any(r.get("mask") for r in rows) else None
+    bad: list[str] = []
     for i, sample_id in enumerate(data.ids):
         row = by_path.get(str(Path(sample_id).resolve()))
         if row is None:
             continue
-        with Image.open(Path(sample_id)) as im:
-            width, height = im.size
-        if row.get("mask", "").strip():
-            mask_path = (root / row["mask"].strip()).resolve()
+        where = f"{path}, line {row['line']}"
+        if row.get("mask"):
+            mask_path = (root / row["mask"]).resolve()
             if not mask_path.is_relative_to(root) or not mask_path.is_file():
-                raise DataError(f"{path}: mask {row['mask']!r} of {row['path']!r} not found under {root}.")
+                raise DataError(f"{where}: mask {row['mask']!r} of {row['path'].name!r} not found under {root}.")
             rgb, _, _ = decode_image(mask_path)
             m = resize_image((rgb > 0).astype(np.uint8) * 255, img_size, resize)[0].numpy() > 127
             masks[i] = m
             ys, xs = np.nonzero(m)
             if len(ys):
                 boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-        elif row.get("bbox", "").strip():
+        elif row.get("bbox"):
+            with Image.open(Path(sample_id)) as im:
+                width, height = im.size
             try:
                 x0, y0, x1, y1 = (float(v) for v in row["bbox"].replace(";", " ").replace(",", " ").split())
-            except ValueError as err:
-                raise DataError(f"{path}: bbox {row['bbox']!r} of {row['path']!r} is not 'x0 y0 x1 y1'.") from err
+            except ValueError:
+                bad.append(f"{where}: bbox {short_repr(row['bbox'])} is not four numbers 'x0 y0 x1 y1'")
+                continue
+            if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or not (
+                    0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+                bad.append(f"{where}: bbox {short_repr(row['bbox'])} is not a box inside the {width}x{height} px "
+                           "image (finite, 0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height)")
+                continue
             if resize == "pad":
                 scale = img_size / max(width, height)
                 ox, oy = (img_size - round(width * scale)) // 2, (img_size - round(height * scale)) // 2
@@ -303,16 +323,19 @@ def _csv_ground_truth(source: str, data, img_size: int, resize: str) -> tuple[np
             else:
                 sx, sy = img_size / width, img_size / height
                 boxes[i] = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+    if bad:
+        more = f" ({len(bad) - 1} more bad row(s) after it)" if len(bad) > 1 else ""
+        raise DataError(f"{bad[0]}{more}; fix the box in pixels of the original image or leave the cell empty.")
     if masks is not None and not masks.any():
         masks = None
     return (boxes if not np.isnan(boxes).all() else None), masks
 
 
-def _ground_truth(data, source: str, img_size: int, resize: str):
+def _ground_truth(data, source: str, img_size: int, resize: str, uncertain_labels: str = "error"):
     if "boxes" in data.meta:
         boxes = np.array([data.meta["boxes"].get(i, (np.nan,) * 4) for i in data.ids], dtype=float)
         return boxes, None
-    return _csv_ground_truth(source, data, img_size, resize)
+    return _csv_ground_truth(source, data, img_size, resize, uncertain_labels)
 
 
 def explain(run: str, *, data: str | None = None, store: str | Path = "./medtune-results", method: str = "gradcam",
@@ -360,6 +383,8 @@ def explain(run: str, *, data: str | None = None, store: str | Path = "./medtune
     log = log or (lambda _m: None)
     db = store if isinstance(store, ResultsStore) else ResultsStore(store)
     record = resolve_runs(db, [run])[0]
+    if out_dir is not None:  # before any work: never a store's database or managed folder, nor a file
+        check_output(out_dir, flag="-o", folder=True, allow=db.run_dir(record["run_id"]))
     cfg = RunConfig.from_dict(record["config"])
     if data is not None:
         cfg = cfg.replace(data=data)
@@ -371,8 +396,16 @@ def explain(run: str, *, data: str | None = None, store: str | Path = "./medtune
                           "sizes); explain a run trained with resize or pad.")
     device_ = resolve_device(device)
     model = load_run_model(db, record, device_)
+    if data is not None:  # the maps explain the run's classes: another class set would mislabel every map
+        from medtune.inference import _class_names
+
+        trained = _class_names(record)
+        if list(dataset.class_names) != list(trained):
+            raise ConfigError(f"--data {short_repr(str(data))} has the classes {', '.join(map(str, dataset.class_names))}; "
+                              f"run {record['run_id']} was trained on {', '.join(map(str, trained))}: give data "
+                              "with the run's classes (same names, same order).")
     subset = dataset if split == "all" else dataset.split(split)
-    boxes, masks = _ground_truth(subset, cfg.data, cfg.img_size, cfg.resize)
+    boxes, masks = _ground_truth(subset, cfg.data, cfg.img_size, cfg.resize, cfg.uncertain_labels)
     with torch.no_grad():
         probs = torch.cat([torch.softmax(model(subset.images[s:s + 256].to(device_).float() / 255.0), dim=1).cpu()
                            for s in range(0, len(subset), 256)]).numpy()
@@ -382,17 +415,23 @@ def explain(run: str, *, data: str | None = None, store: str | Path = "./medtune
     log(f"explain {record['run_id']}: {method} at {layer_path} on {len(subset)} {split} images")
     maps = compute_maps(model, subset.images, labels if target == "label" else predicted, method=method, layer=layer)
     scores = localisation_scores(maps, boxes, masks=masks, threshold=threshold) if boxes is not None else {}
-    out = Path(out_dir) if out_dir is not None else db.run_dir(record["run_id"]) / "explain"
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / "maps.npz", maps=maps.astype(np.float16), ids=np.array(subset.ids, dtype=str),
-                        labels=labels, predicted=predicted, probs=probs.astype(np.float32),
-                        boxes=boxes if boxes is not None else np.full((len(subset), 4), np.nan))
+    if out_dir is None:
+        out, root = db.run_dir(record["run_id"], "explain/overlays").parent, db.root
+    else:
+        out, root = Path(out_dir), None
+        (out / "overlays").mkdir(parents=True, exist_ok=True)
+    write = functools.partial(atomic_write, root=root)  # temp file + rename: a link in the store is never followed
+    write(out / "maps.npz", lambda p: np.savez_compressed(
+        open(p, "wb"), maps=maps.astype(np.float16), ids=np.array(subset.ids, dtype=str), labels=labels,
+        predicted=predicted, probs=probs.astype(np.float32),
+        boxes=boxes if boxes is not None else np.full((len(subset), 4), np.nan)))
     from PIL import Image
 
     for i in range(min(max_overlays, len(subset))):  # one image at a time: the split may be in the decode cache
-        Image.fromarray(_overlay(np.asarray(subset.images[i]), maps[i])).save(out / "overlays" / f"{i:04d}.png")
+        overlay = Image.fromarray(_overlay(np.asarray(subset.images[i]), maps[i]))
+        write(out / "overlays" / f"{i:04d}.png", lambda p: overlay.save(p, format="png"))
     fig = plot_gallery(subset.images, maps, labels, predicted, list(subset.class_names), boxes=boxes)
-    fig.savefig(out / "gallery.png", dpi=100, metadata={"Software": None})
+    write(out / "gallery.png", lambda p: fig.savefig(p, dpi=100, format="png", metadata={"Software": None}))
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -401,7 +440,7 @@ def explain(run: str, *, data: str | None = None, store: str | Path = "./medtune
                "split": split, "layer": layer_path, "num_images": len(subset),
                "accuracy": float((predicted == labels).mean()) if len(labels) else float("nan"),
                "scores": scores, "gallery_png": "gallery.png", "maps_npz": "maps.npz"}
-    (out / "explain.json").write_text(json.dumps(summary, indent=2))
+    write(out / "explain.json", json.dumps(summary, indent=2))
     if scores:
         log(f"pointing game {scores['pointing_game']:.3f} [{scores['pointing_game_ci'][0]:.3f}, "
             f"{scores['pointing_game_ci'][1]:.3f}] (chance {scores['pointing_chance']:.3f}); box IoU "

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -160,6 +158,11 @@ def plan_runs(cells: Iterable[tuple[RunConfig, Any]]) -> list[RunPlan]:
     cells = list(cells)
     for arch, img_size in sorted({(cfg.arch, cfg.img_size) for cfg, _ in cells}):  # before any data is loaded
         check_input_size(arch, img_size)
+    from medtune.models._weights import check_hub_reachable
+
+    # hub weights offline: one line before any claim, not a failed download per run
+    for arch in sorted({cfg.arch for cfg, _ in cells if cfg.weights == "imagenet" and cfg.strategy.strategy_class.pretrained}):
+        check_hub_reachable(arch)
     plans = []
     for cfg, strategy in cells:
         checked = strategy is not None
@@ -177,19 +180,14 @@ def plan_runs(cells: Iterable[tuple[RunConfig, Any]]) -> list[RunPlan]:
     return plans
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
+def _write_atomic(path: Path, write: Callable[[Path], None], root: Path | None = None) -> None:
+    """Temp file + rename inside the store (see :func:`medtune._safepaths.atomic_write`)."""
+    from medtune._safepaths import atomic_write
+
     try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise StoreError(f"Cannot write {path} ({exc.strerror or exc}); free disk space or fix permissions and run "
-                         "the same command again: the run resumes from its last epoch checkpoint.") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path, write, root=root)
+    except StoreError as exc:
+        raise StoreError(f"{exc} The run resumes from its last epoch checkpoint.") from None
 
 
 def _save_artifacts(store: ResultsStore, run_id: str, config: dict, state: dict, y_true, y_prob,
@@ -197,16 +195,16 @@ def _save_artifacts(store: ResultsStore, run_id: str, config: dict, state: dict,
     from safetensors.torch import save_file
 
     folder = store.run_dir(run_id)
-    for stale in folder.glob("*.tmp"):  # left by a driver killed mid-write
+    for stale in [*folder.glob("*.tmp"), *folder.glob(".*.tmp")]:  # left by a driver killed mid-write
         stale.unlink(missing_ok=True)
     weights = folder / "best.safetensors"
-    _write_atomic(weights, lambda p: save_file(state, str(p), metadata={"arch": config["arch"]}))
+    _write_atomic(weights, lambda p: save_file(state, str(p), metadata={"arch": config["arch"]}), store.root)
     preds = folder / "predictions.npz"
     val = {} if val_y_prob is None else {"val_y_true": val_y_true, "val_y_prob": val_y_prob}
     _write_atomic(preds, lambda p: np.savez(open(p, "wb"), y_true=y_true, y_prob=y_prob,
-                                            class_names=np.array(class_names), **val))
+                                            class_names=np.array(class_names), **val), store.root)
     cfg_path = folder / "run_config.json"  # config.json is the name of a timm export (medtune export)
-    _write_atomic(cfg_path, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
+    _write_atomic(cfg_path, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)), store.root)
     return {"weights": str(weights), "predictions": str(preds), "config": str(cfg_path)}
 
 
@@ -392,8 +390,10 @@ def _claim(plans: list[RunPlan], store: ResultsStore, log: Callable[[str], None]
     return records, todo
 
 
-def _settle(store: ResultsStore, plan: RunPlan, payload: Any, log: Callable[[str], None]) -> tuple[dict | None, str | None]:
-    """Store a finished run's payload, or mark the run failed with its one-line reason."""
+def _settle(store: ResultsStore, plan: RunPlan, payload: Any, log: Callable[[str], None],
+            warned: set[str]) -> tuple[dict | None, str | None]:
+    """Store a finished run's payload, or mark the run failed with its one-line reason; a tracker that
+    cannot write is said once (in ``warned``) and never stops the sweep."""
     if isinstance(payload, BaseException):  # this run failed; the others go on
         reason = failure_reason(payload)
         store.fail(plan.run_id, reason)
@@ -401,10 +401,16 @@ def _settle(store: ResultsStore, plan: RunPlan, payload: Any, log: Callable[[str
         log(f"{plan.run_id} {cfg.arch} {cfg.strategy} seed {cfg.seed} FAILED: {reason}")
         return None, reason
     record = store_result(store, payload)  # a StoreError (disk full) ends the sweep, resumable
-    if plan.config.tracker != "none":
-        from medtune.tracking import log_run
+    tracker = plan.config.tracker
+    if tracker != "none":
+        from medtune.tracking import TrackerError, log_run
 
-        log_run(record, plan.config.tracker, store.root / plan.config.tracker)
+        try:
+            log_run(record, tracker, store.root / tracker)
+        except TrackerError as exc:  # the run is stored; its logs are not: say so once, go on
+            if tracker not in warned:
+                log(f"warning: {exc} (the runs are stored; their tracker logs are not written)")
+            warned.add(tracker)
     return record, None
 
 
@@ -458,10 +464,13 @@ def run_all(plans: list[RunPlan], *, store: ResultsStore, executor: Any, log: Ca
                disable=progress is None or not sys.stderr.isatty())
     failures: list[tuple[str, str]] = []
     settled: set[int] = set()
+    warned: set[str] = set()  # trackers that failed once (said once, the sweep goes on)
     try:
         for j, payload in executor.map_unordered(worker, items, return_exceptions=True):
             i = todo[j]
-            records[i], reason = _settle(store, plans[i], payload, log)
+            if isinstance(payload, StoreError):  # the store's disk is full or read-only: every run would fail
+                raise payload
+            records[i], reason = _settle(store, plans[i], payload, log, warned)
             if reason is not None:
                 failures.append((plans[i].run_id, reason))
             settled.add(j)
@@ -469,7 +478,10 @@ def run_all(plans: list[RunPlan], *, store: ResultsStore, executor: Any, log: Ca
     except BaseException:
         for j, i in enumerate(todo):
             if j not in settled:
-                store.release(plans[i].run_id)
+                try:
+                    store.release(plans[i].run_id)
+                except StoreError:  # the disk is full even for this: the claim's owner is gone when this
+                    pass            # process ends, so the next start reclaims the run all the same
         raise
     finally:
         bar.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -23,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from medtune._safepaths import check_run_id, disk_hint, inside, is_inside
 from medtune.errors import StoreError, short_repr
 
 __all__ = ["ResultsStore", "StoreWarning"]
@@ -39,6 +41,27 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _SCHEMA_VERSION = "1"
 _ATTACK_FILES = ("perturbation_file", "uap_png", "examples_png")  # artifact paths at an attack record's top level
+# ids that are safe to show and compare; a run id proper (16 hex digits) is checked where it becomes a path
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+=-]{0,127}")
+_RUN_FILES = ("weights", "predictions", "config")  # a run record's ``artifacts``
+
+
+def _is_disk_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(w in text for w in ("disk is full", "readonly", "read-only", "disk i/o", "unable to open",
+                                   "cannot commit"))
+
+
+def _disk_error(path: Path, exc: BaseException) -> StoreError:
+    text = str(exc).lower()
+    if "full" in text:
+        why = "the disk is full: free space (or move the store to a larger disk) and run the same command again"
+    elif "readonly" in text or "read-only" in text:
+        why = "the store is read-only: make it writable (or copy it to a writable folder) and run the command again"
+    else:
+        why = "check the disk and run the same command again"
+    return StoreError(f"Cannot write the results store {str(path)!r} ({exc}); {why}: finished runs are kept and "
+                      "the others resume.")
 
 
 class StoreWarning(UserWarning):
@@ -204,6 +227,8 @@ class ResultsStore:
             if "locked" in msg or "busy" in msg:
                 raise StoreError(f"The results store {str(self.path)!r} is locked by another process; "
                                  "wait for it or use another --store.") from None
+            if _is_disk_error(exc):
+                raise _disk_error(self.path, exc) from None
             raise StoreError(f"{str(self.path)!r} is not a medtune results store ({msg}); "
                              "move it away or choose another --store.") from None
 
@@ -217,27 +242,53 @@ class ResultsStore:
                              "wait for the other process or use another --store.") from None
         try:
             yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
+        except BaseException as exc:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite rolled back itself (e.g. after SQLITE_FULL)
+            if isinstance(exc, sqlite3.Error) and _is_disk_error(exc):
+                raise _disk_error(self.path, exc) from None
             raise
         else:
-            self._conn.execute("COMMIT")
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                try:
+                    self._conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if _is_disk_error(exc):
+                    raise _disk_error(self.path, exc) from None
+                raise
 
     def close(self) -> None:
         self._conn.close()
 
-    def run_dir(self, run_id: str) -> Path:
-        """The artifacts folder of a run (created on demand)."""
-        path = self.root / "artifacts" / run_id
+    def run_dir(self, run_id: str, sub: str | None = None) -> Path:
+        """The artifacts folder of a run (or its subfolder ``sub``), created on demand.
+
+        Raises:
+            StoreError: ``run_id`` is not a run id, or the folder (a link in the store) leads outside it.
+        """
+        check_run_id(run_id, str(self.root))
+        path = self.root / "artifacts"
+        folders = [path, path / run_id]
+        for part in Path(sub).parts if sub is not None else ():
+            folders.append(folders[-1] / part)
+        path = folders[-1]
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            for folder in folders:
+                inside(self.root, folder, f"The artifacts folder of run {run_id}")  # before mkdir follows a link
+                folder.mkdir(exist_ok=True)
         except OSError as exc:
             raise StoreError(f"Cannot create the artifacts folder {str(path)!r} ({exc.strerror or exc}); "
-                             "move the file that is in its way and run the same command again.") from None
-        return path
+                             f"{disk_hint(exc)}.") from None
+        return inside(self.root, path, f"The artifacts folder of run {run_id}")
 
     def checkpoint_path(self, run_id: str) -> Path:
-        return self.root / "checkpoints" / f"{run_id}.pt"
+        check_run_id(run_id, str(self.root))
+        return inside(self.root, self.root / "checkpoints" / f"{run_id}.pt", f"The checkpoint of run {run_id}")
 
     # -- runs --------------------------------------------------------------------------------
     def claim(self, run_id: str, config: dict[str, Any], *, stale_seconds: float = STALE_SECONDS) -> bool:
@@ -260,7 +311,13 @@ class ResultsStore:
         return True
 
     def heartbeat(self, run_id: str) -> None:
-        self._conn.execute("UPDATE runs SET heartbeat=? WHERE run_id=? AND owner=?", (time.time(), run_id, _owner_id()))
+        try:
+            self._conn.execute("UPDATE runs SET heartbeat=? WHERE run_id=? AND owner=?",
+                               (time.time(), run_id, _owner_id()))
+        except sqlite3.Error as exc:
+            if not _is_disk_error(exc):
+                raise
+            raise _disk_error(self.path, exc) from None
 
     # -- records: artifact paths relative to the store, resolved on read (the store can be moved) ---------
     def _relative(self, path: str) -> str:
@@ -276,16 +333,18 @@ class ResultsStore:
         except (ValueError, OSError):
             return str(path)
 
-    def resolve_artifact(self, path: str) -> str:
+    def resolve_artifact(self, path: str) -> str | None:
         """A stored artifact path as a path to open from here: relative ones (and, for records written by
-        earlier versions, the part from ``artifacts/`` on) are taken inside this store's root."""
+        earlier versions, the part from ``artifacts/`` on, absolute ones too) are taken inside this store's
+        root. None for a path that leads outside the store (``..``, an absolute path elsewhere, a link)."""
         p = Path(path)
-        if not p.is_absolute():
-            parts = p.parts
-            if "artifacts" in parts:
-                p = Path(*parts[len(parts) - 1 - parts[::-1].index("artifacts"):])
-            return str(self.root / p)
-        return str(p)
+        parts = p.parts
+        if "artifacts" in parts:
+            p = Path(*parts[len(parts) - 1 - parts[::-1].index("artifacts"):])
+        if p.is_absolute():
+            return None
+        out = self.root / p
+        return str(out) if is_inside(self.root, out) else None
 
     def _with_paths(self, record: dict[str, Any], keys, convert) -> dict[str, Any]:
         record = dict(record)
@@ -305,11 +364,38 @@ class ResultsStore:
         else:
             why = "NULL" if text is None else f"a JSON {type(record).__name__}, not an object"
         if isinstance(record, dict):
-            return self._with_paths(record, _ATTACK_FILES, self.resolve_artifact)
+            return self._checked(table, key, record)
         warnings.warn(f"{self.path}: the {table} record {key!r} is unreadable ({why}); skipped.\n"
                       f"HINT: re-run it, or delete its row: sqlite3 {self.path} \"DELETE FROM {table} WHERE "
                       f"{'run_id' if table == 'runs' else 'rowid'}='{key}'\"", StoreWarning, stacklevel=3)
         return None
+
+    def _checked(self, table: str, key: str, record: dict[str, Any]) -> dict[str, Any] | None:
+        """A record read from the store, made safe to use: a run id that is not one skips the record, and
+        an artifact path that leads outside the store is dropped, each with one warning naming the record."""
+        if table in ("runs", "attacks") and "run_id" in record and not _SAFE_ID.fullmatch(str(record["run_id"])):
+            warnings.warn(f"{self.path}: the {table} record {short_repr(str(key))} has the run id "
+                          f"{short_repr(str(record['run_id']))}, not a run id (16 hex digits); skipped (the store "
+                          "was altered).",
+                          StoreWarning, stacklevel=4)
+            return None
+        dropped: list[str] = []
+
+        def convert(path: str) -> str | None:
+            out = self.resolve_artifact(path)
+            if out is None:
+                dropped.append(path)
+            return out
+
+        record = self._with_paths(record, _ATTACK_FILES, convert)
+        for where in (record, record.get("artifacts") if isinstance(record.get("artifacts"), dict) else {}):
+            for k in [k for k, v in where.items() if v is None and k in (*_ATTACK_FILES, *_RUN_FILES)]:
+                del where[k]
+        if dropped:
+            warnings.warn(f"{self.path}: the {table} record {short_repr(str(key))} names the file "
+                          f"{short_repr(dropped[0])} outside the store; that file is ignored (the store was altered).",
+                          StoreWarning, stacklevel=4)
+        return record
 
     def finish(self, run_id: str, record: dict[str, Any]) -> None:
         """Write a finished run's record (one atomic transaction); artifact paths are stored relative to the
@@ -361,13 +447,27 @@ class ResultsStore:
         return self._decode("runs", run_id, row[0]) if row else None
 
     def explanations(self) -> list[dict[str, Any]]:
-        """The ``explain.json`` summaries written under ``artifacts/*/explain/`` (each with its ``dir``)."""
+        """The ``explain.json`` summaries written under ``artifacts/*/explain/`` (each with its ``dir``), read
+        as untrusted input: only regular files inside the store (a link out of it, or a FIFO, is skipped
+        with a warning), and ``gallery_png`` only where it names a file inside the store (else dropped)."""
+        from medtune._safepaths import is_inside, read_regular
+
         out = []
         for path in sorted(self.root.glob("artifacts/*/explain/explain.json")):
             try:
-                summary = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
+                if not is_inside(self.root, path):
+                    raise OSError(f"it leads outside the store, to {os.path.realpath(path)}")
+                summary = json.loads(read_regular(path, limit=16 << 20))
+            except (OSError, ValueError) as exc:
+                warnings.warn(f"{path}: skipped ({exc}).", stacklevel=2)
                 continue
+            if not isinstance(summary, dict):
+                continue
+            png = path.parent / str(summary.get("gallery_png", "gallery.png"))
+            if not is_inside(self.root, png):
+                warnings.warn(f"{path}: its gallery_png {str(summary.get('gallery_png'))[:200]!r} leads outside the "
+                              "store; not shown.", stacklevel=2)
+                summary["gallery_png"] = None
             summary["dir"] = str(path.parent)
             out.append(summary)
         return out

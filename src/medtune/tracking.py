@@ -8,15 +8,17 @@ filled store later (``medtune results --export tensorboard DIR``).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from medtune.errors import ConfigError
 
-__all__ = ["TRACKERS", "log_run", "export_runs"]
+__all__ = ["TRACKERS", "TrackerError", "log_run", "export_runs"]
 
 #: ``none`` or a supported tracker.
 TRACKERS = ("none", "tensorboard")
@@ -53,8 +55,25 @@ def log_run(record: Mapping[str, Any], tracker: str, root: str | Path) -> Path |
         from medtune.errors import unknown_name_error
 
         raise unknown_name_error("tracker", tracker, TRACKERS)
-    folder = Path(root) / str(record["run_id"])
-    writer = _writer(folder)
+    from medtune._safepaths import check_run_id
+
+    folder = Path(root) / check_run_id(record["run_id"])  # a folder name: never a path out of ``root``
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    except OSError as exc:
+        raise TrackerError(f"Cannot write the {tracker} logs of run {record['run_id']} to {str(folder)!r} "
+                           f"({exc.strerror or exc}); choose a writable folder.") from None
+    try:
+        _write_events(record, _writer(folder))
+    except OSError as exc:
+        raise TrackerError(f"Cannot write the {tracker} logs of run {record['run_id']} to {str(folder)!r} "
+                           f"({exc.strerror or exc}); choose a writable folder.") from None
+    return folder
+
+
+def _write_events(record: Mapping[str, Any], writer) -> None:
     try:
         config = dict(record.get("config") or {})
         writer.add_text("config", "```json\n" + json.dumps(config, indent=2, sort_keys=True, default=str) + "\n```")
@@ -72,9 +91,19 @@ def log_run(record: Mapping[str, Any], tracker: str, root: str | Path) -> Path |
                            run_name=".")
     finally:
         writer.close()
-    return folder
+
+
+class TrackerError(ConfigError):
+    """A tracker's folder cannot be written (the run itself is stored; a sweep goes on)."""
 
 
 def export_runs(records: Iterable[Mapping[str, Any]], tracker: str, root: str | Path) -> list[Path]:
-    """:func:`log_run` for every record of a filled store; returns the written folders."""
+    """:func:`log_run` for every record of a filled store; returns the written folders.
+
+    Raises:
+        ConfigError: ``root`` is a results store's managed folder or a file, or not writable.
+    """
+    from medtune._safepaths import check_output
+
+    check_output(root, flag="--export folder", folder=True)
     return [p for r in records if (p := log_run(r, tracker, root)) is not None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -193,8 +194,13 @@ def decode_image(path: str | Path, dicom_window: str = "auto") -> tuple[np.ndarr
         DataError: unreadable, truncated, too small, or without pixel data.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; fix the path or remove the entry.")
+    try:
+        mode_bits = os.stat(path).st_mode
+    except OSError as exc:
+        what = "file not found" if isinstance(exc, FileNotFoundError) else f"cannot be read ({exc.strerror or exc})"
+        raise DataError(f"{path}: {what}; fix the path or remove the entry.") from None
+    if not stat.S_ISREG(mode_bits):  # a FIFO would block its reader forever
+        raise DataError(f"{path}: not a regular file (a folder, FIFO, socket or device); remove the entry.")
     if path.suffix.lower() == ".dcm":
         px, mode = _decode_dicom(path, dicom_window)
         return to_rgb_uint8(px, where=str(path)), mode, tuple(px.shape[:2])

@@ -8,7 +8,9 @@ path, size and modification time, the labels, splits and groups, ``img_size``, `
 ``dicom_window`` (of an ``.npz``: its path, size and mtime). A second run, process or Ray worker
 on the machine finds the folder and decodes nothing. A cache is built in a temporary folder and
 renamed into place, so a killed or concurrent decode never leaves half a cache; a damaged one
-(truncated file, unreadable meta) is decoded again.
+(truncated file, unreadable meta, bytes that no longer match the SHA-256 in ``meta.json``) is decoded
+again with a warning; the checksum is verified whenever the file's size, times or inode changed
+since it was last verified (one ``stat`` otherwise), and FIFOs or links out of the store are refused.
 
 :class:`DiskImages` reads rows with explicit positioned reads (``os.preadv``) into fresh tensors:
 nothing is memory-mapped, so a process's resident memory does not grow with the data set (pages
@@ -32,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medtune.errors import DataError
+from medtune._safepaths import atomic_write, is_inside, open_regular, read_regular
+from medtune.errors import DataError, MedtuneError
 
 __all__ = ["DiskImages", "DATA_CACHES", "DISK_THRESHOLD_BYTES", "resolve_workers", "source_key", "load_or_decode",
            "open_cached", "build", "write_row", "use_disk"]
@@ -263,7 +266,7 @@ class _ReadAhead:
 def _read_header(path: Path) -> tuple[tuple[int, ...], int]:
     """(shape, data offset) of a C-order uint8 ``.npy`` file, read with numpy's own header parser
     (no pickle: the dtype must be uint8)."""
-    with open(path, "rb") as fh:
+    with open_regular(path) as fh:
         version = np.lib.format.read_magic(fh)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read(fh)
@@ -272,18 +275,54 @@ def _read_header(path: Path) -> tuple[tuple[int, ...], int]:
         return tuple(shape), fh.tell()
 
 
+def _checksum(path: Path) -> str:
+    """SHA-256 of a file, read 8 MiB at a time (a regular file only)."""
+    h = hashlib.sha256()
+    with open_regular(path) as fh:
+        for block in iter(lambda: fh.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stamp(path: Path) -> list[int]:
+    """What changes whenever a file's bytes can have changed: size, mtime, ctime (which no user can set),
+    inode and device. A copied or edited cache has another stamp, so its checksum is verified again."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
 def _open(folder: Path, key: str) -> tuple[DiskImages, dict]:
-    """The cache in ``folder``, checked against its meta; ValueError/OSError when damaged."""
-    meta = json.loads((folder / "meta.json").read_text())
+    """The cache in ``folder``, checked against its meta; ValueError/OSError when damaged.
+
+    The checksum of ``images.npy`` in the meta is verified when the file's stamp (:func:`_stamp`) differs
+    from the one recorded at the last verification (after a copy, an edit, or a move to another disk),
+    and the new stamp recorded; an unchanged file costs one ``stat``. Regular files only (a FIFO would
+    block), and nothing that leads outside the cache folder's parent (a link in a crafted store).
+    """
+    npy, meta_path = folder / "images.npy", folder / "meta.json"
+    for path in (npy, meta_path):
+        if not is_inside(folder.parent, path):
+            raise ValueError(f"{path.name} is a link out of the decode cache")
+    meta = json.loads(read_regular(meta_path, limit=1 << 20))
     if not isinstance(meta, dict) or meta.get("version") != _VERSION or meta.get("key") != key:
         raise ValueError("meta.json does not match")
-    shape, offset = _read_header(folder / "images.npy")
+    if not isinstance(meta.get("sha256"), str):
+        raise ValueError("meta.json holds no checksum (a cache of an earlier medtune)")
+    shape, offset = _read_header(npy)
     if list(shape) != meta.get("shape") or offset != meta.get("offset") or not isinstance(meta.get("fingerprint"), str):
         raise ValueError("meta.json and images.npy disagree")
-    size = (folder / "images.npy").stat().st_size
+    size = npy.stat().st_size
     if size != offset + int(np.prod(shape)):
         raise ValueError(f"images.npy holds {size} bytes, expected {offset + int(np.prod(shape))}")
-    return DiskImages(folder / "images.npy", offset, shape), meta
+    if meta.get("verified") != _stamp(npy):
+        if _checksum(npy) != meta["sha256"]:
+            raise ValueError("images.npy does not match the checksum in meta.json (changed on disk)")
+        meta["verified"] = _stamp(npy)
+        try:
+            atomic_write(meta_path, json.dumps(meta, indent=1))
+        except MedtuneError:
+            pass  # a read-only store: verified again next time
+    return DiskImages(npy, offset, shape), meta
 
 
 def _decode_rows(npy: str, offset: int, rows: list[tuple[int, str]], img_size: int, resize: str,
@@ -343,7 +382,10 @@ def open_cached(cache_root: str | Path, key: str) -> tuple[DiskImages, str] | No
     except (OSError, ValueError, KeyError, TypeError) as exc:
         warnings.warn(f"{folder}: damaged decode cache ({' '.join(str(exc).split())[:200]}); decoding again.",
                       stacklevel=3)
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.is_symlink():
+            folder.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
         return None
 
 
@@ -392,7 +434,7 @@ def build(cache_root: str | Path, key: str, shape: tuple[int, ...], fill, finger
                             "another --store, or --data-cache memory.") from None
         images = DiskImages(npy, offset, shape)
         meta = {"version": _VERSION, "key": key, "shape": list(shape), "offset": offset,
-                "fingerprint": fingerprint(images)}
+                "fingerprint": fingerprint(images), "sha256": _checksum(npy), "verified": _stamp(npy)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             os.rename(tmp, folder)

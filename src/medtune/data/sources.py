@@ -20,6 +20,7 @@ from medtune.data.base import SPLIT_ALIASES, SPLITS, ImageSet, fingerprint_of
 from medtune.data.diskcache import (DATA_CACHES, build, load_or_decode, open_cached, resolve_workers, source_key,
                                    use_disk, write_row)
 from medtune.data.splits import make_splits
+from medtune._safepaths import walk_files, warn_unreadable
 from medtune.errors import ConfigError, DataError, short_repr
 
 __all__ = ["load_data", "list_folder", "read_csv", "csv_label", "medmnist_path"]
@@ -32,7 +33,7 @@ def list_folder(root: Path) -> tuple[list[tuple[Path, str, str | None]], list[st
 
     Split folders are ``train``, ``val`` and ``test``; ``valid`` or ``validation`` is read as ``val``."""
     root = Path(root)
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subdirs = _subfolders(root)
     split_names = set(SPLITS) | set(SPLIT_ALIASES)
     given = {p.name for p in subdirs} & split_names
     layout = [(p, SPLIT_ALIASES.get(p.name, p.name)) for p in subdirs] if given else [(root, None)]
@@ -44,20 +45,38 @@ def list_folder(root: Path) -> tuple[list[tuple[Path, str, str | None]], list[st
         extra = sorted({p.name for p in subdirs} - split_names)
         raise DataError(f"{root}: mixes split folders ({', '.join(sorted(given))}) with class folders "
                         f"({', '.join(extra)}); put every class folder inside train/, val/ and test/.")
-    items, skipped = [], []
+    items, skipped, unreadable = [], [], 0
     for base, split in layout:
-        classes = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        classes = _subfolders(base)
         if not classes:
             raise DataError(f"{base}: no class folders; put the images of each class in a subfolder named after it.")
         for cdir in classes:
-            files = sorted(p for p in cdir.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files, bad = walk_files(cdir)  # unreadable entries counted, FIFOs and /proc never entered
+            unreadable += bad
             images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
             skipped += [str(p) for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
             if not images:
                 raise DataError(f"{cdir}: class folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                                 "add images or remove the folder.")
             items += [(p, cdir.name, split) for p in images]
+    warn_unreadable(root, unreadable)
     return items, skipped
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """The non-hidden subfolders of ``folder`` (links followed; an unreadable one is left out)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as exc:
+        raise DataError(f"{folder}: cannot list the folder ({exc.strerror or exc}); check its permissions.") from None
+    out = []
+    for e in entries:
+        try:
+            if not e.name.startswith(".") and e.is_dir():
+                out.append(Path(e.path))
+        except OSError:
+            continue
+    return sorted(out)
 
 
 #: CSV columns that are never label columns of a one-column-per-label CSV.
@@ -133,7 +152,8 @@ def _read_csv_rows(reader: csv.DictReader, path: Path, root: Path, uncertain_lab
         if split is not None and split not in SPLITS:
             raise DataError(f"{path}, line {line}: split {short_repr(split)} is not one of {', '.join(SPLITS)}.")
         rows.append({"path": full, "label": row["label"], "split": split, "group": row.get("group") or None,
-                     **({"label_columns": label_columns} if label_columns else {})})
+                     **({"label_columns": label_columns} if label_columns else {}),
+                     "line": line, "bbox": row.get("bbox") or None, "mask": row.get("mask") or None})
     if not rows:
         raise DataError(f"{path}: no rows; add one line per image.")
     return rows

@@ -14,7 +14,8 @@ from torch import nn
 from medtune.errors import ConfigError, did_you_mean
 
 from .tv import check_tv_arch, create_tv_model, is_tv_arch
-from ._weights import LITE_WEIGHTS, WEIGHT_SUFFIXES, check_lite_arch, load_efficientnet_lite, load_weights_file
+from ._weights import (LITE_WEIGHTS, WEIGHT_SUFFIXES, check_hub_reachable, check_lite_arch, load_efficientnet_lite,
+                       load_weights_file)
 
 __all__ = ["NormalizedModel", "create_model", "get_num_params", "WEIGHTS_CHOICES"]
 
@@ -112,6 +113,7 @@ def _create_imagenet(arch: str, num_classes: int, drop_rate: float) -> nn.Module
         raise ConfigError(
             f"timm has no ImageNet weights for arch {arch!r}. Use weights='none' (random init) or a weights FILE."
         )
+    check_hub_reachable(arch)  # one attempt per process, not a minute of retries per run
     try:
         return timm.create_model(arch, pretrained=True, num_classes=num_classes, drop_rate=drop_rate)
     except (OSError, RuntimeError) as err:  # hub unreachable (offline), or a failed download

@@ -10,6 +10,7 @@ import importlib
 import pickle
 from pathlib import Path
 
+import timm
 import torch
 from torch import nn
 
@@ -225,3 +226,86 @@ def load_efficientnet_lite(backbone: nn.Module, weights: str, *, arch: str) -> N
             )
         renamed[dst_key] = src
     backbone.load_state_dict(renamed, strict=True)
+
+
+#: Why the weights hub could not be reached in this process (checked once): every later check fails at once.
+_HUB_UNREACHABLE: list[str] = []
+_OFFLINE_CHOICES = ("Offline? Use weights=FILE (--weights FILE) with a local .safetensors/.pth state dict, or "
+                    "arch='tf_efficientnet_lite0' with weights='efficientnet_lite0' (installed offline), or "
+                    "weights='none'.")
+
+
+def _cached_weights(arch: str) -> bool | None:
+    """Whether ``arch``'s ImageNet weights are in the local Hugging Face or torch hub cache (None: the arch has
+    no hub weights to fetch, so nothing to check)."""
+    import os
+
+    import torch
+
+    if arch.startswith("tv:"):
+        import torchvision.models as tvm
+
+        try:
+            default = getattr(tvm.get_model_weights(arch[3:]), "DEFAULT", None)
+        except ValueError:
+            return None
+        urls = [default.url] if default is not None else []
+        hub_id = None
+    else:
+        try:
+            cfg = timm.models.get_pretrained_cfg(arch)
+        except RuntimeError:
+            return None
+        if cfg is None or not cfg.has_weights:
+            return None
+        urls, hub_id = [u for u in (cfg.url,) if u], cfg.hf_hub_id
+    if not urls and not hub_id:
+        return None
+    if hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            repo, _, revision = hub_id.partition("@")
+            for name in ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"):
+                if isinstance(try_to_load_from_cache(repo, name, revision=revision or None), str):
+                    return True
+        except Exception:  # an odd cache layout: let the download itself decide
+            return True
+    checkpoints = os.path.join(torch.hub.get_dir(), "checkpoints")
+    return any(os.path.isfile(os.path.join(checkpoints, os.path.basename(u.split("?")[0]))) for u in urls)
+
+
+def check_hub_reachable(arch: str, timeout: float = 5.0, hint: str | None = None) -> None:
+    """Fail fast where ImageNet weights would be downloaded and cannot be: one connection attempt per process
+    (a download library retries for about a minute per model), then every later call fails at once.
+
+    Raises:
+        ConfigError: the weights are not cached and the hub cannot be reached (or ``HF_HUB_OFFLINE`` is set);
+            the message names the offline choices.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if _cached_weights(arch) in (None, True):
+        return
+    if not _HUB_UNREACHABLE:
+        try:
+            from huggingface_hub import constants
+
+            offline = bool(constants.HF_HUB_OFFLINE)
+        except ImportError:
+            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        if offline and not arch.startswith("tv:"):
+            _HUB_UNREACHABLE.append("HF_HUB_OFFLINE is set")
+        else:
+            host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+            if arch.startswith("tv:"):
+                host = "download.pytorch.org"
+            try:
+                socket.create_connection((host, 443), timeout=timeout).close()
+                return
+            except OSError as exc:
+                _HUB_UNREACHABLE.append(f"{host} unreachable: {exc.strerror or type(exc).__name__}")
+    raise ConfigError(f"arch {arch!r}: its ImageNet weights are not in the local cache and cannot be downloaded "
+                      f"({_HUB_UNREACHABLE[0]}). {hint or _OFFLINE_CHOICES}")

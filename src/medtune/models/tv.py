@@ -320,6 +320,11 @@ def create_tv_model(arch: str, *, num_classes: int, imagenet: bool, drop_rate: f
         if imagenet:
             if default is None:
                 raise ConfigError(f"torchvision has no ImageNet weights for {arch!r}. Use weights='none' or a FILE.")
+            from ._weights import check_hub_reachable
+
+            offline = (f"Offline? Save them once where you are online, e.g. torch.save(torchvision.models.get_model("
+                       f"{name!r}, weights='DEFAULT').state_dict(), '{name}.pth'), and pass weights={name}.pth.")
+            check_hub_reachable(arch, hint=offline)  # one attempt per process, then at once
             try:
                 model = tvm.get_model(name, weights=default, **kwargs)
             except (OSError, RuntimeError) as err:  # offline, or a failed download

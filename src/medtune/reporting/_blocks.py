@@ -202,8 +202,10 @@ class Figure:
                 f'alt="{_e(self.caption)}"><figcaption>{_e(self.caption)}</figcaption></figure>')
 
     def to_markdown(self, out_path: Path) -> str:
+        from medtune._safepaths import atomic_write
+
         png = out_path.with_name(f"{out_path.stem}_{self.name}.png")
-        png.write_bytes(self.png())
+        atomic_write(png, self.png())  # temp file + rename: a link at the path is replaced, never written through
         return f"![{_md(self.caption)}]({png.name})\n\n*{_md(self.caption)}*"
 
 

@@ -512,18 +512,26 @@ def plot_uaps(attacks: Sequence[Record], runs: Sequence[Record] = (), max_images
     Returns:
         Figure, or None when no attack has a readable ``uap_png``.
     """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
+
+    from medtune._safepaths import MAX_EMBED_PIXELS, image_pixels, open_regular
 
     label_of = {r.get("run_id"): r.get("label") or r.get("strategy") for r in runs}
     images = []
     for a in attacks:
         path = a.get("uap_png")
-        if not path or not Path(path).is_file():
+        if not path or not Path(path).exists():
             continue
-        try:
-            with Image.open(path) as im:
+        try:  # a regular file under the report's pixel limit (its header read first): a store is untrusted
+            pixels = image_pixels(path)
+            if pixels > MAX_EMBED_PIXELS:
+                raise OSError(f"{pixels / 1e6:.1f} Mpx, above the report's limit of {MAX_EMBED_PIXELS / 1e6:.0f} Mpx")
+            with open_regular(path) as fh, Image.open(fh) as im:
                 arr = np.asarray(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError):
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            warnings.warn(f"the attack record {a.get('attack_id')}: image {path} not shown ({exc}).", stacklevel=2)
             continue
         zeta = a.get("zeta")
         title = f"{label_of.get(a.get('run_id'), a.get('run_id'))}\n{a.get('source')}"

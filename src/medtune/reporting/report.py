@@ -91,21 +91,26 @@ def build_report(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     data = build_report_data(runs, attacks, searches, metric=metric, alpha=alpha, main_zeta=main_zeta)
+    from medtune._safepaths import atomic_write
+
+    # every file by a temp file + rename: a link at its path (a crafted store) is replaced, never written through
     for name, frame in data.csv.items():
-        frame.to_csv(out_path.with_name(f"{out_path.stem}_{name}.csv"), index=False)
+        atomic_write(out_path.with_name(f"{out_path.stem}_{name}.csv"), frame.to_csv(index=False))
     report = format_report(data, title, explanations)
     text = report.to_html() if fmt == "html" else report.to_markdown(out_path)
-    out_path.write_text(text, encoding="utf-8")
+    atomic_write(out_path, text.encode("utf-8"))
     return out_path
 
 
 def report_store(store: str | Path = "./medtune-results", *, out_path: str | Path | None = None, fmt: str = "html",
                  metric: str = "auc", title: str = "medtune report") -> Path:
     """Write the report of a results store (default ``STORE/report.html``) and return its path."""
+    from medtune._safepaths import check_output
     from medtune.store import ResultsStore
 
     db = ResultsStore(store, create=False)
     out = out_path or Path(store) / f"report.{fmt}"
+    check_output(out, flag="-o" if out_path else "the report path")  # never the database or a managed folder
     return build_report(db.runs(), db.attacks(), db.searches(), explanations=db.explanations(), title=title,
                         out_path=out, fmt=fmt, metric=metric)
 
@@ -518,15 +523,39 @@ def _localisation(explanations: Sequence[Record]) -> list[Block]:
     blocks.append(Table(["configuration", "run", "method", "layer", "images", "pointing game [95% CI]", "chance",
                          "box IoU [95% CI]"], rows, caption="Localisation (no ground truth: –)."))
     for i, e in enumerate(explanations):
-        png = Path(e.get("dir", "")) / str(e.get("gallery_png", "gallery.png"))
-        if not png.is_file():
+        if not e.get("gallery_png"):
             continue
-        image = plt.imread(str(png))
+        png = Path(e.get("dir", "")) / str(e["gallery_png"])
+        image = _read_embeddable(png, f"the explanation of run {e.get('run_id')}")
+        if image is None:
+            continue
         fig = plt.figure(figsize=(image.shape[1] / 100, image.shape[0] / 100), dpi=100)
         fig.figimage(image)
         blocks.append(Figure(f"gallery_{i}", fig, f"{e.get('label') or e.get('run_id')}: correct and incorrect "
                                                  f"{e.get('split', 'test')} images per class, {e.get('method')} maps."))
     return blocks
+
+
+def _read_embeddable(path: Path, what: str):
+    """An image to embed, or None: only a regular file (a FIFO would block), under ``MAX_EMBED_PIXELS``
+    (its header is read first: a 36-Mpx PNG would take gigabytes); a skipped one is one warning naming ``what``."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from medtune._safepaths import MAX_EMBED_PIXELS, image_pixels, open_regular
+
+    if not path.exists():
+        return None
+    try:
+        pixels = image_pixels(path)
+        if pixels > MAX_EMBED_PIXELS:
+            raise OSError(f"{pixels / 1e6:.1f} Mpx, above the report's limit of {MAX_EMBED_PIXELS / 1e6:.0f} Mpx")
+        with open_regular(path) as fh:
+            return plt.imread(fh, format="png")
+    except (OSError, ValueError, SyntaxError) as exc:
+        warnings.warn(f"{what}: image {path} not shown ({exc}).", stacklevel=3)
+        return None
 
 
 def format_report(data: ReportData, title: str, explanations: Sequence[Record] = ()) -> Report:

@@ -17,6 +17,7 @@ import torch
 
 from medtune._tensors import resolve_device
 from medtune.config import RunConfig, load_config
+from medtune._safepaths import is_regular
 from medtune.errors import ConfigError, StoreError
 from medtune.robustness.config import AuditConfig
 from medtune.store import ResultsStore
@@ -56,7 +57,7 @@ def load_run_model(store: ResultsStore, record: dict, device: torch.device):
     from medtune.models import create_model
 
     path = store.run_dir(record["run_id"]) / "best.safetensors"
-    if not path.exists():
+    if not is_regular(path):
         raise ConfigError(f"Run {record['run_id']} has no stored weights at {path}; re-run it to audit it.")
     num_classes = record.get("num_classes") or len(record["predictions"]["class_names"])
     try:
@@ -121,7 +122,8 @@ def _load_run(store: ResultsStore, record: dict, device: torch.device):
 
 def _stored_audit(store: ResultsStore, record: dict, cfg: AuditConfig, log: Callable[[str], None]) -> list[dict]:
     done = [a for a in store.attacks(record["run_id"]) if a.get("params") == cfg.semantic_dict()]
-    lost = [a["perturbation_file"] for a in done if a.get("perturbation_file") and not Path(a["perturbation_file"]).is_file()]
+    lost = [a.get("perturbation_file", "(none)") for a in done
+            if not a.get("perturbation_file") or not is_regular(a["perturbation_file"])]
     if lost:  # a deleted UAP file: audit the run again (its records are replaced)
         log(f"{record['run_id']} {record['label']}: stored audit lacks {len(lost)} UAP file(s), e.g. {lost[0]}; "
             "auditing again")
@@ -143,14 +145,13 @@ def _audit_run(store: ResultsStore, record: dict, cfg: AuditConfig, device: torc
         f"L{cfg.norm})")
     result = audit(model, cfg, test_images=test.images, test_labels=test.labels, train_images=data.split("train").images,
                    class_names=data.class_names, device=device)
-    folder = store.run_dir(run_id) / "uap"
-    folder.mkdir(exist_ok=True)
+    folder = store.run_dir(run_id, "uap")  # inside the store (a link out of it is refused)
     attacks = []
     for rec in result.records:
         key = rec["perturbation_key"]
         aid = cfg.attack_id(run_id, key=key)
         files = _write_artifacts(folder, aid, rec, result.perturbations[key], result.random_perturbations[key],
-                                 test.images[:4])
+                                 test.images[:4], root=store.root)
         full = {**rec, "attack_id": aid, **{k: record[k] for k in _RUN_KEYS}, "params": cfg.semantic_dict(), **files}
         store.put_attack(aid, run_id, full)
         attacks.append(full)
@@ -163,17 +164,19 @@ def _audit_run(store: ResultsStore, record: dict, cfg: AuditConfig, device: torc
 
 
 def _write_artifacts(folder: Path, aid: str, rec: dict, v: torch.Tensor, control: torch.Tensor,
-                     examples: torch.Tensor) -> dict[str, str]:
-    """Write ``AID.safetensors`` (v and its random control), ``AID.png`` and ``AID_examples.png``."""
+                     examples: torch.Tensor, root: Path | None = None) -> dict[str, str]:
+    """Write ``AID.safetensors`` (v and its random control), ``AID.png`` and ``AID_examples.png`` (each by a
+    temporary file and a rename inside ``root``: a link in a crafted store is replaced, never written through)."""
     from safetensors.torch import save_file
 
+    from medtune._safepaths import atomic_write
     from medtune.robustness.plots import save_examples_png, save_perturbation_png
     from medtune.robustness.uap import apply_perturbation
 
-    vfile = folder / f"{aid}.safetensors"
-    save_file({"v": v.contiguous(), "random": control.contiguous()}, str(vfile))
-    png = save_perturbation_png(v, folder / f"{aid}.png", title=f"{rec['source']} ζ={rec['zeta']}")
-    shown = save_examples_png(examples, apply_perturbation(examples, v), folder / f"{aid}_examples.png")
+    vfile, png, shown = folder / f"{aid}.safetensors", folder / f"{aid}.png", folder / f"{aid}_examples.png"
+    atomic_write(vfile, lambda p: save_file({"v": v.contiguous(), "random": control.contiguous()}, str(p)), root=root)
+    atomic_write(png, lambda p: save_perturbation_png(v, p, title=f"{rec['source']} ζ={rec['zeta']}"), root=root)
+    atomic_write(shown, lambda p: save_examples_png(examples, apply_perturbation(examples, v), p), root=root)
     return {"perturbation_file": str(vfile), "uap_png": str(png), "examples_png": str(shown)}
 
 
@@ -185,9 +188,11 @@ def _transfer_groups(chosen: Sequence[dict], by_id: Mapping[str, dict],
     groups: dict[tuple, dict] = {}
     for a in chosen:
         try:
+            if not is_regular(a.get("perturbation_file", "")):
+                raise FileNotFoundError(a.get("perturbation_file"))
             v = load_file(a["perturbation_file"])["v"]
         except Exception as exc:  # deleted or damaged file (FileNotFoundError, SafetensorError, KeyError)
-            log(f"transfer: skipped the UAP of run {a['run_id']}: {a['perturbation_file']} is missing or unreadable "
+            log(f"transfer: skipped the UAP of run {a['run_id']}: {a.get('perturbation_file')} is missing or unreadable "
                 f"({type(exc).__name__}); re-run `medtune attack {a['run_id']}` to write it again")
             continue
         run = by_id[a["run_id"]]

@@ -147,7 +147,10 @@ def _photo_list(folder: str | Path | None) -> tuple[list, Callable[[Any], torch.
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"The natural-image folder {str(root)!r} does not exist or is not a folder.")
-    names = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    from medtune._safepaths import walk_files, warn_unreadable
+
+    names, unreadable = walk_files(root, suffixes=set(IMAGE_SUFFIXES), skip_hidden=False)  # never /proc or a FIFO
+    warn_unreadable(root, unreadable)
     if not names:
         raise DataError(
             f"The natural-image folder {str(root)!r} holds no image file (looked for {', '.join(IMAGE_SUFFIXES)})."

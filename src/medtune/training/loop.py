@@ -217,8 +217,18 @@ class Checkpoint:
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        torch.save(dataclasses.asdict(self), tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(dataclasses.asdict(self), tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as exc:  # torch reports a failed write (ENOSPC) as RuntimeError
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, RuntimeError) and "write" not in str(exc).lower():
+                raise
+            from medtune._safepaths import disk_hint
+
+            hint = disk_hint(exc) if isinstance(exc, OSError) else "free disk space and run the same command again"
+            raise StoreError(f"Cannot write the epoch checkpoint {path} ({' '.join(str(exc).split())[:120]}); "
+                             f"{hint}.") from None
 
     @classmethod
     def load(cls, path: Path) -> Checkpoint:
