@@ -72,10 +72,11 @@ def expand_sweep(config: SweepConfig, log: Callable[[str], None] | None = None) 
                     if len(lrs) * len(wds) > 1:
                         solved.add((str(spec), arch))
                     lrs, wds = lrs[:1], wds[:1]  # a solved probe: every (lr, wd) cell would repeat the same run
-                for policy, lr, wd, frac, fold, seed in itertools.product(
-                        config.resize, lrs, wds, config.train_fraction, folds, config.seeds):
+                for policy, lr, wd, frac, shots, fold, seed in itertools.product(
+                        config.resize, lrs, wds, config.train_fraction, config.train_per_class, folds, config.seeds):
                     runs.append(config.base.replace(arch=arch, strategy=spec, seed=int(seed), train_fraction=float(frac),
-                                                    lr=float(lr), weight_decay=float(wd), fold=fold, resize=policy))
+                                                    train_per_class=int(shots), lr=float(lr), weight_decay=float(wd),
+                                                    fold=fold, resize=policy))
     if solved and log is not None:
         log(f"{', '.join(sorted({f'{s} on {a}' for s, a in solved}))}: solved by L-BFGS with C chosen on validation; "
             f"lr and weight_decay unused, so one run per cell of the other axes (at lr {config.lr[0]:g}, "

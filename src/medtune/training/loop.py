@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import os
 import pickle
@@ -149,7 +150,7 @@ def predict_proba(model: nn.Module, images: torch.Tensor, *, task: str, batch_si
                   sizes: np.ndarray | None = None) -> tuple[np.ndarray, float | None]:
     """Class probabilities for uint8 ``images`` (N, 3, H, W); also the mean loss when labels are given.
     With ``sizes`` (``resize: bucket``) each image is fed at its own side, a bucket per batch."""
-    device = device or next(model.parameters()).device
+    device = device or next(itertools.chain(model.parameters(), model.buffers())).device  # a kNN head has buffers only
     was_training = model.training
     model.eval()
     prob, loss_sum = None, 0.0
@@ -242,7 +243,8 @@ def _group_layout(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[di
     """The optimiser's groups as parameter names (for rebuilding the same optimiser on resume)."""
     names = {id(p): n for n, p in model.named_parameters()}
     return [{"name": g.get("name", ""), "lr_scale": g.get("lr_scale", 1.0), "weight_decay": g["weight_decay"],
-             "params": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
+             # a parameter the strategy took out of the model (the kNN probe's replaced classifier) is left out
+             "params": [names[id(p)] for p in g["params"] if id(p) in names]} for g in optimizer.param_groups]
 
 
 def _groups_from_layout(layout: list[dict], model: nn.Module) -> list[dict]:
