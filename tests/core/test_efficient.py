@@ -265,3 +265,13 @@ def test_train_per_class_is_a_sweep_axis_and_leaves_old_run_ids():
     assert sorted({r.train_per_class for r in runs}) == [0, 5, 20] and len(runs) == 6
     with pytest.raises(medtune.errors.ConfigError, match="train_per_class"):
         RunConfig(train_per_class=-1)
+
+
+def test_knn_run_resumes_from_its_phase_boundary_checkpoint(tiny_cfg, synthetic_data, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    model = make_tiny(2)
+    first = fit(model, synthetic_data, create_strategy("knn"), tiny_cfg, blocks=get_blocks(model), checkpoint_path=ckpt)
+    assert ckpt.exists()  # the checkpoint after the solved phase holds the kNN head's buffers
+    model = make_tiny(2)
+    again = fit(model, synthetic_data, create_strategy("knn"), tiny_cfg, blocks=get_blocks(model), checkpoint_path=ckpt)
+    np.testing.assert_array_equal(again.y_prob, first.y_prob)

@@ -555,7 +555,7 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: RunConfig, *, blocks, c
     run = _Setup.create(model, data, cfg, blocks)
     state: dict[str, Any] = {"phase": 0, "history": [], "train_seconds": 0.0, "images_seen": 0, "extras": {},
                              "trained": set()}
-    ckpt, resume = _open_checkpoint(checkpoint_path, run, state, log)
+    ckpt, resume = _open_checkpoint(checkpoint_path, run, state, log, strategy)
     for idx, spec in enumerate(strategy.phases()):
         if idx < state["phase"]:
             continue
@@ -690,7 +690,7 @@ def _final_result(run: _Setup, state: dict) -> FitResult:
 
 
 def _open_checkpoint(path: str | Path | None, run: _Setup, state: dict, log: Callable[[str], None],
-                     ) -> tuple[Path | None, Checkpoint | None]:
+                     strategy=None) -> tuple[Path | None, Checkpoint | None]:
     """Clean temp files of killed writers; load an existing checkpoint into ``state``. A phase-boundary
     checkpoint is applied here (its weights start the next phase); a mid-phase one is returned for
     :func:`_start_phase` to apply after the phase's ``set_trainable``."""
@@ -717,6 +717,9 @@ def _open_checkpoint(path: str | Path | None, run: _Setup, state: dict, log: Cal
                  trained={id(named[n]) for n in resume.trained})
     log(f"resuming from {ckpt} at phase {resume.phase} epoch {resume.epoch}")
     if resume.optimizer is None:
+        if strategy is not None:  # a module the strategy put in place (the kNN probe's head), rebuilt to load into
+            type(strategy).restore_model(run.blocks.model, {k[len("backbone."):]: v for k, v in resume.model.items()
+                                                           if k.startswith("backbone.")})
         run.model.load_state_dict(resume.model)
         torch.set_rng_state(resume.torch_rng)
         run.gen.set_state(resume.data_rng)
