@@ -20,7 +20,7 @@ from medtune.inference import PREDICT_SPLITS
 
 __all__ = ["main", "build_parser"]
 
-_LIST_KEYS = {"arch", "strategy", "seeds", "train_fraction", "lr", "weight_decay", "resize"}
+_LIST_KEYS = {"arch", "strategy", "seeds", "train_fraction", "train_per_class", "lr", "weight_decay", "resize"}
 # timm's train.py spellings of the same settings, accepted as aliases
 _TIMM_ALIASES = {"arch": ("--model",), "optimizer": ("--opt",), "label_smoothing": ("--smoothing",)}
 

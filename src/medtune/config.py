@@ -55,7 +55,7 @@ NON_SEMANTIC_FIELDS = frozenset({"store", "device", "num_threads", "progress", "
 # so an existing store keeps its runs.
 ID_NEUTRAL_DEFAULTS: dict[str, Any] = {"cv_folds": 0, "fold": 0, "class_weight": "none", "sampler": "none",
                                        "target_sensitivity": 0.9, "dicom_window": "auto",
-                                       "uncertain_labels": "error"}
+                                       "uncertain_labels": "error", "train_per_class": 0}
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,9 @@ class RunConfig(_Base):
         split_seed: seed of the train/val/test split and of the train-fraction subsample (fixed
             across training seeds so seeds compare on the same data).
         train_fraction: share of the training split used, in (0, 1].
+        train_per_class: K > 0 keeps K training images per class (k-shot; 0: all), drawn with ``split_seed``
+            and nested across K (the 5-shot set is inside the 20-shot set); validation and test are untouched,
+            and a class with fewer than K images keeps them all (with a warning). Applied after ``train_fraction``.
         cv_folds: K ≥ 2 for K-fold cross-validation (0: the single train/val split). The test split
             stays fixed; train+val are pooled and cut into K stratified folds (group-aware when the
             data has groups, e.g. a CSV ``group`` column of patient ids); fold ``fold`` is validation.
@@ -221,7 +224,7 @@ class RunConfig(_Base):
         "train_fraction": Range((float, int), 0, 1, include_min=False),
         "val_fraction": Range((float, int), 0, 0.5, include_min=False),
         "test_fraction": Range((float, int), 0, 0.5, include_min=False),
-        "cv_folds": Range(int, 0, 50), "label_smoothing": Range((float, int), 0, 0.5),
+        "train_per_class": Range(int, 0, 1 << 31), "cv_folds": Range(int, 0, 50), "label_smoothing": Range((float, int), 0, 0.5),
         "num_threads": Range(int, 0, MAX_THREADS), "feature_cache_memory_gb": Range((float, int), 0, 1 << 20),
         "feature_cache_disk_gb": Range((float, int), 0, 1 << 20), "decode_workers": Range(int, 0, MAX_THREADS),
         "target_sensitivity": Range((float, int), 0, 1, include_min=False),
@@ -247,6 +250,7 @@ class RunConfig(_Base):
     seed: int = 0
     split_seed: int = 0
     train_fraction: float = 1.0
+    train_per_class: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     resize: str = "resize"
@@ -343,8 +347,17 @@ class _WithBase(_Base):
         return cls(base=RunConfig.from_dict(base, source=source), **mine)
 
 
+def _shots(value: Any) -> int:
+    """A ``train_per_class`` entry: an int, or ``all`` (0: every training image)."""
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return 0
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"train_per_class takes whole numbers or 'all', got {value!r}")
+    return int(value)
+
+
 _LIST_FIELDS = {"arch": str, "strategy": lambda v: StrategySpec.parse(v, allow_all=True), "seeds": int,
-                "train_fraction": float, "lr": float, "weight_decay": float, "resize": str}
+                "train_fraction": float, "train_per_class": _shots, "lr": float, "weight_decay": float, "resize": str}
 
 
 def expand_alternatives(spec: Any) -> list[Any]:
@@ -377,6 +390,8 @@ class SweepConfig(_WithBase):
         strategy: strategy specs (a list, or comma-separated), e.g. ``scratch,linear,top_k:all,full``.
         seeds: training seeds (a list, or comma-separated).
         train_fraction: shares of the training split (nested subsets), each in (0, 1] (a list, or comma-separated).
+        train_per_class: training images per class (k-shot, nested subsets; 0: all), an axis like
+            ``train_fraction`` (a list, or comma-separated).
         lr: peak learning rates, an axis selected on validation (a list, or comma-separated).
         weight_decay: weight decays, an axis selected on validation (a list, or comma-separated).
         resize: resize policies compared in one sweep (``resize``, ``pad``, ``bucket``; a list, or comma-separated).
@@ -387,13 +402,14 @@ class SweepConfig(_WithBase):
     strategy: tuple[StrategySpec, ...] = ("linear", "full")
     seeds: tuple[int, ...] = (0,)
     train_fraction: tuple[float, ...] = (1.0,)
+    train_per_class: tuple[int, ...] | None = None  # None: the base run's
     lr: tuple[float, ...] | None = None  # None: the base run's
     weight_decay: tuple[float, ...] | None = None  # None: the base run's
     resize: tuple[str, ...] | None = None  # None: the base run's; [resize, pad, bucket] compares them
     name: str = "sweep"
 
     def __post_init__(self) -> None:
-        for key in ("lr", "weight_decay", "resize"):
+        for key in ("lr", "weight_decay", "resize", "train_per_class"):
             if getattr(self, key) is None:
                 object.__setattr__(self, key, (getattr(self.base, key),))
         for key, conv in _LIST_FIELDS.items():
@@ -412,7 +428,7 @@ class SweepConfig(_WithBase):
                 raise ConfigError(f"The {key!r} list of the sweep is empty; give at least one value.")
             object.__setattr__(self, key, value)
         for key, field_name in (("train_fraction", "train_fraction"), ("lr", "lr"), ("weight_decay", "weight_decay"),
-                                ("seeds", "seed")):
+                                ("seeds", "seed"), ("train_per_class", "train_per_class")):
             r = RunConfig.RANGES[field_name]
             for value in getattr(self, key):
                 check_scalar(value, key, r.kind, min_val=r.min_val, max_val=r.max_val, include_min=r.include_min,
@@ -426,7 +442,7 @@ class SweepConfig(_WithBase):
         # the base run takes the first arch and train fraction, so it validates like any run (its strategy
         # may be a template such as top_k:all and is replaced per run anyway)
         first = {k: _LIST_FIELDS[k](_as_tuple(v)[0]) for k, v in mine.items()
-                 if k in ("arch", "train_fraction", "lr", "weight_decay", "resize") and _as_tuple(v)}
+                 if k in ("arch", "train_fraction", "train_per_class", "lr", "weight_decay", "resize") and _as_tuple(v)}
         return cls(base=RunConfig.from_dict({**base, **first}, source=source), **mine)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from medtune.config import RunConfig, load_config
-from medtune.data import load_data, with_train_fraction
+from medtune.data import load_data, with_train_fraction, with_train_per_class
 from medtune.data.splits import with_cv_fold
 from medtune.data.base import ImageSet
 from medtune.errors import MedtuneError, RunsFailedError, StoreError
@@ -64,11 +64,12 @@ def _load_cached(data: str, img_size: int, resize: str, split_seed: int, val_fra
 
 
 @lru_cache(maxsize=16)
-def _subsample_cached(key: tuple, cv: tuple[int, int], train_fraction: float) -> ImageSet:
+def _subsample_cached(key: tuple, cv: tuple[int, int], train_fraction: float, train_per_class: int = 0) -> ImageSet:
     data = _load_cached(*key)
     if cv[0] >= 2:
         data = with_cv_fold(data, cv[0], cv[1], key[3])
-    return data if train_fraction >= 1.0 else with_train_fraction(data, train_fraction, key[3])
+    data = data if train_fraction >= 1.0 else with_train_fraction(data, train_fraction, key[3])
+    return with_train_per_class(data, train_per_class, key[3]) if train_per_class else data
 
 
 def prepare_data(cfg: RunConfig) -> ImageSet:
@@ -77,6 +78,8 @@ def prepare_data(cfg: RunConfig) -> ImageSet:
     Large sets are decoded once per machine into ``STORE/data-cache`` (``data_cache``)."""
     key = (cfg.data, cfg.img_size, cfg.resize, cfg.split_seed, float(cfg.val_fraction), float(cfg.test_fraction),
            cfg.medmnist_size, cfg.dicom_window, cfg.uncertain_labels, cfg.data_cache, cfg.store, cfg.decode_workers)
+    if cfg.train_per_class:
+        return _subsample_cached(key, (cfg.cv_folds, cfg.fold), float(cfg.train_fraction), int(cfg.train_per_class))
     return _subsample_cached(key, (cfg.cv_folds, cfg.fold), float(cfg.train_fraction))
 
 
@@ -103,6 +106,7 @@ def build_run(cfg: RunConfig, data: ImageSet, device: torch.device, strategy=Non
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # seeds the new head / scratch init without touching the caller's RNG
         model = create_model(cfg.arch, num_classes=data.num_classes, weights=weights)
+        strategy.prepare_model(model)  # LoRA's adapters, initialised from the run's seed
     model.to(device)
     blocks = get_blocks(model, granularity=strategy.granularity)
     if not planned:
@@ -242,6 +246,8 @@ class RunRecord(TypedDict, total=False):
     depth: int | None
     seed: int
     train_fraction: float
+    train_per_class: int
+    train_per_class_short: dict[str, int]
     config: dict[str, Any]
     fold: int | None
     cv_folds: int | None
@@ -277,8 +283,11 @@ def build_record(plan: RunPlan, data: ImageSet, result, model: torch.nn.Module, 
         run_id=plan.run_id, status="done", dataset=data.name, data_fingerprint=plan.fingerprint,
         arch=cfg.arch, weights=cfg.weights if strategy.pretrained else "none",
         strategy=strategy.name, strategy_params=strategy.params,
-        label=strategy.spec + (f" [{cfg.resize}]" if cfg.resize != "resize" else ""),
+        label=strategy.spec + (f" [{cfg.resize}]" if cfg.resize != "resize" else "")
+        + (f" [{cfg.train_per_class}/class]" if cfg.train_per_class else ""),
         depth=plan.depth, seed=cfg.seed, train_fraction=cfg.train_fraction, config=cfg.to_dict(),
+        **({"train_per_class": cfg.train_per_class,
+            "train_per_class_short": data.meta.get("train_per_class_short", {})} if cfg.train_per_class else {}),
         fold=cfg.fold if cfg.cv_folds >= 2 else None, cv_folds=cfg.cv_folds or None,
         metrics=result.test_metrics, val_metrics=result.val_metrics,
         # 95% intervals over the test images (DeLong for a binary AUC, else a percentile bootstrap)
@@ -326,6 +335,7 @@ def execute_run(plan: RunPlan, checkpoint_path: str | None, heartbeat: Callable[
 
     result = fit(model, data, strategy, cfg, blocks=blocks, checkpoint_path=checkpoint_path,
                  callbacks=(_Heartbeat(),), log=log, data_fingerprint=fingerprint, cache_cuts=plan.cache_cuts)
+    strategy.finalize_model(model)  # LoRA merges its adapters: the stored weights are the plain architecture's
     record = build_record(plan, data, result, model, len(blocks), device)
     m = result.test_metrics
     log(f"{run_id} done: test auc {m.get('auc', float('nan')):.4f} acc {m.get('accuracy', float('nan')):.4f} "

@@ -43,10 +43,11 @@ def _grid(config: SweepConfig, log: Callable[[str], None] | None = None) -> list
                     if len(lrs) * len(wds) > 1:
                         solved.add((str(spec), arch))
                     lrs, wds = lrs[:1], wds[:1]  # a solved probe: every (lr, wd) cell would repeat the same run
-                for n, (policy, lr, wd, frac, fold, seed) in enumerate(itertools.product(
-                        config.resize, lrs, wds, config.train_fraction, folds, config.seeds)):
+                for n, (policy, lr, wd, frac, shots, fold, seed) in enumerate(itertools.product(
+                        config.resize, lrs, wds, config.train_fraction, config.train_per_class, folds, config.seeds)):
                     cfg = config.base.replace(arch=arch, strategy=spec, seed=int(seed), train_fraction=float(frac),
-                                              lr=float(lr), weight_decay=float(wd), fold=fold, resize=policy)
+                                              train_per_class=int(shots), lr=float(lr), weight_decay=float(wd),
+                                              fold=fold, resize=policy)
                     cells.append((cfg, first if n == 0 else None))
     if solved and log is not None:
         log(f"{', '.join(sorted({f'{s} on {a}' for s, a in solved}))}: solved by L-BFGS with C chosen on validation; "

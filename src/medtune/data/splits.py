@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
@@ -11,7 +12,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from medtune.data.base import ImageSet
 from medtune.errors import ConfigError, DataError
 
-__all__ = ["make_splits", "with_cv_fold", "with_train_fraction"]
+__all__ = ["make_splits", "with_cv_fold", "with_train_fraction", "with_train_per_class"]
 
 
 def _strata(labels: np.ndarray) -> np.ndarray:
@@ -126,4 +127,41 @@ def with_train_fraction(data: ImageSet, fraction: float, seed: int) -> ImageSet:
     others = np.flatnonzero(data.splits != "train")
     out = data.subset(np.sort(np.concatenate(keep + [others])))
     out.meta["train_fraction"] = fraction
+    return out
+
+
+def with_train_per_class(data: ImageSet, per_class: int, seed: int) -> ImageSet:
+    """Keep ``per_class`` training images of each class (k-shot); validation and test untouched.
+
+    Each class's training images are put in one order drawn from ``seed`` (the split seed) and cut at
+    ``per_class``, so for one seed the sets are nested (the 5-shot set is inside the 20-shot set). A
+    class with fewer images keeps them all, with a warning naming it; ``meta["train_per_class_short"]``
+    lists such classes with their counts. Multi-label data counts an image under its first positive
+    label, as the stratified splits do.
+
+    Raises:
+        ConfigError: ``per_class`` below 1.
+    """
+    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
+        raise ConfigError(f"The 'train_per_class' parameter must be an integer >= 1. Got {per_class!r}.")
+    rng = np.random.default_rng(seed)
+    train = data.indices("train")
+    strata = _strata(data.labels.numpy()[train])
+    keep, short = [], []
+    for c in range(data.num_classes):
+        members = train[strata == c]
+        # drawn for every class, present or not, so one class's count never shifts another's draw
+        order = rng.permutation(len(members))
+        if len(members) < per_class:
+            short.append((data.class_names[c] if c < len(data.class_names) else str(c), int(len(members))))
+        keep.append(members[order[:per_class]])
+    if short:
+        listed = ", ".join(f"{name} ({n})" for name, n in short)
+        warnings.warn(f"train_per_class={per_class}: class(es) {listed} have fewer training images; each keeps all "
+                      f"of its images.\nHINT: the record's train_per_class_short lists them.", stacklevel=2)
+    others = np.flatnonzero(data.splits != "train")
+    out = data.subset(np.sort(np.concatenate(keep + [others])))
+    out.meta["train_per_class"] = int(per_class)
+    if short:
+        out.meta["train_per_class_short"] = dict(short)
     return out

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
@@ -168,6 +169,7 @@ class ReportData:
     hp_choices: list[dict] = field(default_factory=list)  # tuned hyper-parameters chosen on validation
     folds: pd.DataFrame | None = None  # cross-validation: the test metric per configuration and fold
     classes: ClassesData | None = None  # per-class metrics, operating points and calibration
+    trains: dict[str, Any] | None = None  # what the recommended configuration trains (see _what_trains)
 
 
 def best_depth(runs: Sequence[Record], metric: str) -> dict[str, Any] | None:
@@ -252,18 +254,43 @@ def build_report_data(runs: Sequence[Record], attacks: Sequence[Record], searche
     figures = {"depth": plots.plot_depth(done, metric), "cost": plots.plot_cost(done, metric),
                "train_fraction": plots.plot_train_fraction(done, metric), "auto_rgn": plots.plot_auto_rgn(done),
                "roc": plots.plot_roc(done, metric), "confusion": plots.plot_confusion(done, metric),
-               "reliability": plots.plot_reliability(done, metric)}
+               "reliability": plots.plot_reliability(done, metric),
+               "frontier": plots.plot_efficiency_frontier(done, metric), "data_size": plots.plot_data_size(done, metric)}
+    frontier = plots.efficiency_frontier(done, metric)
+    if (frontier["family"] == "peft").any():
+        csv["frontier"] = frontier
+    if figures["data_size"] is not None:
+        csv["data_size"] = plots.data_size_frame(done, metric)
     return ReportData(
         metric=metric, alpha=alpha, main_zeta=main_zeta, metrics=metrics, counts=_counts(runs, done, attacks, searches),
         recommendation=rec, headline_fooling=headline_fooling, fraction_note=fraction_note,
         summary=_summary(main, metric, metrics, rec) if done else None, figures=figures, statistics=statistics,
         robustness=robustness, searches=search_data, appendix=appendix, depth=best_depth(done, metric) if done else None,
-        exposure=_exposure(attacks, done, main_zeta),
+        exposure=_exposure(attacks, done, main_zeta), trains=_what_trains(main, rec.get("label")),
         reproducibility=_reproducibility(runs, attacks, searches), csv=csv, hp_choices=hp_choices,
         folds=_folds(main, metric), classes=classes)
 
 
 _KEYS = ["dataset", "arch", "label"]
+
+
+def _what_trains(main: list[Record], label: str | None) -> dict[str, Any] | None:
+    """What the runs of configuration ``label`` train: the strategy's one-line description, the mean
+    trainable and total parameters, and the per-block counts where the strategy stores them
+    (``extras.trainable_per_block``: the parameter-efficient strategies)."""
+    runs = [r for r in main if r.get("label") == label]
+    if label is None or not runs:
+        return None
+    from medtune.strategies import get_strategy_class, list_strategies
+
+    name = str(runs[0].get("strategy"))
+    doc = (get_strategy_class(name).__doc__ or "").strip() if name in list_strategies() else ""
+    trainable = [float(r["trainable_params"]) for r in runs if r.get("trainable_params") is not None]
+    total = [float(r["total_params"]) for r in runs if r.get("total_params")]
+    per_block = (runs[0].get("extras") or {}).get("trainable_per_block")
+    return {"label": label, "strategy": name, "what": " ".join(doc.split("\n\n")[0].split()),
+            "trainable": float(np.mean(trainable)) if trainable else None,
+            "total": float(np.mean(total)) if total else None, "per_block": per_block}
 
 
 def _classes(main: list[Record]) -> ClassesData:

@@ -180,22 +180,24 @@ def main_fraction_runs(runs: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[
     Returns:
         (kept runs, a note naming what was left out, or None when nothing was).
     """
-    best: dict[Any, float] = {}
-    for r in runs:
+    def size(r: Mapping[str, Any]) -> tuple[float, float]:
         f = _as_float(r.get("train_fraction"))
-        f = 1.0 if math.isnan(f) else f
-        best[r.get("dataset")] = max(best.get(r.get("dataset"), -math.inf), f)
+        shots = _as_float(r.get("train_per_class"))  # k-shot runs (train_per_class) rank below every full set
+        return (1.0 if math.isnan(f) else f, math.inf if math.isnan(shots) or shots <= 0 else shots)
+
+    best: dict[Any, tuple[float, float]] = {}
+    for r in runs:
+        best[r.get("dataset")] = max(best.get(r.get("dataset"), (-math.inf, -math.inf)), size(r))
     kept = []
     for r in runs:
-        f = _as_float(r.get("train_fraction"))
-        f = 1.0 if math.isnan(f) else f
-        if np.isclose(f, best[r.get("dataset")]):
+        (f, shots), (best_f, best_shots) = size(r), best[r.get("dataset")]
+        if np.isclose(f, best_f) and shots == best_shots:
             kept.append(r)
     dropped = len(runs) - len(kept)
     note = None
     if dropped:
-        note = (f"{dropped} run(s) at smaller train fractions are left out of the strategy comparison "
-                "(they appear in the train-size plot).")
+        note = (f"{dropped} run(s) at smaller train fractions or fewer images per class are left out of the strategy "
+                "comparison (they appear in the train-size and data-size plots).")
     return kept, note
 
 

@@ -9,6 +9,7 @@ changes no global matplotlib state and leaks no open figures.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ __all__ = [
     "plot_auto_rgn",
     "plot_confusion",
     "plot_cost",
+    "plot_data_size",
+    "plot_efficiency_frontier",
     "plot_deft",
     "plot_depth",
     "plot_fooling",
@@ -217,6 +220,157 @@ def plot_cost(runs: Sequence[Record], metric: str = "auc") -> Figure | None:
     handles = [axes[0].plot([], [], marker="o", linestyle="none", color=c, label=lab)[0] for lab, c in colors.items()]
     handles += [axes[0].plot([], [], marker=m, linestyle="none", color="black", label=a)[0] for a, m in markers.items()]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    return fig
+
+
+#: Strategies that train (or fit) a small part of every block rather than whole blocks.
+PEFT_STRATEGIES = ("bitfit", "norm", "lora", "knn")
+_SHOTS_SUFFIX = re.compile(r" \[\d+/class\]$")
+
+
+def base_label(label: str) -> str:
+    """A run label without its k-shot suffix (``full [5/class]`` → ``full``)."""
+    return _SHOTS_SUFFIX.sub("", str(label))
+
+
+def efficiency_frontier(runs: Sequence[Record], metric: str = "auc") -> pd.DataFrame:
+    """One row per (dataset, arch, label) at the main data size: mean trainable parameters, the mean
+    validation metric (what selects) and the mean test metric, the family (``peft`` or ``depth``) and
+    whether the point is on the validation Pareto front (fewest trainable parameters for its
+    validation metric) of its dataset and arch."""
+    main, _ = main_fraction_runs(done_runs(runs))
+    frame = runs_frame(main, [metric])
+    frame["val"] = runs_frame(main, [metric], split="val")[metric].values
+    frame = frame.dropna(subset=["val"])
+    if frame.empty:
+        return pd.DataFrame(columns=["dataset", "arch", "label", "family", "params", "val", "test", "n", "pareto"])
+    out = frame.groupby(["dataset", "arch", "label"], sort=True).agg(
+        strategy=("strategy", "first"), params=("trainable_params", "mean"), val=("val", "mean"),
+        test=(metric, "mean"), test_sd=(metric, "std"), n=("val", "size")).reset_index()
+    out["family"] = np.where(out["strategy"].isin(PEFT_STRATEGIES), "peft", "depth")
+    out["pareto"] = False
+    for _, idx in out.groupby(["dataset", "arch"]).groups.items():
+        sub = out.loc[idx]
+        out.loc[idx, "pareto"] = pareto_front(sub["params"], sub["val"], higher_is_better=higher_is_better(metric))
+    return out
+
+
+def plot_efficiency_frontier(runs: Sequence[Record], metric: str = "auc") -> Figure | None:
+    """The parameter-efficiency frontier: validation metric (left; what selects) and test metric
+    (right) vs trainable parameters, one point per configuration at the main data size, PEFT
+    strategies (squares) beside the depth strategies (circles); the validation Pareto set is circled
+    in both panels (it is chosen on validation only).
+
+    Returns:
+        Figure, or None without a PEFT run or without two configurations.
+    """
+    st = efficiency_frontier(runs, metric)
+    if len(st) < 2 or not (st["family"] == "peft").any():
+        return None
+    colors = _label_colors(st["label"])
+    fig = _figure(10.5, 4.2)
+    axes = fig.subplots(1, 2, sharex=True)
+    # a kNN probe trains nothing: drawn at 1 parameter so the log axis can show it
+    x = st["params"].clip(lower=1)
+    for ax, col, title in ((axes[0], "val", "validation (selects)"), (axes[1], "test", "test (reported)")):
+        for i, row in enumerate(st.itertuples()):
+            ax.plot(x.iloc[i], getattr(row, col), marker="s" if row.family == "peft" else "o", markersize=7,
+                    color=colors[row.label], linestyle="none")
+        front = st["pareto"].values
+        f = st[front].assign(x=x[front]).sort_values("x")
+        ax.plot(f["x"], f[col], color="black", linewidth=1, drawstyle="steps-post", zorder=0)
+        ax.scatter(f["x"], f[col], s=170, facecolors="none", edgecolors="black", linewidths=1.2)
+        for row in f.itertuples():
+            ax.annotate(row.label, (row.x, getattr(row, col)), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log; kNN at 1)")
+        ax.set_ylabel(f"{col} {metric}")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    handles = [axes[0].plot([], [], marker="s" if st.loc[st["label"] == lab, "family"].iloc[0] == "peft" else "o",
+                            linestyle="none", color=c, label=lab)[0] for lab, c in colors.items()]
+    handles.append(axes[0].scatter([], [], s=170, facecolors="none", edgecolors="black", label="Pareto set (val)"))
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    return fig
+
+
+def data_size_frame(runs: Sequence[Record], metric: str = "auc") -> pd.DataFrame:
+    """Per (dataset, arch, strategy label without its k-shot suffix, images per class): the mean
+    and sd of the test metric, the mean validation metric and the run count; images per class is
+    the run's training images over its classes (the k-shot K, or the whole split's mean)."""
+    rows = []
+    for r in done_runs(runs):
+        test, val = (r.get("metrics") or {}).get(metric), (r.get("val_metrics") or {}).get(metric)
+        if test is None or not r.get("num_train") or not r.get("num_classes"):
+            continue
+        frac = r.get("train_fraction")
+        if frac is not None and not np.isclose(float(frac), 1.0):
+            continue  # the train-fraction plot shows those
+        rows.append({"dataset": r.get("dataset"), "arch": r.get("arch"), "label": base_label(r.get("label") or ""),
+                     "per_class": float(r["num_train"]) / float(r["num_classes"]), "test": float(test),
+                     "val": float("nan") if val is None else float(val)})
+    frame = pd.DataFrame(rows, columns=["dataset", "arch", "label", "per_class", "test", "val"])
+    if frame.empty:
+        return frame.assign(sd=[], n=[])
+    out = frame.groupby(["dataset", "arch", "label", "per_class"], sort=True).agg(
+        mean=("test", "mean"), sd=("test", "std"), val=("val", "mean"), n=("test", "size")).reset_index()
+    out["sd"] = out["sd"].fillna(0.0)
+    return out
+
+
+def overtakes(frame: pd.DataFrame, challenger: str = "full", reference: str = "linear") -> tuple[float, float] | None:
+    """The interval of images per class where ``challenger`` overtakes ``reference`` on the mean
+    validation metric (the last size where it is not better, the first from which it stays better),
+    from one (dataset, arch) of :func:`data_size_frame`; None when it never does or always did."""
+    a = frame[frame["label"] == challenger].set_index("per_class")["val"]
+    b = frame[frame["label"] == reference].set_index("per_class")["val"]
+    sizes = sorted(set(a.index) & set(b.index))
+    better = [bool(a[s] > b[s]) for s in sizes]
+    if len(sizes) < 2 or not better[-1] or all(better):
+        return None
+    first = max(i for i, ok in enumerate(better) if not ok) + 1
+    return float(sizes[first - 1]), float(sizes[first])
+
+
+def plot_data_size(runs: Sequence[Record], metric: str = "auc") -> Figure | None:
+    """Test metric vs images per class (k-shot training sets, ``train_per_class``), one line per
+    strategy (mean ± sd over seeds); the interval where full fine-tuning overtakes the linear probe
+    on validation is shaded.
+
+    Returns:
+        Figure, or None without k-shot runs (or with a single data size).
+    """
+    if not any(r.get("train_per_class") for r in done_runs(runs)):
+        return None
+    frame = data_size_frame(runs, metric)
+    if frame.empty or frame["per_class"].nunique() < 2:
+        return None
+    panels = sorted({(d, a) for d, a in zip(frame["dataset"], frame["arch"])})
+    ncols = min(len(panels), 2)
+    nrows = math.ceil(len(panels) / ncols)
+    fig = _figure(5.5 * ncols, 4.0 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    colors = _label_colors(frame["label"])
+    for ax, (dataset, arch) in zip(axes, panels):
+        sel = frame[(frame["dataset"] == dataset) & (frame["arch"] == arch)]
+        for label, g in sel.groupby("label", sort=True):
+            if g["per_class"].nunique() < 2:
+                continue
+            g = g.sort_values("per_class")
+            family = g["label"].iloc[0].split(":")[0] in PEFT_STRATEGIES
+            ax.errorbar(g["per_class"], g["mean"], yerr=g["sd"], marker="s" if family else "o", capsize=3,
+                        color=colors[label], linestyle="--" if family else "-", label=label)
+        span = overtakes(sel)
+        if span is not None:
+            ax.axvspan(*span, color="grey", alpha=0.2, label=f"full overtakes linear (val): {span[0]:g}–{span[1]:g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("training images per class (log)")
+        ax.set_ylabel(f"test {metric}")
+        ax.set_title(f"{dataset} / {arch}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     return fig
 
 

@@ -181,6 +181,14 @@ def _answers(data: ReportData) -> str:
         why = ("the best on validation, with no cheaper configuration as good" if r["label"] == r["best_label"]
                else f"the cheapest configuration not worse on validation than the best, {r['best_label']}")
         parts.append(f"Which strategy: {r['label']}, {why}{test}.")
+        t = data.trains
+        if t is not None and t.get("trainable") is not None:
+            share = f" ({100 * t['trainable'] / t['total']:.2g}% of {t['total']:,.0f})" if t.get("total") else ""
+            blocks = ""
+            if t.get("per_block"):
+                blocks = "; per block: " + ", ".join(f"{b} {n:,}" for b, n in t["per_block"].items())
+            parts.append(f"It trains {t['trainable']:,.0f} parameters{share}{blocks}"
+                         + (f" — {t['what']}" if t.get("what") else "") + ".")
     exposure = data.exposure
     if exposure:
         zeta = f"ζ = {100 * data.main_zeta:.3g}%"
@@ -289,6 +297,15 @@ _PLOTS = (
      "No top_k/layers_k runs: the depth plot is skipped."),
     ("cost", "Test {m} vs cost. The black step line and circles mark the Pareto front: no other configuration "
              "is both cheaper and better.", "No runs with the metric: the cost plot is skipped."),
+    ("frontier", "The parameter-efficiency frontier: validation {m} (left; what selects) and test {m} (right) vs "
+                 "trainable parameters, parameter-efficient strategies (squares: bitfit, norm, lora, knn) beside the "
+                 "depth strategies (circles), mean over seeds at the main data size. The circled points are the "
+                 "Pareto set on validation: no other configuration trains fewer parameters for a better validation "
+                 "{m}.", None),
+    ("data_size", "Test {m} vs training images per class (k-shot sets, train_per_class; mean ± sd over seeds), one "
+                  "line per strategy (dashed: parameter-efficient); the grey band is where full fine-tuning overtakes "
+                  "the linear probe on validation (between the last size where it is not better and the first from "
+                  "which it stays better).", None),
     ("train_fraction",
      "Test {m} vs training-set size, from scratch (dashed) vs fine-tuned, after Tajbakhsh et al. 2016.",
      "A single train fraction: the train-size plot is skipped."),

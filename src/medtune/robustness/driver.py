@@ -67,6 +67,10 @@ def load_run_model(store: ResultsStore, record: dict, device: torch.device):
                          f"({type(exc).__name__}); delete the run's row and artifacts and re-run it.") from None
     with torch.random.fork_rng(devices=[]):
         model = create_model(record["arch"], num_classes=num_classes, weights="none")
+    from medtune.strategies import get_strategy_class, list_strategies
+
+    if record.get("strategy") in list_strategies():  # e.g. the kNN probe's head, rebuilt from the stored buffers
+        get_strategy_class(record["strategy"]).restore_model(model.backbone, state)
     try:
         model.backbone.load_state_dict(state)
     except RuntimeError as exc:

@@ -175,6 +175,21 @@ class Strategy:
         uses and keeps its running statistics, dropout is off), whatever the run's ``bn_mode``."""
         return False
 
+    # -- model surgery (parameter-efficient strategies) -----------------------------------------
+    def prepare_model(self, model: nn.Module) -> None:
+        """Change the model before its block partition is taken (LoRA adds its adapters here).
+        Called once per run, under the run's seeded RNG; the default changes nothing."""
+
+    def finalize_model(self, model: nn.Module) -> None:
+        """After training, before the weights are stored: leave the plain architecture with the
+        trained weights (LoRA merges its adapters), so predict, export and the audit load it as any
+        run. The default changes nothing."""
+
+    @classmethod
+    def restore_model(cls, backbone: nn.Module, state: dict) -> None:
+        """Before stored weights ``state`` are loaded into a fresh ``backbone`` of the run's architecture:
+        rebuild what the strategy put in place of the original modules (the kNN probe's head)."""
+
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume the strategy mid-run (tensors and plain values only)."""

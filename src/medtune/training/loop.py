@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import os
 import pickle
@@ -142,7 +143,7 @@ def predict_proba(model: nn.Module, images: torch.Tensor, *, task: str, batch_si
                   sizes: np.ndarray | None = None) -> tuple[np.ndarray, float | None]:
     """Class probabilities for uint8 ``images`` (N, 3, H, W); also the mean loss when labels are given.
     With ``sizes`` (``resize: bucket``) each image is fed at its own side, a bucket per batch."""
-    device = device or next(model.parameters()).device
+    device = device or next(itertools.chain(model.parameters(), model.buffers())).device  # a kNN head has buffers only
     was_training = model.training
     model.eval()
     prob, loss_sum = None, 0.0
@@ -245,7 +246,8 @@ def _group_layout(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[di
     """The optimiser's groups as parameter names (for rebuilding the same optimiser on resume)."""
     names = {id(p): n for n, p in model.named_parameters()}
     return [{"name": g.get("name", ""), "lr_scale": g.get("lr_scale", 1.0), "weight_decay": g["weight_decay"],
-             "params": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
+             # a parameter the strategy took out of the model (the kNN probe's replaced classifier) is left out
+             "params": [names[id(p)] for p in g["params"] if id(p) in names]} for g in optimizer.param_groups]
 
 
 def _groups_from_layout(layout: list[dict], model: nn.Module) -> list[dict]:
@@ -568,7 +570,7 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: Any, *, blocks, checkpo
     run = _Setup.create(model, data, cfg, blocks, data_fingerprint, frozenset(cache_cuts))
     state: dict[str, Any] = {"phase": 0, "history": [], "train_seconds": 0.0, "images_seen": 0, "extras": {},
                              "trained": set()}
-    ckpt, resume = _open_checkpoint(checkpoint_path, run, state, log)
+    ckpt, resume = _open_checkpoint(checkpoint_path, run, state, log, strategy)
     for idx, spec in enumerate(strategy.phases()):
         if idx < state["phase"]:
             continue
@@ -704,7 +706,7 @@ def _final_result(run: _Setup, state: dict) -> FitResult:
 
 
 def _open_checkpoint(path: str | Path | None, run: _Setup, state: dict, log: Callable[[str], None],
-                     ) -> tuple[Path | None, Checkpoint | None]:
+                     strategy=None) -> tuple[Path | None, Checkpoint | None]:
     """Clean temp files of killed writers; load an existing checkpoint into ``state``. A phase-boundary
     checkpoint is applied here (its weights start the next phase); a mid-phase one is returned for
     :func:`_start_phase` to apply after the phase's ``set_trainable``."""
@@ -731,6 +733,9 @@ def _open_checkpoint(path: str | Path | None, run: _Setup, state: dict, log: Cal
                  trained={id(named[n]) for n in resume.trained})
     log(f"resuming from {ckpt} at phase {resume.phase} epoch {resume.epoch}")
     if resume.optimizer is None:
+        if strategy is not None:  # a module the strategy put in place (the kNN probe's head), rebuilt to load into
+            type(strategy).restore_model(run.blocks.model, {k[len("backbone."):]: v for k, v in resume.model.items()
+                                                           if k.startswith("backbone.")})
         run.model.load_state_dict(resume.model)
         torch.set_rng_state(resume.torch_rng)
         run.gen.set_state(resume.data_rng)
