@@ -48,7 +48,7 @@ def test_every_config_field_is_documented(cls):
 def test_help_is_the_config_fact():
     # choices and default come from RunConfig itself: change them there and the help follows
     text = flag_help(RunConfig, "optimizer")
-    assert text.endswith("(choices: adamw, sgd; default: adamw)")
+    assert text.endswith("(choices: adamw, sgd, adam; default: adamw)")
     assert "adamw" in RunConfig.CHOICES["optimizer"]
     assert flag_help(SearchConfig, "infeasible").endswith("(choices: penalty, repair; default: penalty)")
     assert "default: 0.04" not in flag_help(AuditConfig, "zetas")
