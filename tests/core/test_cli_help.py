@@ -61,7 +61,7 @@ def test_sweep_help_prints_every_flag_with_default(capsys):
     assert exc.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "--optimizer {adamw,sgd,adam}, --opt {adamw,sgd,adam}" in out
-    assert "(choices: adamw, sgd; default: adamw)" in out
+    assert "(choices: adamw, sgd, adam; default: adamw)" in out
     assert "(default: linear,full)" in out  # the sweep's own default, not the base run's
     assert "(choices: eval, train; default: eval)" in out
 
