@@ -81,7 +81,7 @@ def test_timm_aliases_reach_the_same_field():
 
 
 def test_invalid_choice_is_one_line(capsys):
-    assert main(["run", "--data", "synthetic", "--optimizer", "adam"]) == 2
+    assert main(["run", "--data", "synthetic", "--optimizer", "adamm"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "optimizer" in err[0] and "adamw" in err[0]
 
