@@ -90,7 +90,7 @@ def report(store: str = "./medtune-results", *, out_path: str | None = None, fmt
     db = ResultsStore(store, create=False)
     out = out_path or str(Path(store) / f"report.{fmt}")
     return str(build_report(db.runs(), db.attacks(), db.searches(), explanations=list_explanations(store),
-                            title=title, out_path=out, fmt=fmt, metric=metric))
+                            title=title, out_path=out, fmt=fmt, metric=metric, expected=db.expected_tables()))
 
 
 def explain(run: str, **kwargs: Any):

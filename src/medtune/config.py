@@ -406,6 +406,10 @@ class SweepConfig(_WithBase):
         weight_decay: weight decays, an axis selected on validation (a list, or comma-separated).
         resize: resize policies compared in one sweep (``resize``, ``pad``, ``bucket``; a list, or comma-separated).
         name: the sweep's name in logs.
+        expected: published results the sweep reproduces (a literature preset's ``expected:`` table: dataset ×
+            arch × strategy × size → ACC, AUC in % and their seed SD; :mod:`medtune.reporting.expected`); the
+            sweep keeps it in its store under ``name``, and ``medtune report`` and ``medtune results --expected``
+            show measured beside published with a verdict. None: no table.
     """
 
     arch: tuple[str, ...] = ("tf_efficientnet_lite0",)
@@ -416,8 +420,13 @@ class SweepConfig(_WithBase):
     weight_decay: tuple[float, ...] | None = None  # None: the base run's
     resize: tuple[str, ...] | None = None  # None: the base run's; [resize, pad, bucket] compares them
     name: str = "sweep"
+    expected: dict | None = None
 
     def __post_init__(self) -> None:
+        if self.expected is not None:
+            from medtune.reporting.expected import parse_expected
+
+            object.__setattr__(self, "expected", parse_expected(self.expected))
         for key in ("lr", "weight_decay", "resize"):
             if getattr(self, key) is None:
                 object.__setattr__(self, key, (getattr(self.base, key),))

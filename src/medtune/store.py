@@ -413,3 +413,24 @@ class ResultsStore:
         with self._transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO genomes VALUES (?, ?, ?)", (key, dumps(value), _now()))
 
+    def put_expected(self, name: str, table: dict[str, Any]) -> None:
+        """Keep a preset's published-results table (:mod:`medtune.reporting.expected`) under ``name``."""
+        with self._transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"expected:{name}", dumps(table)))
+
+    def expected_tables(self) -> dict[str, dict[str, Any]]:
+        """Name → published-results table, each validated again (a store is untrusted input); one that
+        does not validate is skipped with a warning naming it."""
+        from medtune.errors import MedtuneError
+        from medtune.reporting.expected import parse_expected
+
+        out = {}
+        rows = self._conn.execute("SELECT key, value FROM meta WHERE key LIKE 'expected:%' ORDER BY key").fetchall()
+        for key, text in rows:
+            name = key.split(":", 1)[1]
+            try:
+                out[name] = parse_expected(loads(text), where=f"{self.root}: expected table {name!r}")
+            except (MedtuneError, ValueError, TypeError) as exc:
+                warnings.warn(f"{exc} It is skipped.\nHINT: run the preset's sweep again to rewrite it.",
+                              StoreWarning, stacklevel=2)
+        return out

@@ -15,32 +15,8 @@ from medtune.training.metrics import compute_metrics
 medmnist = pytest.importorskip("medmnist")
 from medmnist import INFO, Evaluator  # noqa: E402
 
-# name → (image shape, label columns, classes): the real MedMNIST key names, dtypes and shapes (28 px)
-_LAYOUT = {"pneumoniamnist": ((28, 28), 1, 2), "dermamnist": ((28, 28, 3), 1, 7),
-           "chestmnist": ((28, 28), 14, 2), "retinamnist": ((28, 28, 3), 1, 5)}
 _MEDTUNE_TASK = {"binary-class": "binary", "multi-class": "multiclass", "ordinal-regression": "multiclass",
                  "multi-label, binary-class": "multilabel"}
-
-
-def write_medmnist(root, name: str, sizes=(60, 20, 40), *, seed: int = 0, size: int = 28):
-    """``ROOT/NAME[_SIZE].npz`` as the medmnist package writes it: uint8 images (N, H, W[, 3]), uint8
-    labels (N, 1) or (N, 14) for ChestMNIST; the label is drawn into the pixels so a tiny CNN learns it."""
-    shape, width, k = _LAYOUT[name]
-    shape = (size, size, *shape[2:])
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, n in zip(("train", "val", "test"), sizes, strict=True):
-        if width == 1:
-            y = (np.arange(n) % k).reshape(n, 1)
-        else:
-            y = rng.integers(0, 2, (n, width))
-            y[0], y[1] = 0, 1  # every label present and absent
-        level = y[:, :1] if width == 1 else y[:, :1] * (k - 1)
-        x = rng.integers(0, 90, (n, *shape)) + (level * (160 // (k - 1))).reshape(-1, *[1] * len(shape))
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x.astype(np.uint8), y.astype(np.uint8)
-    path = root / (f"{name}.npz" if size == 28 else f"{name}_{size}.npz")
-    np.savez_compressed(path, **arrays)
-    return path
 
 
 @pytest.fixture
@@ -53,8 +29,8 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-@pytest.mark.parametrize("name", list(_LAYOUT))
-def test_metrics_equal_medmnist_evaluator(tmp_path, name):
+@pytest.mark.parametrize("name", ["pneumoniamnist", "dermamnist", "chestmnist", "retinamnist"])
+def test_metrics_equal_medmnist_evaluator(tmp_path, name, write_medmnist):
     write_medmnist(tmp_path, name)
     task = INFO[name]["task"]
     data = load_data(f"medmnist:{name}", img_size=28, medmnist_root=str(tmp_path), data_cache="memory")
@@ -74,7 +50,7 @@ def test_metrics_equal_medmnist_evaluator(tmp_path, name):
     assert abs(ours["accuracy"] - theirs.ACC) < 1e-9
 
 
-def test_medmnist_trains_offline_from_the_cache_folder(tmp_path, offline):
+def test_medmnist_trains_offline_from_the_cache_folder(tmp_path, offline, write_medmnist):
     (tmp_path / "mm").mkdir()
     write_medmnist(tmp_path / "mm", "pneumoniamnist", size=64)
     import medtune
@@ -91,7 +67,7 @@ def test_medmnist_trains_offline_from_the_cache_folder(tmp_path, offline):
     assert abs(record["metrics"]["accuracy"] - theirs.ACC) < 1e-9
 
 
-def test_medmnist_root_from_the_environment(tmp_path, monkeypatch, offline):
+def test_medmnist_root_from_the_environment(tmp_path, monkeypatch, offline, write_medmnist):
     write_medmnist(tmp_path, "retinamnist")
     monkeypatch.setenv("MEDMNIST_ROOT", str(tmp_path))
     data = load_data("medmnist:retinamnist", img_size=28, data_cache="memory")
