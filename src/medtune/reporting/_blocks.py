@@ -142,7 +142,8 @@ class Table:
     """A table of string cells, with an optional style per cell and a caption.
 
     ``classes[i][j]`` styles cell ``rows[i][j]``: ``"best"`` (best in its column), ``"rec"``
-    (recommended), ``"nw"`` (not worse than the best), ``"off"`` (outside a published value's tolerance) or ``""``; missing entries mean ``""``.
+    (recommended), ``"nw"`` (not worse than the best), ``"off"`` (outside a published value's
+    tolerance) or ``""``; missing entries mean ``""``.
     HTML uses them as CSS classes; Markdown sets ``best`` and ``rec`` cells in bold.
     """
 
