@@ -77,6 +77,38 @@ def write_toy_npz():
     return write
 
 
+@pytest.fixture(scope="session")
+def write_medmnist():
+    """``write(root, name, sizes=(60, 20, 40), seed=0, size=28)``: ``ROOT/NAME[_SIZE].npz`` as the medmnist
+    package writes it (the real key names, uint8 images (N, H, W[, 3]), uint8 labels (N, 1), or (N, 14) for
+    ChestMNIST), the label drawn into the pixels so a tiny CNN learns it; for pneumoniamnist, dermamnist,
+    chestmnist and retinamnist. Returns the path."""
+    import numpy as np
+
+    layout = {"pneumoniamnist": ((28, 28), 1, 2), "dermamnist": ((28, 28, 3), 1, 7),
+              "chestmnist": ((28, 28), 14, 2), "retinamnist": ((28, 28, 3), 1, 5)}
+
+    def write(root, name: str, sizes=(60, 20, 40), *, seed: int = 0, size: int = 28):
+        shape, width, k = layout[name]
+        shape = (size, size, *shape[2:])
+        rng = np.random.default_rng(seed)
+        arrays = {}
+        for split, n in zip(("train", "val", "test"), sizes, strict=True):
+            if width == 1:
+                y = (np.arange(n) % k).reshape(n, 1)
+            else:
+                y = rng.integers(0, 2, (n, width))
+                y[0], y[1] = 0, 1  # every label present and absent
+            level = y[:, :1] if width == 1 else y[:, :1] * (k - 1)
+            x = rng.integers(0, 90, (n, *shape)) + (level * (160 // (k - 1))).reshape(-1, *[1] * len(shape))
+            arrays[f"{split}_images"], arrays[f"{split}_labels"] = x.astype(np.uint8), y.astype(np.uint8)
+        path = root / (f"{name}.npz" if size == 28 else f"{name}_{size}.npz")
+        np.savez_compressed(path, **arrays)
+        return path
+
+    return write
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` need a CUDA device: skipped (with the reason) where torch sees none."""
     if torch.cuda.is_available():

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "_checks", "_tensors", "_version", "_safepaths"),
     ("data", "models", "store", "tracking", "presets", "executors"),
     ("training",),
-    ("strategies",),
+    ("strategies", "expected"),
     ("config", "_fielddoc"),
     ("runner", "reporting"),
     ("sweeps", "robustness", "deft", "inference", "localisation", "exporters"),

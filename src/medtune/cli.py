@@ -163,6 +163,10 @@ def _parser_results(sub) -> None:
     p.add_argument("-o", "--output", default=None,
                    help="write to this file instead of printing (needed for parquet; default: none)")
     p.add_argument("--runs", action="store_true", help="one row per run instead of per strategy (default: off)")
+    p.add_argument("--expected", action="store_true",
+                   help="measured beside published: the store's expected tables (from a literature preset such as "
+                        "medmnist_plus), per cell the published and measured ACC/AUC, the difference and a verdict "
+                        "(default: off)")
     p.add_argument("--export", nargs=2, metavar=("TRACKER", "DIR"), default=None,
                    help="write every finished run for a tracker into DIR instead of printing (choices of TRACKER: "
                         "tensorboard; default: none)")
@@ -425,6 +429,9 @@ def _cmd_results(args: argparse.Namespace) -> int:
         written = export_runs(store.runs(), tracker, folder)
         print(f"{len(written)} runs written for {tracker} to {folder}")
         return 0
+    if args.expected:
+        _print_expected(store, args.format)
+        return 0
     if args.format == "parquet" or args.output:
         replaced = _check_output(args.output)
         _write_records(store.runs(), args.format, args.output, per_run=args.runs)
@@ -432,6 +439,27 @@ def _cmd_results(args: argparse.Namespace) -> int:
     else:
         _print_records(store.runs(), args.format, per_run=args.runs)
     return 0
+
+
+def _print_expected(store, fmt: str) -> None:
+    """``results --expected``: published beside measured, per cell of the store's expected tables."""
+    import csv
+    import json
+
+    from medtune.expected import EXPECTED_COLUMNS, load_tables
+    from medtune.reporting.expected import compare_expected, format_expected
+
+    tables = load_tables(store.raw_expected_tables(), where=str(store.root))
+    rows = compare_expected(store.runs(), tables)
+    if fmt == "json":
+        for row in rows:
+            print(json.dumps(row, allow_nan=False))
+    elif fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=EXPECTED_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        print(format_expected(rows, tables))
 
 
 def _write_records(records: list[dict], fmt: str, output: str | None, *, per_run: bool) -> None:

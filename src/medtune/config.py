@@ -19,13 +19,14 @@ from typing import Any, ClassVar
 import yaml
 
 from medtune._checks import Range, check_choice, check_fields, check_scalar
-from medtune.data._decode import DICOM_WINDOWS
+from medtune.data._decode import DICOM_WINDOWS, RESIZE_POLICIES
 from medtune.data.diskcache import DATA_CACHES
 from medtune.data.sources import UNCERTAIN_LABELS
 from medtune.errors import ConfigError, did_you_mean, short_repr
 from medtune.strategies.spec import StrategySpec, format_strategy_spec, parse_strategy_spec, split_strategy_list
 from medtune.tracking import TRACKERS
 from medtune.training.imbalance import CLASS_WEIGHTS, SAMPLERS
+from medtune.training.schedules import SCHEDULES
 from medtune.training.metrics import MONITOR_METRICS
 
 __all__ = [
@@ -49,13 +50,14 @@ MAX_YAML_NODES = 100_000
 # Fields that do not change what a run computes; they are left out of the run id.
 NON_SEMANTIC_FIELDS = frozenset({"store", "device", "num_threads", "progress", "num_workers", "executor", "address",
                                  "feature_cache", "feature_cache_memory_gb", "feature_cache_disk_gb",
-                                 "tracker", "data_cache", "decode_workers"})
+                                 "tracker", "data_cache", "decode_workers", "medmnist_root"})
 
 # Fields added after the first stores were written: at these values they leave the run id as it was,
 # so an existing store keeps its runs.
 ID_NEUTRAL_DEFAULTS: dict[str, Any] = {"cv_folds": 0, "fold": 0, "class_weight": "none", "sampler": "none",
                                        "target_sensitivity": 0.9, "dicom_window": "auto",
-                                       "uncertain_labels": "error", "train_per_class": 0}
+                                       "uncertain_labels": "error", "train_per_class": 0,
+                                       "schedule": "cosine", "medmnist_root": ""}
 
 
 @dataclass(frozen=True)
@@ -133,10 +135,15 @@ class RunConfig(_Base):
         img_size: model input size in pixels (square).
         batch_size: training images per optimiser step.
         lr: peak learning rate.
-        optimizer: ``adamw`` or ``sgd`` (with ``momentum``; some strategies choose their own, see METHODS).
+        optimizer: ``adamw``, ``sgd`` (with ``momentum``) or ``adam`` (torch's Adam, ``weight_decay`` as L2, as
+            MedMNIST v2); some strategies choose their own, see METHODS.
         momentum: SGD momentum.
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
         warmup_epochs: linear warm-up length of the cosine schedule, in epochs (may be fractional).
+        schedule: the learning-rate schedule: ``cosine`` (per step, down to 1% of ``lr``, after the warm-up);
+            ``cosine_epoch`` (timm's ``CosineLRScheduler(t_initial=epochs)`` stepped once per epoch, down to 0,
+            as MedMNIST+'s train.py steps it: epochs 0 and 1 at ``lr``); ``multistep`` (× 0.1 at 50% and 75%
+            of the epochs, as MedMNIST v2's ``MultiStepLR``).
         patience: early stopping patience in epochs (0 disables early stopping).
         monitor: validation metric used for early stopping and the best checkpoint.
         bn_mode: ``eval`` (frozen BatchNorm layers use running statistics) or ``train``.
@@ -159,8 +166,12 @@ class RunConfig(_Base):
             decoded size (N · 3 · img_size²) exceeds 1 GiB. Results are the same either way.
         decode_workers: processes that decode images into the disk cache (0: min(4, CPUs)).
         resize: how images reach ``img_size``: ``resize`` (stretch; bilinear, antialiased), ``pad``
-            (keep the aspect ratio: the longer side scaled, zero padding centred), or ``bucket`` (a few
-            sizes from the data's own distribution, each image at the nearest one; Liu et al.).
+            (keep the aspect ratio: the longer side scaled, zero padding centred), ``bucket`` (a few
+            sizes from the data's own distribution, each image at the nearest one; Liu et al.), ``zero_pad``
+            (MedMNIST+: an image no larger than ``img_size`` is not scaled but centred on an ``img_size``
+            canvas of the ImageNet mean colour, i.e. zeros after normalisation, as their ``transforms.Pad``
+            after ``Normalize``; a larger one is scaled down as ``pad``), or ``nearest`` (stretch by
+            nearest-neighbour, as MedMNIST v2's ``Resize(224, NEAREST)``).
         split_seed: seed of the train/val/test split and of the train-fraction subsample (fixed
             across training seeds so seeds compare on the same data).
         train_fraction: share of the training split used, in (0, 1].
@@ -175,7 +186,10 @@ class RunConfig(_Base):
         seed: training seed (head initialisation, batch order, augmentation).
         val_fraction: share of the images held out for validation when the data has no split.
         test_fraction: share of the images held out for testing when the data has no split.
-        medmnist_size: image size of a ``medmnist:NAME`` download.
+        medmnist_size: image size of a ``medmnist:NAME`` file (28, 64, 128 or 224 px).
+        medmnist_root: the folder of ``medmnist:NAME`` files (empty: ``$MEDMNIST_ROOT``, else the medmnist
+            package's default, ``~/.medmnist``); a file there is read offline, a missing one downloaded
+            through the medmnist package when the machine is online.
         dicom_window: how a DICOM reaches 0–255 after pydicom's modality LUT (Rescale Slope/Intercept):
             ``auto`` uses the file's VOI LUT or Window Center/Width, else the range of its stored bits
             (BitsStored: 12-bit data spans 0–4095); ``percentile`` the file's window, else the image's
@@ -205,8 +219,8 @@ class RunConfig(_Base):
 
     #: The fixed value sets of fields (validated on build, shown in the CLI's help).
     CHOICES: ClassVar[dict[str, tuple]] = {
-        "optimizer": ("adamw", "sgd"), "monitor": MONITOR_METRICS,
-        "bn_mode": ("eval", "train"), "resize": ("resize", "pad", "bucket"), "medmnist_size": (28, 64, 128, 224),
+        "optimizer": ("adamw", "sgd", "adam"), "monitor": MONITOR_METRICS, "schedule": SCHEDULES,
+        "bn_mode": ("eval", "train"), "resize": RESIZE_POLICIES, "medmnist_size": (28, 64, 128, 224),
         "amp": ("auto", "on", "off"), "channels_last": ("auto", "on", "off"), "feature_cache": ("auto", "fp32", "off"),
         "device": ("auto", "cpu", "cuda"), "class_weight": CLASS_WEIGHTS, "sampler": SAMPLERS,
         "tracker": TRACKERS, "dicom_window": DICOM_WINDOWS,
@@ -243,6 +257,7 @@ class RunConfig(_Base):
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0
+    schedule: str = "cosine"
     patience: int = 0
     monitor: str = "auc"
     bn_mode: str = "eval"
@@ -255,6 +270,7 @@ class RunConfig(_Base):
     test_fraction: float = 0.15
     resize: str = "resize"
     medmnist_size: int = 28
+    medmnist_root: str = ""
     dicom_window: str = "auto"
     uncertain_labels: str = "error"
     cv_folds: int = 0
@@ -285,6 +301,7 @@ class RunConfig(_Base):
             check_scalar(getattr(self, name), name, str, owner=owner)
             if not getattr(self, name).strip():
                 raise ConfigError(f"The {name!r} parameter of {owner} must not be empty.")
+        check_scalar(self.medmnist_root, "medmnist_root", str, owner=owner)
         # the one place a strategy's text is parsed: from here on the run holds a typed spec
         object.__setattr__(self, "strategy", StrategySpec.parse(self.strategy))
         object.__setattr__(self, "augment", _check_augment(self.augment, owner))
@@ -396,6 +413,10 @@ class SweepConfig(_WithBase):
         weight_decay: weight decays, an axis selected on validation (a list, or comma-separated).
         resize: resize policies compared in one sweep (``resize``, ``pad``, ``bucket``; a list, or comma-separated).
         name: the sweep's name in logs.
+        expected: published results the sweep reproduces (a literature preset's ``expected:`` table: dataset ×
+            arch × strategy × size → ACC, AUC in % and their seed SD; :mod:`medtune.expected`); the
+            sweep keeps it in its store under ``name``, and ``medtune report`` and ``medtune results --expected``
+            show measured beside published with a verdict. None: no table.
     """
 
     arch: tuple[str, ...] = ("tf_efficientnet_lite0",)
@@ -407,8 +428,13 @@ class SweepConfig(_WithBase):
     weight_decay: tuple[float, ...] | None = None  # None: the base run's
     resize: tuple[str, ...] | None = None  # None: the base run's; [resize, pad, bucket] compares them
     name: str = "sweep"
+    expected: dict | None = None
 
     def __post_init__(self) -> None:
+        if self.expected is not None:
+            from medtune.expected import parse_expected
+
+            object.__setattr__(self, "expected", parse_expected(self.expected))
         for key in ("lr", "weight_decay", "resize", "train_per_class"):
             if getattr(self, key) is None:
                 object.__setattr__(self, key, (getattr(self.base, key),))
@@ -434,7 +460,7 @@ class SweepConfig(_WithBase):
                 check_scalar(value, key, r.kind, min_val=r.min_val, max_val=r.max_val, include_min=r.include_min,
                              owner="sweep")
         for policy in self.resize:
-            check_choice(policy, "resize", RunConfig.CHOICES["resize"], owner="sweep")
+            check_choice(policy, "resize", RESIZE_POLICIES, owner="sweep")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> SweepConfig:

@@ -122,7 +122,7 @@ class Predictions:
             if self.y_true is not None:
                 row["label"] = ("|".join(c for c, y in zip(self.class_names, self.y_true[i]) if y)
                                 if self.task == "multilabel" else self.class_names[int(self.y_true[i])])
-            row["predicted"] = ("|".join(c for c, p in zip(self.class_names, self.y_prob[i]) if p >= 0.5)
+            row["predicted"] = ("|".join(c for c, p in zip(self.class_names, self.y_prob[i]) if p > 0.5)
                                 if self.task == "multilabel" else self.class_names[int(self.y_prob[i].argmax())])
             row.update({f"prob_{c}": float(p) for c, p in zip(self.class_names, self.y_prob[i])})
             rows.append(row)
@@ -211,7 +211,7 @@ def _load(data: str, cfg: RunConfig, class_names: list[str], cache_dir: Path) ->
         images = load_data(data, img_size=cfg.img_size, resize=cfg.resize, seed=cfg.split_seed,
                            val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
                            medmnist_size=cfg.medmnist_size, dicom_window=cfg.dicom_window,
-                           decode_workers=cfg.decode_workers, **cache)
+                           medmnist_root=cfg.medmnist_root or None, decode_workers=cfg.decode_workers, **cache)
     else:
         path = Path(data).expanduser()
         if not path.exists():

@@ -56,11 +56,12 @@ def collect_versions() -> dict[str, str]:
 @lru_cache(maxsize=4)
 def _load_cached(data: str, img_size: int, resize: str, split_seed: int, val_fraction: float, test_fraction: float,
                  medmnist_size: int, dicom_window: str = "auto", uncertain_labels: str = "error",
-                 data_cache: str = "memory", store: str | None = None, decode_workers: int = 0) -> ImageSet:
+                 data_cache: str = "memory", store: str | None = None, decode_workers: int = 0,
+                 medmnist_root: str = "") -> ImageSet:
     return load_data(data, img_size=img_size, resize=resize, seed=split_seed, val_fraction=val_fraction,
                      test_fraction=test_fraction, medmnist_size=medmnist_size, dicom_window=dicom_window,
                      uncertain_labels=uncertain_labels, data_cache=data_cache, cache_dir=store,
-                     decode_workers=decode_workers)
+                     decode_workers=decode_workers, medmnist_root=medmnist_root or None)
 
 
 @lru_cache(maxsize=16)
@@ -77,7 +78,8 @@ def prepare_data(cfg: RunConfig) -> ImageSet:
     trains on; the same config gives the same ImageSet object, so its fingerprint is computed once.
     Large sets are decoded once per machine into ``STORE/data-cache`` (``data_cache``)."""
     key = (cfg.data, cfg.img_size, cfg.resize, cfg.split_seed, float(cfg.val_fraction), float(cfg.test_fraction),
-           cfg.medmnist_size, cfg.dicom_window, cfg.uncertain_labels, cfg.data_cache, cfg.store, cfg.decode_workers)
+           cfg.medmnist_size, cfg.dicom_window, cfg.uncertain_labels, cfg.data_cache, cfg.store, cfg.decode_workers,
+           cfg.medmnist_root)
     if cfg.train_per_class:
         return _subsample_cached(key, (cfg.cv_folds, cfg.fold), float(cfg.train_fraction), int(cfg.train_per_class))
     return _subsample_cached(key, (cfg.cv_folds, cfg.fold), float(cfg.train_fraction))

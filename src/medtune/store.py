@@ -525,3 +525,20 @@ class ResultsStore:
         with self._transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO genomes VALUES (?, ?, ?)", (key, dumps(value), _now()))
 
+    def put_expected(self, name: str, table: dict[str, Any]) -> None:
+        """Keep a preset's published-results table (:mod:`medtune.expected`) under ``name``."""
+        with self._transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"expected:{name}", dumps(table)))
+
+    def raw_expected_tables(self) -> dict[str, Any]:
+        """Name → published-results table as stored, NOT validated: a store is untrusted input, so readers
+        pass these through :func:`medtune.expected.load_tables` (a table that is not JSON is skipped here)."""
+        rows = self._conn.execute("SELECT key, value FROM meta WHERE key LIKE 'expected:%' ORDER BY key").fetchall()
+        raw = {}
+        for key, text in rows:
+            try:
+                raw[key.split(":", 1)[1]] = loads(text)
+            except ValueError as exc:
+                warnings.warn(f"{self.root}: expected table {key!r} is not JSON ({exc}); it is skipped.", StoreWarning,
+                              stacklevel=2)
+        return raw

@@ -113,6 +113,8 @@ def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: Resul
     cfg = load_sweep_config(config, **overrides)
     plans = plan_sweep(cfg, log)
     store = store or ResultsStore(cfg.base.store)
+    if cfg.expected:  # a literature preset's published numbers travel into the store, for the report
+        store.put_expected(cfg.name, cfg.expected)
     log = log or (lambda _m: None)
     if isinstance(executor, str):
         executor = create_executor(executor, workers=workers, address=address, num_cpus=cpus_per_run,

@@ -48,7 +48,7 @@ def test_every_config_field_is_documented(cls):
 def test_help_is_the_config_fact():
     # choices and default come from RunConfig itself: change them there and the help follows
     text = flag_help(RunConfig, "optimizer")
-    assert text.endswith("(choices: adamw, sgd; default: adamw)")
+    assert text.endswith("(choices: adamw, sgd, adam; default: adamw)")
     assert "adamw" in RunConfig.CHOICES["optimizer"]
     assert flag_help(SearchConfig, "infeasible").endswith("(choices: penalty, repair; default: penalty)")
     assert "default: 0.04" not in flag_help(AuditConfig, "zetas")
@@ -60,8 +60,8 @@ def test_sweep_help_prints_every_flag_with_default(capsys):
         main(["sweep", "--help"])
     assert exc.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "--optimizer {adamw,sgd}, --opt {adamw,sgd}" in out
-    assert "(choices: adamw, sgd; default: adamw)" in out
+    assert "--optimizer {adamw,sgd,adam}, --opt {adamw,sgd,adam}" in out
+    assert "(choices: adamw, sgd, adam; default: adamw)" in out
     assert "(default: linear,full)" in out  # the sweep's own default, not the base run's
     assert "(choices: eval, train; default: eval)" in out
 
@@ -81,7 +81,7 @@ def test_timm_aliases_reach_the_same_field():
 
 
 def test_invalid_choice_is_one_line(capsys):
-    assert main(["run", "--data", "synthetic", "--optimizer", "adam"]) == 2
+    assert main(["run", "--data", "synthetic", "--optimizer", "adamm"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "optimizer" in err[0] and "adamw" in err[0]
 

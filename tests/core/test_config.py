@@ -35,7 +35,7 @@ def test_unknown_key_suggests_the_closest():
     ("epochs", 0, "'epochs' parameter of RunConfig must be >= 1"),
     ("lr", -1.0, "'lr' parameter of RunConfig must be > 0"),
     ("train_fraction", 1.5, "'train_fraction' parameter of RunConfig must be <= 1"),
-    ("optimizer", "adam", "must be one of adamw, sgd. Got 'adam' instead. Did you mean 'adamw'"),
+    ("optimizer", "adamm", "must be one of adamw, sgd, adam. Got 'adamm' instead. Did you mean 'adam'"),
     ("epochs", "3", "'epochs' parameter of RunConfig must be of type int"),
     ("strategy", "", "must not be empty"),
 ])

@@ -310,11 +310,14 @@ def test_dicom_with_and_without_pixels(tmp_path):
         load_data(str(tmp_path / "d"))
 
 
-def test_missing_medmnist_file_says_where_to_put_it(tmp_path, monkeypatch):
-    import medtune.data.sources as sources
+def _no_network(*_args, **_kw):
+    raise OSError("network unreachable (blocked by the test)")
 
-    monkeypatch.setattr(sources, "MEDMNIST_ROOT", tmp_path)
-    with pytest.raises(DataError, match=f"put it at {tmp_path}/pathmnist_64.npz"):
+
+def test_missing_medmnist_file_says_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDMNIST_ROOT", str(tmp_path))
+    monkeypatch.setattr("socket.socket.connect", _no_network, raising=True)
+    with pytest.raises(DataError, match=f"pathmnist_64.npz is not in {tmp_path} .*put it in {tmp_path}"):
         load_data("medmnist:pathmnist", medmnist_size=64)
 
 

@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from medtune.errors import ConfigError, DataError, short_repr
 
-__all__ = ["IMAGE_EXTENSIONS", "decode_image", "to_rgb_uint8", "resize_image", "check_unit_range", "MIN_SIDE",
+__all__ = ["RESIZE_POLICIES", "IMAGE_EXTENSIONS", "decode_image", "to_rgb_uint8", "resize_image", "check_unit_range", "MIN_SIDE",
            "DICOM_WINDOWS", "dicom_to_unit"]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm"})
@@ -83,6 +83,11 @@ def check_unit_range(a: np.ndarray, where: str) -> None:
 
 #: How a DICOM's modality values reach [0, 1] when the file has no window (RunConfig.dicom_window).
 DICOM_WINDOWS = ("auto", "percentile", "bits")
+#: How an image reaches the model's input size (RunConfig ``resize``; see :func:`resize_image`).
+RESIZE_POLICIES = ("resize", "pad", "bucket", "zero_pad", "nearest")
+#: ``zero_pad``'s canvas: the ImageNet mean colour, so the padding is zero after normalisation, as MedMNIST+
+#: pads after ``Normalize`` (train.py: ``transforms.Pad(..., fill=0)`` after ``transforms.Normalize``).
+ZERO_PAD_FILL = (124, 116, 104)  # round(255 · (0.485, 0.456, 0.406))
 #: The percentiles of ``dicom_window: percentile``, as nnU-Net clips CT intensities.
 DICOM_PERCENTILES = (0.5, 99.5)
 
@@ -238,20 +243,33 @@ def decode_image(path: str | Path, dicom_window: str = "auto") -> tuple[np.ndarr
 
 
 def resize_image(rgb: np.ndarray, size: int, policy: str) -> torch.Tensor:
-    """(H, W, 3) uint8 → (3, size, size) uint8 by ``resize`` (bilinear, antialiased) or ``pad``
-    (longer side scaled to ``size``, zero padding centred; MedMNIST+ style)."""
+    """(H, W, 3) uint8 → (3, size, size) uint8 by ``resize`` (bilinear, antialiased), ``nearest``
+    (nearest-neighbour; MedMNIST v2), ``pad`` (longer side scaled to ``size``, zero padding centred) or
+    ``zero_pad`` (MedMNIST+: not scaled when it fits, centred on a canvas of :data:`ZERO_PAD_FILL`,
+    split as theirs: ``total // 2`` left and top; a larger image is scaled down first, as ``pad``)."""
     x = torch.from_numpy(rgb if rgb.flags.writeable else rgb.copy()).permute(2, 0, 1)[None].float()
     h, w = rgb.shape[:2]
-    if policy in ("resize", "bucket"):  # one image alone has no size distribution: bucket = resize
+    if policy in ("resize", "bucket", "nearest"):  # one image alone has no size distribution: bucket = resize
         if (h, w) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            if policy == "nearest":
+                x = F.interpolate(x, size=(size, size), mode="nearest-exact")
+            else:
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     else:
         scale = size / max(h, w)
+        if policy == "zero_pad" and scale >= 1:
+            scale = 1.0
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         if (nh, nw) != (h, w):
             x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
         top, left = (size - nh) // 2, (size - nw) // 2
-        x = F.pad(x, (left, size - nw - left, top, size - nh - top), value=0.0)
+        pad = (left, size - nw - left, top, size - nh - top)
+        if policy == "zero_pad":
+            canvas = torch.tensor(ZERO_PAD_FILL, dtype=x.dtype).view(1, 3, 1, 1).expand(1, 3, size, size).clone()
+            canvas[:, :, top:top + nh, left:left + nw] = x
+            x = canvas
+        else:
+            x = F.pad(x, pad, value=0.0)
     return x[0].round_().clamp_(0, 255).to(torch.uint8)
 
 

@@ -23,9 +23,18 @@ from medtune.data.splits import make_splits
 from medtune._safepaths import walk_files, warn_unreadable
 from medtune.errors import ConfigError, DataError, short_repr
 
-__all__ = ["load_data", "list_folder", "read_csv", "csv_label", "medmnist_path"]
+__all__ = ["load_data", "list_folder", "read_csv", "csv_label", "medmnist_path", "medmnist_root"]
 
-MEDMNIST_ROOT = Path(os.environ.get("MEDMNIST_ROOT", Path.home() / ".medmnist"))
+#: The environment variable naming the folder of MedMNIST files (below ``--medmnist-root``, above the default).
+MEDMNIST_ROOT_ENV = "MEDMNIST_ROOT"
+#: MedMNIST's 2-D datasets and their task as the medmnist package's INFO names it (medmnist 3.0), so a name
+#: is checked, and a file is read, without the package.
+MEDMNIST_2D_TASKS = {
+    "pathmnist": "multi-class", "chestmnist": "multi-label, binary-class", "dermamnist": "multi-class",
+    "octmnist": "multi-class", "pneumoniamnist": "binary-class", "retinamnist": "ordinal-regression",
+    "breastmnist": "binary-class", "bloodmnist": "multi-class", "tissuemnist": "multi-class",
+    "organamnist": "multi-class", "organcmnist": "multi-class", "organsmnist": "multi-class",
+}
 
 
 def list_folder(root: Path) -> tuple[list[tuple[Path, str, str | None]], list[str]]:
@@ -187,34 +196,50 @@ def csv_label(row: dict) -> str | list[str]:
     return label if isinstance(label, list) else label.split("|") if "|" in label else label
 
 
-def medmnist_path(name: str, size: int) -> Path:
-    """Where the medmnist package keeps ``name`` at ``size`` (``~/.medmnist/NAME[_SIZE].npz``)."""
-    return MEDMNIST_ROOT / (f"{name}.npz" if size == 28 else f"{name}_{size}.npz")
+def medmnist_root(root: str | Path | None = None) -> Path:
+    """The folder of MedMNIST files: ``root`` if given, else ``$MEDMNIST_ROOT``, else the medmnist
+    package's default root (``~/.medmnist``, its ``medmnist.info.DEFAULT_ROOT``)."""
+    if root:
+        return Path(root).expanduser()
+    if os.environ.get(MEDMNIST_ROOT_ENV):
+        return Path(os.environ[MEDMNIST_ROOT_ENV]).expanduser()
+    return Path.home() / ".medmnist"  # medmnist.info.get_default_root(), without importing (it creates the folder)
 
 
-def _medmnist_download(name: str, size: int) -> Path:
-    path = medmnist_path(name, size)
-    if path.exists():
+def medmnist_path(name: str, size: int, root: str | Path | None = None) -> Path:
+    """Where the medmnist package keeps ``name`` at ``size`` (``ROOT/NAME[_SIZE].npz``; 28 px has no suffix)."""
+    return medmnist_root(root) / (f"{name}.npz" if size == 28 else f"{name}_{size}.npz")
+
+
+def _medmnist_download(name: str, size: int, root: str | Path | None = None) -> Path:
+    """The file of ``medmnist:NAME`` at ``size``: read from the root when it is there (no network), else
+    downloaded by the medmnist package (online only), else a one-line DataError saying which file goes where."""
+    if name not in MEDMNIST_2D_TASKS:
+        from medtune.errors import did_you_mean
+
+        raise ConfigError(f"Unknown MedMNIST dataset {name!r}.{did_you_mean(name, list(MEDMNIST_2D_TASKS))} "
+                          f"2-D datasets: {', '.join(MEDMNIST_2D_TASKS)}.")
+    path = medmnist_path(name, size, root)
+    if path.is_file():
         return path
     try:
         import medmnist
         from medmnist import INFO
     except ImportError:
         medmnist = None
-    if medmnist is not None:
-        if name not in INFO:
-            raise ConfigError(f"Unknown MedMNIST dataset {name!r}; available: {', '.join(sorted(INFO))}.")
+    if medmnist is not None and name in INFO:
         try:
             cls = getattr(medmnist, INFO[name]["python_class"])
-            MEDMNIST_ROOT.mkdir(parents=True, exist_ok=True)
-            cls(split="test", download=True, size=size, root=str(MEDMNIST_ROOT))
-        except Exception:  # offline: medmnist raises requests/urllib/RuntimeError variants
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cls(split="test", download=True, size=size, root=str(path.parent))
+        except Exception:  # offline: medmnist raises RuntimeError (after requests/urllib errors)
             pass
-        if path.exists():
+        if path.is_file():
             return path
-    raise DataError(f"MedMNIST file {path} is missing and cannot be downloaded here (offline"
-                    f"{'' if medmnist else ', medmnist not installed'}); download {path.name} from "
-                    f"https://zenodo.org/records/10519652 and put it at {path}, or pass --data PATH/{path.name}.")
+    url = f"https://zenodo.org/records/10519652/files/{path.name}"
+    raise DataError(f"MedMNIST file {path.name} is not in {path.parent} and cannot be downloaded here (offline"
+                    f"{'' if medmnist else ', medmnist not installed'}); download {url} and put it in {path.parent} "
+                    f"(or pass --medmnist-root DIR, or --data PATH/{path.name}).")
 
 
 def _open_npz(path: Path) -> tuple[np.lib.npyio.NpzFile, dict[str, int]]:
@@ -521,7 +546,8 @@ def _items_of(path: Path, uncertain_labels: str, classes: list[str] | None
 def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: int = 0, val_fraction: float = 0.15,
               test_fraction: float = 0.15, medmnist_size: int = 28, classes: list[str] | None = None,
               dicom_window: str = "auto", uncertain_labels: str = "error", data_cache: str = "auto",
-              cache_dir: str | Path | None = None, decode_workers: int = 0) -> ImageSet:
+              cache_dir: str | Path | None = None, decode_workers: int = 0,
+              medmnist_root: str | Path | None = None) -> ImageSet:
     """Load any supported source into an :class:`ImageSet` at ``img_size``.
 
     Args:
@@ -535,6 +561,7 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
         seed: seed of the split when the source gives none.
         val_fraction, test_fraction: split shares when the source gives none.
         medmnist_size: 28, 64, 128 or 224 for ``medmnist:NAME``.
+        medmnist_root: the folder of ``medmnist:NAME`` files (None: :func:`medmnist_root`'s default).
         classes: the known class names; any other label is an error.
         dicom_window: how a ``.dcm`` without a window is scaled (``auto``, ``percentile``, ``bits``;
             :func:`~medtune.data._decode.dicom_to_unit`).
@@ -571,7 +598,7 @@ def load_data(source: str, *, img_size: int = 64, resize: str = "resize", seed: 
         k = int(k_text)
         return make_synthetic(num_samples=64 * max(1, k // 2), img_size=img_size, num_classes=k, seed=seed)
     if source.startswith("medmnist:"):
-        path = _medmnist_download(source.split(":", 1)[1], medmnist_size)
+        path = _medmnist_download(source.split(":", 1)[1], medmnist_size, medmnist_root)
         return _validate(_load_npz(path, img_size, resize, data_cache, cache_dir), str(path))
     path = Path(source).expanduser()
     try:

@@ -58,6 +58,7 @@ th, td { border-bottom: 1px solid var(--line); padding: 4px 8px; text-align: lef
 th { background: #f3f5f9; position: sticky; top: 0; }
 td.best { background: var(--good); color: var(--goodink); font-weight: 700; }
 td.nw { color: var(--goodink); }
+td.off { color: #a4262c; font-weight: 700; }
 td.rec { background: var(--rec); font-weight: 700; }
 .note { background: var(--note); border-left: 4px solid #9aa4b2; padding: 6px 10px; font-size: 13px; margin: 8px 0; }
 dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; font-size: 13px; }
@@ -141,7 +142,8 @@ class Table:
     """A table of string cells, with an optional style per cell and a caption.
 
     ``classes[i][j]`` styles cell ``rows[i][j]``: ``"best"`` (best in its column), ``"rec"``
-    (recommended), ``"nw"`` (not worse than the best) or ``""``; missing entries mean ``""``.
+    (recommended), ``"nw"`` (not worse than the best), ``"off"`` (outside a published value's
+    tolerance) or ``""``; missing entries mean ``""``.
     HTML uses them as CSS classes; Markdown sets ``best`` and ``rec`` cells in bold.
     """
 

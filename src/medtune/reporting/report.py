@@ -52,6 +52,7 @@ def build_report(
     metric: str = "auc",
     alpha: float = 0.05,
     main_zeta: float = 0.04,
+    expected: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write the report of a set of records, plus its tables as CSV beside it.
 
@@ -77,6 +78,9 @@ def build_report(
         metric: the metric that ranks configurations.
         alpha: family-wise error rate of the strategy comparison.
         main_zeta: UAP budget ζ quoted in the headline.
+        expected: published-results tables (:func:`medtune.expected.load_tables`, from a literature preset);
+            when given, a "Measured vs. published" section shows each cell's published and measured
+            ACC/AUC and its verdict (:mod:`medtune.expected`), also as ``<stem>_expected.csv``.
 
     Returns:
         Path of the written report.
@@ -96,7 +100,16 @@ def build_report(
     # every file by a temp file + rename: a link at its path (a crafted store) is replaced, never written through
     for name, frame in data.csv.items():
         atomic_write(out_path.with_name(f"{out_path.stem}_{name}.csv"), frame.to_csv(index=False))
-    report = format_report(data, title, explanations)
+    published = None
+    if expected:
+        import pandas as pd
+
+        from medtune.reporting.expected import compare_expected
+
+        rows = compare_expected(runs, expected)
+        atomic_write(out_path.with_name(f"{out_path.stem}_expected.csv"), pd.DataFrame(rows).to_csv(index=False))
+        published = _published(rows, expected)
+    report = format_report(data, title, explanations, published=published)
     text = report.to_html() if fmt == "html" else report.to_markdown(out_path)
     atomic_write(out_path, text.encode("utf-8"))
     return out_path
@@ -106,13 +119,15 @@ def report_store(store: str | Path = "./medtune-results", *, out_path: str | Pat
                  metric: str = "auc", title: str = "medtune report") -> Path:
     """Write the report of a results store (default ``STORE/report.html``) and return its path."""
     from medtune._safepaths import check_output
+    from medtune.expected import load_tables
     from medtune.store import ResultsStore
 
     db = ResultsStore(store, create=False)
     out = out_path or Path(store) / f"report.{fmt}"
     check_output(out, flag="-o" if out_path else "the report path")  # never the database or a managed folder
     return build_report(db.runs(), db.attacks(), db.searches(), explanations=db.explanations(), title=title,
-                        out_path=out, fmt=fmt, metric=metric)
+                        out_path=out, fmt=fmt, metric=metric,
+                        expected=load_tables(db.raw_expected_tables(), where=str(db.root)))
 
 
 # --------------------------------------------------------------------------- headline
@@ -575,9 +590,32 @@ def _read_embeddable(path: Path, what: str):
         return None
 
 
-def format_report(data: ReportData, title: str, explanations: Sequence[Record] = ()) -> Report:
+def _published(rows: Sequence[Mapping[str, Any]], tables: Mapping[str, Mapping[str, Any]]) -> list[Block]:
+    """The measured-vs-published table of a literature preset's ``expected:`` cells."""
+    from medtune.reporting.expected import expected_table_cells
+
+    header, cells = expected_table_cells(rows)
+    verdict_class = {"within": "best", "not run": ""}
+    classes = [[""] * (len(header) - 1) + [verdict_class.get(r["verdict"], "off")] for r in rows]
+    counts = {v: sum(1 for r in rows if r["verdict"].startswith(v)) for v in ("within", "outside", "not run")}
+    blocks: list[Block] = [Paragraph(
+        f"{counts['within']} of {len(rows)} published cells reproduced within tolerance, {counts['outside']} "
+        f"outside, {counts['not run']} not run. Values in %; measured = mean ± SD over the seeds of the "
+        "configuration best on validation; the published SD where the paper gives one.")]
+    for name, table in tables.items():
+        tol = table["tolerance"]
+        blocks.append(Facts([(name, f"{table['source']} — within = |Δ| ≤ max({tol['sd_factor']:g} × published SD, "
+                                    f"{tol['min_points']:g} points); size = {table['size_field']}")]))
+    blocks.append(Table(header, cells, classes, caption="Measured beside published (verdict per cell)."))
+    return blocks
+
+
+def format_report(data: ReportData, title: str, explanations: Sequence[Record] = (),
+                  published: list[Block] | None = None) -> Report:
     """The report's blocks: ``data`` formatted as text, nothing computed (galleries read from disk)."""
     sections = [Section(anchor, heading, blocks_of(data)) for anchor, heading, blocks_of in _SECTIONS]
+    if published:  # right after the summary: does it reproduce the paper?
+        sections.insert(1, Section("published", "Measured vs. published", published))
     if explanations:  # before the appendix
         sections.insert(len(sections) - 2, Section("localisation", "Localisation: heat maps",
                                                    _localisation(explanations)))

@@ -71,7 +71,7 @@ def per_class_metrics(y_true: np.ndarray, prob: np.ndarray, *, task: str, class_
     """
     y_true = np.asarray(y_true)
     if task == "multilabel":
-        y_bin, pred_bin = y_true.astype(int), (prob >= 0.5).astype(int)
+        y_bin, pred_bin = y_true.astype(int), (prob > 0.5).astype(int)
     else:
         k = prob.shape[1]
         pred = (prob[:, 1] >= threshold).astype(int) if (threshold is not None and k == 2) else prob.argmax(1)

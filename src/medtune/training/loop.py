@@ -36,6 +36,7 @@ from medtune.training.imbalance import balanced_order, class_weights
 from medtune.training.cache import (FeaturesDoNotFit, build_chain, cache_unusable_reason, cached_features,
                                     frozen_prefix_length)
 from medtune.training.metrics import compute_metrics, higher_is_better
+from medtune.training.schedules import lr_at
 
 __all__ = ["fit", "train_one_epoch", "evaluate", "predict_proba", "lr_at", "FitResult", "Checkpoint",
            "set_train_mode", "StopTraining"]
@@ -69,15 +70,6 @@ class FitResult:
     @property
     def images_per_s(self) -> float:
         return self.images_seen / self.train_seconds if self.train_seconds > 0 else float("nan")
-
-
-def lr_at(step: int, *, total_steps: int, warmup_steps: int, base_lr: float, min_ratio: float = 0.01) -> float:
-    """Cosine schedule with linear warm-up, a pure function of the step (no hidden scheduler state)."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def set_train_mode(model: nn.Module, bn_mode: str, *, all_batch_stats_frozen: bool = False,
@@ -336,6 +328,8 @@ class _Setup:
         # update is bit-identical (``fused`` is ~4x faster again but rounds differently)
         if (kind or self.cfg.optimizer) == "sgd":
             return torch.optim.SGD(groups, lr=self.cfg.lr, momentum=self.cfg.momentum, foreach=True)
+        if (kind or self.cfg.optimizer) == "adam":  # MedMNIST v2: torch.optim.Adam, weight decay as L2
+            return torch.optim.Adam(groups, lr=self.cfg.lr, foreach=True)
         return torch.optim.AdamW(groups, lr=self.cfg.lr, foreach=True)
 
 
@@ -495,7 +489,7 @@ def train_one_epoch(run: _Setup, phase: _Phase) -> tuple[float, float]:
     for b, idx in enumerate(batches):
         lr = phase.base_lr if phase.constant_lr else lr_at(
             phase.epoch * run.steps_per_epoch + b, total_steps=phase.total_steps, warmup_steps=phase.warmup_steps,
-            base_lr=phase.base_lr)
+            base_lr=phase.base_lr, schedule=cfg.schedule, steps_per_epoch=run.steps_per_epoch)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         x = run.to_input(fed_at_size(source[idx.to(source.device)], run.train.sizes, idx))

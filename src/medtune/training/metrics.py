@@ -82,7 +82,7 @@ def compute_metrics(y_true: np.ndarray, prob: np.ndarray, *, task: str, class_na
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=RuntimeWarning)
         if task == "multilabel":
-            pred = (prob >= 0.5).astype(int)
+            pred = (prob > 0.5).astype(int)  # a label is present above 0.5, as MedMNIST's getACC
             y = y_true.astype(int)
             out["accuracy"] = float((pred == y).mean())
             aucs = [skm.roc_auc_score(y[:, j], prob[:, j]) for j in range(y.shape[1]) if 0 < y[:, j].sum() < len(y)]
