@@ -33,3 +33,10 @@ def test_the_metrics_see_an_upward_import_and_a_circle(tmp_path):
     figures = _metrics().measure(pkg, 60)
     assert figures["upward_imports"] == ["medtune.training.loop -> medtune.config"]
     assert figures["circles"] == [["medtune.config", "medtune.training.loop"]]
+
+
+def test_importing_the_demo_module_keeps_the_api_function():
+    import medtune
+    from medtune._demo import DEMO_SWEEP  # the module is private: importing it must not shadow medtune.demo
+
+    assert DEMO_SWEEP["strategy"] and callable(medtune.demo) and medtune.demo.__module__ == "medtune"

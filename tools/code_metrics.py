@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("config", "_fielddoc"),
     ("runner", "reporting"),
     ("sweeps", "robustness", "deft", "inference", "localisation", "exporters"),
-    ("demo",),
+    ("_demo",),
     ("__init__",),
     ("cli", "__main__"),
 ]

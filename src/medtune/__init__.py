@@ -61,8 +61,8 @@ def demo(*, store: str = "./medtune-results", seeds: str | list[int] = "0,1", ep
          device: str = "auto", stages: Sequence[str] = ("sweep", "search", "audit"),
          log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The README's main job, offline: the depth/strategy sweep, a DEFT search and the UAP audit of
-    the demo data, then the report (see :func:`medtune.demo.demo`)."""
-    from medtune.demo import demo as _demo
+    the demo data, then the report (see :func:`medtune._demo.demo`)."""
+    from medtune._demo import demo as _demo
 
     return _demo(store=store, seeds=seeds, epochs=epochs, device=device, stages=stages, log=log)
 

@@ -356,7 +356,7 @@ def _print_records(records: list[dict], fmt: str, *, per_run: bool = False) -> N
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     import medtune
-    from medtune.demo import DEMO_SEARCH
+    from medtune._demo import DEMO_SEARCH
 
     t0 = time.perf_counter()
     result = medtune.demo(store=args.store, seeds=args.seeds, epochs=args.epochs, device=args.device,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from medtune.demo import DEMO_STAGES, _audited_runs, demo
+from medtune._demo import DEMO_STAGES, _audited_runs, demo
 from medtune.errors import ConfigError
 
 
