@@ -128,9 +128,16 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def _zeta_checks(tree: ast.AST) -> list[int]:
-    """Lines that validate ζ: a check_* call or a comparison/raise naming ``zeta``/``zetas``."""
+    """Lines that validate ζ: a check_* call or a comparison/raise naming ``zeta``/``zetas``, or an entry
+    ``"zeta": check_...`` of a table of validators (a use of such a table, ``CHECKS["zeta"](...)``, is not
+    another validation)."""
     lines = []
     for node in ast.walk(tree):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if (isinstance(key, ast.Constant) and key.value in ("zeta", "zetas") and isinstance(value, ast.Name)
+                        and value.id.startswith(("check_", "_check"))):
+                    lines.append(key.lineno)
         if isinstance(node, ast.Call):
             fn = node.func
             name = fn.id if isinstance(fn, ast.Name) else getattr(fn, "attr", "")
