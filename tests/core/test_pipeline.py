@@ -107,7 +107,7 @@ def test_presets_are_plain_yaml_sweeps_that_expand(capsys):
     from medtune.presets import get_preset, list_presets
     from medtune.sweeps import load_sweep_config
 
-    assert list_presets() == ["davila2024", "kandel2020", "tajbakhsh2016"]
+    assert list_presets() == ["davila2024", "kandel2020", "medmnist_plus", "medmnist_v2", "tajbakhsh2016"]
     davila = load_sweep_config(get_preset("davila2024"))
     assert {str(s) for s in davila.strategy} == {"full", "linear", "gradual_lf", "gradual_fl", "lp_ft", "l1_sp", "l2_sp", "auto_rgn"}
     assert davila.arch == ("resnet50", "densenet121", "vgg19")
