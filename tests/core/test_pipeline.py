@@ -107,7 +107,7 @@ def test_presets_are_plain_yaml_sweeps_that_expand(capsys):
     from medtune.presets import get_preset, list_presets
     from medtune.sweeps import load_sweep_config
 
-    assert list_presets() == ["davila2024", "dutt2024", "kandel2020", "tajbakhsh2016"]
+    assert list_presets() == ["davila2024", "dutt2024", "kandel2020", "medmnist_plus", "medmnist_v2", "tajbakhsh2016"]
     dutt = load_sweep_config(get_preset("dutt2024"))
     assert {"bitfit", "norm", "lora", "knn", "linear", "full"} <= {s.name for s in dutt.strategy}
     assert dutt.train_per_class == (5, 20, 100, 0) and dutt.lr == (1e-4, 1e-3, 1e-2)

@@ -86,6 +86,11 @@ def _pct(value: float | None, sd: float | None = None) -> str:
     return f"{value:.2f}" + (f" ± {sd:.2f}" if sd is not None else "")
 
 
+def runs_first(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The cells with runs first, then those not run, each in the table's order."""
+    return sorted(rows, key=lambda r: r["verdict"] == "not run")
+
+
 def expected_table_cells(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """(header, rows of text) of :func:`compare_expected`'s rows, as the report and the CLI show them."""
     header = ["dataset", "arch", "strategy", "size", "ACC published", "ACC measured", "Δ ACC", "AUC published",
@@ -105,7 +110,7 @@ def format_expected(rows: Sequence[Mapping[str, Any]], tables: Mapping[str, Mapp
     """Plain-text table of :func:`compare_expected`'s rows (``medtune results --expected``)."""
     if not rows:
         return "no expected table in this store (run a sweep from a preset that carries one, e.g. medmnist_plus)"
-    header, cells = expected_table_cells(rows)
+    header, cells = expected_table_cells(runs_first(rows))
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
     lines = []
     for name, table in tables.items():

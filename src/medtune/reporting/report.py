@@ -592,8 +592,9 @@ def _read_embeddable(path: Path, what: str):
 
 def _published(rows: Sequence[Mapping[str, Any]], tables: Mapping[str, Mapping[str, Any]]) -> list[Block]:
     """The measured-vs-published table of a literature preset's ``expected:`` cells."""
-    from medtune.reporting.expected import expected_table_cells
+    from medtune.reporting.expected import expected_table_cells, runs_first
 
+    rows = runs_first(rows)
     header, cells = expected_table_cells(rows)
     verdict_class = {"within": "best", "not run": ""}
     classes = [[""] * (len(header) - 1) + [verdict_class.get(r["verdict"], "off")] for r in rows]
