@@ -301,7 +301,12 @@ def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: C
             return execute_run(cfg, checkpoint, heartbeat=lambda: store.heartbeat(run_id), log=log)
     else:
         worker = _execute_in_worker
-    items = [(runs[i], str(store.checkpoint_path(run_id))) for i, run_id in todo]
+    try:  # a checkpoints folder that leads out of the store: release the claims, then one line
+        items = [(runs[i], str(store.checkpoint_path(run_id))) for i, run_id in todo]
+    except StoreError:
+        for _, run_id in todo:
+            store.release(run_id)
+        raise
     bar = tqdm(total=len(todo), desc=progress, unit="run", file=sys.stderr,
                disable=progress is None or not sys.stderr.isatty())
     failures: list[tuple[str, str]] = []
