@@ -336,12 +336,7 @@ def run_all(runs: list[RunConfig], *, store: ResultsStore, executor: Any, log: C
                     tracker_failed = True
             bar.update(1)
     except BaseException:
-        for j, (i, run_id) in enumerate(todo):
-            if j not in settled:
-                try:
-                    store.release(run_id)
-                except StoreError:  # the disk is full even for this: the claim's owner is gone when this
-                    pass            # process ends, so the next start reclaims the run all the same
+        store.release_all([run_id for j, (i, run_id) in enumerate(todo) if j not in settled])  # even on a full disk
         raise
     finally:
         bar.close()
