@@ -471,7 +471,11 @@ def run_all(plans: list[RunPlan], *, store: ResultsStore, executor: Any, log: Ca
             resolve_device(device)
     records, todo = _claim(plans, store, log)
     worker = _worker_for(executor, store, log)
-    items = [(plans[i], str(store.checkpoint_path(plans[i].run_id))) for i in todo]
+    try:  # a checkpoints folder that leads out of the store: release the claims, then one line
+        items = [(plans[i], str(store.checkpoint_path(plans[i].run_id))) for i in todo]
+    except StoreError:
+        store.release_all([plans[i].run_id for i in todo])
+        raise
     bar = tqdm(total=len(todo), desc=progress, unit="run", file=sys.stderr,
                disable=progress is None or not sys.stderr.isatty())
     failures: list[tuple[str, str]] = []
@@ -488,12 +492,7 @@ def run_all(plans: list[RunPlan], *, store: ResultsStore, executor: Any, log: Ca
             settled.add(j)
             bar.update(1)
     except BaseException:
-        for j, i in enumerate(todo):
-            if j not in settled:
-                try:
-                    store.release(plans[i].run_id)
-                except StoreError:  # the disk is full even for this: the claim's owner is gone when this
-                    pass            # process ends, so the next start reclaims the run all the same
+        store.release_all([plans[i].run_id for j, i in enumerate(todo) if j not in settled])  # even on a full disk
         raise
     finally:
         bar.close()

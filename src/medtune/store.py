@@ -215,6 +215,7 @@ class ResultsStore:
             try:  # after the schema check: nothing is created beside another application's file
                 (self.root / "artifacts").mkdir(exist_ok=True)
                 (self.root / "checkpoints").mkdir(exist_ok=True)
+                self._keep_reserve()
             except OSError as exc:
                 raise StoreError(f"Cannot create the folders of the results store {str(self.root)!r}: "
                                  f"{exc.strerror}; choose a writable --store.") from None
@@ -409,6 +410,31 @@ class ResultsStore:
         with self._transaction() as conn:
             conn.execute("UPDATE runs SET status='failed', error=?, updated=?, owner=NULL WHERE run_id=?",
                          (error, _now(), run_id))
+
+    _RESERVE = ".medtune-reserve"
+    _RESERVE_BYTES = 64 << 10
+
+    def _keep_reserve(self) -> None:
+        """A small file of reserved space (a ballast): on a full disk it is deleted so that the claims can still
+        be released (SQLite needs room in its WAL even for that), and written again when there is room."""
+        path = self.root / self._RESERVE
+        try:
+            if not path.is_symlink() and (not path.exists() or path.stat().st_size < self._RESERVE_BYTES):
+                path.write_bytes(b"\0" * self._RESERVE_BYTES)
+        except OSError:
+            path.unlink(missing_ok=True)
+
+    def release_all(self, run_ids) -> None:
+        """:meth:`release` each run; on a full disk the reserve is given up so that no claim stays ``running``."""
+        for attempt in (0, 1):
+            try:
+                for run_id in run_ids:
+                    self.release(run_id)
+                return
+            except StoreError:
+                if attempt:
+                    return  # the owner is gone when this process ends: the next start reclaims the runs
+                (self.root / self._RESERVE).unlink(missing_ok=True)
 
     def release(self, run_id: str) -> None:
         """Give a claimed run back (e.g. after Ctrl-C) so the next start resumes it."""

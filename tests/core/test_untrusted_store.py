@@ -492,3 +492,15 @@ def test_a_preset_without_data_is_refused(tmp_path, capsys):
     status, _, err = cli(["sweep", "--preset", "davila2024", "--store", tmp_path / "s"], capsys)
     one_line(status, err, "--preset davila2024", "--data")
     assert not (tmp_path / "s").exists()
+
+
+def test_a_checkpoints_link_out_of_the_store_is_one_line_and_releases_the_claim(tmp_path, capsys):
+    root = tmp_path / "store"
+    ResultsStore(root).close()
+    (root / "checkpoints").rmdir()
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", root / "checkpoints")
+    status, _, err = cli(["run", *TINY, "--store", root], capsys)
+    one_line(status, err, "outside the results store")
+    assert [r["status"] for r in ResultsStore(root).runs(status=None)] == ["pending"]
+    assert not list((tmp_path / "elsewhere").iterdir())
