@@ -165,7 +165,7 @@ def _parser_results(sub) -> None:
     p.add_argument("--runs", action="store_true", help="one row per run instead of per strategy (default: off)")
     p.add_argument("--export", nargs=2, metavar=("TRACKER", "DIR"), default=None,
                    help="write every finished run for a tracker into DIR instead of printing (choices of TRACKER: "
-                        "tensorboard; default: none)")
+                        "tensorboard, mlflow -- DIR is then an MLflow file store, or give MLFLOW_TRACKING_URI; default: none)")
     p.add_argument("--release", metavar="RUN", default=None,
                    help="free the claim of a run (id or prefix) left 'running' by a process that is gone "
                         "(default: none)")
@@ -415,7 +415,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
         tracker, folder = args.export
         if tracker == "none":
-            raise MedtuneError("--export needs a tracker (tensorboard) and a folder.")
+            raise MedtuneError("--export needs a tracker (tensorboard, mlflow) and a folder.")
         written = export_runs(store.runs(), tracker, folder)
         print(f"{len(written)} runs written for {tracker} to {folder}")
         return 0

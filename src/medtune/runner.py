@@ -394,10 +394,21 @@ def _settle(store: ResultsStore, plan: RunPlan, payload: Any, log: Callable[[str
         return None, reason
     record = store_result(store, payload)  # a StoreError (disk full) ends the sweep, resumable
     if plan.config.tracker != "none":
-        from medtune.tracking import log_run
-
-        log_run(record, plan.config.tracker, store.root / plan.config.tracker)
+        _track(record, plan.config.tracker, store.root)
     return record, None
+
+
+def _track(record: dict, tracker: str, store_root: Path) -> None:
+    """Log a stored run to its tracker; a tracker that fails (package missing, folder unwritable, server
+    down) costs one warning line on stderr, never the run or the sweep (``medtune results --export`` redoes it)."""
+    from medtune.tracking import log_run, tracker_root
+
+    try:
+        log_run(record, tracker, tracker_root(tracker, store_root))
+    except Exception as exc:  # noqa: BLE001 -- the run is stored; tracking is a copy
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"medtune: warning: run {record['run_id']} was stored but not logged to {tracker} ({reason[:300]}); "
+              f"'medtune results --export {tracker} DIR' logs it later", file=sys.stderr)
 
 
 def _worker_for(executor: Any, store: ResultsStore, log: Callable[[str], None]) -> Callable[[RunPlan, str], dict]:
