@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
         "How deeply, and how, to fine-tune an ImageNet CNN for medical images — and is it safe against "
         "universal adversarial perturbations?"))
     parser.add_argument("--version", action="version", version=f"medtune {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars or progress lines (decoding, features, audit passes, DEFT, predict, "
+                             "explain); errors and results still print (default: off)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add_command in _PARSERS:
         add_command(sub)
@@ -628,6 +631,10 @@ _COMMANDS = {"predict": _cmd_predict, "export": _cmd_export, "attack": _cmd_atta
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medtune`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        from medtune.progress import quiet
+
+        quiet()
     previous = _handle_sigterm()
     try:
         return _COMMANDS[args.command](args)

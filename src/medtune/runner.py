@@ -297,6 +297,15 @@ def build_record(plan: RunPlan, data: ImageSet, result, model: torch.nn.Module, 
 
 def execute_run(plan: RunPlan, checkpoint_path: str | None, heartbeat: Callable[[], None] | None = None,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """:func:`_execute_run` with the run's ``progress`` field deciding whether its long steps show progress."""
+    from medtune.progress import scope
+
+    with scope(plan.config.progress):
+        return _execute_run(plan, checkpoint_path, heartbeat, log)
+
+
+def _execute_run(plan: RunPlan, checkpoint_path: str | None, heartbeat: Callable[[], None] | None = None,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train one planned run without touching the results store: the worker side of every executor.
 
     Returns a payload (plain tensors and values, picklable for process pools and Ray) that

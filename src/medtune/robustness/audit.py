@@ -18,6 +18,7 @@ from torch import nn
 
 from medtune._tensors import eval_mode, model_device
 from medtune.errors import ConfigError
+from medtune.progress import progress_bar
 from medtune.robustness._common import check_images, check_target, lp_norms, num_outputs, predict
 from medtune.robustness._registry import create_attack
 from medtune.robustness.config import AuditConfig
@@ -214,6 +215,7 @@ def audit(
         clean_test = predict(model, test_images, batch_size=cfg.batch_size, device=dev)
 
     result = AuditResult()
+    bar = progress_bar(len(cfg.sources) * len(cfg.zetas) * len(targets), "audit", unit="UAP")
     for source_idx, name in enumerate(cfg.sources):
         source = _build_source(name, cfg, train_images, size, grey)
         for zeta_idx, zeta in enumerate(cfg.zetas):
@@ -235,6 +237,9 @@ def audit(
                 result.records.append(record)
                 result.perturbations[key] = v
                 result.random_perturbations[key] = control
+                bar.set_postfix_str(f"{name} ζ={zeta} fooling {record.get('fooling_rate', float('nan')):.3f}")
+                bar.update()
+    bar.close()
     return result
 
 

@@ -56,6 +56,7 @@ from torch import nn
 from medtune._checks import check_choice, check_fraction, check_positive_int, param_error
 from medtune._tensors import batches, eval_mode, model_device, to_float
 from medtune.errors import ConfigError, DataError
+from medtune.progress import progress_bar
 from medtune.robustness._common import (
     check_images,
     check_target,
@@ -536,6 +537,8 @@ def compute_uap(
         generator = torch.Generator().manual_seed(int(seed))
         order_rng = random.Random(int(seed))
         share_left = 1.0
+        bar = progress_bar(max_passes, f"UAP ζ={zeta}" + ("" if target is None else f" target {target}"),
+                           unit="pass")
         for pass_idx in range(1, max_passes + 1):
             if algorithm == "reference":
                 v, kept = _reference_pass(model, images, order_rng.sample(range(num), num), v, clean, target,
@@ -555,6 +558,8 @@ def compute_uap(
                 rate = _source_rate(model, images, v, clean, target, **score) if is_exact else counted
             history.append(rate)
             exact.append(is_exact)
+            bar.set_postfix_str(f"fooling {rate:.3f}")
+            bar.update()
             if rate > best_rate:
                 best_v, best_rate, best_pass, best_exact = v.clone(), rate, pass_idx, is_exact
             if is_exact and rate >= goal_rate:
@@ -562,6 +567,7 @@ def compute_uap(
                 break
             if step_decay != 1.0:
                 stepper.set_step(stepper.step * step_decay)
+        bar.close()
         last_rate = history[-1] if exact[-1] else _source_rate(model, images, v, clean, target, **score)
         if not best_exact and best_pass == len(history):  # the best is the last v: scored just above
             best_rate, best_exact = last_rate, True
