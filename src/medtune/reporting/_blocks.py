@@ -234,11 +234,11 @@ class Recommendation:
         out = ['<div class="headline" id="recommendation"><h2>Recommendation</h2>']
         if self.answers:
             out.append(f'<p class="answers">{_e(self.answers)}</p>')
+        out.append(f"<p>{_e(self.text)}</p>")
         if self.cards:
             out.append('<div class="cards">' + "".join(c.to_html() for c in self.cards) + "</div>")
         if self.figures:
             out.append('<div class="thumbs">' + "".join(f.to_html() for f in self.figures) + "</div>")
-        out.append(f"<p>{_e(self.text)}</p>")
         out.append("</div>")
         return "\n".join(out)
 
