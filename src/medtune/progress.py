@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import IO
 
 __all__ = ["progress_bar", "quiet", "scope", "is_enabled", "DELAY_S"]
@@ -30,31 +31,31 @@ __all__ = ["progress_bar", "quiet", "scope", "is_enabled", "DELAY_S"]
 #: Seconds a step runs before its progress shows (``MEDTUNE_PROGRESS_DELAY``).
 DELAY_S = 2.0
 
-_enabled = True
+_quiet = False  # the whole process (medtune --quiet)
+_shown: ContextVar[bool] = ContextVar("medtune_progress_shown", default=True)  # this thread's run (progress: false)
 
 
 def is_enabled() -> bool:
     """Whether progress shows: not ``--quiet``, not inside a ``progress: false`` run, not ``MEDTUNE_PROGRESS=0``."""
-    return _enabled and os.environ.get("MEDTUNE_PROGRESS", "1").strip().lower() not in ("0", "false", "off", "no")
+    return not _quiet and _shown.get() and \
+        os.environ.get("MEDTUNE_PROGRESS", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def quiet(flag: bool = True) -> None:
     """Silence (or, with False, allow again) progress for the rest of the process (``medtune --quiet``)."""
-    global _enabled
-    _enabled = not flag
+    global _quiet
+    _quiet = bool(flag)
 
 
 @contextmanager
 def scope(show: bool) -> Iterator[None]:
-    """Within the block progress shows only if it did outside and ``show`` (a run's ``progress`` field):
-    a scope can silence, never un-silence ``--quiet``."""
-    global _enabled
-    before = _enabled
-    _enabled = before and bool(show)
+    """Within the block (in this thread or task: a context variable) progress shows only if it did
+    outside and ``show`` (a run's ``progress`` field): a scope can silence, never un-silence ``--quiet``."""
+    token = _shown.set(_shown.get() and bool(show))
     try:
         yield
     finally:
-        _enabled = before
+        _shown.reset(token)
 
 
 def _delay() -> float:

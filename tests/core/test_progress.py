@@ -58,8 +58,12 @@ def terminal(monkeypatch):
     progress.quiet(False)
     tty = _PtyStderr()
     assert tty.stream.isatty()
-    monkeypatch.setattr(sys, "stderr", tty.stream)
     yield tty
+
+
+def _attach(terminal, monkeypatch) -> None:
+    """sys.stderr := the terminal, in the test's body (pytest's capture replaces sys.stderr after fixtures)."""
+    monkeypatch.setattr(sys, "stderr", terminal.stream)
 
 
 def _bars(text: str, desc: str) -> list[str]:
@@ -76,7 +80,8 @@ def _image_folder(root, num=12):
     return root
 
 
-def test_decode_draws_a_bar_on_a_terminal(terminal, tmp_path):
+def test_decode_draws_a_bar_on_a_terminal(terminal, monkeypatch, tmp_path):
+    _attach(terminal, monkeypatch)
     from medtune.data import load_data
 
     load_data(str(_image_folder(tmp_path / "imgs")), img_size=16, data_cache="memory", val_fraction=0.25,
@@ -86,7 +91,8 @@ def test_decode_draws_a_bar_on_a_terminal(terminal, tmp_path):
     assert bars and re.search(r"decode: 100%\|.*\| 12/12 ", bars[-1]), bars
 
 
-def test_uap_audit_draws_its_passes_and_uaps(terminal):
+def test_uap_audit_draws_its_passes_and_uaps(terminal, monkeypatch):
+    _attach(terminal, monkeypatch)
     from medtune.robustness import audit
 
     torch.manual_seed(0)
@@ -104,7 +110,8 @@ def test_uap_audit_draws_its_passes_and_uaps(terminal):
     assert re.search(r"audit: 100%\|.*\| 2/2 .*train ζ=0\.08 fooling \d\.\d{3}", uaps[-1]), uaps
 
 
-def test_deft_draws_one_step_per_generation(terminal):
+def test_deft_draws_one_step_per_generation(terminal, monkeypatch):
+    _attach(terminal, monkeypatch)
     from medtune.deft import DEFTSearch, Evaluation
 
     def evaluator(mask):
