@@ -18,7 +18,7 @@ from pathlib import Path
 # The house's layers, lowest first: a module may import its own layer and the layers below it only.
 # A module is placed by the longest matching prefix of its dotted name (below ``medtune.``).
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "_checks", "_tensors", "_version", "_safepaths"),
+    ("errors", "_checks", "_tensors", "_version", "_safepaths", "progress"),
     ("data", "models", "store", "tracking", "presets", "executors"),
     ("training",),
     ("strategies", "expected"),

@@ -169,7 +169,7 @@ def _parser_results(sub) -> None:
                         "(default: off)")
     p.add_argument("--export", nargs=2, metavar=("TRACKER", "DIR"), default=None,
                    help="write every finished run for a tracker into DIR instead of printing (choices of TRACKER: "
-                        "tensorboard; default: none)")
+                        "tensorboard, mlflow -- DIR is then an MLflow file store, or give MLFLOW_TRACKING_URI; default: none)")
     p.add_argument("--release", metavar="RUN", default=None,
                    help="free the claim of a run (id or prefix) left 'running' by a process that is gone "
                         "(default: none)")
@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
         "How deeply, and how, to fine-tune an ImageNet CNN for medical images — and is it safe against "
         "universal adversarial perturbations?"))
     parser.add_argument("--version", action="version", version=f"medtune {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars or progress lines (decoding, features, audit passes, DEFT, predict, "
+                             "explain); errors and results still print (default: off)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add_command in _PARSERS:
         add_command(sub)
@@ -425,7 +428,7 @@ def _cmd_results(args: argparse.Namespace) -> int:
 
         tracker, folder = args.export
         if tracker == "none":
-            raise MedtuneError("--export needs a tracker (tensorboard) and a folder.")
+            raise MedtuneError("--export needs a tracker (tensorboard, mlflow) and a folder.")
         written = export_runs(store.runs(), tracker, folder)
         print(f"{len(written)} runs written for {tracker} to {folder}")
         return 0
@@ -685,6 +688,10 @@ _COMMANDS = {"predict": _cmd_predict, "export": _cmd_export, "attack": _cmd_atta
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medtune`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        from medtune.progress import quiet
+
+        quiet()
     previous = _handle_sigterm()
     try:
         return _COMMANDS[args.command](args)

@@ -214,7 +214,8 @@ class RunConfig(_Base):
         store: the results store folder.
         progress: print a progress line per run.
         tracker: ``tensorboard`` also logs each finished run (config, per-epoch history, final metrics) to
-            ``STORE/tensorboard/RUN_ID``; ``none``.
+            ``STORE/tensorboard/RUN_ID``; ``mlflow`` to the MLflow file store ``STORE/mlruns`` (or the
+            server of ``MLFLOW_TRACKING_URI``); ``none``. A tracker that fails costs a warning line.
     """
 
     #: The fixed value sets of fields (validated on build, shown in the CLI's help).

@@ -157,6 +157,7 @@ def _unlabelled_folder(path: Path, img_size: int, resize: str, dicom_window: str
     from medtune.data._decode import IMAGE_EXTENSIONS, decode_image, resize_image
     from medtune.data.base import fingerprint_of
     from medtune.data.diskcache import load_or_decode, resolve_workers, source_key, use_disk
+    from medtune.progress import progress_bar
 
     from medtune._safepaths import is_regular, warn_unreadable
     from medtune.data.sources import _subfolders
@@ -185,8 +186,10 @@ def _unlabelled_folder(path: Path, img_size: int, resize: str, dicom_window: str
             fingerprint=lambda imgs: fingerprint_of(imgs.chunks(), labels, splits, [], "unlabelled"))
     else:
         images = torch.empty((len(files), 3, img_size, img_size), dtype=torch.uint8)
-        for i, p in enumerate(files):  # straight into the array: no list of every image
-            images[i] = resize_image(decode_image(p, dicom_window)[0], img_size, resize)
+        with progress_bar(len(files), "decode", unit="img") as bar:
+            for i, p in enumerate(files):  # straight into the array: no list of every image
+                images[i] = resize_image(decode_image(p, dicom_window)[0], img_size, resize)
+                bar.update()
     data = ImageSet(images=images, labels=labels, splits=splits, class_names=[], task="unlabelled",
                     ids=[str(p) for p in files], name=path.name)
     data._fingerprint = fingerprint
@@ -290,7 +293,8 @@ def predict(run_id: str, data: str, *, store: ResultsStore | str | Path = "./med
     task = images.task if labelled else _task_of(record, len(model.class_names))
     loss_fn = _loss_fn(task, cfg.label_smoothing, weight=record.get("class_weights"))
     prob, loss = predict_proba(model, images.images, task=task, batch_size=batch_size or cfg.eval_batch_size,
-                               labels=images.labels if labelled else None, loss_fn=loss_fn if labelled else None)
+                               labels=images.labels if labelled else None, loss_fn=loss_fn if labelled else None,
+                               progress="predict")
     if calibrated:
         temperature = (record.get("calibration") or {}).get("temperature")
         if temperature is None:

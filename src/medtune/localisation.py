@@ -47,6 +47,7 @@ from medtune._safepaths import atomic_write, check_output
 
 from medtune._checks import check_choice
 from medtune.errors import ConfigError, DataError, short_repr
+from medtune.progress import progress_bar
 
 if TYPE_CHECKING:
     from medtune.data.diskcache import DiskImages
@@ -139,6 +140,7 @@ def compute_maps(model: nn.Module, images: torch.Tensor, targets: np.ndarray, *,
     # one float32 output filled in place (as robustness.predict): a list of batches concatenated and cast
     # held the maps three times over at the peak (N x 224 x 224 float32 is 0.2 MB an image)
     out = np.zeros((len(images), *images.shape[-2:]), np.float32)
+    bar = progress_bar(len(images), f"explain {method}", unit="img")
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(device)
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
@@ -151,6 +153,8 @@ def compute_maps(model: nn.Module, images: torch.Tensor, targets: np.ndarray, *,
         a = a[:, 0].clamp(min=0)
         peak = a.flatten(1).amax(1).view(-1, 1, 1)
         out[start:start + len(x)] = torch.where(peak > 0, a / peak.clamp(min=1e-12), torch.zeros_like(a)).cpu().numpy()
+        bar.update(len(x))
+    bar.close()
     return out
 
 

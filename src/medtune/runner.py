@@ -314,6 +314,15 @@ def build_record(plan: RunPlan, data: ImageSet, result, model: torch.nn.Module, 
 
 def execute_run(plan: RunPlan, checkpoint_path: str | None, heartbeat: Callable[[], None] | None = None,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """:func:`_execute_run` with the run's ``progress`` field deciding whether its long steps show progress."""
+    from medtune.progress import scope
+
+    with scope(plan.config.progress):
+        return _execute_run(plan, checkpoint_path, heartbeat, log)
+
+
+def _execute_run(plan: RunPlan, checkpoint_path: str | None, heartbeat: Callable[[], None] | None = None,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train one planned run without touching the results store: the worker side of every executor.
 
     Returns a payload (plain tensors and values, picklable for process pools and Ray) that
@@ -413,17 +422,27 @@ def _settle(store: ResultsStore, plan: RunPlan, payload: Any, log: Callable[[str
         log(f"{plan.run_id} {cfg.arch} {cfg.strategy} seed {cfg.seed} FAILED: {reason}")
         return None, reason
     record = store_result(store, payload)  # a StoreError (disk full) ends the sweep, resumable
-    tracker = plan.config.tracker
-    if tracker != "none":
-        from medtune.tracking import TrackerError, log_run
-
-        try:
-            log_run(record, tracker, store.root / tracker)
-        except TrackerError as exc:  # the run is stored; its logs are not: say so once, go on
-            if tracker not in warned:
-                log(f"warning: {exc} (the runs are stored; their tracker logs are not written)")
-            warned.add(tracker)
+    if plan.config.tracker != "none":
+        _track(record, plan.config.tracker, store.root, warned)
     return record, None
+
+
+def _track(record: dict, tracker: str, store_root: Path, warned: set[str]) -> None:
+    """Log a stored run to its tracker; a tracker that fails (package missing, folder unwritable, server
+    down) costs one warning line on stderr per sweep, never the run or the sweep (``medtune results
+    --export`` redoes it)."""
+    from medtune.tracking import log_run, tracker_root
+
+    try:
+        log_run(record, tracker, tracker_root(tracker, store_root))
+    except Exception as exc:  # noqa: BLE001 -- the run is stored; tracking is a copy
+        if tracker in warned:
+            return
+        warned.add(tracker)
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"medtune: warning: run {record['run_id']} was stored but not logged to {tracker} ({reason[:300]}); "
+              f"the runs are stored, their tracker logs are not written: 'medtune results --export {tracker} DIR' "
+              "logs them later", file=sys.stderr)
 
 
 def _worker_for(executor: Any, store: ResultsStore, log: Callable[[str], None]) -> Callable[[RunPlan, str], dict]:

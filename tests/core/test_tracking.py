@@ -57,6 +57,6 @@ def test_the_documented_pandas_one_liner(tmp_path):
     store = ResultsStore(tmp_path)
     record = medtune.run({"data": "synthetic", "arch": "medtune_tiny_cnn", "weights": "none", "strategy": "linear",
                           "epochs": 1, "img_size": 16, "device": "cpu", "progress": False}, store=store)
-    frame = pd.json_normalize(ResultsStore(tmp_path).runs())  # as README, "Results store"
+    frame = pd.json_normalize(ResultsStore(tmp_path).runs())  # as docs/results-store.md
     assert frame.loc[0, "metrics.auc"] == record["metrics"]["auc"]
     assert frame.loc[0, "calibration.ece"] == record["calibration"]["ece"]

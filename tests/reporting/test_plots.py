@@ -133,3 +133,30 @@ def test_depth_plot_fills_missing_end_point_depths(make_runs):
         if r["strategy"] in ("linear", "full"):
             r["depth"] = None  # older records: derived from the strategy and num_blocks
     np.testing.assert_array_equal(plot_depth(runs).axes[0].lines[0].get_xdata(), [0, 1, 2, 5])
+
+
+def test_fooling_plot_is_grouped_bars_below_three_zetas(make_runs, make_attacks):
+    """One ζ: a bar per source and one for the random control at each ζ (heights = the mean rates),
+    not one point on an empty axis; three ζ: lines."""
+    import numpy as np
+
+    from medtune.reporting.plots import compact
+
+    runs = make_runs(MEANS)
+    attacks = [a for a in make_attacks(runs) if a["zeta"] == 0.04 and a["targeted"] is None]
+    fig = plot_fooling(attacks, runs)
+    ax = next(ax for ax in fig.axes if ax.get_title() == "top_k:1")
+    mine = [a for a in attacks if a["run_id"] in {r["run_id"] for r in runs if r["label"] == "top_k:1"}]
+    sources = sorted({a["source"] for a in mine})
+    heights = [[p.get_height() for p in c.patches] for c in ax.containers if hasattr(c, "patches")]
+    assert heights == [[np.mean([a["fooling_rate"] for a in mine if a["source"] == s])] for s in sources] + \
+        [[np.mean([a["random_fooling_rate"] for a in mine])]]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["4%"]
+    assert not any(len(line.get_xdata()) for line in ax.lines if not line.get_label().startswith("_"))
+    three = plot_fooling(make_attacks(runs), runs)
+    assert not [c for ax in three.axes for c in ax.containers if hasattr(c, "patches") and c.patches]
+    small = compact(fig, panel="top_k:1")
+    assert [a.get_title() for a in small.axes] == ["top_k:1"] and small.get_size_inches().tolist() == [3.4, 2.7]
+    small.canvas.draw()
+    assert min(t.get_fontsize() for t in small.axes[0].get_yticklabels()) >= 10
+    assert [a.get_title() for a in fig.axes if a.get_visible()] == ["full", "linear", "top_k:1"]  # fig untouched

@@ -152,7 +152,9 @@ def test_first_screen_answers_how_deep_which_strategy_how_exposed(full_records):
     assert rec["label"] == "top_k:1" and "How exposed, at ζ = 4%: top_k:1: UAP fooling" in box.answers
     assert "from train images 44%" in box.answers
     assert [f.name for f in box.figures] == ["headline_depth", "headline_cost", "headline_fooling"]
-    assert all(f.scale == 0.5 for f in box.figures)
+    # drawn small (one panel, 340 px wide at 100 dpi, ticks >= 10 pt), not scaled down
+    assert all(f.scale == 1.0 and tuple(f.figure.get_size_inches()) == (3.4, 2.7) for f in box.figures)
+    assert box.figures[2].figure.axes[0].get_title() == "top_k:1"  # the recommended configuration's panel
     # the best depth is chosen on validation: make validation prefer linear (depth 0) against test
     flipped = [{**r, "val_metrics": {**r["val_metrics"], "auc": 0.999 if r["label"] == "linear" else 0.5}}
                for r in runs]

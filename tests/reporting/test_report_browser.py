@@ -101,3 +101,61 @@ def test_harness_catches_external_and_broken_images(built_report, tmp_path):
     assert len(state["bad"]) == 2
     assert any(e.startswith("csp http://127.0.0.1:9/x.png") for e in state["errors"])
     assert any("Content Security Policy" in line for line in console)
+
+
+LAYOUT = """<script>
+window.addEventListener('load', function () {
+  var box = document.getElementById('recommendation').getBoundingClientRect();
+  var imgs = Array.prototype.map.call(document.images, function (im) {
+    var r = im.getBoundingClientRect();
+    return {w: r.width, bottom: r.bottom + window.scrollY, natural: im.naturalWidth,
+            headline: !!im.closest('.thumbs'), alt: im.alt};
+  });
+  document.body.setAttribute('data-layout', JSON.stringify({box_bottom: box.bottom, imgs: imgs,
+                                                           viewport: [window.innerWidth, window.innerHeight]}));
+});
+</script>"""
+
+
+def _min_tick_pt(fig) -> float:
+    """The smallest tick-label font size (pt) over a figure's visible axes."""
+    sizes = [t.get_fontsize() for ax in fig.axes if ax.get_visible()
+             for t in (*ax.get_xticklabels(), *ax.get_yticklabels()) if t.get_visible() and t.get_text()]
+    fig.canvas.draw()  # tick labels exist once drawn
+    sizes += [t.get_fontsize() for ax in fig.axes if ax.get_visible()
+              for t in (*ax.get_xticklabels(), *ax.get_yticklabels()) if t.get_visible() and t.get_text()]
+    return min(sizes) if sizes else float("inf")
+
+
+def test_first_screen_holds_the_recommendation_and_its_three_legible_figures(built_report, tmp_path):
+    """At 1280×1000 the recommendation box and its three figures (depth, cost, fooling) end above the
+    fold; every tick label of every figure renders at >= 10 px (tick pt at 100 dpi × the shrink the
+    browser applies to the image)."""
+    report, runs, attacks, searches = built_report
+    text = report.read_text(encoding="utf-8").replace("default-src 'none';",
+                                                      "default-src 'none'; script-src 'unsafe-inline';", 1)
+    page = tmp_path / "layout.html"
+    page.write_text(text.replace('<meta charset="utf-8">', '<meta charset="utf-8">' + LAYOUT, 1), encoding="utf-8")
+    proc = _chromium(["--window-size=1280,1000", "--hide-scrollbars", "--virtual-time-budget=5000", "--dump-dom",
+                      page.as_uri()], tmp_path / "profile")
+    match = re.search(r'data-layout="([^"]*)"', proc.stdout)
+    assert match, proc.stderr[-2000:]
+    layout = json.loads(html.unescape(match.group(1)))
+    headline = [im for im in layout["imgs"] if im["headline"]]
+    assert [im["alt"].split(":")[0] for im in headline] == ["How deep", "Which strategy", "How exposed"]
+    assert layout["box_bottom"] <= 1000 and all(im["bottom"] <= 1000 for im in headline), layout
+    # rendered tick size: pt × 100/72 px at 100 dpi, times the browser's shrink of each image
+    from medtune.reporting._data import build_report_data
+    from medtune.reporting.report import format_report
+
+    formatted = format_report(build_report_data(runs, attacks, searches, metric="auc", alpha=0.05, main_zeta=0.04),
+                              "t")
+    figures = list(formatted.recommendation.figures)
+    for f, im in zip(figures, headline, strict=True):
+        px = _min_tick_pt(f.figure) * 100 / 72 * f.scale * im["w"] / im["natural"]
+        assert px >= 10, (f.name, px)
+    shrink = min(im["w"] / im["natural"] for im in layout["imgs"] if im["natural"] > 0)
+    for name, fig in build_report_data(runs, attacks, searches, metric="auc", alpha=0.05,
+                                       main_zeta=0.04).figures.items():
+        if fig is not None:
+            assert _min_tick_pt(fig) * 100 / 72 * shrink >= 10, name

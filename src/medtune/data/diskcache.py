@@ -352,18 +352,22 @@ def _context() -> mp.context.BaseContext:
 
 def _decode_all(npy: Path, offset: int, paths: Sequence[Path], img_size: int, resize: str, dicom_window: str,
                 workers: int) -> None:
+    from medtune.progress import progress_bar
+
     tasks = [[(i, str(p)) for i, p in enumerate(paths[s:s + _CHUNK_ROWS], start=s)]
              for s in range(0, len(paths), _CHUNK_ROWS)]
+    bar = progress_bar(len(paths), "decode", unit="img")
     if workers <= 1 or len(tasks) <= 1:
-        for rows in tasks:
-            _decode_rows(str(npy), offset, rows, img_size, resize, dicom_window)
+        with bar:
+            for rows in tasks:
+                bar.update(_decode_rows(str(npy), offset, rows, img_size, resize, dicom_window))
         return
-    with cf.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=_context()) as pool:
+    with cf.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=_context()) as pool, bar:
         futures = [pool.submit(_decode_rows, str(npy), offset, rows, img_size, resize, dicom_window)
                    for rows in tasks]
         try:
             for f in cf.as_completed(futures):
-                f.result()
+                bar.update(f.result())
         except BaseException:
             for f in futures:
                 f.cancel()

@@ -22,6 +22,7 @@ from medtune.data.diskcache import (DATA_CACHES, build, load_or_decode, open_cac
 from medtune.data.splits import make_splits
 from medtune._safepaths import walk_files, warn_unreadable
 from medtune.errors import ConfigError, DataError, short_repr
+from medtune.progress import progress_bar
 
 __all__ = ["load_data", "list_folder", "read_csv", "csv_label", "medmnist_path", "medmnist_root"]
 
@@ -488,8 +489,10 @@ def _from_items(items: list[tuple[Path, str | list[str], str | None, str | None]
         meta["buckets"] = list(buckets)
     else:
         images = torch.empty((len(paths), 3, img_size, img_size), dtype=torch.uint8)
-        for i, path in enumerate(paths):  # straight into the array: no list of every image
-            images[i] = resize_image(decode_image(path, dicom_window)[0], img_size, resize)
+        with progress_bar(len(paths), "decode", unit="img") as bar:
+            for i, path in enumerate(paths):  # straight into the array: no list of every image
+                images[i] = resize_image(decode_image(path, dicom_window)[0], img_size, resize)
+                bar.update()
     data = ImageSet(images=images, labels=labels, splits=splits, class_names=found, task=task,
                     ids=[str(p) for p in paths], groups=groups_arr, name=name, meta=meta, sizes=sizes)
     data._fingerprint = fingerprint

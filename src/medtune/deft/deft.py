@@ -39,6 +39,7 @@ from medtune.deft._constraints import (Mask, check_mask, count_trainable, feasib
 from medtune.deft._records import Evaluation, Evaluator, best_record
 from medtune.deft._run import Escaped, SearchRun, StopSearch
 from medtune.errors import MedtuneError, NotFittedError
+from medtune.progress import progress_bar
 
 __all__ = ["DEFTSearch", "Evaluation", "search_result_to_dict"]
 
@@ -321,13 +322,15 @@ class DEFTSearch:
             StoreError: if the cache cannot store an evaluation (e.g. ``info`` is not
                 JSON-serialisable).
         """
+        bar = progress_bar(self.generations + 1, "DEFT", unit="gen")  # the initial population, then each generation
         run = SearchRun(
             evaluator=self.evaluator, unit_params=self.unit_params, head_params=self.head_params,
             total_params=self.total_params, budget=self.max_trainable_params_, max_seconds=self.max_seconds,
             repair=self.infeasible == "repair", fidelity=self.fidelity, context=self.context, cache=self.cache,
-            map_fn=self.map_fn or map, callback=self.callback,
+            map_fn=self.map_fn or map, callback=_ticking(self.callback, bar),
         )
-        self.scipy_result_ = self._run_scipy(run)
+        with bar:
+            self.scipy_result_ = self._run_scipy(run)
         best = best_record(run.records, feasible_only=True)
         self.fallback_used_ = best is None
         if best is None:
@@ -442,3 +445,14 @@ def search_result_to_dict(search: DEFTSearch) -> dict:
         "evaluations": evaluations,
         "scipy": dict(search.scipy_result_),
     }
+
+
+def _ticking(callback: Callable[[dict], bool | None] | None, bar) -> Callable[[dict], bool | None]:
+    """``callback`` that first moves the progress bar one generation (the initial population is the first)."""
+    def tick(entry: dict) -> bool | None:
+        bar.set_postfix_str(f"best {entry['best_fitness']:.4f}" + ("" if entry["best_feasible"] else " (infeasible)")
+                            + f", {entry['num_trainings']} trained")
+        bar.update()
+        return None if callback is None else callback(entry)
+
+    return tick

@@ -40,8 +40,8 @@ nav.toc a { color: var(--accent); margin-right: 14px; text-decoration: none; }
 .cards { display: flex; flex-wrap: wrap; gap: 12px; }
 .answers { font-size: 16px; }
 .thumbs { display: flex; flex-wrap: wrap; gap: 12px; }
-.thumbs figure { margin: 10px 0 0; }
-.thumbs figcaption { font-size: 12px; max-width: 360px; }
+.thumbs figure { margin: 10px 0 0; flex: 0 1 340px; min-width: 0; }
+.thumbs figcaption { font-size: 13px; max-width: 340px; }
 .card { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px;
         min-width: 160px; flex: 1 1 160px; }
 .card .v { font-size: 22px; font-weight: 700; }
@@ -189,7 +189,7 @@ class Figure:
     name: str
     figure: MplFigure
     caption: str
-    scale: float = 1.0  # rendered size (the headline's small figures: 0.5)
+    scale: float = 1.0  # rendered size: PNG pixels per figure pixel at 100 dpi
 
     def png(self) -> bytes:
         """The figure as PNG bytes at 100 dpi × ``scale``, without the (version-dependent) Software tag."""

@@ -24,6 +24,7 @@ from medtune.reporting._records import attacks_frame, done_runs, main_fraction_r
 from medtune.training.metrics import higher_is_better
 
 __all__ = [
+    "compact",
     "pareto_front",
     "plot_auto_rgn",
     "plot_confusion",
@@ -584,10 +585,13 @@ def plot_confusion(runs: Sequence[Record], metric: str = "auc", max_runs: int = 
 
 
 def plot_fooling(attacks: Sequence[Record], runs: Sequence[Record]) -> Figure | None:
-    """Non-targeted UAP fooling rate vs ζ per UAP source, one panel per strategy label.
+    """Non-targeted UAP fooling rate per ζ and UAP source, one panel per strategy label.
 
-    Points are the mean over audited runs; bars the mean of their 95% CI bounds; the grey
-    dotted line is the random control (a random vector of the same norm).
+    With three or more ζ, a line per source over ζ (points: the mean over audited runs; bars: the
+    mean of their 95% CI bounds) and the random control (a random vector of the same norm) as a grey
+    dotted line. With fewer than three ζ a line says little (one point on an empty axis), so each
+    panel is a grouped bar chart instead: a group per ζ, a bar per source and one for the random
+    control, the CI as error bars.
 
     Returns:
         Figure, or None without non-targeted attacks.
@@ -604,24 +608,16 @@ def plot_fooling(attacks: Sequence[Record], runs: Sequence[Record]) -> Figure | 
     nrows = math.ceil(len(labels) / ncols)
     fig = _figure(3.6 * ncols, 3.2 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True).ravel()
+    bars = frame["zeta"].nunique() < 3
     for ax, label in zip(axes, labels):
         g = frame[frame["label"].astype(str) == label]
-        for source, s in g.groupby("source", sort=True):
-            st = s.groupby("zeta").agg(rate=("fooling_rate", "mean"), low=("fooling_ci_low", "mean"),
-                                       high=("fooling_ci_high", "mean")).reset_index()
-            color, marker = _SOURCE_STYLE.get(str(source), ("#9467bd", "D"))
-            yerr = np.vstack([(st["rate"] - st["low"]).clip(lower=0), (st["high"] - st["rate"]).clip(lower=0)])
-            ax.errorbar(100 * st["zeta"], st["rate"], yerr=np.nan_to_num(yerr), marker=marker, color=color,
-                        capsize=3, label=f"UAP from {source}")
-        rnd = g.groupby("zeta")["random_fooling_rate"].mean().dropna()
-        if len(rnd):
-            ax.plot(100 * rnd.index, rnd.to_numpy(), color="grey", linestyle=":", marker="x", label="random control")
+        (_fooling_bars if bars else _fooling_lines)(ax, g)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("ζ (% of mean input norm)")
         ax.set_ylabel("fooling rate")
         ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="y" if bars else "both")
+    axes[0].legend(fontsize=8)
     for ax in axes[len(labels):]:
         ax.set_visible(False)
     return fig
@@ -658,6 +654,85 @@ def plot_source_curve(attacks: Sequence[Record], runs: Sequence[Record], max_cur
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     return fig
+
+
+def _fooling_stats(s: pd.DataFrame) -> pd.DataFrame:
+    return s.groupby("zeta").agg(rate=("fooling_rate", "mean"), low=("fooling_ci_low", "mean"),
+                                 high=("fooling_ci_high", "mean")).reset_index()
+
+
+def _yerr(st: pd.DataFrame) -> np.ndarray:
+    return np.nan_to_num(np.vstack([(st["rate"] - st["low"]).clip(lower=0), (st["high"] - st["rate"]).clip(lower=0)]))
+
+
+def _fooling_lines(ax, g: pd.DataFrame) -> None:
+    for source, s in g.groupby("source", sort=True):
+        st = _fooling_stats(s)
+        color, marker = _SOURCE_STYLE.get(str(source), ("#9467bd", "D"))
+        ax.errorbar(100 * st["zeta"], st["rate"], yerr=_yerr(st), marker=marker, color=color,
+                    capsize=3, label=f"UAP from {source}")
+    rnd = g.groupby("zeta")["random_fooling_rate"].mean().dropna()
+    if len(rnd):
+        ax.plot(100 * rnd.index, rnd.to_numpy(), color="grey", linestyle=":", marker="x", label="random control")
+
+
+def _fooling_bars(ax, g: pd.DataFrame) -> None:
+    """A group per ζ: a bar per UAP source (with its CI), then the random control (hatched)."""
+    zetas = sorted(g["zeta"].unique())
+    sources = sorted(g["source"].astype(str).unique())
+    rnd = g.groupby("zeta")["random_fooling_rate"].mean()
+    num_bars = len(sources) + int(rnd.notna().any())
+    width = 0.8 / num_bars
+    x = np.arange(len(zetas), dtype=float)
+    for i, source in enumerate(sources):
+        st = _fooling_stats(g[g["source"].astype(str) == source]).set_index("zeta").reindex(zetas)
+        color, _ = _SOURCE_STYLE.get(source, ("#9467bd", "D"))
+        ax.bar(x - 0.4 + width * (i + 0.5), st["rate"].fillna(0), width, yerr=_yerr(st), capsize=3, color=color,
+               label=f"UAP from {source}")
+    if rnd.notna().any():
+        ax.bar(x + 0.4 - width / 2, rnd.reindex(zetas).fillna(0).to_numpy(), width, color="#d9d9d9",
+               edgecolor="grey", hatch="//", label="random control")
+    ax.set_xticks(x, [f"{100 * z:.3g}%" for z in zetas])
+    ax.set_xlim(-0.6, len(zetas) - 0.4)
+
+
+def compact(fig: Figure | None, *, panel: str | None = None, width: float = 3.4, height: float = 2.7,
+            max_legend: int = 4) -> Figure | None:
+    """``fig`` redrawn small for the report's first screen: one panel, the one titled ``panel`` when there
+    is one (e.g. the recommended configuration's), else the first (the others are in
+    the full figure below) filling ``width`` × ``height`` inches at 100 dpi (340 × 270 px: three to a
+    row in the headline box at 1280 px), ticks and labels at 10 pt or more (≥ 13 px at 100 dpi), and
+    its legend inside the panel when it has at most ``max_legend`` entries (a longer one would hide
+    the data; the full figure has it). Drawn on a copy: ``fig`` is left as it is."""
+    if fig is None:
+        return None
+    import copy
+
+    from matplotlib.gridspec import GridSpec
+    from matplotlib.text import Text
+
+    small = copy.deepcopy(fig)
+    visible = [ax for ax in small.axes if ax.get_visible()]
+    if not visible:
+        return None
+    keep = next((ax for ax in visible if panel is not None and ax.get_title() == panel), visible[0])
+    for ax in list(small.axes):
+        if ax is not keep:
+            small.delaxes(ax)
+    small.legends.clear()  # a figure legend (outside the panels) does not fit
+    keep.set_subplotspec(GridSpec(1, 1, figure=small)[0])
+    small.set_size_inches(width, height)
+    handles, names = keep.get_legend_handles_labels()
+    if keep.get_legend() is not None:
+        keep.get_legend().remove()
+    if 0 < len(handles) <= max_legend:
+        keep.legend(handles, names, fontsize=9, loc="best", framealpha=0.8)
+    in_legend = set(keep.get_legend().get_texts()) if keep.get_legend() is not None else set()
+    for text in small.findobj(Text):
+        if text not in in_legend and text.get_text() and text.get_fontsize() < 10:
+            text.set_fontsize(10)
+    keep.tick_params(labelsize=10, labelleft=True, labelbottom=True)  # a shared axis may have hidden them
+    return small
 
 
 def plot_uaps(attacks: Sequence[Record], runs: Sequence[Record] = (), max_images: int = 8) -> Figure | None:

@@ -33,6 +33,7 @@ from medtune.reporting._blocks import (
 from medtune.reporting._data import ReportData, build_report_data
 from medtune.reporting._format import fmt_count, fmt_number, fmt_pvalue
 from medtune.reporting._records import check_metric, check_open_fraction, done_runs
+from medtune.reporting.plots import compact
 
 __all__ = ["build_report"]
 
@@ -147,10 +148,11 @@ def _counts_text(data: ReportData) -> str:
 
 def _recommendation(data: ReportData) -> Recommendation:
     r = data.recommendation
-    small = [Figure(f"headline_{name}", fig, caption, scale=0.5) for name, fig, caption in (
-        ("depth", data.figures.get("depth"), "How deep: test metric vs fine-tuned blocks"),
-        ("cost", data.figures.get("cost"), "Which strategy: test metric vs trainable parameters"),
-        ("fooling", data.robustness.fooling_figure if data.robustness else None,
+    # drawn small (360 px, text >= 10 pt) rather than scaled down: legible three to a row at 1280 px
+    small = [Figure(f"headline_{name}", fig, caption) for name, fig, caption in (
+        ("depth", compact(data.figures.get("depth")), "How deep: test metric vs fine-tuned blocks"),
+        ("cost", compact(data.figures.get("cost")), "Which strategy: test metric vs trainable parameters"),
+        ("fooling", compact(data.robustness.fooling_figure if data.robustness else None, panel=r.get("label")),
          "How exposed: UAP fooling rate vs random controls")) if fig is not None]
     return Recommendation(r.get("text", ""), _cards(data), answers=_answers(data), figures=small)
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medtune.progress import progress_bar
 from medtune._tensors import batches, to_float
 from medtune.robustness._common import predict
 from medtune.robustness.params import UAPParams
@@ -229,6 +230,8 @@ class UAPLoop:
             state.best_rate = self.source_rate(v)
         generator = torch.Generator().manual_seed(int(seed))
         order_rng = random.Random(int(seed))
+        bar = progress_bar(self.params.max_passes, f"UAP ζ={self.params.zeta}"
+                           + ("" if self.target is None else f" target {self.target}"), unit="pass")
         for pass_idx in range(1, self.params.max_passes + 1):
             if self.params.algorithm == "reference":
                 rate, is_exact = self._reference_pass(state, order_rng.sample(range(self.num), self.num))
@@ -236,6 +239,8 @@ class UAPLoop:
                 rate, is_exact = self._batched_pass(state, torch.randperm(self.num, generator=generator))
             state.history.append(rate)
             state.exact.append(is_exact)
+            bar.set_postfix_str(f"fooling {rate:.3f}")
+            bar.update()
             if rate > state.best_rate:
                 state.best_v, state.best_rate = state.v.clone(), rate
                 state.best_pass, state.best_exact = pass_idx, is_exact
@@ -246,6 +251,7 @@ class UAPLoop:
                 decay = self.params.step_decay
                 self.stepper.set_step(self.stepper.step * decay,
                                       None if self.params.step_eps is None else self.stepper.elementwise * decay)
+        bar.close()
         self._settle(state)
         return state
 

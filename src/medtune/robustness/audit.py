@@ -19,6 +19,7 @@ from torch import nn
 from medtune._tensors import eval_mode, model_device
 from medtune.config import load_config
 from medtune.errors import ConfigError
+from medtune.progress import progress_bar
 from medtune.robustness._common import check_images, check_target, lp_norms, num_outputs, predict
 from medtune.robustness._registry import create_attack
 from medtune.robustness.config import AuditConfig
@@ -184,6 +185,7 @@ def audit(
     train_images = check_images(train_images, "train_images", stream=True)
     setup = _Setup.build(model, cfg, test_images, train_images, device)
     result = AuditResult()
+    bar = progress_bar(len(cfg.sources) * len(cfg.zetas) * len(targets), "audit", unit="UAP")
     for source_idx, name in enumerate(cfg.sources):
         source = _build_source(name, cfg, train_images, setup.size, setup.channels == "grey")
         for zeta_idx, zeta in enumerate(cfg.zetas):
@@ -199,6 +201,9 @@ def audit(
                                        "perturbation_key": key, **setup.budget, **record})
                 result.perturbations[key] = v
                 result.random_perturbations[key] = control
+                bar.set_postfix_str(f"{name} ζ={zeta} fooling {record.get('fooling_rate', float('nan')):.3f}")
+                bar.update()
+    bar.close()
     return result
 
 

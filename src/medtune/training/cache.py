@@ -330,23 +330,34 @@ def _batches(n: int, batch_size: int) -> Iterable[torch.Tensor]:
 
 @torch.no_grad()
 def _pass(chain, upto: int, images, sinks: dict[int, _Sink], *, batch_size: int,
-          to_input: Callable[[torch.Tensor], torch.Tensor]) -> dict[int, float]:
+          to_input: Callable[[torch.Tensor], torch.Tensor], desc: str = "features") -> dict[int, float]:
     """Run ``chain[:upto]`` over ``images`` batch by batch (read by index), filling the sinks at
     their cuts; the seconds up to each cut (less the copies of the shorter cuts' outputs)."""
+    from medtune.progress import progress_bar
+
     seconds = dict.fromkeys(sinks, 0.0)
-    for idx in _batches(len(images), batch_size):
-        t0 = time.perf_counter()
-        other_copies = 0.0  # copying shorter cuts' outputs is not part of a longer cut's cost
-        x = to_input(images[idx])
-        for i, (_, module) in enumerate(chain[:upto], start=1):
-            x = module(x)
-            if i in sinks:
-                t_copy = time.perf_counter()
-                sinks[i].add(x)  # the copy to the CPU waits for the device, so the clock is honest
-                now = time.perf_counter()
-                seconds[i] += now - t0 - other_copies
-                other_copies += now - t_copy
+    with progress_bar(len(images), desc, unit="img") as bar:
+        for idx in _batches(len(images), batch_size):
+            _pass_batch(chain, upto, images, idx, sinks, seconds, to_input)
+            bar.update(len(idx))
     return seconds
+
+
+@torch.no_grad()
+def _pass_batch(chain, upto: int, images, idx: torch.Tensor, sinks: dict[int, _Sink], seconds: dict[int, float],
+                to_input: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """One batch of :func:`_pass`."""
+    t0 = time.perf_counter()
+    other_copies = 0.0  # copying shorter cuts' outputs is not part of a longer cut's cost
+    x = to_input(images[idx])
+    for i, (_, module) in enumerate(chain[:upto], start=1):
+        x = module(x)
+        if i in sinks:
+            t_copy = time.perf_counter()
+            sinks[i].add(x)  # the copy to the CPU waits for the device, so the clock is honest
+            now = time.perf_counter()
+            seconds[i] += now - t0 - other_copies
+            other_copies += now - t_copy
 
 
 @torch.no_grad()
@@ -473,7 +484,8 @@ def cached_features(chain: list[tuple[str, nn.Module]], upto: int, splits: Mappi
                     if cache.get(k) is None and size <= plan["spare"]:
                         plan["spare"] -= size
                         sinks[b], extra_keys[b] = _Sink((len(images), *shapes[b]), dtypes[b], None), k
-                seconds = _pass(chain, upto, images, sinks, batch_size=batch_size, to_input=to_input)
+                seconds = _pass(chain, upto, images, sinks, batch_size=batch_size, to_input=to_input,
+                                desc=f"features {name}")
                 done.append((name, sinks, extra_keys, seconds))
                 if sinks[upto].overflow:
                     overflow = True

@@ -132,9 +132,11 @@ def predict_proba(model: nn.Module, images: torch.Tensor, *, task: str, batch_si
                   device: torch.device | None = None, labels: torch.Tensor | None = None,
                   loss_fn: Callable | None = None, channels_last: bool = False,
                   autocast_dtype: torch.dtype | None = None,
-                  sizes: np.ndarray | None = None) -> tuple[np.ndarray, float | None]:
+                  sizes: np.ndarray | None = None, progress: str | None = None) -> tuple[np.ndarray, float | None]:
     """Class probabilities for uint8 ``images`` (N, 3, H, W); also the mean loss when labels are given.
-    With ``sizes`` (``resize: bucket``) each image is fed at its own side, a bucket per batch."""
+    With ``sizes`` (``resize: bucket``) each image is fed at its own side, a bucket per batch.
+    ``progress`` titles a progress bar (:mod:`medtune.progress`; None: none, as in training's evaluations)."""
+    from medtune.progress import progress_bar
     device = device or next(itertools.chain(model.parameters(), model.buffers())).device  # a kNN head has buffers only
     was_training = model.training
     model.eval()
@@ -142,6 +144,7 @@ def predict_proba(model: nn.Module, images: torch.Tensor, *, task: str, batch_si
     batches = bucket_batches(torch.arange(len(images)), sizes, batch_size)
     if isinstance(images, DiskImages):  # read ahead from the decode cache while the model runs
         images.prefetch(batches)
+    bar = progress_bar(len(images), progress, unit="img") if progress else None
     for idx in batches:
         x = to_float(fed_at_size(images[idx], sizes, idx), device, channels_last=channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
@@ -154,6 +157,10 @@ def predict_proba(model: nn.Module, images: torch.Tensor, *, task: str, batch_si
         if prob is None:
             prob = torch.empty((len(images), p.shape[1]), dtype=p.dtype)
         prob[idx] = p
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
     model.train(was_training)
     prob = prob.numpy() if prob is not None else np.zeros((0, 0), dtype=np.float32)
     return prob, (loss_sum / len(images) if labels is not None and loss_fn is not None and len(images) else None)
