@@ -8,6 +8,7 @@ number of parameters it trains per block to ``extras["trainable_per_block"]``.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 
 import numpy as np
@@ -136,6 +137,8 @@ class LoRA(Strategy):
         check_float_param(self, "alpha", include_min=False)
         check_float_param(self, "dropout", max_val=0.99)
         check_choice(self.params["modules"], "modules", ("conv", "linear", "both"), owner=f"strategy {self.name!r}")
+        if importlib.util.find_spec("peft") is None:  # checked when the config is built, before any training
+            raise ConfigError("Strategy 'lora' needs HuggingFace peft: pip install 'medtune[peft]'.")
 
     def target_modules(self, backbone: nn.Module) -> list[str]:
         """Names (relative to the backbone) of the layers that get adapters: convolutions (groups 1)
