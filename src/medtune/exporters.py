@@ -70,6 +70,9 @@ def export(run_id: str, *, fmt: str = "timm", out_dir: str | Path | None = None,
     check_choice(fmt, "format", EXPORT_FORMATS, owner="export")
     db = store if isinstance(store, ResultsStore) else ResultsStore(store)
     record = get_run(run_id, store=db)
+    if fmt == "timm" and record.get("strategy") == "knn":
+        raise ConfigError(f"Run {record['run_id']} is a kNN probe: its head is the training features' votes, not a "
+                          "timm classifier, so it has no timm export; use --format onnx or medtune predict.")
     if fmt == "timm" and str(record.get("arch", "")).startswith("tv:"):  # before any file is written
         raise ConfigError(f"Run {record['run_id']} is a torchvision model ({record['arch']}); timm's local-dir "
                           "layout names a timm architecture and timm has no such model: export it with --format "

@@ -224,6 +224,9 @@ def test_knn_run_predictions_equal_sklearn_on_the_same_features(tmp_path):
     with torch.no_grad():
         reloaded = torch.softmax(model(test.images.float() / 255), 1).numpy()
     np.testing.assert_allclose(reloaded, expected, atol=1e-6)
+    assert medtune.export(record["run_id"], fmt="onnx", store=root, out_dir=tmp_path / "onnx")["max_abs_diff"] < 1e-5
+    with pytest.raises(medtune.errors.ConfigError, match="kNN probe"):
+        medtune.export(record["run_id"], fmt="timm", store=root)
 
 
 def test_train_per_class_nested_exact_counts_val_test_untouched():

@@ -365,6 +365,9 @@ def plot_data_size(runs: Sequence[Record], metric: str = "auc") -> Figure | None
         if span is not None:
             ax.axvspan(*span, color="grey", alpha=0.2, label=f"full overtakes linear (val): {span[0]:g}–{span[1]:g}")
         ax.set_xscale("log")
+        sizes = sorted(sel["per_class"].unique())
+        ax.set_xticks(sizes, [f"{v:g}" for v in sizes])  # the sizes themselves, not log-scale decades
+        ax.minorticks_off()
         ax.set_xlabel("training images per class (log)")
         ax.set_ylabel(f"test {metric}")
         ax.set_title(f"{dataset} / {arch}", fontsize=10)

@@ -8,6 +8,7 @@ number of parameters it trains per block to ``extras["trainable_per_block"]``.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 
 import numpy as np
@@ -49,8 +50,7 @@ class _Sparse(Strategy):
 
 @register_strategy("bitfit")
 class BitFit(_Sparse):
-    """BitFit (Ben Zaken et al. 2022): every bias term — of convolutions, linear layers and
-    normalisation layers (BatchNorm's β) — plus the head block.
+    """BitFit (Ben Zaken et al. 2022): every bias (convolution, linear, normalisation β) plus the head block.
 
     The bias of a BatchNorm makes its layer trainable, so with the default ``bn_mode: eval`` it runs in
     train mode and its running statistics follow the target data (medtune's rule for a trained norm
@@ -113,9 +113,9 @@ _Conv2dSamePeft = _conv2d_same_peft()
 
 @register_strategy("lora")
 class LoRA(Strategy):
-    """LoRA (Hu et al. 2022) through HuggingFace ``peft``: low-rank adapters beside the frozen
-    convolutions and/or linear layers outside the head, the head block trained fully.
+    """LoRA (Hu et al. 2022) via HuggingFace peft: low-rank adapters on frozen layers, the head trained fully.
 
+    The adapters sit beside the frozen convolutions and/or linear layers outside the head block.
     Parameters: ``r`` (rank, 8), ``alpha`` (scaling alpha / r, 8: peft's defaults), ``dropout`` (on the
     adapter's input, 0), ``modules``: ``conv``, ``linear`` or ``both`` (default) — which layer types get
     adapters. Grouped (depthwise) convolutions get none: peft needs the rank divisible by the groups and
@@ -137,6 +137,8 @@ class LoRA(Strategy):
         check_float_param(self, "alpha", include_min=False)
         check_float_param(self, "dropout", max_val=0.99)
         check_choice(self.params["modules"], "modules", ("conv", "linear", "both"), owner=f"strategy {self.name!r}")
+        if importlib.util.find_spec("peft") is None:  # checked when the config is built, before any training
+            raise ConfigError("Strategy 'lora' needs HuggingFace peft: pip install 'medtune[peft]'.")
 
     def target_modules(self, backbone: nn.Module) -> list[str]:
         """Names (relative to the backbone) of the layers that get adapters: convolutions (groups 1)
@@ -251,9 +253,10 @@ def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> bool:
 
 @register_strategy("knn")
 class KNNProbe(Strategy):
-    """k-nearest-neighbour probe on the frozen pooled features (MedMNIST+, Doerrich et al. 2024):
-    ``k`` (11) nearest training images by cosine similarity, class probabilities from their votes.
+    """kNN probe (MedMNIST+, Doerrich et al. 2024): votes of the k nearest training images, frozen features.
 
+    The ``k`` (11) nearest training images by cosine similarity of the pooled features; class
+    probabilities are their vote shares.
     Solved like the linear probe, on the inputs of the backbone's classifier (the cached frozen
     features): the classifier is replaced by a :class:`KNNHead` that holds the training features, so
     the stored run predicts, is evaluated and reloads (``predict``, the audit) like any other. Nothing
