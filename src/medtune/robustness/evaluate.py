@@ -72,8 +72,7 @@ def evaluate_perturbation(
     device: str | torch.device | None = None,
     clip: bool = True,
 ) -> dict:
-    """Fooling rate, targeted success, accuracies and confusion of ``clip(x + v, 0, 1)`` (``x + v`` with
-    ``clip=False``, as the papers' code evaluated).
+    """Fooling rate, targeted success, accuracies and confusion of ``clip(x + v, 0, 1)`` (``clip=False``: x + v).
 
     Fooled means a prediction on x+v other than on x, whatever the label (Moosavi-Dezfooli et al.).
 
@@ -85,8 +84,7 @@ def evaluate_perturbation(
         targeted: a target class t to report the share predicted t on x+v and on x.
         class_names: keys of ``per_class``; default the class indices as strings.
         batch_size: images per forward pass.
-        device: default the model's device.
-        clip: clip x+v to [0, 1] (default).
+        device: default the model's device; clip: clip x+v to [0, 1] (default).
 
     Returns:
         A JSON-serialisable dict: ``num_images``, ``fooling_rate``, ``fooling_ci_low``,
@@ -104,10 +102,8 @@ def evaluate_perturbation(
     images = check_images(images, stream=True)
     batch_size = check_positive_int(batch_size, "batch_size", "evaluate_perturbation")
     if tuple(perturbation.shape) not in (tuple(images.shape[1:]), (1, *images.shape[1:])):
-        raise DataError(
-            f"The perturbation has shape {tuple(perturbation.shape)} but the images are "
-            f"{tuple(images.shape[1:])}; compute the UAP at the model's input size."
-        )
+        raise DataError(f"The perturbation has shape {tuple(perturbation.shape)} but the images are "
+                        f"{tuple(images.shape[1:])}; compute the UAP at the model's input size.")
     perturbation = perturbation.reshape(images.shape[1:])
     dev = model_device(model, device)
     with eval_mode(model):

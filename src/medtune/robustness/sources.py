@@ -189,12 +189,10 @@ def natural_image_chunks(
 ) -> Iterator[NaturalChunk]:
     """Natural photos resized to the model input, whole or as random crops, streamed in chunks.
 
-    Each crop has the output's aspect ratio, a height drawn uniformly in [0.25, 1] × the largest
-    such crop that fits the photo, and a uniform position; it is resized (antialiased) to the
-    output size. Crops are spread evenly over the photos in a seeded random order (when
-    ``num_images`` ≥ the number of photos every photo is used; otherwise ``num_images`` photos, one
-    crop each). Photos are read one at a time as the chunks are made, so a folder of 100k photos
-    runs in the memory of one chunk (plus the list of file names).
+    A crop has the output's aspect ratio, a height uniform in [0.25, 1] × the largest that fits and a
+    uniform position, resized (antialiased) to the output. Images are spread evenly over the photos in a
+    seeded order (every photo when ``num_images`` ≥ their number); photos are read one at a time, so a
+    folder of 100k photos runs in the memory of one chunk.
 
     Args:
         num_images: number of crops N in all.
@@ -204,16 +202,14 @@ def natural_image_chunks(
         seed: seeds the choice of photos and crops.
         chunk_size: crops per chunk (the last one may be smaller).
         grey: convert every crop to grey (:func:`rgb_to_grey`), for grey tasks.
-        resize: ``crop`` (random crops as above) or ``whole`` (each photo resized whole, aspect not
-            kept, as the papers' code; a photo drawn k times gives k copies).
+        resize: ``crop`` (as above) or ``whole`` (each photo resized whole, as the papers' code).
 
     Yields:
         :class:`NaturalChunk` of at most ``chunk_size`` uint8 crops (n, 3, S, S).
 
     Raises:
         ConfigError: num_images, chunk_size or img_size is not a positive int (or pair of them).
-        DataError: the folder does not exist, holds no image file, or a file cannot be read (the
-            message names it).
+        DataError: the folder does not exist, holds no image file, or a file cannot be read (named).
     """
     owner = "natural_images"
     check_choice(resize, "resize", ("crop", "whole"), owner=owner)

@@ -216,8 +216,7 @@ def compute_uap(
         init: the starting v (C, H, W), e.g. the previous chunk's; projected, scored as pass 0; default 0.
         seed: seeds the order of the source images.
         device: where to run; default the model's device.
-        channels_last: feed the model NHWC-strided batches (faster convolutions); False for a model
-            that calls ``.view`` on conv outputs.
+        channels_last: NHWC-strided batches (faster); False for a model calling ``.view`` on conv outputs.
         **knobs: the fields of :class:`UAPParams` when ``params`` is None.
 
     Returns:
@@ -243,9 +242,8 @@ def compute_uap(
         target = check_target(params.targeted, "compute_uap", num_classes=num_outputs(model, images, dev))
         loop = UAPLoop(model, images, params, xi=xi, target=target, device=dev, channels_last=channels_last)
         state = loop.run(v, scored_start=init is not None, seed=seed)
-    returned = state.v if params.return_v == "last" else state.best_v
     return UAPResult(
-        perturbation=returned[0].detach().cpu(), zeta=params.zeta, xi=xi, norm=params.norm, targeted=target,
+        perturbation=(state.v if params.return_v == "last" else state.best_v)[0].detach().cpu(), zeta=params.zeta, xi=xi, norm=params.norm, targeted=target,
         algorithm=params.algorithm, channels=params.channels, fooling_rate_source=state.history,
         source_rate_exact=state.exact, best_rate=state.best_rate, best_pass=state.best_pass,
         last_rate=state.last_rate, num_passes=len(state.history), num_updates=state.num_updates,
