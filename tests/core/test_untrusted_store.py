@@ -227,11 +227,19 @@ def test_report_skips_an_image_over_the_pixel_limit(store, monkeypatch, capsys):
 ], ids=lambda a: "_".join(x.strip("-{}/") for x in a[:1] + a[-2:]))
 def test_no_output_path_destroys_the_store(argv, store, capsys):
     [record] = ResultsStore(store).runs()
-    database = (store / "medtune.sqlite").read_bytes()
+
+    def dump() -> list[str]:  # the database's content (its bytes move when SQLite checkpoints its WAL)
+        conn = sqlite3.connect(store / "medtune.sqlite")
+        try:
+            return list(conn.iterdump())
+        finally:
+            conn.close()
+
+    database = dump()
     argv = [a.format(s=store, r=record["run_id"]) for a in argv]
     status, _, err = cli(argv, capsys)
     one_line(status, err, "results store", "destroy")
-    assert (store / "medtune.sqlite").read_bytes() == database
+    assert dump() == database
     assert [r["run_id"] for r in ResultsStore(store).runs()] == [record["run_id"]]
 
 
