@@ -471,8 +471,7 @@ def run_all(plans: list[RunPlan], *, store: ResultsStore, executor: Any, log: Ca
     Args:
         plans: the runs (:func:`plan_runs`), in the order of the returned records.
         store: the results store (the only writer is this process).
-        executor: a ``medtune.executors`` executor.
-        log: receives one-line progress messages.
+        executor: a ``medtune.executors`` executor; log: one-line progress messages;
         progress: a progress-bar title, or None for none.
 
     Returns:
@@ -516,12 +515,16 @@ def run_all(plans: list[RunPlan], *, store: ResultsStore, executor: Any, log: Ca
     finally:
         bar.close()
     if failures:
-        done = sum(r is not None for r in records)
-        raise RunsFailedError(
-            f"{len(failures)} of {len(plans)} run(s) failed and are marked 'failed' in {store.root} "
-            f"({done} finished and stored); fix the cause and run the same command again: only the failed "
-            "runs train again.", records=records, failures=failures)
+        raise _failed(failures, records, store)
     return records
+
+
+def _failed(failures: list[tuple[str, str]], records: list[dict | None], store: ResultsStore) -> RunsFailedError:
+    done = sum(r is not None for r in records)
+    return RunsFailedError(
+        f"{len(failures)} of {len(records)} run(s) failed and are marked 'failed' in {store.root} "
+        f"({done} finished and stored); fix the cause and run the same command again: only the failed "
+        "runs train again.", records=records, failures=failures)
 
 
 def run(cfg: RunConfig | dict | str | Path, *, store: ResultsStore | None = None, log: Callable[[str], None] | None = None,
