@@ -381,6 +381,12 @@ class SweepConfig(_WithBase):
         weight_decay: weight decays, an axis selected on validation (a list, or comma-separated).
         resize: resize policies compared in one sweep (``resize``, ``pad``, ``bucket``; a list, or comma-separated).
         name: the sweep's name in logs.
+        halving: successive halving over epochs (``medtune.halving``): configurations train to a rung,
+            the top ``1/halving_eta`` by mean validation metric over seeds continue from their checkpoint.
+            ``true``, or a mapping of ``eta``, ``first_rung``, ``within``. Off by default.
+        halving_eta: the promoted share at each rung is ``1/eta``; rungs grow by ``eta``.
+        halving_first_rung: epochs of the first rung.
+        halving_within: ``lr`` (a cell's own lr and weight-decay values compete) or ``all`` (every cell competes).
     """
 
     arch: tuple[str, ...] = ("tf_efficientnet_lite0",)
@@ -391,8 +397,23 @@ class SweepConfig(_WithBase):
     weight_decay: tuple[float, ...] | None = None  # None: the base run's
     resize: tuple[str, ...] | None = None  # None: the base run's; [resize, pad, bucket] compares them
     name: str = "sweep"
+    halving: bool = False
+    halving_eta: int = 3
+    halving_first_rung: int = 1
+    halving_within: str = "lr"
 
     def __post_init__(self) -> None:
+        if isinstance(self.halving, Mapping):  # halving: {eta: 3, first_rung: 1, within: lr}
+            for key, value in self.halving.items():
+                if f"halving_{key}" not in self.own_fields():
+                    raise ConfigError(f"Unknown key {short_repr(key)} under 'halving' of the sweep; valid keys: eta, "
+                                      "first_rung, within.")
+                object.__setattr__(self, f"halving_{key}", value)
+            object.__setattr__(self, "halving", True)
+        check_scalar(self.halving, "halving", bool, owner="sweep")
+        check_scalar(self.halving_eta, "halving_eta", int, min_val=2, owner="sweep")
+        check_scalar(self.halving_first_rung, "halving_first_rung", int, min_val=1, owner="sweep")
+        check_choice(self.halving_within, "halving_within", ("lr", "all"), owner="sweep")
         for key in ("lr", "weight_decay", "resize"):
             if getattr(self, key) is None:
                 object.__setattr__(self, key, (getattr(self.base, key),))
