@@ -439,7 +439,28 @@ def _cmd_results(args: argparse.Namespace) -> int:
         _write_records(store.runs(), args.format, args.output, per_run=args.runs)
     else:
         _print_records(store.runs(), args.format, per_run=args.runs)
+        if args.format == "table":
+            _print_stopped(store)
     return 0
+
+
+def _print_stopped(store) -> None:
+    """The runs successive halving stopped at a rung: not trained to the end, so in no table above."""
+    from medtune.halving import halving_summary
+
+    summary = halving_summary(store)
+    if not summary:
+        return
+    print(f"\nsuccessive halving (eta {summary['eta']}, first rung {summary['first_rung']}, within "
+          f"{summary['within']}): {summary['epochs_trained']} epochs trained of the full grid's "
+          f"{summary['epochs_full_grid']}")
+    if summary["stopped"]:
+        print("not trained to the end (stopped at a rung; not in the table above):")
+    for r in summary["stopped"]:
+        cfg = r.get("config") or {}
+        print(f"  {r['run_id']}  {cfg.get('arch')}  {cfg.get('strategy')}  lr {cfg.get('lr'):g}  "
+              f"wd {cfg.get('weight_decay'):g}  seed {cfg.get('seed')}  stopped at rung {r['rung']}  "
+              f"val {r['monitor']} {r['val_metric']:.4f}")
 
 
 def _write_records(records: list[dict], fmt: str, output: str | None, *, per_run: bool) -> None:

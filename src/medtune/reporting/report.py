@@ -52,6 +52,7 @@ def build_report(
     metric: str = "auc",
     alpha: float = 0.05,
     main_zeta: float = 0.04,
+    halving: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the report of a set of records, plus its tables as CSV beside it.
 
@@ -77,6 +78,8 @@ def build_report(
         metric: the metric that ranks configurations.
         alpha: family-wise error rate of the strategy comparison.
         main_zeta: UAP budget ζ quoted in the headline.
+        halving: :func:`medtune.halving.halving_summary` of the store, or None: a section states the
+            settings, the epochs saved, and the configurations stopped at a rung (never in the tables).
 
     Returns:
         Path of the written report.
@@ -94,6 +97,9 @@ def build_report(
     for name, frame in data.csv.items():
         frame.to_csv(out_path.with_name(f"{out_path.stem}_{name}.csv"), index=False)
     report = format_report(data, title, explanations)
+    if halving:
+        report.sections.insert(len(report.sections) - 2, Section("halving", "Successive halving: stopped early",
+                                                                  halving_blocks(halving)))
     text = report.to_html() if fmt == "html" else report.to_markdown(out_path)
     out_path.write_text(text, encoding="utf-8")
     return out_path
@@ -104,10 +110,34 @@ def report_store(store: str | Path = "./medtune-results", *, out_path: str | Pat
     """Write the report of a results store (default ``STORE/report.html``) and return its path."""
     from medtune.store import ResultsStore
 
+    from medtune.halving import halving_summary
+
     db = ResultsStore(store, create=False)
     out = out_path or Path(store) / f"report.{fmt}"
     return build_report(db.runs(), db.attacks(), db.searches(), explanations=db.explanations(), title=title,
-                        out_path=out, fmt=fmt, metric=metric)
+                        out_path=out, fmt=fmt, metric=metric, halving=halving_summary(db))
+
+
+def halving_blocks(summary: Mapping[str, Any]) -> list:
+    """The halving section: its settings, the epochs trained vs the full grid, and every configuration
+    stopped at a rung with its validation metric there — not trained to the end, so in no other table."""
+    trained, full = summary["epochs_trained"], summary["epochs_full_grid"]
+    saved = f"{full - trained} of {full} ({(full - trained) / full:.0%})" if full else "0"
+    blocks: list = [Facts([("settings", f"eta {summary['eta']}, first rung {summary['first_rung']} epoch(s), "
+                                        f"within {summary['within']} (ranked by mean validation metric over seeds)"),
+                           ("epochs trained", f"{trained} (the full grid's budget: {full}; saved {saved})")])]
+    rows = []
+    for r in summary["stopped"]:
+        cfg = r.get("config") or {}
+        rows.append([r["run_id"], str(cfg.get("arch", "")), str(cfg.get("strategy", "")), f"{cfg.get('lr', float('nan')):g}",
+                     f"{cfg.get('weight_decay', float('nan')):g}", str(cfg.get("seed", "")),
+                     f"stopped at rung {r['rung']}", f"{r['monitor']} {fmt_number(r['val_metric'])}"])
+    if rows:
+        blocks.append(Table(["run", "arch", "strategy", "lr", "weight decay", "seed", "state", "val metric at rung"],
+                            rows, caption="Not trained to the end: left out of every table, test and recommendation."))
+    else:
+        blocks.append(Note("No configuration was stopped early."))
+    return blocks
 
 
 # --------------------------------------------------------------------------- headline
