@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from medtune.store import ResultsStore
-from medtune.training.metrics import higher_is_better
+from medtune.training.metrics import higher_is_better, rung_metric
 
 __all__ = ["rung_epochs", "rung_metric", "group_key", "decide", "run_halving", "halving_summary",
            "epochs_trained"]
@@ -34,16 +34,6 @@ def rung_epochs(epochs: int, first: int, eta: int) -> list[int]:
         out.append(r)
         r *= eta
     return out
-
-
-def rung_metric(history: Sequence[dict], rung: int, monitor: str) -> float:
-    """A run's validation metric at a rung: the best monitored value of its first ``rung`` epochs (what
-    the run would report, by best-epoch selection, had it ended there); NaN if none is defined."""
-    values = [float(h.get(f"val_{monitor}", float("nan"))) for h in list(history)[:rung]]
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return float("nan")
-    return max(values) if higher_is_better(monitor) else min(values)
 
 
 def group_key(cfg, within: str) -> str:

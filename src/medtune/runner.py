@@ -30,6 +30,7 @@ from medtune.training.calibration import calibration_summary
 from medtune.training.intervals import metric_intervals
 from medtune.training.hooks import RungReached
 from medtune.training.loop import fit
+from medtune.training.metrics import rung_metric
 
 __all__ = ["run", "run_all", "run_id_of", "prepare_data", "collect_versions", "build_run", "execute_run",
            "store_result", "RunPlan", "RunRecord", "build_record", "plan_runs", "structure_blocks"]
@@ -325,8 +326,6 @@ def execute_run(plan: RunPlan, checkpoint_path: str | None, heartbeat: Callable[
                      callbacks=(_Heartbeat(),), log=log, data_fingerprint=fingerprint, cache_cuts=plan.cache_cuts,
                      pause_at=plan.pause_at)
     except RungReached as paused:
-        from medtune.halving import rung_metric
-
         value = rung_metric(paused.history, plan.pause_at, cfg.monitor)
         log(f"{run_id} paused at rung {plan.pause_at} (val {cfg.monitor} {value:.4f})")
         return {"paused": {"run_id": run_id, "rung": int(plan.pause_at), "epochs": paused.epochs,
