@@ -149,13 +149,13 @@ def _cli(cfg, store):
             "--workers", "2", "--format", "json"]
 
 
+@pytest.mark.slow
 def test_a_halving_sweep_killed_mid_rung_restarts_to_the_same_promotions_training_nothing_twice(tmp_path):
     """A process pool (workers=2) killed with SIGKILL while rung runs train; the restart resumes."""
     import yaml
 
     cfg = tmp_path / "sweep.yaml"
-    cfg.write_text(yaml.safe_dump(_sweep_cfg(epochs=6, lr=[0.1, 0.03, 0.01, 0.003, 0.001, 0.0003], seeds=[0],
-                                             num_threads=1)))
+    cfg.write_text(yaml.safe_dump(_sweep_cfg(num_threads=1)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     ref = ResultsStore(tmp_path / "ref")
     expected = medtune.sweep(str(cfg), store=ref, halving=True)
@@ -178,7 +178,7 @@ def test_a_halving_sweep_killed_mid_rung_restarts_to_the_same_promotions_trainin
     db = ResultsStore(store)
     before = {(r["run_id"], r["rung"]): (r["epochs"], r["val_metric"]) for r in db.rungs()}
     assert before and len(db.runs()) < len(expected), "the kill must land mid-sweep"
-    again = subprocess.run(_cli(cfg, store), capture_output=True, text=True, env=env, timeout=300)
+    again = subprocess.run(_cli(cfg, store), capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0, again.stderr
     got = sorted((r["run_id"], r["rung"], r["state"], r["val_metric"]) for r in db.rungs())
     assert got == want, "the same promotions from the stored rung metrics"
