@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("training",),
     ("strategies", "expected"),
     ("config", "_fielddoc"),
-    ("runner", "reporting"),
+    ("runner", "reporting", "halving"),
     ("sweeps", "robustness", "deft", "inference", "localisation", "exporters"),
     ("_demo",),
     ("__init__",),

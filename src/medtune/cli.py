@@ -152,6 +152,17 @@ def _parser_sweep(sub) -> None:
     ex.add_argument("--address", default=None, help="Ray cluster: auto or HOST:PORT (default: start a local Ray)")
     ex.add_argument("--cpus-per-run", type=float, default=1, help="Ray CPUs reserved per run (default: 1)")
     ex.add_argument("--gpus-per-run", type=float, default=0, help="Ray GPUs reserved per run (default: 0)")
+    ex.add_argument("--dry-run", action="store_true",
+                    help="print the plan and the cost forecast; train nothing (default: off)")
+    hv = p.add_argument_group("successive halving (stop losing configurations early, decided on validation)")
+    hv.add_argument("--halving", action="store_true", default=None,
+                    help="train to rungs and continue only the top 1/eta by mean validation metric (default: off)")
+    hv.add_argument("--halving-eta", type=int, default=None, help="1/eta continue at each rung (default: 3)")
+    hv.add_argument("--halving-first-rung", type=int, default=None, metavar="EPOCHS",
+                    help="epochs of the first rung; later rungs multiply by eta (default: 1)")
+    hv.add_argument("--halving-within", choices=("lr", "all"), default=None,
+                    help="what competes: a cell's own lr/weight-decay values, or every cell "
+                         "(choices: lr, all; default: lr)")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table", help=_FORMAT_HELP)
 
 
@@ -405,8 +416,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             raise ConfigError(f"--preset {args.preset} needs your data: add --data FOLDER|CSV|NPZ (or a 'data' key "
                               "in the YAML file); a preset's own data is the built-in demo.")
     try:
+        halving = {k: getattr(args, k) for k in ("halving", "halving_eta", "halving_first_rung", "halving_within")
+                   if getattr(args, k) is not None}
         records = medtune.sweep(base, log=_log, executor=args.executor, workers=args.workers, address=args.address,
-                                cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, **_overrides(args))
+                                cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
+                                dry_run=args.dry_run, **halving, **_overrides(args))
+        if args.dry_run:
+            return 0
     except RunsFailedError as exc:  # the finished runs are stored: show them, then say which failed
         _print_records([r for r in exc.records if r is not None], args.format)
         raise
@@ -441,6 +457,8 @@ def _cmd_results(args: argparse.Namespace) -> int:
         _say_replaced(replaced)
     else:
         _print_records(store.runs(), args.format, per_run=args.runs)
+        if args.format == "table":
+            _print_stopped(store)
     return 0
 
 
@@ -463,6 +481,25 @@ def _print_expected(store, fmt: str) -> None:
         writer.writerows(rows)
     else:
         print(format_expected(rows, tables))
+
+
+def _print_stopped(store) -> None:
+    """The runs successive halving stopped at a rung: not trained to the end, so in no table above."""
+    from medtune.halving import halving_summary
+
+    summary = halving_summary(store)
+    if not summary:
+        return
+    print(f"\nsuccessive halving (eta {summary['eta']}, first rung {summary['first_rung']}, within "
+          f"{summary['within']}): {summary['epochs_trained']} epochs trained of the full grid's "
+          f"{summary['epochs_full_grid']}")
+    if summary["stopped"]:
+        print("not trained to the end (stopped at a rung; not in the table above):")
+    for r in summary["stopped"]:
+        cfg = r.get("config") or {}
+        print(f"  {r['run_id']}  {cfg.get('arch')}  {cfg.get('strategy')}  lr {cfg.get('lr'):g}  "
+              f"wd {cfg.get('weight_decay'):g}  seed {cfg.get('seed')}  stopped at rung {r['rung']}  "
+              f"val {r['monitor']} {r['val_metric']:.4f}")
 
 
 def _write_records(records: list[dict], fmt: str, output: str | None, *, per_run: bool) -> None:

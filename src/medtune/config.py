@@ -418,6 +418,12 @@ class SweepConfig(_WithBase):
             arch × strategy × size → ACC, AUC in % and their seed SD; :mod:`medtune.expected`); the
             sweep keeps it in its store under ``name``, and ``medtune report`` and ``medtune results --expected``
             show measured beside published with a verdict. None: no table.
+        halving: successive halving over epochs (``medtune.halving``): configurations train to a rung,
+            the top ``1/halving_eta`` by mean validation metric over seeds continue from their checkpoint.
+            ``true``, or a mapping of ``eta``, ``first_rung``, ``within``. Off by default.
+        halving_eta: the promoted share at each rung is ``1/eta``; rungs grow by ``eta``.
+        halving_first_rung: epochs of the first rung.
+        halving_within: ``lr`` (a cell's own lr and weight-decay values compete) or ``all`` (every cell competes).
     """
 
     arch: tuple[str, ...] = ("tf_efficientnet_lite0",)
@@ -431,7 +437,23 @@ class SweepConfig(_WithBase):
     name: str = "sweep"
     expected: dict | None = None
 
+    halving: bool = False
+    halving_eta: int = 3
+    halving_first_rung: int = 1
+    halving_within: str = "lr"
+
     def __post_init__(self) -> None:
+        if isinstance(self.halving, Mapping):  # halving: {eta: 3, first_rung: 1, within: lr}
+            for key, value in self.halving.items():
+                if f"halving_{key}" not in self.own_fields():
+                    raise ConfigError(f"Unknown key {short_repr(key)} under 'halving' of the sweep; valid keys: eta, "
+                                      "first_rung, within.")
+                object.__setattr__(self, f"halving_{key}", value)
+            object.__setattr__(self, "halving", True)
+        check_scalar(self.halving, "halving", bool, owner="sweep")
+        check_scalar(self.halving_eta, "halving_eta", int, min_val=2, owner="sweep")
+        check_scalar(self.halving_first_rung, "halving_first_rung", int, min_val=1, owner="sweep")
+        check_choice(self.halving_within, "halving_within", ("lr", "all"), owner="sweep")
         if self.expected is not None:
             from medtune.expected import parse_expected
 

@@ -26,7 +26,9 @@ from medtune.store import ResultsStore
 from medtune._tensors import resolve_device
 from medtune.training.calibration import calibration_summary
 from medtune.training.intervals import metric_intervals
+from medtune.training.hooks import RungReached
 from medtune.training.loop import fit
+from medtune.training.metrics import rung_metric
 
 __all__ = ["run", "run_all", "run_id_of", "prepare_data", "collect_versions", "build_run", "execute_run",
            "store_result", "RunPlan", "RunRecord", "build_record", "plan_runs", "structure_blocks"]
@@ -149,6 +151,7 @@ class RunPlan:
     run_id: str
     fingerprint: str
     cache_cuts: frozenset[int] = frozenset()
+    pause_at: int | None = None
 
 
 def plan_runs(cells: Iterable[tuple[RunConfig, Any]]) -> list[RunPlan]:
@@ -344,8 +347,15 @@ def _execute_run(plan: RunPlan, checkpoint_path: str | None, heartbeat: Callable
             if heartbeat is not None:
                 heartbeat()
 
-    result = fit(model, data, strategy, cfg, blocks=blocks, checkpoint_path=checkpoint_path,
-                 callbacks=(_Heartbeat(),), log=log, data_fingerprint=fingerprint, cache_cuts=plan.cache_cuts)
+    try:
+        result = fit(model, data, strategy, cfg, blocks=blocks, checkpoint_path=checkpoint_path,
+                     callbacks=(_Heartbeat(),), log=log, data_fingerprint=fingerprint, cache_cuts=plan.cache_cuts,
+                     pause_at=plan.pause_at)
+    except RungReached as paused:
+        value = rung_metric(paused.history, plan.pause_at, cfg.monitor)
+        log(f"{run_id} paused at rung {plan.pause_at} (val {cfg.monitor} {value:.4f})")
+        return {"paused": {"run_id": run_id, "rung": int(plan.pause_at), "epochs": paused.epochs,
+                           "monitor": cfg.monitor, "val_metric": value}}
     strategy.finalize_model(model)  # LoRA merges its adapters: the stored weights are the plain architecture's
     record = build_record(plan, data, result, model, len(blocks), device)
     m = result.test_metrics
@@ -421,6 +431,10 @@ def _settle(store: ResultsStore, plan: RunPlan, payload: Any, log: Callable[[str
         cfg = plan.config
         log(f"{plan.run_id} {cfg.arch} {cfg.strategy} seed {cfg.seed} FAILED: {reason}")
         return None, reason
+    if "paused" in payload:  # successive halving: the run reached its rung; its checkpoint is kept
+        info = payload["paused"]
+        store.pause(plan.run_id, info["rung"], info["val_metric"], monitor=info["monitor"], epochs=info["epochs"])
+        return {"run_id": plan.run_id, "status": "paused", **info}, None
     record = store_result(store, payload)  # a StoreError (disk full) ends the sweep, resumable
     if plan.config.tracker != "none":
         _track(record, plan.config.tracker, store.root, warned)

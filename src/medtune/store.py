@@ -38,8 +38,14 @@ CREATE TABLE IF NOT EXISTS attacks (attack_id TEXT PRIMARY KEY, run_id TEXT NOT 
 CREATE TABLE IF NOT EXISTS searches (search_id TEXT PRIMARY KEY, record TEXT NOT NULL, created TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS genomes (key TEXT PRIMARY KEY, value TEXT NOT NULL, created TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rungs (run_id TEXT NOT NULL, rung INTEGER NOT NULL, epochs INTEGER NOT NULL,
+    monitor TEXT NOT NULL, val_metric REAL, state TEXT NOT NULL, updated TEXT NOT NULL, PRIMARY KEY (run_id, rung));
 """
-_SCHEMA_VERSION = "1"
+_SCHEMA_VERSION = "2"
+#: Upgrades run when a store is opened, in the transaction that creates missing tables: each maps the
+#: version it reads to SQL that brings it one step on (version 1 lacked the ``rungs`` table, which
+#: ``_SCHEMA`` creates; runs may now also be ``paused`` or ``stopped``).
+_MIGRATIONS = {"1": "UPDATE meta SET value='2' WHERE key='schema' AND value='1';"}
 _ATTACK_FILES = ("perturbation_file", "uap_png", "examples_png")  # artifact paths at an attack record's top level
 # ids that are safe to show and compare; a run id proper (16 hex digits) is checked where it becomes a path
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+=-]{0,127}")
@@ -211,7 +217,7 @@ class ResultsStore:
             # second process opening the store meanwhile) never sees medtune's tables without the row
             # that marks them as medtune's
             self._conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nINSERT OR IGNORE INTO meta VALUES "
-                                     f"('schema', '{_SCHEMA_VERSION}');\nCOMMIT;")
+                                     f"('schema', '{_SCHEMA_VERSION}');\n{''.join(_MIGRATIONS.values())}\nCOMMIT;")
             try:  # after the schema check: nothing is created beside another application's file
                 (self.root / "artifacts").mkdir(exist_ok=True)
                 (self.root / "checkpoints").mkdir(exist_ok=True)
@@ -435,6 +441,54 @@ class ResultsStore:
                 if attempt:
                     return  # the owner is gone when this process ends: the next start reclaims the runs
                 (self.root / self._RESERVE).unlink(missing_ok=True)
+
+    # -- successive halving: a run's rungs ------------------------------------------------------
+    def pause(self, run_id: str, rung: int, val_metric: float, *, monitor: str, epochs: int) -> None:
+        """A run reached rung ``rung`` (epochs) and waits, its checkpoint kept: status ``paused``, and the
+        rung's validation metric stored (a decision already stored for that rung is kept)."""
+        value = val_metric if math.isfinite(val_metric) else None
+        with self._transaction() as conn:
+            conn.execute("INSERT INTO rungs VALUES (?, ?, ?, ?, ?, 'paused', ?) ON CONFLICT(run_id, rung) DO UPDATE "
+                         "SET epochs=excluded.epochs, val_metric=excluded.val_metric, updated=excluded.updated",
+                         (run_id, int(rung), int(epochs), monitor, value, _now()))
+            conn.execute("UPDATE runs SET status='paused', owner=NULL, updated=?, error=NULL WHERE run_id=?",
+                         (_now(), run_id))
+
+    def decide_rung(self, run_id: str, rung: int, state: str, val_metric: float, *, monitor: str) -> None:
+        """Store successive halving's decision for a run at a rung: ``promoted`` or ``stopped`` (then the
+        run's status becomes ``stopped`` unless it is done or claimed; a later sweep without halving
+        trains it on from its checkpoint)."""
+        value = val_metric if math.isfinite(val_metric) else None
+        with self._transaction() as conn:
+            conn.execute("INSERT INTO rungs VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(run_id, rung) DO UPDATE "
+                         "SET state=excluded.state, val_metric=excluded.val_metric, updated=excluded.updated",
+                         (run_id, int(rung), int(rung), monitor, value, state, _now()))
+            if state == "stopped":
+                conn.execute("UPDATE runs SET status='stopped', owner=NULL, updated=? WHERE run_id=? AND status IN "
+                             "('paused', 'pending', 'failed')", (_now(), run_id))
+
+    def rungs(self) -> list[dict[str, Any]]:
+        """Every stored rung of every run: ``run_id, rung, epochs, monitor, val_metric, state, updated``
+        (``val_metric`` NaN where the metric was undefined), in the order of the rung then the run."""
+        rows = self._conn.execute("SELECT run_id, rung, epochs, monitor, val_metric, state, updated FROM rungs "
+                                  "ORDER BY rung, rowid").fetchall()
+        keys = ("run_id", "rung", "epochs", "monitor", "val_metric", "state", "updated")
+        return [{**dict(zip(keys, r)), "val_metric": float("nan") if r[4] is None else r[4]} for r in rows]
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Store a JSON value under ``key`` in the store's ``meta`` table (not the schema row)."""
+        if key == "schema":
+            raise ValueError("the schema row is the store's own")
+        with self._transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, dumps(value)))
+
+    def get_meta(self, key: str) -> Any:
+        """The JSON value stored under ``key`` by :meth:`set_meta`, or None."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        try:
+            return loads(row[0]) if row else None
+        except _BAD_JSON:
+            return None
 
     def release(self, run_id: str) -> None:
         """Give a claimed run back (e.g. after Ctrl-C) so the next start resumes it."""

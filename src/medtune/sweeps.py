@@ -85,7 +85,8 @@ def plan_sweep(config: SweepConfig, log: Callable[[str], None] | None = None) ->
 
 def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: ResultsStore | str | Path | None = None,
           executor: Any = "local", workers: int = 1, address: str | None = None, cpus_per_run: float = 1,
-          gpus_per_run: float = 0, log: Callable[[str], None] | None = None, **overrides: Any) -> list[dict]:
+          gpus_per_run: float = 0, log: Callable[[str], None] | None = None, dry_run: bool = False,
+          forecast: bool = True, **overrides: Any) -> list[dict]:
     """Run every run of a sweep that the store does not hold yet; return all the sweep's records.
 
     The driver (this process) plans every run once (:func:`plan_sweep`), claims each pending run in
@@ -101,7 +102,11 @@ def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: Resul
         address: Ray cluster address (``auto`` or ``HOST:PORT``); None starts a local Ray.
         cpus_per_run, gpus_per_run: Ray resources per run.
         log: receives one-line progress messages.
-        **overrides: config keys that replace the config's (same names as the YAML keys).
+        dry_run: log the plan and the cost forecast, train nothing (returns the records already stored).
+        forecast: log one line before training: runs, epochs and a wall-time estimate from a few timed
+            steps per architecture (:func:`medtune.halving.forecast`).
+        **overrides: config keys that replace the config's (same names as the YAML keys); ``halving``
+            and its ``halving_eta``, ``halving_first_rung``, ``halving_within`` switch successive halving on.
     """
     from medtune.executors import create_executor
     from medtune.runner import run_all
@@ -120,7 +125,26 @@ def sweep(config: SweepConfig | dict | str | Path | None = None, *, store: Resul
         executor = create_executor(executor, workers=workers, address=address, num_cpus=cpus_per_run,
                                    num_gpus=gpus_per_run)
     log(f"sweep {cfg.name!r}: {len(plans)} runs into {store.root}")
-    records = run_all(plans, store=store, executor=executor, log=log, progress=cfg.name if cfg.base.progress else None)
+    halving = dict(eta=cfg.halving_eta, first_rung=cfg.halving_first_rung, within=cfg.halving_within)
+    if cfg.halving:
+        log(f"successive halving: eta {cfg.halving_eta}, first rung epoch {cfg.halving_first_rung}, "
+            f"within {cfg.halving_within}")
+    if forecast or dry_run:
+        from medtune.halving import forecast as estimate, format_forecast
+
+        log(format_forecast(estimate(plans, halving=cfg.halving, workers=getattr(executor, "workers", 1), **halving)))
+    if dry_run:
+        for p in plans:
+            c = p.config
+            log(f"  {p.run_id} {c.arch} {c.strategy} lr {c.lr:g} wd {c.weight_decay:g} seed {c.seed} "
+                f"epochs {c.epochs}" + (f" [{store.status(p.run_id)}]" if store.status(p.run_id) else ""))
+        return [r for r in (store.get(p.run_id) for p in plans) if r is not None]
+    progress = cfg.name if cfg.base.progress else None
+    if cfg.halving:
+        from medtune.halving import run_halving
+
+        return run_halving(plans, store=store, executor=executor, log=log, progress=progress, **halving)
+    records = run_all(plans, store=store, executor=executor, log=log, progress=progress)
     return [r for r in records if r is not None]
 
 

@@ -54,6 +54,7 @@ def build_report(
     alpha: float = 0.05,
     main_zeta: float = 0.04,
     expected: Mapping[str, Mapping[str, Any]] | None = None,
+    halving: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the report of a set of records, plus its tables as CSV beside it.
 
@@ -82,6 +83,8 @@ def build_report(
         expected: published-results tables (:func:`medtune.expected.load_tables`, from a literature preset);
             when given, a "Measured vs. published" section shows each cell's published and measured
             ACC/AUC and its verdict (:mod:`medtune.expected`), also as ``<stem>_expected.csv``.
+        halving: :func:`medtune.halving.halving_summary` of the store, or None: a section states the
+            settings, the epochs saved, and the configurations stopped at a rung (never in the tables).
 
     Returns:
         Path of the written report.
@@ -111,6 +114,9 @@ def build_report(
         atomic_write(out_path.with_name(f"{out_path.stem}_expected.csv"), pd.DataFrame(rows).to_csv(index=False))
         published = _published(rows, expected)
     report = format_report(data, title, explanations, published=published)
+    if halving:
+        report.sections.insert(len(report.sections) - 2, Section("halving", "Successive halving: stopped early",
+                                                                  halving_blocks(halving)))
     text = report.to_html() if fmt == "html" else report.to_markdown(out_path)
     atomic_write(out_path, text.encode("utf-8"))
     return out_path
@@ -123,12 +129,36 @@ def report_store(store: str | Path = "./medtune-results", *, out_path: str | Pat
     from medtune.expected import load_tables
     from medtune.store import ResultsStore
 
+    from medtune.halving import halving_summary
+
     db = ResultsStore(store, create=False)
     out = out_path or Path(store) / f"report.{fmt}"
     check_output(out, flag="-o" if out_path else "the report path")  # never the database or a managed folder
     return build_report(db.runs(), db.attacks(), db.searches(), explanations=db.explanations(), title=title,
                         out_path=out, fmt=fmt, metric=metric,
-                        expected=load_tables(db.raw_expected_tables(), where=str(db.root)))
+                        expected=load_tables(db.raw_expected_tables(), where=str(db.root)), halving=halving_summary(db))
+
+
+def halving_blocks(summary: Mapping[str, Any]) -> list:
+    """The halving section: its settings, the epochs trained vs the full grid, and every configuration
+    stopped at a rung with its validation metric there — not trained to the end, so in no other table."""
+    trained, full = summary["epochs_trained"], summary["epochs_full_grid"]
+    saved = f"{full - trained} of {full} ({(full - trained) / full:.0%})" if full else "0"
+    blocks: list = [Facts([("settings", f"eta {summary['eta']}, first rung {summary['first_rung']} epoch(s), "
+                                        f"within {summary['within']} (ranked by mean validation metric over seeds)"),
+                           ("epochs trained", f"{trained} (the full grid's budget: {full}; saved {saved})")])]
+    rows = []
+    for r in summary["stopped"]:
+        cfg = r.get("config") or {}
+        rows.append([r["run_id"], str(cfg.get("arch", "")), str(cfg.get("strategy", "")), f"{cfg.get('lr', float('nan')):g}",
+                     f"{cfg.get('weight_decay', float('nan')):g}", str(cfg.get("seed", "")),
+                     f"stopped at rung {r['rung']}", f"{r['monitor']} {fmt_number(r['val_metric'])}"])
+    if rows:
+        blocks.append(Table(["run", "arch", "strategy", "lr", "weight decay", "seed", "state", "val metric at rung"],
+                            rows, caption="Not trained to the end: left out of every table, test and recommendation."))
+    else:
+        blocks.append(Note("No configuration was stopped early."))
+    return blocks
 
 
 # --------------------------------------------------------------------------- headline

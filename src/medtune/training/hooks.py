@@ -9,11 +9,25 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["EpochContext", "SolveContext", "Phase", "Callback", "StopTraining"]
+__all__ = ["EpochContext", "SolveContext", "Phase", "Callback", "StopTraining", "RungReached"]
 
 
 class StopTraining(Exception):
     """Raised by a callback to end the current phase after this epoch (fastai's cancel exceptions)."""
+
+
+class RungReached(Exception):
+    """Raised by :func:`medtune.training.loop.fit` called with ``pause_at``: the run has trained that many
+    epochs and its checkpoint is saved (successive halving pauses it there; a later ``fit`` continues it).
+
+    Attributes:
+        epochs: epochs trained so far (history rows, every phase counted).
+        history: the run's history rows so far (their ``val_*`` metrics rank it at the rung).
+    """
+
+    def __init__(self, epochs: int, history: list[dict]) -> None:
+        super().__init__(f"paused after epoch {epochs}")
+        self.epochs, self.history = epochs, history
 
 
 @runtime_checkable

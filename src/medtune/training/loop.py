@@ -31,7 +31,7 @@ from medtune.data.base import ImageSet
 from medtune.data.diskcache import DiskImages
 from medtune.errors import StoreError, TrainingError
 from medtune.models._norm import BATCH_STAT_LAYERS
-from medtune.training.hooks import Callback, EpochContext, SolveContext, StopTraining
+from medtune.training.hooks import Callback, EpochContext, RungReached, SolveContext, StopTraining
 from medtune.training.imbalance import balanced_order, class_weights
 from medtune.training.cache import (FeaturesDoNotFit, build_chain, cache_unusable_reason, cached_features,
                                     frozen_prefix_length)
@@ -545,7 +545,7 @@ def _update_best(phase: _Phase, model: nn.Module, val_metrics: dict) -> None:
 
 def fit(model: nn.Module, data: ImageSet, strategy, cfg: Any, *, blocks, checkpoint_path: str | Path | None = None,
         callbacks: Sequence[Callback] = (), log: Callable[[str], None] | None = None,
-        data_fingerprint: str | None = None, cache_cuts: Iterable[int] = ()) -> FitResult:
+        data_fingerprint: str | None = None, cache_cuts: Iterable[int] = (), pause_at: int | None = None) -> FitResult:
     """Train ``model`` on ``data``'s train split with ``strategy``, early-stopping on the val split.
 
     Args:
@@ -560,12 +560,17 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: Any, *, blocks, checkpo
         data_fingerprint: ``data.fingerprint()`` when the run's plan has it (else computed here).
         cache_cuts: frozen depths (blocks) other runs of the plan freeze: the feature cache's pass
             stores those cuts too (a top-k sweep pays one pass).
+        pause_at: stop once this many epochs (history rows, all phases) are trained and checkpointed,
+            by raising :class:`~medtune.training.hooks.RungReached` (successive halving's rung). The LR
+            schedule still spans the full budget, so a later ``fit`` continues as if never paused. A run
+            that ends (its budget, early stopping) before then returns as usual.
 
     Returns:
         FitResult with the best weights loaded, history, val/test metrics and test probabilities.
 
     Raises:
         StoreError: the checkpoint file exists but cannot be read.
+        RungReached: ``pause_at`` epochs are trained (only with a ``checkpoint_path``).
     """
     log = log or (lambda _msg: None)
     run = _Setup.create(model, data, cfg, blocks, data_fingerprint, frozenset(cache_cuts))
@@ -583,6 +588,8 @@ def fit(model: nn.Module, data: ImageSet, strategy, cfg: Any, *, blocks, checkpo
                            record=state["extras"], num_epochs=phase.num_epochs)
         stop = False
         while phase.epoch < phase.num_epochs and not stop:
+            if pause_at is not None and len(state["history"]) >= pause_at and ckpt is not None:
+                raise RungReached(len(state["history"]), state["history"])  # the checkpoint holds this point
             record = _run_epoch(run, phase, ctx, state, log)
             try:
                 for cb in callbacks:

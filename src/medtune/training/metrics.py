@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn import metrics as skm
 
-__all__ = ["compute_metrics", "MONITOR_METRICS", "METRIC_RANGES", "higher_is_better", "metric_range"]
+__all__ = ["compute_metrics", "MONITOR_METRICS", "METRIC_RANGES", "higher_is_better", "metric_range", "rung_metric"]
 
 #: The metrics every record carries and a run can monitor (early stopping, best checkpoint).
 MONITOR_METRICS: tuple[str, ...] = ("auc", "accuracy", "balanced_accuracy", "f1", "loss")
@@ -107,3 +109,13 @@ def compute_metrics(y_true: np.ndarray, prob: np.ndarray, *, task: str, class_na
     if loss is not None:
         out["loss"] = float(loss)
     return out
+
+
+def rung_metric(history: Sequence[dict], rung: int, monitor: str) -> float:
+    """A run's validation metric at a rung: the best monitored value of its first ``rung`` epochs (what
+    the run would report, by best-epoch selection, had it ended there); NaN if none is defined."""
+    values = [h.get(f"val_{monitor}") for h in list(history)[:rung]]
+    values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not values:
+        return float("nan")
+    return max(values) if higher_is_better(monitor) else min(values)
