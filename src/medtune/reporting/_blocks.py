@@ -27,14 +27,14 @@ _CSS = """
 * { box-sizing: border-box; }
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
        color: var(--ink); margin: 0; background: #fff; line-height: 1.45; }
-header.top { background: linear-gradient(90deg, #0b3d91, #1f6feb); color: #fff; padding: 22px 32px 16px; }
+header.top { background: linear-gradient(90deg, #0b3d91, #1f6feb); color: #fff; padding: 16px 32px 12px; }
 header.top h1 { margin: 0 0 4px; font-size: 26px; }
 header.top p { margin: 0; opacity: .9; font-size: 14px; }
 main { max-width: 1180px; margin: 0 auto; padding: 8px 32px 40px; }
 nav.toc { font-size: 13px; margin: 14px 0 0; }
 nav.toc a { color: var(--accent); margin-right: 14px; text-decoration: none; }
-.headline { border: 2px solid #f0b400; background: var(--rec); border-radius: 10px; padding: 16px 20px;
-            margin: 20px 0; }
+.headline { border: 2px solid #f0b400; background: var(--rec); border-radius: 10px; padding: 12px 18px;
+            margin: 14px 0; }
 .headline h2 { margin: 0 0 8px; font-size: 18px; }
 .headline p { margin: 0 0 10px; }
 .cards { display: flex; flex-wrap: wrap; gap: 12px; }

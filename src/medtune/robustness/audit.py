@@ -185,7 +185,7 @@ def audit(
     train_images = check_images(train_images, "train_images", stream=True)
     setup = _Setup.build(model, cfg, test_images, train_images, device)
     result = AuditResult()
-    bar = progress_bar(len(cfg.sources) * len(cfg.zetas) * len(targets), "audit", unit="UAP")
+    bar = progress_bar(len(cfg.sources) * len(cfg.zetas) * len(setup.targets), "audit", unit="UAP")
     for source_idx, name in enumerate(cfg.sources):
         source = _build_source(name, cfg, train_images, setup.size, setup.channels == "grey")
         for zeta_idx, zeta in enumerate(cfg.zetas):
