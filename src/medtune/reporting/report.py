@@ -234,8 +234,8 @@ def _answers(data: ReportData) -> str:
             blocks = ""
             if t.get("per_block"):
                 blocks = "; per block: " + ", ".join(f"{b} {n:,}" for b, n in t["per_block"].items())
-            parts.append(f"It trains {t['trainable']:,.0f} parameters{share}{blocks}"
-                         + (f" — {t['what']}" if t.get("what") else "") + ".")
+            what = f" — {t['what'].rstrip('.')}" if t.get("what") else ""
+            parts.append(f"It trains {t['trainable']:,.0f} parameters{share}{blocks}{what}.")
     exposure = data.exposure
     if exposure:
         zeta = f"ζ = {100 * data.main_zeta:.3g}%"
