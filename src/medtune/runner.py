@@ -315,6 +315,28 @@ def build_record(plan: RunPlan, data: ImageSet, result, model: torch.nn.Module, 
     )
 
 
+class _EpochProgress:
+    """A run's epochs as a progress bar on a terminal (a log already has one line per epoch, so nothing
+    is drawn when stderr is not a terminal, or with ``--quiet`` / ``progress: false``)."""
+
+    def __init__(self, desc: str, monitor: str) -> None:
+        from medtune.progress import progress_bar
+
+        self.monitor = monitor
+        self.bar = progress_bar(None, desc, unit="epoch") if sys.stderr.isatty() else None
+
+    def on_epoch_end(self, record: dict) -> None:
+        if self.bar is not None:
+            value = record.get(f"val_{self.monitor}")
+            if isinstance(value, (int, float)):
+                self.bar.set_postfix_str(f"val {self.monitor} {value:.4f}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def execute_run(plan: RunPlan, checkpoint_path: str | None, heartbeat: Callable[[], None] | None = None,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """:func:`_execute_run` with the run's ``progress`` field deciding whether its long steps show progress."""
@@ -347,15 +369,18 @@ def _execute_run(plan: RunPlan, checkpoint_path: str | None, heartbeat: Callable
             if heartbeat is not None:
                 heartbeat()
 
+    epochs = _EpochProgress(f"{run_id[:8]} {strategy.spec}", cfg.monitor)
     try:
         result = fit(model, data, strategy, cfg, blocks=blocks, checkpoint_path=checkpoint_path,
-                     callbacks=(_Heartbeat(),), log=log, data_fingerprint=fingerprint, cache_cuts=plan.cache_cuts,
-                     pause_at=plan.pause_at)
+                     callbacks=(_Heartbeat(), epochs), log=log, data_fingerprint=fingerprint,
+                     cache_cuts=plan.cache_cuts, pause_at=plan.pause_at)
     except RungReached as paused:
         value = rung_metric(paused.history, plan.pause_at, cfg.monitor)
         log(f"{run_id} paused at rung {plan.pause_at} (val {cfg.monitor} {value:.4f})")
         return {"paused": {"run_id": run_id, "rung": int(plan.pause_at), "epochs": paused.epochs,
                            "monitor": cfg.monitor, "val_metric": value}}
+    finally:
+        epochs.close()
     strategy.finalize_model(model)  # LoRA merges its adapters: the stored weights are the plain architecture's
     record = build_record(plan, data, result, model, len(blocks), device)
     m = result.test_metrics

@@ -124,6 +124,18 @@ def test_deft_draws_one_step_per_generation(terminal, monkeypatch):
     assert re.search(r"DEFT: 100%\|.*\| 4/4 .*best 1\.0000, \d+ trained", bars[-1]), bars
 
 
+def test_a_run_draws_its_epochs_on_a_terminal(terminal, monkeypatch, tmp_path):
+    _attach(terminal, monkeypatch)
+    import medtune
+
+    record = medtune.run({"data": "synthetic", "arch": "medtune_tiny_cnn", "weights": "none", "img_size": 16,
+                          "epochs": 3, "batch_size": 16, "device": "cpu", "strategy": "full",
+                          "store": str(tmp_path / "s")})
+    bars = _bars(terminal.text(), record["run_id"][:8])
+    print("\n".join(bars))
+    assert bars and re.search(r"full: 3epoch .*val auc \d\.\d{4}", bars[-1]), bars
+
+
 def test_not_a_terminal_one_line_per_step_and_quiet_is_silent(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MEDTUNE_PROGRESS_DELAY", "0")
     progress.quiet(False)
