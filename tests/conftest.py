@@ -78,6 +78,26 @@ def write_toy_npz():
 
 
 @pytest.fixture(scope="session")
+def write_image_folder():
+    """``write(root, per_class, shape=(H, W, 3), shifts=(0, 60), high=160)``: a folder per class (``a``, ``b``,
+    …, one per shift) of ``per_class`` PNGs of noise in [0, ``high``) plus the class's shift, drawn from
+    ``default_rng(0)``; returns ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    def write(root, per_class: int, *, shape: tuple[int, ...] = (20, 20, 3), shifts=(0, 60), high: int = 160):
+        rng = np.random.default_rng(0)
+        for c, shift in zip("abcdefgh", shifts):
+            (root / c).mkdir(parents=True)
+            for i in range(per_class):
+                img = rng.integers(0, high, shape, dtype=np.uint8).astype(np.int64) + shift
+                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / c / f"{i:02d}.png")
+        return root
+
+    return write
+
+
+@pytest.fixture(scope="session")
 def write_medmnist():
     """``write(root, name, sizes=(60, 20, 40), seed=0, size=28)``: ``ROOT/NAME[_SIZE].npz`` as the medmnist
     package writes it (the real key names, uint8 images (N, H, W[, 3]), uint8 labels (N, 1), or (N, 14) for

@@ -15,7 +15,6 @@ import threading
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from medtune import progress
 from medtune.progress import progress_bar
@@ -71,20 +70,12 @@ def _bars(text: str, desc: str) -> list[str]:
     return [s.strip() for s in re.split(r"[\r\n]", text) if s.strip().startswith(desc)]
 
 
-def _image_folder(root, num=12):
-    rng = np.random.default_rng(0)
-    for k, cls in enumerate(("a", "b")):
-        (root / cls).mkdir(parents=True)
-        for i in range(num // 2):
-            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / cls / f"{k}{i}.png")
-    return root
-
-
-def test_decode_draws_a_bar_on_a_terminal(terminal, monkeypatch, tmp_path):
+def test_decode_draws_a_bar_on_a_terminal(terminal, monkeypatch, tmp_path, write_image_folder):
     _attach(terminal, monkeypatch)
     from medtune.data import load_data
 
-    load_data(str(_image_folder(tmp_path / "imgs")), img_size=16, data_cache="memory", val_fraction=0.25,
+    images = write_image_folder(tmp_path / "imgs", 6, shape=(20, 24, 3), shifts=(0, 0), high=255)
+    load_data(str(images), img_size=16, data_cache="memory", val_fraction=0.25,
               test_fraction=0.25)
     bars = _bars(terminal.text(), "decode")
     print("\n".join(bars))  # the captured bars (pytest -s shows them)

@@ -363,16 +363,8 @@ def test_onnx_export_of_a_pool_onnx_refuses_matches_torch(tmp_path):
 # -- the decode cache and FIFOs ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("imgs") / "set"
-    rng = np.random.default_rng(0)
-    for c, shift in (("a", 0), ("b", 60)):
-        (root / c).mkdir(parents=True)
-        for i in range(12):
-            Image.fromarray((rng.integers(0, 160, (20, 20, 3)) + shift).astype(np.uint8)).save(root / c / f"{i}.png")
-    return root
+def folder(tmp_path_factory, write_image_folder) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("imgs") / "set", 12)
 
 
 def test_a_same_size_corruption_of_the_decode_cache_is_decoded_again(folder, tmp_path):

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import medtune
 from medtune.data import diskcache, load_data
@@ -17,16 +16,9 @@ from medtune.data.diskcache import DiskImages
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
+def folder(tmp_path_factory, write_image_folder) -> Path:
     """Two classes of 24 varied PNGs, 40x30 px (so the 16 px resize is real work)."""
-    root = tmp_path_factory.mktemp("imgs") / "set"
-    rng = np.random.default_rng(0)
-    for c, shift in (("a", 0), ("b", 60)):
-        (root / c).mkdir(parents=True)
-        for i in range(24):
-            img = rng.integers(0, 160, (30, 40, 3), dtype=np.uint8) + shift
-            Image.fromarray(img.astype(np.uint8)).save(root / c / f"{i:02d}.png")
-    return root
+    return write_image_folder(tmp_path_factory.mktemp("imgs") / "set", 24, shape=(30, 40, 3))
 
 
 def _count_decodes(monkeypatch) -> list[str]:
