@@ -44,6 +44,15 @@ Record = Mapping[str, Any]
 _SOURCE_STYLE = {"train": ("#d62728", "o"), "natural": ("#1f77b4", "s"), "random": ("#ff7f0e", "^")}
 
 
+
+def _label_panel(ax, xlabel: str, metric: str, title: str, *, legend_size: int) -> None:
+    """A metric panel's axis labels, title, grid and legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
 def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
@@ -128,11 +137,8 @@ def plot_depth(runs: Sequence[Record], metric: str = "auc") -> Figure | None:
             if len(full):
                 ax.annotate("full", (float(full["depth"].iloc[0]), float(full[metric].mean())),
                             textcoords="offset points", xytext=(4, -12), fontsize=8)
-        ax.set_xlabel(f"trainable top {'blocks' if family == 'top_k' else 'layers'} (0 = head only)")
-        ax.set_ylabel(f"test {metric}")
-        ax.set_title(f"{dataset}: {family}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _label_panel(ax, f"trainable top {'blocks' if family == 'top_k' else 'layers'} (0 = head only)", metric,
+                     f"{dataset}: {family}", legend_size=8)
         ax.xaxis.get_major_locator().set_params(integer=True)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
@@ -168,11 +174,7 @@ def plot_train_fraction(runs: Sequence[Record], metric: str = "auc") -> Figure |
             st = _group_stats(g, ["train_fraction"], metric).sort_values("train_fraction")
             ax.errorbar(st["train_fraction"], st["mean"], yerr=st["sd"], marker="o", capsize=3,
                         color=colors[label], linestyle="--" if label == "scratch" else "-", label=label)
-        ax.set_xlabel("fraction of the training set")
-        ax.set_ylabel(f"test {metric}")
-        ax.set_title(f"{dataset} / {arch}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _label_panel(ax, "fraction of the training set", metric, f"{dataset} / {arch}", legend_size=8)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     return fig
@@ -368,11 +370,7 @@ def plot_data_size(runs: Sequence[Record], metric: str = "auc") -> Figure | None
         sizes = sorted(sel["per_class"].unique())
         ax.set_xticks(sizes, [f"{v:g}" for v in sizes])  # the sizes themselves, not log-scale decades
         ax.minorticks_off()
-        ax.set_xlabel("training images per class (log)")
-        ax.set_ylabel(f"test {metric}")
-        ax.set_title(f"{dataset} / {arch}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label_panel(ax, "training images per class (log)", metric, f"{dataset} / {arch}", legend_size=7)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     return fig
