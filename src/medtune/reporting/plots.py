@@ -44,7 +44,6 @@ Record = Mapping[str, Any]
 _SOURCE_STYLE = {"train": ("#d62728", "o"), "natural": ("#1f77b4", "s"), "random": ("#ff7f0e", "^")}
 
 
-
 def _label_panel(ax, xlabel: str, metric: str, title: str, *, legend_size: int) -> None:
     """A metric panel's axis labels, title, grid and legend."""
     ax.set_xlabel(xlabel)
