@@ -1,7 +1,8 @@
 """Successive halving over epochs (Jamieson & Talwalkar 2016; Li et al. 2018, Hyperband's inner loop):
 configurations that compete train to a rung (epoch ``r`` of their full budget), are ranked by their mean
 validation metric over seeds there, and the top ``1/eta`` continue from their epoch checkpoint to the
-next rung (``r * eta``) until the full budget.
+next rung (``r * eta``) until the full budget. Configurations tied exactly with the last one kept all
+continue: a tie decides nothing, and breaking it by plan order would favour the first-listed value.
 
 Decisions are a pure function of what the results store holds (each run's rung metrics, or a finished
 run's history), so a killed sweep, restarted, makes the same promotions and trains nothing twice; the
@@ -120,7 +121,10 @@ def decide(plans: Sequence[Any], store: ResultsStore, *, eta: int, first_rung: i
 
             order = sorted(range(len(alive)), key=lambda i: (-score(alive[i]), i))
             keep = max(1, len(alive) // eta)
-            winners = [alive[i] for i in sorted(order[:keep])]
+            # a tie at the cut is no evidence: every configuration tied with the last one kept continues
+            # (LP-FT's probe epoch floors each LR's best-so-far metric, so its LRs tie until one improves)
+            cut = score(alive[order[keep - 1]])
+            winners = [c for c in alive if score(c) >= cut]
             for i, c in enumerate(alive):
                 state = "promoted" if c in winners else "stopped"
                 for p, v in zip(members[c], values[c]):

@@ -117,6 +117,35 @@ def test_within_groups_and_the_solved_probe_is_never_paused(tmp_path):
     assert all(r == 1 for p, r in d.need if p.config.strategy.name != "linear")
 
 
+def test_a_tie_at_the_cut_promotes_every_tied_configuration(tmp_path):
+    """Ranked on stored rung metrics alone: the top 1/eta continue, and a configuration tied exactly with
+    the last one kept continues too (LP-FT's LRs all tie at the probe's epoch)."""
+    from medtune.sweeps import plan_sweep, load_sweep_config
+
+    store = ResultsStore(tmp_path / "s")
+    plans = plan_sweep(load_sweep_config(_sweep_cfg(epochs=10, store=str(store.root))))
+    by_lr = {}
+    for p in plans:
+        by_lr.setdefault(p.config.lr, []).append(p)
+    assert sorted(by_lr) == [0.001, 0.01, 0.1]
+
+    def decided(values):
+        for lr, plans_lr in by_lr.items():
+            for p in plans_lr:
+                store.pause(p.run_id, 1, values[lr], monitor="auc", epochs=1)
+        d = decide(plans, store, eta=3, first_rung=1, within="lr")
+        return {lr: {d.states[(p.run_id, 1)][0] for p in plans_lr} for lr, plans_lr in by_lr.items()}, d
+
+    states, d = decided({0.1: 0.7, 0.01: 0.9, 0.001: 0.8})  # one winner: the rest stop
+    assert states == {0.1: {"stopped"}, 0.01: {"promoted"}, 0.001: {"stopped"}}
+    assert [r for _, r in d.need] == [None, None]  # the winner's two seeds go on to the end
+    states, d = decided({0.1: 0.9, 0.01: 0.9, 0.001: 0.8})  # two tied at the top: both go on
+    assert states == {0.1: {"promoted"}, 0.01: {"promoted"}, 0.001: {"stopped"}}
+    assert sorted(r for _, r in d.need) == [3] * 4  # to the next rung, where they compete again
+    states, _ = decided({0.1: 0.9, 0.01: 0.9, 0.001: 0.9})  # nothing tells them apart: none is stopped
+    assert states == {lr: {"promoted"} for lr in by_lr}
+
+
 def test_halving_config_keys_and_bad_values():
     from medtune.errors import ConfigError
     from medtune.sweeps import load_sweep_config
