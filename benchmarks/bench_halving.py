@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import medtune
-from medtune.demo import DEMO_SWEEP
+from medtune._demo import DEMO_SWEEP
 from medtune.halving import epochs_trained
 from medtune.store import ResultsStore
 
@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--store", default=None, help="parent folder of the two stores (default: a temp folder)")
     ap.add_argument("--out", default=None, help="write the results as JSON here too")
+    ap.add_argument("--modes", default="halving,full_grid",
+                    help="which sweeps to run (e.g. 'halving' alone, to re-measure it against a full grid measured before)")
     args = ap.parse_args()
     root = Path(args.store or tempfile.mkdtemp(prefix="bench_halving_"))
     base = dict(DEMO_SWEEP)
@@ -69,7 +71,7 @@ def main() -> None:
                 train_fraction=args.train_fraction,
                 progress=False)
     out = {"settings": {k: v for k, v in vars(args).items()}, "machine": "shared 2-core CPU"}
-    for mode in ("halving", "full_grid"):
+    for mode in args.modes.split(","):
         lines: list[str] = []
 
         def log(msg: str, _lines=lines) -> None:
@@ -87,6 +89,10 @@ def main() -> None:
         out[mode] = {"wall_s": wall, "epochs_trained": epochs_trained(store), "runs_done": len(records),
                      "forecast": forecast, "best_lr": best_lr, "best": best}
         print(json.dumps({mode: out[mode]}, indent=1), flush=True)
+    if "halving" not in out or "full_grid" not in out:
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=1))
+        return
     h, f = out["halving"], out["full_grid"]
     same = sum(h["best_lr"].get(s) == lr for s, lr in f["best_lr"].items())
     out["summary"] = {"epochs_ratio": f["epochs_trained"] / max(1, h["epochs_trained"]),
