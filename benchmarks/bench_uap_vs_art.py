@@ -12,9 +12,9 @@ scored by the same ``evaluate_perturbation``. Two comparisons, each repeated and
   ``--passes`` passes: medtune runs 1, 2, ... passes (each run from scratch, timed whole) until the v
   it returns fools at least as many test images as ART's.
 
-Each comparison is made for every ``--step-scales`` value of medtune's batched loop (``fixed``: the
-step size of every step; ``sqrt_batch``: √(images still to fool in the batch) × that), against the
-same ART runs.
+Each comparison is made for every ``--step-scales`` value of medtune's batched loop (``sqrt_batch``, the
+default: √(images still to fool in the batch) × the step size; ``fixed``: the step size of every step;
+``batch``: n × it), against the same ART runs. ``--arch`` picks the model (Lite0, Lite1 or Lite2).
 
 ART is a test/benchmark dependency (``pip install -e ".[test]"``).
 
@@ -37,9 +37,10 @@ from medtune.models import create_model
 from medtune.robustness import AuditConfig, budget_xi, compute_uap, evaluate_perturbation
 
 
-def fine_tune(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, epochs: int) -> nn.Module:
+def fine_tune(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, epochs: int,
+              arch: str = "tf_efficientnet_lite0") -> nn.Module:
     torch.manual_seed(0)  # a script, not library code
-    model = create_model("tf_efficientnet_lite0", num_classes=num_classes, weights="efficientnet_lite0")
+    model = create_model(arch, num_classes=num_classes, weights=arch.removeprefix("tf_"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = train_x.float() / 255
     for _ in range(epochs):
@@ -69,6 +70,8 @@ def run_art(model, images, *, xi, norm, step, passes, num_classes, seed=0):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="tf_efficientnet_lite0",
+                        help="tf_efficientnet_lite0/1/2 (offline ImageNet weights)")
     parser.add_argument("--img-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--passes", type=int, default=2, help="ART's passes (and medtune's at equal passes)")
@@ -83,7 +86,8 @@ def main() -> None:
     parser.add_argument("--norms", default="2,inf")
     parser.add_argument("--num-source-images", type=int, default=96, help="first N training images")
     parser.add_argument("--reference", action="store_true", help="also time medtune's reference mode (once)")
-    parser.add_argument("--step-scales", default="fixed,sqrt_batch,batch", help="batched step scales to compare")
+    parser.add_argument("--step-scales", default="sqrt_batch,fixed,batch",
+                        help="batched step scales to compare (sqrt_batch: the default)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -91,10 +95,10 @@ def main() -> None:
     train, test = data.split("train"), data.split("test")
     num_classes = len(data.class_names)
     t0 = time.perf_counter()
-    model = fine_tune(train.images, train.labels, num_classes, args.epochs)
+    model = fine_tune(train.images, train.labels, num_classes, args.epochs, args.arch)
     with torch.no_grad():
         acc = (model(test.images.float() / 255).argmax(1) == test.labels).float().mean().item()
-    print(f"EfficientNet-Lite0 (offline ImageNet weights) fine-tuned {args.epochs} epochs at {args.img_size} px in "
+    print(f"{args.arch} (offline ImageNet weights) fine-tuned {args.epochs} epochs at {args.img_size} px in "
           f"{time.perf_counter() - t0:.0f} s; clean test accuracy {acc:.3f}; {min(args.num_source_images, len(train.images))} source / "
           f"{test.images.shape[0]} test images; ζ={args.zeta}, ART step={args.step_fraction}·ξ, medtune step="
           f"{args.medtune_step_fraction or AuditConfig().step_fraction}·ξ, batch {args.batch_size}, "

@@ -165,12 +165,14 @@ def test_cli_reads_a_yaml_config_and_flags_override_it(cli_config, tmp_path):
                                                                                   max_passes=5)
 
 
-def test_step_scale_is_hashed_only_when_set():
-    # a field added after stores existed: the default leaves every stored attack id as it was
-    cfg = AuditConfig()
-    assert "step_scale" not in cfg.semantic_dict()
-    scaled = cfg.replace(step_scale="sqrt_batch")
-    assert scaled.semantic_dict()["step_scale"] == "sqrt_batch"
-    assert scaled.attack_id("r1", key="k") != cfg.attack_id("r1", key="k")
+def test_step_scale_is_hashed_only_away_from_the_fixed_step():
+    # a field added after stores existed: the fixed step (the default then) keeps every stored attack id as
+    # it was; the batched default since, sqrt_batch, is hashed under its name
+    fixed = AuditConfig(step_scale="fixed")
+    assert "step_scale" not in fixed.semantic_dict()
+    assert "step_scale" not in AuditConfig(algorithm="reference").semantic_dict()  # the reference's default
+    scaled = AuditConfig()
+    assert scaled.step_scale == "sqrt_batch" and scaled.semantic_dict()["step_scale"] == "sqrt_batch"
+    assert scaled.attack_id("r1", key="k") != fixed.attack_id("r1", key="k")
     with pytest.raises(ConfigError, match="batched algorithm only"):
         AuditConfig(algorithm="reference", step_scale="sqrt_batch")

@@ -280,7 +280,7 @@ def test_the_best_v_is_returned_not_the_last(colour_task, algorithm):
     xi = budget_xi(source, 0.08, "inf")
     step = 1.0 if algorithm == "batched" else 0.3
     result = compute_uap(model, source, zeta=0.08, norm="inf", step_size=step * xi, max_passes=10, batch_size=32,
-                         algorithm=algorithm, exact_rates=True, seed=0)
+                         algorithm=algorithm, exact_rates=True, seed=0, step_scale="fixed")
     assert all(result.source_rate_exact)
     assert result.best_rate >= max(result.fooling_rate_source) - 1e-12  # ≥ that of every pass
     assert result.best_rate == result.fooling_rate_source[result.best_pass - 1]
@@ -296,7 +296,8 @@ def test_default_batched_scoring_counts_and_still_returns_the_best(colour_task):
     # without exact_rates a pass is counted from its own forwards; the returned v is scored exactly
     model, source = colour_task["model"], colour_task["train_x"]
     xi = budget_xi(source, 0.08, "inf")
-    result = compute_uap(model, source, zeta=0.08, norm="inf", step_size=xi, max_passes=10, batch_size=32)
+    result = compute_uap(model, source, zeta=0.08, norm="inf", step_size=xi, max_passes=10, batch_size=32,
+                         step_scale="fixed")  # steps of ξ each: the overshoot this test needs
     assert not all(result.source_rate_exact)  # the overshooting passes are far from the goal
     rate = evaluate_perturbation(model, source, None, result.perturbation)["fooling_rate"]
     assert rate == pytest.approx(result.best_rate)
@@ -362,8 +363,8 @@ def test_sqrt_batch_step_is_the_step_times_root_of_the_images_stepped_for(random
     model, images = random_setup
     common = dict(zeta=0.1, xi=1e3, norm=norm, step_size=0.05, max_passes=1, goal_rate=1.0,
                   batch_size=images.shape[0])
-    fixed = compute_uap(model, images, **common)
-    scaled = compute_uap(model, images, step_scale="sqrt_batch", **common)
+    fixed = compute_uap(model, images, step_scale="fixed", **common)
+    scaled = compute_uap(model, images, **common)  # the batched default
     n = images.shape[0]  # none is fooled before the first step: every image is stepped for
     assert fixed.step_scale == "fixed" and scaled.step_scale == "sqrt_batch"
     assert perturbation_norm(fixed.last_perturbation, norm) == pytest.approx(0.05, rel=1e-5)
@@ -371,6 +372,20 @@ def test_sqrt_batch_step_is_the_step_times_root_of_the_images_stepped_for(random
     # the same direction, √n times longer
     torch.testing.assert_close(scaled.last_perturbation, fixed.last_perturbation * math.sqrt(n), rtol=1e-4,
                                atol=1e-6)
+
+
+def test_each_algorithm_has_its_own_default_step_scale():
+    from medtune.robustness import AuditConfig
+    from medtune.robustness.params import UAPParams
+
+    assert UAPParams().step_scale == "sqrt_batch" and UAPParams(algorithm="reference").step_scale == "fixed"
+    assert AuditConfig().step_scale == "sqrt_batch" and AuditConfig().uap.step_scale == "sqrt_batch"
+    assert AuditConfig(algorithm="reference").step_scale == "fixed"
+    assert AuditConfig(protocol="minagi2022").uap.step_scale == "fixed"  # the papers' per-image loop
+    # the default is hashed under its name: the same attack id as the scale given explicitly, and not
+    # the id of the fixed step of older stores
+    assert AuditConfig().attack_id("r") == AuditConfig(step_scale="sqrt_batch").attack_id("r")
+    assert AuditConfig().attack_id("r") != AuditConfig(step_scale="fixed").attack_id("r")
 
 
 def test_sqrt_batch_stays_within_budget_and_is_batched_only(random_setup):

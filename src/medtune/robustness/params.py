@@ -25,6 +25,7 @@ __all__ = [
     "CLIPS",
     "RETURNS",
     "CHECKS",
+    "DEFAULT_STEP_SCALE",
     "RANDOM_LINF",
     "STEP_SCALES",
     "UAPParams",
@@ -37,6 +38,10 @@ ALGORITHMS = ("batched", "reference")
 #: taken for) — as long as the sum of that many per-image steps in independent directions —, or the step
 #: size × the images (as long as that many aligned per-image steps, the most one pass of ART's loop can move v).
 STEP_SCALES = ("fixed", "sqrt_batch", "batch")
+#: Each algorithm's step scale when none is given: the batched loop's √n (at equal passes at least ART's
+#: test fooling, at equal fooling ≥ 5× faster: ``benchmarks/bench_uap_vs_art.py``); the per-image loop's
+#: one step per image (the papers').
+DEFAULT_STEP_SCALE = {"batched": "sqrt_batch", "reference": "fixed"}
 #: Perturbation spaces of the UAP loop: colour, or grey (R = G = B).
 CHANNEL_MODES = ("rgb", "grey")
 #: Whether x+v is clipped to the pixel range [0, 1] when the UAP is computed and evaluated (``pixel``), or
@@ -95,7 +100,7 @@ CHECKS: dict[str, Callable[[Any, str, str], Any]] = {
                                   " A paper's eps on a [-1, 1] scale is eps·128/255 here."),
     "step_norm": lambda value, name, owner: None if value is None else resolve_norm(value, owner=owner),
     "step_decay": check_fraction,
-    "step_scale": _choice(STEP_SCALES),
+    "step_scale": lambda value, name, owner: None if value is None else _choice(STEP_SCALES)(value, name, owner),
     "max_passes": check_positive_int,
     "goal_rate": check_fraction,
     "batch_size": check_positive_int,
@@ -103,6 +108,11 @@ CHECKS: dict[str, Callable[[Any, str, str], Any]] = {
     "clip": _choice(CLIPS),
     "return_v": _choice(RETURNS),
 }
+
+
+def resolve_step_scale(step_scale: str | None, algorithm: str) -> str:
+    """The step scale given, or the algorithm's default (:data:`DEFAULT_STEP_SCALE`) for None."""
+    return DEFAULT_STEP_SCALE[algorithm] if step_scale is None else step_scale
 
 
 def check_step_scale(step_scale: str, algorithm: str, owner: str) -> None:
@@ -143,7 +153,8 @@ class UAPParams:
             budget's norm (resolved on construction).
         step_decay: the step is multiplied by this after every pass, in (0, 1].
         step_scale: ``fixed`` (every step has the step size), ``sqrt_batch`` or ``batch`` (batched only: a
-            batch's step is √n or n × the step size for its n images still to fool).
+            batch's step is √n or n × the step size for its n images still to fool); None (default): the
+            algorithm's (:data:`DEFAULT_STEP_SCALE`: ``sqrt_batch`` batched, ``fixed`` reference).
         max_passes: maximum passes over the source images.
         goal_rate: stop once the exactly scored source fooling rate (targeted: success) reaches this.
         batch_size: images per gradient step (batched) and per scoring forward.
@@ -166,7 +177,7 @@ class UAPParams:
     step_eps: float | None = None
     step_norm: str | None = None
     step_decay: float = 1.0
-    step_scale: str = "fixed"
+    step_scale: str | None = None
     max_passes: int = DEFAULT_MAX_PASSES
     goal_rate: float = DEFAULT_GOAL_RATE
     batch_size: int = 64
@@ -179,6 +190,7 @@ class UAPParams:
         raw_step_norm = self.step_norm
         for name, check in CHECKS.items():
             object.__setattr__(self, name, check(getattr(self, name), name, owner))
+        object.__setattr__(self, "step_scale", resolve_step_scale(self.step_scale, self.algorithm))
         check_step_scale(self.step_scale, self.algorithm, owner)
         check_step_norm(self.step_norm, self.norm, owner, raw_step_norm)
         if self.step_norm is None:
@@ -212,6 +224,7 @@ class UAPParams:
             object.__setattr__(out, f.name, values.pop(f.name, f.default))
         if values:
             raise AttributeError(f"UAPParams has no field {sorted(values)[0]!r}")
+        object.__setattr__(out, "step_scale", resolve_step_scale(out.step_scale, out.algorithm))
         return out
 
     def derive(self, **values: Any) -> UAPParams:

@@ -78,7 +78,7 @@ class UAPResult:
         return_v: "best" or "last": which v ``perturbation`` is.
         step_norm: the norm of the FGSM step: "2" or "inf" (sign steps).
         step_decay: factor applied to the step after every pass.
-        step_scale: "fixed" or "sqrt_batch" (batched steps × √(images stepped for)).
+        step_scale: "fixed", "sqrt_batch" or "batch" (batched steps × 1, √n or n for n images stepped for).
         goal_rate: the source rate at which the loop stops early.
         num_source_images: number of images the UAP was computed from.
         goal_reached: whether the loop stopped because ``goal_rate`` was reached (exactly scored).
