@@ -167,8 +167,7 @@ class AuditConfig(_Base):
             only: a batch's step is √(its images still to fool) × the step size, as long as that
             many per-image steps summed in independent directions) or ``batch`` (n × the step size);
             None (default): ``sqrt_batch`` for the batched algorithm, ``fixed`` for the reference
-            (resolved when the config is built; at equal passes the batched default fools at least as
-            many test images as ART's loop, ``benchmarks/bench_uap_vs_art.py``).
+            (resolved when the config is built; ``benchmarks/bench_uap_vs_art.py`` compares them with ART).
         max_passes: maximum passes of the UAP loop over each chunk of source images.
         goal_rate: a UAP stops once it fools this share of its source images, in (0, 1].
         batch_size: images per UAP gradient step (batched) and per evaluation forward.

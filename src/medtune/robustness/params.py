@@ -38,9 +38,9 @@ ALGORITHMS = ("batched", "reference")
 #: taken for) — as long as the sum of that many per-image steps in independent directions —, or the step
 #: size × the images (as long as that many aligned per-image steps, the most one pass of ART's loop can move v).
 STEP_SCALES = ("fixed", "sqrt_batch", "batch")
-#: Each algorithm's step scale when none is given: the batched loop's √n (at equal passes at least ART's
-#: test fooling, at equal fooling ≥ 5× faster: ``benchmarks/bench_uap_vs_art.py``); the per-image loop's
-#: one step per image (the papers').
+#: Each algorithm's step scale when none is given: the batched loop's √n (3–12× the test fooling of a
+#: fixed step at equal passes; ART's or more under L∞, less under L2: ``benchmarks/bench_uap_vs_art.py``);
+#: the per-image loop's one step per image (the papers').
 DEFAULT_STEP_SCALE = {"batched": "sqrt_batch", "reference": "fixed"}
 #: Perturbation spaces of the UAP loop: colour, or grey (R = G = B).
 CHANNEL_MODES = ("rgb", "grey")
