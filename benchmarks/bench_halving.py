@@ -76,7 +76,7 @@ def main() -> None:
 
         def log(msg: str, _lines=lines) -> None:
             _lines.append(msg)
-            if msg.startswith(("forecast", "halving round", "sweep ")):
+            if msg.startswith(("forecast", "halving:", "sweep ")):
                 print(f"[{mode}] {msg}", flush=True)
 
         store = ResultsStore(root / mode)

@@ -22,9 +22,13 @@ class _Executor:
     """What every executor offers: ``map_unordered`` (its own) and an ordered ``map`` on top."""
 
     def map_unordered(self, fn: Callable, items: Sequence[tuple], *, return_exceptions: bool = False,
-                      ) -> Iterator[tuple[int, Any]]:
+                      more: Callable[[], Sequence[tuple]] | None = None) -> Iterator[tuple[int, Any]]:
         """Yield ``(index, fn(*items[index]))`` as calls finish; with ``return_exceptions`` a call that
-        raised (or whose worker died) yields its exception as the value and the others go on."""
+        raised (or whose worker died) yields its exception as the value and the others go on.
+
+        ``more``: called after each yielded result has been handled by the consumer; the calls it returns
+        are added (indices following the items') while the others run — successive halving submits a
+        group's next rung as soon as that group's rung is complete, not when every group's is."""
         raise NotImplementedError
 
     def map(self, fn: Callable, iterable) -> list:
@@ -49,29 +53,40 @@ class LocalExecutor(_Executor):
         self.workers = workers
 
     def map_unordered(self, fn: Callable, items: Sequence[tuple], *, return_exceptions: bool = False,
-                      ) -> Iterator[tuple[int, Any]]:
+                      more: Callable[[], Sequence[tuple]] | None = None) -> Iterator[tuple[int, Any]]:
         if self.workers == 1:
-            for i, args in enumerate(items):
+            queue = list(items)
+            i = 0
+            while i < len(queue):
                 try:
-                    value = fn(*args)
+                    value = fn(*queue[i])
                 except Exception as exc:
                     if not return_exceptions:
                         raise
                     value = exc
                 yield i, value
+                i += 1
+                if more is not None:
+                    queue += list(more())
             return
         pool = cf.ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
         finished = False
         try:
             futures = {pool.submit(fn, *args): i for i, args in enumerate(items)}
-            for fut in cf.as_completed(futures):
-                try:
-                    value = fut.result()
-                except Exception as exc:  # the call raised, or its worker process died (BrokenProcessPool)
-                    if not return_exceptions:
-                        raise
-                    value = exc
-                yield futures[fut], value
+            count = len(futures)
+            while futures:
+                done, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    try:
+                        value = fut.result()
+                    except Exception as exc:  # the call raised, or its worker process died (BrokenProcessPool)
+                        if not return_exceptions:
+                            raise
+                        value = exc
+                    yield futures.pop(fut), value
+                    for args in (more() if more is not None else ()):
+                        futures[pool.submit(fn, *args)] = count
+                        count += 1
             finished = True
         finally:
             if not finished:  # an error, Ctrl-C or SIGTERM in the driver: stop the workers now (their runs are
@@ -109,10 +124,11 @@ class RayExecutor(_Executor):
         return ray
 
     def map_unordered(self, fn: Callable, items: Sequence[tuple], *, return_exceptions: bool = False,
-                      ) -> Iterator[tuple[int, Any]]:
+                      more: Callable[[], Sequence[tuple]] | None = None) -> Iterator[tuple[int, Any]]:
         ray = self._ray()
         remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=0)(fn)
         pending = {remote.remote(*args): i for i, args in enumerate(items)}
+        count = len(pending)
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
@@ -124,6 +140,9 @@ class RayExecutor(_Executor):
                         raise
                     value = exc
                 yield pending.pop(ref), value
+                for args in (more() if more is not None else ()):
+                    pending[remote.remote(*args)] = count
+                    count += 1
         finally:
             for ref in pending:
                 ray.cancel(ref, force=True)

@@ -139,10 +139,11 @@ def run_halving(plans: Sequence[Any], *, store: ResultsStore, executor: Any, log
                 eta: int, first_rung: int, within: str, progress: str | None = None) -> list[dict]:
     """Train a sweep's plans by successive halving; return the records of the runs trained to the end.
 
-    Each round trains every run that a decision waits for (to its rung, or to the end) on ``executor``
-    through :func:`medtune.runner.run_all`, then stores the decisions the new rung metrics allow. A rung
-    is a barrier for the round (all groups together, in this version); runs another live process trains
-    are left to it.
+    Every run a decision waits for (to its rung, or to the end) goes to ``executor`` through
+    :func:`medtune.runner.run_all`; after each run is stored the decisions are taken again from the
+    store, stored, and the runs they newly wait for are added while the others train. A rung is thus a
+    barrier only among the configurations that compete (a group's next rung starts as soon as its own
+    rung is complete); runs another live process trains are left to it.
 
     Raises:
         RunsFailedError: some runs failed (the others are stored; the same command resumes).
@@ -151,26 +152,31 @@ def run_halving(plans: Sequence[Any], *, store: ResultsStore, executor: Any, log
 
     store.set_meta("halving", {"eta": eta, "first_rung": first_rung, "within": within})
     plans = list(plans)
-    round_no = 0
-    while True:
+    monitors = {p.run_id: p.config.monitor for p in plans}
+    submitted: set[tuple[str, int | None]] = set()
+
+    def next_runs() -> list[Any]:
         decision = decide(plans, store, eta=eta, first_rung=first_rung, within=within)
         stored = {(r["run_id"], r["rung"]): r["state"] for r in store.rungs()}
         for (run_id, rung), (state, value) in decision.states.items():
             if stored.get((run_id, rung)) != state:
-                monitor = next(p.config.monitor for p in plans if p.run_id == run_id)
-                store.decide_rung(run_id, rung, state, value, monitor=monitor)
-        if not decision.need:
-            break
-        round_no += 1
-        todo = [dataclasses.replace(p, strategy=copy.deepcopy(p.strategy), pause_at=r) for p, r in decision.need]
-        rungs = sorted({r for _, r in decision.need}, key=lambda r: (r is None, r or 0))
-        log(f"halving round {round_no}: {len(todo)} runs to " +
-            ", ".join("the end" if r is None else f"epoch {r}" for r in rungs))
-        records = run_all(todo, store=store, executor=executor, log=log, progress=progress)
-        if all(r is None for r in records):
+                store.decide_rung(run_id, rung, state, value, monitor=monitors[run_id])
+        new = [(p, r) for p, r in decision.need if (p.run_id, r) not in submitted]
+        if new:
+            submitted.update((p.run_id, r) for p, r in new)
+            counts: dict[int | None, int] = {}
+            for _, r in new:
+                counts[r] = counts.get(r, 0) + 1
+            log("halving: " + ", ".join(f"{n} runs to " + ("the end" if r is None else f"epoch {r}")
+                                        for r, n in sorted(counts.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))))
+        return [dataclasses.replace(p, strategy=copy.deepcopy(p.strategy), pause_at=r) for p, r in new]
+
+    first = next_runs()
+    if first:
+        run_all(first, store=store, executor=executor, log=log, progress=progress, more=next_runs)
+        if decide(plans, store, eta=eta, first_rung=first_rung, within=within).need:
             log("the remaining runs are being trained by another live process; run the same command again "
                 "once it finishes")
-            break
     out = [store.get(p.run_id) for p in plans]
     return [r for r in out if r is not None]
 

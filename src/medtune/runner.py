@@ -499,7 +499,7 @@ def _worker_for(executor: Any, store: ResultsStore, log: Callable[[str], None]) 
 
 
 def run_all(plans: list[RunPlan], *, store: ResultsStore, executor: Any, log: Callable[[str], None],
-            progress: str | None = None) -> list[dict | None]:
+            progress: str | None = None, more: Callable[[], list[RunPlan]] | None = None) -> list[dict | None]:
     """Claim → execute → store → release for a list of planned runs; the one path of ``run`` and ``sweep``.
 
     Stored runs come back as stored, runs another live process claimed as None; the rest are
@@ -512,9 +512,12 @@ def run_all(plans: list[RunPlan], *, store: ResultsStore, executor: Any, log: Ca
         store: the results store (the only writer is this process).
         executor: a ``medtune.executors`` executor; log: one-line progress messages;
         progress: a progress-bar title, or None for none.
+        more: called after each run is stored; the plans it returns are claimed and trained too, while
+            the others run (successive halving's next rung of a group, as soon as the group's rung is in).
 
     Returns:
-        One record per run (None for a run another process is training).
+        One record per run, the plans ``more`` added after ``plans`` (None for a run another process is
+        training).
 
     Raises:
         RunsFailedError: after every other run finished and was stored, if some runs failed.
@@ -526,6 +529,7 @@ def run_all(plans: list[RunPlan], *, store: ResultsStore, executor: Any, log: Ca
     if isinstance(executor, LocalExecutor):  # the runs train on this machine: check their devices before any claim
         for device in sorted({p.config.device for p in plans}):
             resolve_device(device)
+    plans = list(plans)
     records, todo = _claim(plans, store, log)
     worker = _worker_for(executor, store, log)
     try:  # a checkpoints folder that leads out of the store: release the claims, then one line
@@ -538,8 +542,23 @@ def run_all(plans: list[RunPlan], *, store: ResultsStore, executor: Any, log: Ca
     failures: list[tuple[str, str]] = []
     settled: set[int] = set()
     warned: set[str] = set()  # trackers that failed once (said once, the sweep goes on)
+
+    def added() -> list[tuple[RunPlan, str]]:
+        new = list(more()) if more is not None else []
+        if not new:
+            return []
+        start = len(plans)
+        new_records, claimed = _claim(new, store, log)
+        plans.extend(new)
+        records.extend(new_records)
+        todo.extend(start + k for k in claimed)  # claimed first: released below if anything fails
+        bar.total += len(claimed)
+        bar.refresh()
+        return [(new[k], str(store.checkpoint_path(new[k].run_id))) for k in claimed]
+
     try:
-        for j, payload in executor.map_unordered(worker, items, return_exceptions=True):
+        for j, payload in executor.map_unordered(worker, items, return_exceptions=True,
+                                                 more=added if more is not None else None):
             i = todo[j]
             if isinstance(payload, StoreError):  # the store's disk is full or read-only: every run would fail
                 raise payload

@@ -30,12 +30,20 @@ def test_ray_sweep_gives_the_local_store_contents(local_store, tmp_path):
     ray = pytest.importorskip("ray")
     store = ResultsStore(tmp_path)
     executor = create_executor("ray", init_kwargs={"num_cpus": 2})
+    halving = {**SWEEP, "strategy": "full", "lr": [0.1, 0.01, 0.001], "seeds": [0], "epochs": 3}
+    halved_local = ResultsStore(tmp_path / "halving_local")
+    medtune.sweep(halving, store=halved_local, halving=True)
+    halved_ray = ResultsStore(tmp_path / "halving_ray")
     try:
         records = medtune.sweep(SWEEP, store=store, executor=executor)
+        medtune.sweep(halving, store=halved_ray, executor=executor, halving=True)  # runs added while others train
     finally:
         ray.shutdown()
     assert len(records) == 8
     assert _metrics(store) == _metrics(local_store)
+    assert len(halved_ray.runs()) == 1 and _metrics(halved_ray) == _metrics(halved_local)
+    assert sorted((r["run_id"], r["state"]) for r in halved_ray.rungs()) == sorted(
+        (r["run_id"], r["state"]) for r in halved_local.rungs())  # the same promotions, in any finishing order
     for r in store.runs():
         assert (tmp_path / "artifacts" / r["run_id"] / "best.safetensors").exists()
 

@@ -85,13 +85,14 @@ def test_halving_sweep_promotes_on_validation_and_keeps_stopped_runs_out_of_the_
         assert r["state"] == ("promoted" if lr == winner else "stopped")
     assert len(store.runs()) == 2 and len(done_runs(store.runs())) == 2
     assert any(line.startswith("forecast: 6 runs, 10 epochs (full grid 18)") for line in logs)
+    assert any(line == "halving: 6 runs to epoch 1" for line in logs)
     # the recommendation reads finished runs only
     rec = recommend(store.runs(), metric="auc")
     assert rec is not None
     # a second start trains nothing and decides the same
     again: list[str] = []
     assert medtune.sweep(_sweep_cfg(), store=store, halving=True, log=again.append) == records
-    assert not any("halving round" in line for line in again)
+    assert not any(line.startswith("halving:") for line in again)
     assert store.rungs() == rows
     # the report and `medtune results` list the stopped runs apart, with their rung and val metric
     from medtune.reporting.report import report_store
@@ -144,6 +145,41 @@ def test_a_tie_at_the_cut_promotes_every_tied_configuration(tmp_path):
     assert sorted(r for _, r in d.need) == [3] * 4  # to the next rung, where they compete again
     states, _ = decided({0.1: 0.9, 0.01: 0.9, 0.001: 0.9})  # nothing tells them apart: none is stopped
     assert states == {lr: {"promoted"} for lr in by_lr}
+
+
+def test_a_group_goes_on_as_soon_as_its_own_rung_is_complete(tmp_path):
+    """A rung is a barrier only among the configurations that compete: the executor is handed a group's
+    next runs right after that group's last rung run is stored, while another group's rung still trains."""
+    from medtune.executors import _Executor
+    from medtune.runner import _execute_in_worker
+
+    class Recording(_Executor):  # one call at a time, in submission order; records what `more` adds, and when
+        def __init__(self):
+            self.trained, self.added = [], []
+
+        def map_unordered(self, fn, items, *, return_exceptions=False, more=None):
+            queue, i = list(items), 0
+            while i < len(queue):
+                plan = queue[i][0]
+                yield i, fn(*queue[i])
+                self.trained.append((plan.config.strategy.name, plan.pause_at))
+                i += 1
+                new = list(more()) if more is not None else []
+                if new:
+                    self.added.append((len(self.trained), [(a[0].config.strategy.name, a[0].pause_at) for a in new]))
+                queue += new
+
+    assert _execute_in_worker  # what a non-local executor's calls run (the pool and Ray entry)
+    executor = Recording()
+    cfg = _sweep_cfg(strategy="full,top_k:1", seeds=[0], store=str(tmp_path / "s"))
+    records = medtune.sweep(cfg, halving=True, executor=executor, log=lambda _m: None)
+    assert len(records) == 2  # each group's winner, trained to the end
+    # the first group's three LRs reach rung 1 first: its winner is handed over at once (after 3 runs),
+    # before any run of the second group has reached its rung
+    assert executor.trained[:3] == [("full", 1)] * 3
+    assert executor.added[0] == (3, [("full", None)])
+    assert executor.added[1] == (6, [("top_k", None)])
+    assert executor.trained[6:] == [("full", None), ("top_k", None)]
 
 
 def test_halving_config_keys_and_bad_values():
