@@ -56,6 +56,24 @@ def bounded_reads(request, monkeypatch) -> list[int]:
     return sizes
 
 
+@pytest.fixture()
+def no_network(monkeypatch) -> None:
+    """Refuse every connection off this machine (and tell huggingface_hub it is offline): a test that
+    loads weights proves they come from a local file, not the hub, as in CI, which has no internet."""
+    import socket
+
+    real_connect = socket.socket.connect
+
+    def connect(sock, address):
+        host = address[0] if isinstance(address, tuple) else None
+        if host is not None and host not in ("127.0.0.1", "::1", "localhost"):
+            raise OSError(f"network access in a test: {address!r}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 @pytest.fixture(scope="session")
 def write_toy_npz():
     """``write(path, sizes, num_classes=, shape=, step=)``: a MedMNIST-style ``.npz`` of learnable toy images

@@ -159,7 +159,7 @@ def test_lora_run_stores_merged_weights_with_batchnorm_buffers(lora_run):
     np.testing.assert_allclose(preds.y_prob, np.asarray(record["predictions"]["y_prob"]), atol=1e-5)
 
 
-def test_lora_export_timm_reloads_with_the_same_logits(lora_run):
+def test_lora_export_timm_reloads_with_the_same_logits(lora_run, no_network):
     import timm
 
     root, record = lora_run

@@ -151,7 +151,6 @@ def test_a_group_goes_on_as_soon_as_its_own_rung_is_complete(tmp_path):
     """A rung is a barrier only among the configurations that compete: the executor is handed a group's
     next runs right after that group's last rung run is stored, while another group's rung still trains."""
     from medtune.executors import _Executor
-    from medtune.runner import _execute_in_worker
 
     class Recording(_Executor):  # one call at a time, in submission order; records what `more` adds, and when
         def __init__(self):
@@ -169,8 +168,7 @@ def test_a_group_goes_on_as_soon_as_its_own_rung_is_complete(tmp_path):
                     self.added.append((len(self.trained), [(a[0].config.strategy.name, a[0].pause_at) for a in new]))
                 queue += new
 
-    assert _execute_in_worker  # what a non-local executor's calls run (the pool and Ray entry)
-    executor = Recording()
+    executor = Recording()  # not a LocalExecutor: its calls run the pool and Ray entry, _execute_in_worker
     cfg = _sweep_cfg(strategy="full,top_k:1", seeds=[0], store=str(tmp_path / "s"))
     records = medtune.sweep(cfg, halving=True, executor=executor, log=lambda _m: None)
     assert len(records) == 2  # each group's winner, trained to the end

@@ -86,7 +86,7 @@ def test_predict_errors_are_one_line(trained, capsys):
     assert len(err) == 1 and "matches no finished run" in err[0]
 
 
-def test_export_timm_round_trip_restores_head_labels_and_input_size(trained, tmp_path):
+def test_export_timm_round_trip_restores_head_labels_and_input_size(trained, tmp_path, no_network):
     import timm
 
     root, record = trained

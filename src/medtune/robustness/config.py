@@ -28,9 +28,7 @@ from medtune.robustness.params import (
     RANDOM_LINF,
     STEP_SCALES,
     UAPParams,
-    check_step_norm,
-    check_step_scale,
-    resolve_step_scale,
+    check_knobs,
 )
 
 __all__ = ["AuditConfig", "CHANNELS", "NATURAL_RESIZE", "PROTOCOLS", "SOURCES"]
@@ -263,14 +261,10 @@ class AuditConfig(_Base):
 
     def _check_uap_fields(self, owner: str) -> None:
         """Check the UAP knobs with UAPParams' table and hold the resulting :attr:`uap`."""
-        raw_step_norm = self.step_norm
         if isinstance(self.step_eps, str):  # a flag's text
             object.__setattr__(self, "step_eps", _number_or_none(self.step_eps, "step_eps", owner))
-        for name in _UAP_FIELDS:
-            object.__setattr__(self, name, CHECKS[name](getattr(self, name), name, owner))
-        object.__setattr__(self, "step_scale", resolve_step_scale(self.step_scale, self.algorithm))
-        check_step_scale(self.step_scale, self.algorithm, owner)
-        check_step_norm(self.step_norm, self.norm, owner, raw_step_norm)
+        for name, value in check_knobs({name: getattr(self, name) for name in _UAP_FIELDS}, owner).items():
+            object.__setattr__(self, name, value)
         uap = UAPParams.from_checked(zeta=self.zetas[0], **{k: getattr(self, k) for k in _UAP_FIELDS})
         if self.step_norm == self.norm:  # stored as None: the budget's norm (older stores' attack ids)
             object.__setattr__(self, "step_norm", None)

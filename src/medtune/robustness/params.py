@@ -29,6 +29,7 @@ __all__ = [
     "RANDOM_LINF",
     "STEP_SCALES",
     "UAPParams",
+    "check_knobs",
     "check_step_scale",
 ]
 
@@ -123,6 +124,18 @@ def check_step_scale(step_scale: str, algorithm: str, owner: str) -> None:
                           "use step_scale='fixed'.")
 
 
+def check_knobs(values: Mapping[str, Any], owner: str) -> dict[str, Any]:
+    """The canonical values of UAP knobs (``values`` holds ``norm``, ``algorithm``, ``step_norm``,
+    ``step_scale`` and any other :data:`CHECKS` names): each checked by its table entry, the step
+    scale resolved for the algorithm, then the checks across knobs. The one validation of
+    :class:`UAPParams` and of ``AuditConfig``'s fields of the same names."""
+    out = {name: CHECKS[name](value, name, owner) for name, value in values.items()}
+    out["step_scale"] = resolve_step_scale(out["step_scale"], out["algorithm"])
+    check_step_scale(out["step_scale"], out["algorithm"], owner)
+    check_step_norm(out["step_norm"], out["norm"], owner, values["step_norm"])
+    return out
+
+
 def check_step_norm(step_norm: str | None, norm: str, owner: str, raw: Any = None) -> None:
     """L2 steps under an L∞ budget are refused."""
     if step_norm == "2" and norm == "inf":
@@ -187,12 +200,8 @@ class UAPParams:
     owner: InitVar[str] = "UAPParams"
 
     def __post_init__(self, owner: str) -> None:
-        raw_step_norm = self.step_norm
-        for name, check in CHECKS.items():
-            object.__setattr__(self, name, check(getattr(self, name), name, owner))
-        object.__setattr__(self, "step_scale", resolve_step_scale(self.step_scale, self.algorithm))
-        check_step_scale(self.step_scale, self.algorithm, owner)
-        check_step_norm(self.step_norm, self.norm, owner, raw_step_norm)
+        for name, value in check_knobs({name: getattr(self, name) for name in CHECKS}, owner).items():
+            object.__setattr__(self, name, value)
         if self.step_norm is None:
             object.__setattr__(self, "step_norm", self.norm)
 
