@@ -14,7 +14,9 @@ scored by the same ``evaluate_perturbation``. Two comparisons, each repeated and
 
 Each comparison is made for every ``--step-scales`` value of medtune's batched loop (``sqrt_batch``, the
 default: √(images still to fool in the batch) × the step size; ``fixed``: the step size of every step;
-``batch``: n × it), against the same ART runs. ``--arch`` picks the model (Lite0, Lite1 or Lite2).
+``batch``: n × it) and every ``--pushes`` value (``dominant``, the default: towards the class v already
+sends most fooled images to; ``away``: from each image's label, ART's), against the same ART runs.
+``--batch-size`` is medtune's images per step (default the library's, 16); ART steps per image. ``--arch`` picks the model (Lite0, Lite1 or Lite2).
 ``--seeds N`` runs both loops with shuffle seeds 0..N-1 and compares mean test fooling over seeds: one
 run of either loop is a single sample (on one model, ART's fooling after 2 passes moved from 0.33 to
 0.57 between a 1- and a 2-thread run of the same seed, float noise flipping its accept decisions).
@@ -37,7 +39,7 @@ from torch import nn
 
 from medtune.data.demo import make_demo
 from medtune.models import create_model
-from medtune.robustness import AuditConfig, budget_xi, compute_uap, evaluate_perturbation
+from medtune.robustness import AuditConfig, UAPParams, budget_xi, compute_uap, evaluate_perturbation
 
 
 def fine_tune(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, epochs: int,
@@ -83,7 +85,7 @@ def main() -> None:
     parser.add_argument("--step-fraction", type=float, default=0.2, help="ART's FGSM step as a fraction of ξ")
     parser.add_argument("--medtune-step-fraction", type=float, default=None,
                         help="medtune's step as a fraction of ξ (default: the audit's, AuditConfig.step_fraction)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=UAPParams().batch_size, help="medtune's (default: the library's)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=1,
                         help="shuffle seeds 0..N-1 of both loops: fooling is the mean over seeds (one run of either "
@@ -94,6 +96,8 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help="also time medtune's reference mode (once)")
     parser.add_argument("--step-scales", default="sqrt_batch,fixed,batch",
                         help="batched step scales to compare (sqrt_batch: the default)")
+    parser.add_argument("--pushes", default="dominant,away",
+                        help="batched pushes to compare, each with every step scale (dominant: the default)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -117,17 +121,19 @@ def main() -> None:
 
     ours_fraction = args.medtune_step_fraction or AuditConfig().step_fraction
 
-    def ours(norm: str, passes: int, algorithm: str = "batched", step_scale: str = "fixed", seed: int = 0):
+    def ours(norm: str, passes: int, algorithm: str = "batched", variant: tuple[str, str] = ("fixed", "away"),
+             seed: int = 0):
         fraction = args.step_fraction if algorithm == "reference" else ours_fraction
+        step_scale, push = variant if algorithm == "batched" else ("fixed", "away")
         res = compute_uap(model, source, zeta=args.zeta, norm=norm, step_size=fraction * budget_xi(
             source, args.zeta, norm), max_passes=passes, goal_rate=1.0, batch_size=args.batch_size,
-            algorithm=algorithm, step_scale=step_scale, seed=seed)
+            algorithm=algorithm, step_scale=step_scale, push=push, seed=seed)
         return res.perturbation, res.seconds
 
     def summary(values: list[float]) -> tuple[float, float, float]:
         return statistics.mean(values), min(values), max(values)
 
-    scales = args.step_scales.split(",")
+    scales = [(scale, push) for scale in args.step_scales.split(",") for push in args.pushes.split(",")]
     rows = []
     for norm in args.norms.split(","):
         xi = budget_xi(source, args.zeta, norm)
@@ -141,7 +147,7 @@ def main() -> None:
                 art_s.append(s)
                 art_f[seed] = fooling(v_art)
                 for scale in scales:
-                    v, s = ours(norm, args.passes, step_scale=scale, seed=seed)
+                    v, s = ours(norm, args.passes, variant=scale, seed=seed)
                     bat_s[scale].append(s)
                     bat_f[scale][seed] = fooling(v)
         if args.reference:
@@ -156,7 +162,7 @@ def main() -> None:
                 times, fools = [], []
                 for seed in range(args.seeds):
                     for _ in range(args.repeats):
-                        v_k, s = ours(norm, k, step_scale=scale, seed=seed)
+                        v_k, s = ours(norm, k, variant=scale, seed=seed)
                         times.append(s)
                     fools.append(fooling(v_k))
                 if statistics.mean(fools) >= art_fool[0]:
@@ -166,7 +172,7 @@ def main() -> None:
                          summary(list(bat_f[scale].values())), statistics.median(ref_s) if ref_s else float("nan"),
                          ref_fool, reach_passes, reach_s, reach_fool))
 
-    print(f"\n| norm | step scale | ART s ({args.passes} passes) | ART test fooling | medtune batched s | fooling | "
+    print(f"\n| norm | step scale, push | ART s ({args.passes} passes) | ART test fooling | medtune batched s | fooling | "
           "ART/medtune (equal passes) | medtune reference s | fooling | ART/reference | batched passes to ART's "
           "fooling | s | fooling | ART/medtune (equal fooling) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -176,7 +182,7 @@ def main() -> None:
     for norm, scale, art, af, bat, bf, ref, rf, kp, ks, kf in rows:
         reach = (f"{kp} | {ks:.2f} | {rate(kf)} | **{art / ks:.1f}×**" if kp is not None else
                  f"not reached in {args.max_medtune_passes} | – | – | –")
-        print(f"| L{norm} | {scale} | {art:.2f} | {rate(af)} | {bat:.2f} | {rate(bf)} | **{art / bat:.1f}×** | {ref:.2f} | "
+        print(f"| L{norm} | {scale[0]}, {scale[1]} | {art:.2f} | {rate(af)} | {bat:.2f} | {rate(bf)} | **{art / bat:.1f}×** | {ref:.2f} | "
               f"{rf:.3f} | {art / ref:.1f}× | {reach} |")
 
 

@@ -48,7 +48,10 @@ def test_attack_id_formula_and_audit_keywords():
     # audit() takes the config object the driver holds (its fields as keyword overrides), and the
     # config holds the UAP parameter object handed down to the attack
     assert "config" in inspect.signature(audit).parameters
-    assert (cfg.uap.norm, cfg.uap.max_passes, cfg.uap.goal_rate, cfg.uap.batch_size) == ("2", 15, 1.0, 32)
+    assert (cfg.uap.norm, cfg.uap.max_passes, cfg.uap.goal_rate, cfg.uap.batch_size) == ("2", 15, 1.0, 16)
+    # one default batch for the audit and compute_uap (they differed: 32 and 64)
+    from medtune.robustness import UAPParams
+    assert cfg.batch_size == UAPParams().batch_size
 
 
 @pytest.mark.parametrize(
@@ -163,6 +166,11 @@ def test_cli_reads_a_yaml_config_and_flags_override_it(cli_config, tmp_path):
     path.write_text("zetas: [0.08, 0.04]\nnorm: inf\nmax_passes: 3\n")
     assert cli_config("--config", str(path), "--max-passes", "5") == AuditConfig(zetas=(0.04, 0.08), norm="inf",
                                                                                   max_passes=5)
+
+
+def test_the_push_flag_builds_the_config_and_the_record_names_it(cli_config):
+    assert cli_config("--push", "away") == AuditConfig(push="away")
+    assert cli_config("--push", "away").uap.push == "away" and cli_config().uap.push == "dominant"
 
 
 def test_step_scale_is_hashed_only_away_from_the_fixed_step():

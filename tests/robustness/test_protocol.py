@@ -47,6 +47,7 @@ def test_minagi2022_records_say_how_they_were_computed(colour_task):
     for r in (train, natural):
         assert r["protocol"] == "minagi2022" and r["algorithm"] == "reference"
         assert r["step_norm"] == "inf" and r["step_eps"] == MINAGI_EPS and r["clip"] == "none"
+        assert r["step_scale"] == "fixed" and r["push"] == "away"  # ART's one step per image, away from its label
         assert r["passes_per_chunk"] == 1 and r["chunk_size"] == 1000 and r["return_v"] == "last"
     # the whole training split is the train source; every bundled photo once, resized whole
     assert train["num_source_images"] == 240 and train["num_passes"] == 1

@@ -255,8 +255,10 @@ def test_uint8_and_float_images_give_the_same_uap(random_setup):
     torch.testing.assert_close(from_uint8.perturbation, from_float.perturbation)
 
 
-def test_masked_and_whole_batch_passes_agree(colour_task):
-    # the two exact ways of stepping on the not-yet-fooled images of a batch (see _batched_pass)
+@pytest.mark.parametrize("push", ["away", "dominant"])
+def test_masked_and_whole_batch_passes_agree(colour_task, push):
+    # the two exact ways of stepping on the not-yet-fooled images of a batch (see _batched_pass), and
+    # their tallies of the fooled images' classes (the dominant push)
     from medtune.robustness._loop import _batched_pass, _Stepper
 
     model, images = colour_task["model"], colour_task["train_x"][:64]
@@ -266,11 +268,58 @@ def test_masked_and_whole_batch_passes_agree(colour_task):
     stepper = _Stepper(norm="2", step_norm="2", step=0.2, xi=1.0, grey=False, numel=v0.numel(), targeted=False)
     order = torch.randperm(64, generator=torch.Generator().manual_seed(0))
     outs = [_batched_pass(model, images, order, v0, clean, None, stepper, batch_size=16, device=torch.device("cpu"),
-                          channels_last=cl, mask_first=mf) for mf in (False, True) for cl in (False, True)]
+                          channels_last=cl, mask_first=mf, push=push)
+            for mf in (False, True) for cl in (False, True)]
     assert 0 < int(outs[0][1]) < 64
-    for v, fooled, updates in outs[1:]:
+    if push == "dominant":  # every fooled image met is tallied under its perturbed class
+        assert outs[0][3].sum() == outs[0][1]
+    else:
+        assert outs[0][3] is None
+    for v, fooled, updates, counts in outs[1:]:
         assert int(fooled) == int(outs[0][1]) and int(updates) == int(outs[0][2])
         torch.testing.assert_close(v, outs[0][0], rtol=1e-4, atol=1e-6)
+        if push == "dominant":
+            assert torch.equal(counts, outs[0][3])
+
+
+def test_the_dominant_push_loss_is_its_formula():
+    from medtune.robustness._loop import _push_loss, _tally
+
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 3, 2, 1])
+    away = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    log_p = torch.log_softmax(logits, dim=1)
+    # nothing fooled yet: every image steps away from its label, as ART's FGSM
+    torch.testing.assert_close(_push_loss(logits, labels, torch.zeros(4)), away)
+    # class 2 dominant: the others ascend log p(2), class 2's images still step away from it
+    counts = _tally(None, torch.tensor([2, 3, 2, 0, 2, 1]), torch.tensor([False, False, False, True, False, True]), 4)
+    assert counts.tolist() == [0.0, 0.0, 3.0, 1.0]  # fooled images only, by predicted class
+    torch.testing.assert_close(_push_loss(logits, labels, counts), torch.where(labels == 2, away, log_p[:, 2]))
+
+
+def test_targeted_uaps_ignore_the_push(random_setup):
+    model, images = random_setup
+    common = dict(zeta=0.1, targeted=1, max_passes=2, batch_size=8, seed=3)
+    torch.testing.assert_close(compute_uap(model, images, push="dominant", **common).perturbation,
+                               compute_uap(model, images, push="away", **common).perturbation, rtol=0, atol=0)
+
+
+def test_each_algorithm_has_its_own_default_push_and_dominant_is_batched_only(random_setup):
+    from medtune.robustness import AuditConfig
+    from medtune.robustness.params import UAPParams
+
+    assert UAPParams().push == "dominant" and UAPParams(algorithm="reference").push == "away"
+    assert AuditConfig().push == "dominant" and AuditConfig().uap.push == "dominant"
+    assert AuditConfig(protocol="hirano2021").uap.push == "away"  # the papers' per-image loop
+    # older stores' audits stepped away: an explicit away keeps their ids, the new default is hashed
+    assert "push" not in AuditConfig(push="away").semantic_dict()
+    assert AuditConfig().semantic_dict()["push"] == "dominant"
+    model, images = random_setup
+    assert compute_uap(model, images, zeta=0.04, max_passes=1).push == "dominant"
+    with pytest.raises(ConfigError, match="'push' parameter of compute_uap .* batched algorithm only"):
+        compute_uap(model, images, algorithm="reference", push="dominant")
+    with pytest.raises(ConfigError, match="'push' parameter of AuditConfig must be one of away, dominant"):
+        AuditConfig(push="towards")
 
 
 @pytest.mark.parametrize("algorithm", ["batched", "reference"])
@@ -280,7 +329,8 @@ def test_the_best_v_is_returned_not_the_last(colour_task, algorithm):
     xi = budget_xi(source, 0.08, "inf")
     step = 1.0 if algorithm == "batched" else 0.3
     result = compute_uap(model, source, zeta=0.08, norm="inf", step_size=step * xi, max_passes=10, batch_size=32,
-                         algorithm=algorithm, exact_rates=True, seed=0, step_scale="fixed")
+                         algorithm=algorithm, exact_rates=True, seed=0, step_scale="fixed",
+                         push="away" if algorithm == "batched" else None)
     assert all(result.source_rate_exact)
     assert result.best_rate >= max(result.fooling_rate_source) - 1e-12  # ≥ that of every pass
     assert result.best_rate == result.fooling_rate_source[result.best_pass - 1]
@@ -297,7 +347,7 @@ def test_default_batched_scoring_counts_and_still_returns_the_best(colour_task):
     model, source = colour_task["model"], colour_task["train_x"]
     xi = budget_xi(source, 0.08, "inf")
     result = compute_uap(model, source, zeta=0.08, norm="inf", step_size=xi, max_passes=10, batch_size=32,
-                         step_scale="fixed")  # steps of ξ each: the overshoot this test needs
+                         step_scale="fixed", push="away")  # steps of ξ each: the overshoot this test needs
     assert not all(result.source_rate_exact)  # the overshooting passes are far from the goal
     rate = evaluate_perturbation(model, source, None, result.perturbation)["fooling_rate"]
     assert rate == pytest.approx(result.best_rate)

@@ -77,13 +77,18 @@ def _source_rate(model, images, v, clean, target, *, batch_size, device, channel
 
 
 def _batched_pass(model, images, order, v, clean_dev, target, stepper, *, batch_size, device, channels_last,
-                  mask_first: bool, step_scale: str = "fixed") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One pass of the batched loop; returns (v, number of images met fooled, number of updates).
+                  mask_first: bool, step_scale: str = "fixed", push: str = "away",
+                  counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One pass of the batched loop; returns (v, number of images met fooled, number of updates, counts).
 
     ``mask_first`` (CPU, most images fooled): a gradient-free forward finds the images still to
     fool and only those go through forward/backward. Otherwise one forward/backward over the whole
     batch, whose logits also give the mask, with no host sync. ``step_scale``: the step is
     1, √n or n times the step size for n images still to fool in the batch (:func:`_scale`).
+    ``push`` (non-targeted): ``away`` ascends each image's cross-entropy of its clean label (ART's);
+    ``dominant`` pulls each image towards the dominant label, the class the fooled images met so far are
+    predicted as most often (``counts`` per class, carried across passes), and pushes the images of that
+    class (and every image until one is fooled) away from their label (:func:`_push_loss`).
     """
     from medtune.data.diskcache import DiskImages
 
@@ -93,6 +98,7 @@ def _batched_pass(model, images, order, v, clean_dev, target, stepper, *, batch_
     def is_active(pred: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return (pred == labels) if target is None else (pred != target)
 
+    tally = target is None and push == "dominant"
     if isinstance(images, DiskImages):  # read this pass's shuffled batches ahead from the decode cache
         images.prefetch([order[sl] for sl in batches(images.shape[0], batch_size)])
     for sl in batches(images.shape[0], batch_size):
@@ -101,8 +107,12 @@ def _batched_pass(model, images, order, v, clean_dev, target, stepper, *, batch_
         labels = clean_dev[idx.to(device)] if target is None else None
         if mask_first:
             with torch.inference_mode():
-                active = is_active(model(stepper.perturb(x, v)).argmax(dim=1), labels).clone()
+                seen = model(stepper.perturb(x, v))
+                pred = seen.argmax(dim=1)
+                active = is_active(pred, labels).clone()
             fooled += (~active).sum()
+            if tally:
+                counts = _tally(counts, pred, active, seen.shape[1])
             if not bool(active.any()):
                 continue
             x, labels = x[active], (None if labels is None else labels[active])
@@ -111,20 +121,52 @@ def _batched_pass(model, images, order, v, clean_dev, target, stepper, *, batch_
             x_in = x_in.contiguous(memory_format=torch.channels_last)
         x_in.requires_grad_(True)
         logits = model(x_in)
-        y = labels if target is None else torch.full((x.shape[0],), target, device=device)
-        loss = F.cross_entropy(logits, y, reduction="none")
         if mask_first:
             updates += 1
             scale = _scale(step_scale, float(x.shape[0]))
         else:
-            active = is_active(logits.detach().argmax(dim=1), labels)
+            pred = logits.detach().argmax(dim=1)
+            active = is_active(pred, labels)
             fooled += (~active).sum()
             updates += active.any()
-            loss = loss * active
             scale = _scale(step_scale, active.sum())
+            if tally:
+                counts = _tally(counts, pred, active, logits.shape[1])
+        if target is not None:
+            loss = F.cross_entropy(logits, torch.full((x.shape[0],), target, device=device), reduction="none")
+        elif tally:
+            loss = _push_loss(logits, labels, counts)
+        else:
+            loss = F.cross_entropy(logits, labels, reduction="none")
+        if not mask_first:
+            loss = loss * active
         (grad,) = torch.autograd.grad(loss.sum(), x_in)
         v = stepper(v, grad.sum(dim=0, keepdim=True), scale)  # a zero gradient (nothing left to fool) keeps v
-    return v, fooled, updates
+    return v, fooled, updates, counts
+
+
+def _tally(counts: torch.Tensor | None, pred: torch.Tensor, active: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``counts`` (per class: the fooled images met predicted as it) with this batch's fooled images
+    added, on the device without a host sync; created on first use."""
+    if counts is None:
+        counts = torch.zeros(num_classes, device=pred.device)
+    return counts.index_add(0, pred, (~active).to(counts.dtype))
+
+
+def _push_loss(logits: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per image, the loss a ``dominant`` step ascends: log p(dominant label) where there is one and it is
+    not the image's label, else the cross-entropy of the label (away from it, as ART's FGSM).
+
+    Moosavi-Dezfooli et al. (2017) observed that a UAP sends most images to a few dominant labels; the
+    per-image loop finds one because it steps for one image at a time on top of v, whereas the summed
+    away-gradients of a batch point towards different wrong classes and partly cancel. Pulling every image
+    towards the label v already sends fooled images to makes a batch's gradients agree
+    (``benchmarks/bench_uap_vs_art.py``)."""
+    logp = F.log_softmax(logits, dim=1)
+    away = -logp.gather(1, labels[:, None])[:, 0]
+    dominant = counts.argmax()
+    pull = (counts.sum() > 0) & (labels != dominant)
+    return torch.where(pull, logp.index_select(1, dominant.view(1))[:, 0], away)
 
 
 def _scale(step_scale: str, num_active):
@@ -197,6 +239,7 @@ class LoopState:
     goal_reached: bool = False
     share_left: float = 1.0
     last_rate: float = 0.0
+    counts: torch.Tensor | None = None  # the ``dominant`` push's tally of fooled images per predicted class
 
 
 class UAPLoop:
@@ -262,11 +305,11 @@ class UAPLoop:
         return self.source_rate(state.v), True
 
     def _batched_pass(self, state: LoopState, order: torch.Tensor) -> tuple[float, bool]:
-        state.v, fooled, updates = _batched_pass(
+        state.v, fooled, updates, state.counts = _batched_pass(
             self.model, self.images, order, state.v, self.clean_dev, self.target, self.stepper,
             batch_size=self.params.batch_size, device=self.device, channels_last=self.channels_last,
             mask_first=self.device.type == "cpu" and state.share_left < 0.5,
-            step_scale=self.params.step_scale)
+            step_scale=self.params.step_scale, push=self.params.push, counts=state.counts)
         counted = float(fooled) / self.num  # one host sync per pass
         state.num_updates += int(updates)
         state.share_left = 1.0 - counted

@@ -44,7 +44,7 @@ class AuditResult:
     ``natural_photos`` ("builtin" or the folder), ``num_chunks``, ``source_curve`` ([[source images so far, test
     rate]] after each chunk); the loop: ``num_passes``, ``num_updates``, ``goal_reached``, ``goal_rate``,
     ``fooling_rate_source`` (per pass), ``source_rate_exact`` (per pass), ``source_rate_best``, ``best_pass``,
-    ``step_size``, ``step_norm``, ``step_scale``, ``seconds``, ``seed``; for the UAP: ``fooling_rate``,
+    ``step_size``, ``step_norm``, ``step_scale``, ``push``, ``seconds``, ``seed``; for the UAP: ``fooling_rate``,
     ``fooling_ci_low``, ``fooling_ci_high``, ``ci_method``, ``targeted_success`` (+
     ``targeted_ci_low``/``_high``), ``clean_target_share``, ``clean_accuracy``, ``perturbed_accuracy``,
     ``per_class``, ``confusion``; the random controls: ``random_num_draws``, ``random_linf``,
@@ -273,6 +273,7 @@ def _one_uap(model, attack, source: _Source, cfg: AuditConfig, setup: _Setup, te
         "step_eps": res.step_eps,
         "step_norm": res.step_norm,
         "step_scale": res.step_scale,
+        "push": res.push,
         "protocol": cfg.protocol,
         "clip": res.clip,
         "return_v": res.return_v,

@@ -20,11 +20,13 @@ from medtune.robustness._common import check_target
 from medtune.robustness.params import (
     ALGORITHMS,
     CHECKS,
+    DEFAULT_BATCH_SIZE,
     CLIPS,
     RETURNS,
     DEFAULT_GOAL_RATE,
     DEFAULT_MAX_PASSES,
     DEFAULT_STEP_FRACTION,
+    PUSHES,
     RANDOM_LINF,
     STEP_SCALES,
     UAPParams,
@@ -56,13 +58,13 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
 }
 
 # Fields that are UAPParams fields too: checked by its table (params.CHECKS), under the same names.
-_UAP_FIELDS = ("norm", "algorithm", "step_fraction", "step_eps", "step_norm", "step_decay", "step_scale",
+_UAP_FIELDS = ("norm", "algorithm", "step_fraction", "step_eps", "step_norm", "step_decay", "step_scale", "push",
                "max_passes", "goal_rate", "batch_size", "clip", "return_v")
 # Fields that do not change what an audit computes; the attack id leaves them out.
 _NOT_HASHED = frozenset({"device", "transfer", "store"})
 # Fields added after stores existed: hashed only when set away from these defaults, so the audits of
 # older stores keep their attack ids.
-_HASHED_WHEN_SET = {"step_scale": "fixed", "protocol": None, "clip": "pixel", "step_eps": None,
+_HASHED_WHEN_SET = {"step_scale": "fixed", "push": "away", "protocol": None, "clip": "pixel", "step_eps": None,
                     "natural_resize": "crop", "return_v": "best"}
 
 
@@ -166,6 +168,9 @@ class AuditConfig(_Base):
             many per-image steps summed in independent directions) or ``batch`` (n × the step size);
             None (default): ``sqrt_batch`` for the batched algorithm, ``fixed`` for the reference
             (resolved when the config is built; ``benchmarks/bench_uap_vs_art.py`` compares them with ART).
+        push: non-targeted steps: ``away`` from each image's clean label (ART's FGSM) or ``dominant``
+            (batched only: towards the class v already sends most fooled images to); None (default):
+            ``dominant`` for the batched algorithm, ``away`` for the reference (resolved when the config is built).
         max_passes: maximum passes of the UAP loop over each chunk of source images.
         goal_rate: a UAP stops once it fools this share of its source images, in (0, 1].
         batch_size: images per UAP gradient step (batched) and per evaluation forward.
@@ -187,7 +192,7 @@ class AuditConfig(_Base):
     #: The fixed value sets of fields, shown in the CLI's help (each is checked in __post_init__).
     CHOICES: ClassVar[dict[str, tuple]] = {"sources": SOURCES, "norm": ("2", "inf"), "step_norm": ("2", "inf"),
                                            "algorithm": ALGORITHMS, "channels": CHANNELS, "random_linf": RANDOM_LINF,
-                                           "step_scale": STEP_SCALES, "protocol": tuple(PROTOCOLS),
+                                           "step_scale": STEP_SCALES, "push": PUSHES, "protocol": tuple(PROTOCOLS),
                                            "natural_resize": NATURAL_RESIZE, "clip": CLIPS, "return_v": RETURNS}
 
     sources: tuple[str, ...] = ("train", "natural")
@@ -207,9 +212,10 @@ class AuditConfig(_Base):
     step_norm: str | None = None
     step_decay: float = 1.0
     step_scale: str | None = None
+    push: str | None = None
     max_passes: int = DEFAULT_MAX_PASSES
     goal_rate: float = DEFAULT_GOAL_RATE
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
     clip: str = "pixel"
     return_v: str = "best"
     num_random: int = 10

@@ -25,7 +25,9 @@ __all__ = [
     "CLIPS",
     "RETURNS",
     "CHECKS",
+    "DEFAULT_PUSH",
     "DEFAULT_STEP_SCALE",
+    "PUSHES",
     "RANDOM_LINF",
     "STEP_SCALES",
     "UAPParams",
@@ -43,6 +45,14 @@ STEP_SCALES = ("fixed", "sqrt_batch", "batch")
 #: fixed step at equal passes; ART's or more under L∞, less under L2: ``benchmarks/bench_uap_vs_art.py``);
 #: the per-image loop's one step per image (the papers').
 DEFAULT_STEP_SCALE = {"batched": "sqrt_batch", "reference": "fixed"}
+#: Where a non-targeted step pushes an image: ``away`` from its clean label (ascending its cross-entropy,
+#: ART's FGSM), or towards the ``dominant`` label, the class v already sends most fooled images to (images of
+#: that class, and all until one is fooled, away from their label).
+PUSHES = ("away", "dominant")
+#: Each algorithm's push when none is given: the batched loop's ``dominant`` (a batch's summed away-gradients
+#: point at different wrong classes and cancel; ``benchmarks/bench_uap_vs_art.py``), the per-image loop's
+#: ``away`` (ART's).
+DEFAULT_PUSH = {"batched": "dominant", "reference": "away"}
 #: Perturbation spaces of the UAP loop: colour, or grey (R = G = B).
 CHANNEL_MODES = ("rgb", "grey")
 #: Whether x+v is clipped to the pixel range [0, 1] when the UAP is computed and evaluated (``pixel``), or
@@ -55,6 +65,9 @@ RANDOM_LINF = ("uniform", "corners")
 
 # Default FGSM step as a fraction of the budget ξ: ten unclipped steps span the ball's radius.
 DEFAULT_STEP_FRACTION = 0.1
+# Images per batched step (and per scoring forward): more steps per pass beat bigger batches at equal passes
+# (batches of 16 against 32 and 64 with the dominant push: ``benchmarks/bench_uap_vs_art.py``).
+DEFAULT_BATCH_SIZE = 16
 # Defaults of the papers' code (Hirano et al. 2021: ART max_iter=15, delta=1e-6).
 DEFAULT_MAX_PASSES = 15
 DEFAULT_GOAL_RATE = 1.0
@@ -102,6 +115,7 @@ CHECKS: dict[str, Callable[[Any, str, str], Any]] = {
     "step_norm": lambda value, name, owner: None if value is None else resolve_norm(value, owner=owner),
     "step_decay": check_fraction,
     "step_scale": lambda value, name, owner: None if value is None else _choice(STEP_SCALES)(value, name, owner),
+    "push": lambda value, name, owner: None if value is None else _choice(PUSHES)(value, name, owner),
     "max_passes": check_positive_int,
     "goal_rate": check_fraction,
     "batch_size": check_positive_int,
@@ -124,14 +138,29 @@ def check_step_scale(step_scale: str, algorithm: str, owner: str) -> None:
                           "use step_scale='fixed'.")
 
 
+def resolve_push(push: str | None, algorithm: str) -> str:
+    """The push given, or the algorithm's default (:data:`DEFAULT_PUSH`) for None."""
+    return DEFAULT_PUSH[algorithm] if push is None else push
+
+
+def check_push(push: str, algorithm: str, owner: str) -> None:
+    """``dominant`` applies to the batched algorithm only."""
+    if push != "away" and algorithm != "batched":
+        raise ConfigError(f"The 'push' parameter of {owner} is {push!r}, which applies to the batched algorithm "
+                          f"only; the {algorithm!r} algorithm steps away from each image's label (ART's FGSM): "
+                          "use push='away'.")
+
+
 def check_knobs(values: Mapping[str, Any], owner: str) -> dict[str, Any]:
     """The canonical values of UAP knobs (``values`` holds ``norm``, ``algorithm``, ``step_norm``,
-    ``step_scale`` and any other :data:`CHECKS` names): each checked by its table entry, the step
-    scale resolved for the algorithm, then the checks across knobs. The one validation of
+    ``step_scale``, ``push`` and any other :data:`CHECKS` names): each checked by its table entry, the step
+    scale and the push resolved for the algorithm, then the checks across knobs. The one validation of
     :class:`UAPParams` and of ``AuditConfig``'s fields of the same names."""
     out = {name: CHECKS[name](value, name, owner) for name, value in values.items()}
     out["step_scale"] = resolve_step_scale(out["step_scale"], out["algorithm"])
     check_step_scale(out["step_scale"], out["algorithm"], owner)
+    out["push"] = resolve_push(out["push"], out["algorithm"])
+    check_push(out["push"], out["algorithm"], owner)
     check_step_norm(out["step_norm"], out["norm"], owner, values["step_norm"])
     return out
 
@@ -168,6 +197,9 @@ class UAPParams:
         step_scale: ``fixed`` (every step has the step size), ``sqrt_batch`` or ``batch`` (batched only: a
             batch's step is √n or n × the step size for its n images still to fool); None (default): the
             algorithm's (:data:`DEFAULT_STEP_SCALE`: ``sqrt_batch`` batched, ``fixed`` reference).
+        push: non-targeted steps: ``away`` from each image's clean label (ART's FGSM) or ``dominant`` (batched
+            only: towards the class v already sends most fooled images to); None (default): the algorithm's
+            (:data:`DEFAULT_PUSH`: ``dominant`` batched, ``away`` reference). Targeted UAPs step towards the target.
         max_passes: maximum passes over the source images.
         goal_rate: stop once the exactly scored source fooling rate (targeted: success) reaches this.
         batch_size: images per gradient step (batched) and per scoring forward.
@@ -191,9 +223,10 @@ class UAPParams:
     step_norm: str | None = None
     step_decay: float = 1.0
     step_scale: str | None = None
+    push: str | None = None
     max_passes: int = DEFAULT_MAX_PASSES
     goal_rate: float = DEFAULT_GOAL_RATE
-    batch_size: int = 64
+    batch_size: int = DEFAULT_BATCH_SIZE
     exact_rates: bool = False
     clip: str = "pixel"
     return_v: str = "best"
@@ -234,6 +267,7 @@ class UAPParams:
         if values:
             raise AttributeError(f"UAPParams has no field {sorted(values)[0]!r}")
         object.__setattr__(out, "step_scale", resolve_step_scale(out.step_scale, out.algorithm))
+        object.__setattr__(out, "push", resolve_push(out.push, out.algorithm))
         return out
 
     def derive(self, **values: Any) -> UAPParams:

@@ -79,6 +79,7 @@ class UAPResult:
         step_norm: the norm of the FGSM step: "2" or "inf" (sign steps).
         step_decay: factor applied to the step after every pass.
         step_scale: "fixed", "sqrt_batch" or "batch" (batched steps × 1, √n or n for n images stepped for).
+        push: "away" (from each image's label) or "dominant" (towards the class v sends most fooled images to).
         goal_rate: the source rate at which the loop stops early.
         num_source_images: number of images the UAP was computed from.
         goal_reached: whether the loop stopped because ``goal_rate`` was reached (exactly scored).
@@ -107,6 +108,7 @@ class UAPResult:
     step_norm: str = "2"
     step_decay: float = 1.0
     step_scale: str = "fixed"
+    push: str = "away"
     goal_rate: float = DEFAULT_GOAL_RATE
     num_source_images: int = 0
     goal_reached: bool = False
@@ -249,7 +251,7 @@ def compute_uap(
         last_rate=state.last_rate, num_passes=len(state.history), num_updates=state.num_updates,
         seconds=time.perf_counter() - start, step_size=loop.stepper_step, step_eps=params.step_eps,
         clip=params.clip, return_v=params.return_v, step_norm=params.step_norm,
-        step_decay=params.step_decay, step_scale=params.step_scale, goal_rate=params.goal_rate,
+        step_decay=params.step_decay, step_scale=params.step_scale, push=params.push, goal_rate=params.goal_rate,
         num_source_images=images.shape[0], goal_reached=state.goal_reached,
         last_perturbation=state.v[0].detach().cpu(),
     )
