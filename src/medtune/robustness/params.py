@@ -42,8 +42,8 @@ ALGORITHMS = ("batched", "reference")
 #: size × the images (as long as that many aligned per-image steps, the most one pass of ART's loop can move v).
 STEP_SCALES = ("fixed", "sqrt_batch", "batch")
 #: Each algorithm's step scale when none is given: the batched loop's √n (3–12× the test fooling of a
-#: fixed step at equal passes; ART's or more under L∞, less under L2: ``benchmarks/bench_uap_vs_art.py``);
-#: the per-image loop's one step per image (the papers').
+#: fixed step at equal passes; with the dominant push ART's or more within the interval under L2 and L∞:
+#: ``benchmarks/bench_uap_vs_art.py``); the per-image loop's one step per image (the papers').
 DEFAULT_STEP_SCALE = {"batched": "sqrt_batch", "reference": "fixed"}
 #: Where a non-targeted step pushes an image: ``away`` from its clean label (ascending its cross-entropy,
 #: ART's FGSM), or towards the ``dominant`` label, the class v already sends most fooled images to (images of
