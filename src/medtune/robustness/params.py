@@ -32,7 +32,7 @@ __all__ = [
     "STEP_SCALES",
     "UAPParams",
     "check_knobs",
-    "check_step_scale",
+    "resolve_for_algorithm",
 ]
 
 #: The UAP algorithms, default first.
@@ -84,8 +84,11 @@ def _positive_or_none(expected: str, hint: str = "") -> Callable[[Any, str, str]
     return check
 
 
-def _choice(choices: tuple[str, ...]) -> Callable[[Any, str, str], str]:
-    def check(value: Any, name: str, owner: str) -> str:
+def _choice(choices: tuple[str, ...], *, optional: bool = False) -> Callable[[Any, str, str], str | None]:
+    """A check of one of ``choices`` (``optional``: or None, resolved later)."""
+    def check(value: Any, name: str, owner: str) -> str | None:
+        if value is None and optional:
+            return None
         check_choice(value, name, choices, owner=owner)
         return value
 
@@ -114,8 +117,8 @@ CHECKS: dict[str, Callable[[Any, str, str], Any]] = {
                                   " A paper's eps on a [-1, 1] scale is eps·128/255 here."),
     "step_norm": lambda value, name, owner: None if value is None else resolve_norm(value, owner=owner),
     "step_decay": check_fraction,
-    "step_scale": lambda value, name, owner: None if value is None else _choice(STEP_SCALES)(value, name, owner),
-    "push": lambda value, name, owner: None if value is None else _choice(PUSHES)(value, name, owner),
+    "step_scale": _choice(STEP_SCALES, optional=True),
+    "push": _choice(PUSHES, optional=True),
     "max_passes": check_positive_int,
     "goal_rate": check_fraction,
     "batch_size": check_positive_int,
@@ -125,30 +128,23 @@ CHECKS: dict[str, Callable[[Any, str, str], Any]] = {
 }
 
 
-def resolve_step_scale(step_scale: str | None, algorithm: str) -> str:
-    """The step scale given, or the algorithm's default (:data:`DEFAULT_STEP_SCALE`) for None."""
-    return DEFAULT_STEP_SCALE[algorithm] if step_scale is None else step_scale
+#: Knobs whose default depends on the algorithm, each with what the per-image loop does instead: a value
+#: other than the reference loop's default applies to the batched algorithm only.
+_BATCHED_ONLY = {
+    "step_scale": (DEFAULT_STEP_SCALE, "takes one step per image"),
+    "push": (DEFAULT_PUSH, "steps away from each image's label (ART's FGSM)"),
+}
 
 
-def check_step_scale(step_scale: str, algorithm: str, owner: str) -> None:
-    """``sqrt_batch`` and ``batch`` apply to the batched algorithm only."""
-    if step_scale != "fixed" and algorithm != "batched":
-        raise ConfigError(f"The 'step_scale' parameter of {owner} is {step_scale!r}, which applies to the batched "
-                          f"algorithm only; the {algorithm!r} algorithm takes one step per image: "
-                          "use step_scale='fixed'.")
-
-
-def resolve_push(push: str | None, algorithm: str) -> str:
-    """The push given, or the algorithm's default (:data:`DEFAULT_PUSH`) for None."""
-    return DEFAULT_PUSH[algorithm] if push is None else push
-
-
-def check_push(push: str, algorithm: str, owner: str) -> None:
-    """``dominant`` applies to the batched algorithm only."""
-    if push != "away" and algorithm != "batched":
-        raise ConfigError(f"The 'push' parameter of {owner} is {push!r}, which applies to the batched algorithm "
-                          f"only; the {algorithm!r} algorithm steps away from each image's label (ART's FGSM): "
-                          "use push='away'.")
+def resolve_for_algorithm(name: str, value: str | None, algorithm: str, owner: str) -> str:
+    """``value``, or the algorithm's default for None (:data:`DEFAULT_STEP_SCALE`, :data:`DEFAULT_PUSH`);
+    a value the per-image loop cannot take is refused outside the batched algorithm."""
+    defaults, instead = _BATCHED_ONLY[name]
+    value = defaults[algorithm] if value is None else value
+    if algorithm != "batched" and value != defaults["reference"]:
+        raise ConfigError(f"The {name!r} parameter of {owner} is {value!r}, which applies to the batched algorithm "
+                          f"only; the {algorithm!r} algorithm {instead}: use {name}={defaults['reference']!r}.")
+    return value
 
 
 def check_knobs(values: Mapping[str, Any], owner: str) -> dict[str, Any]:
@@ -157,10 +153,8 @@ def check_knobs(values: Mapping[str, Any], owner: str) -> dict[str, Any]:
     scale and the push resolved for the algorithm, then the checks across knobs. The one validation of
     :class:`UAPParams` and of ``AuditConfig``'s fields of the same names."""
     out = {name: CHECKS[name](value, name, owner) for name, value in values.items()}
-    out["step_scale"] = resolve_step_scale(out["step_scale"], out["algorithm"])
-    check_step_scale(out["step_scale"], out["algorithm"], owner)
-    out["push"] = resolve_push(out["push"], out["algorithm"])
-    check_push(out["push"], out["algorithm"], owner)
+    for name in _BATCHED_ONLY:
+        out[name] = resolve_for_algorithm(name, out[name], out["algorithm"], owner)
     check_step_norm(out["step_norm"], out["norm"], owner, values["step_norm"])
     return out
 
@@ -266,8 +260,8 @@ class UAPParams:
             object.__setattr__(out, f.name, values.pop(f.name, f.default))
         if values:
             raise AttributeError(f"UAPParams has no field {sorted(values)[0]!r}")
-        object.__setattr__(out, "step_scale", resolve_step_scale(out.step_scale, out.algorithm))
-        object.__setattr__(out, "push", resolve_push(out.push, out.algorithm))
+        for name in _BATCHED_ONLY:  # the algorithm's defaults filled in
+            object.__setattr__(out, name, resolve_for_algorithm(name, getattr(out, name), out.algorithm, "UAPParams"))
         return out
 
     def derive(self, **values: Any) -> UAPParams:
